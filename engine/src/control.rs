@@ -1,0 +1,123 @@
+//! The engine's control API on a Unix socket: `tether volume status` and, later,
+//! snapshot and replica commands.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use tether_proto::engine::engine_client::EngineClient;
+use tether_proto::engine::engine_server::{Engine, EngineServer};
+use tether_proto::engine::{Counters, ReplicaStatus, StatusReply, StatusRequest};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Request, Response, Status};
+
+use crate::volume::Volume;
+
+/// Where an engine's control socket lives when not given: `/run/tether/VOLUME.sock`,
+/// or under `$TETHER_RUN_DIR` when set.
+pub fn default_socket(volume: &str) -> PathBuf {
+    let dir = std::env::var_os("TETHER_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/tether"));
+    dir.join(format!("{volume}.sock"))
+}
+
+/// The control service over one volume.
+pub struct ControlService {
+    volume: Arc<Volume>,
+    nbd_address: String,
+}
+
+impl ControlService {
+    /// Serves status for `volume`, reachable at `nbd_address`.
+    pub fn new(volume: Arc<Volume>, nbd_address: String) -> ControlService {
+        ControlService {
+            volume,
+            nbd_address,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Engine for ControlService {
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let v = &self.volume;
+        let c = &v.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let replicas = v
+            .replicas()
+            .iter()
+            .map(|r| ReplicaStatus {
+                address: r.addr.clone(),
+                state: if r.is_healthy() { "healthy" } else { "failed" }.to_string(),
+                reason: r.reason(),
+            })
+            .collect();
+        Ok(Response::new(StatusReply {
+            volume: v.name().to_string(),
+            size: crate::nbd::BlockDevice::size(&**v),
+            block_size: crate::volume::BLOCK as u32,
+            epoch: v.epoch(),
+            replicas,
+            counters: Some(Counters {
+                reads: get(&c.reads),
+                writes: get(&c.writes),
+                flushes: get(&c.flushes),
+                trims: get(&c.trims),
+                errors: get(&c.errors),
+                bytes_read: get(&c.bytes_read),
+                bytes_written: get(&c.bytes_written),
+                nbd_connections: get(&c.connections),
+            }),
+            nbd_address: self.nbd_address.clone(),
+        }))
+    }
+}
+
+/// Binds the control socket at `path`, replacing a stale one.
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        // A live engine answers on it; refuse to steal its socket.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running engine", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    tokio::net::UnixListener::bind(path)
+}
+
+/// Serves the control API on `listener` until dropped.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    svc: ControlService,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(EngineServer::new(svc))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await
+}
+
+/// Connects to an engine's control socket.
+pub async fn connect(path: &Path) -> Result<EngineClient<Channel>, String> {
+    let p = path.to_path_buf();
+    let channel = Endpoint::from_static("http://engine.local")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = p.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot reach the engine at {}: {e}; is the engine for this volume running? (use --control-socket if it uses another path)",
+                path.display()
+            )
+        })?;
+    Ok(EngineClient::new(channel))
+}

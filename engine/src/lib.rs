@@ -1,0 +1,326 @@
+//! The tether engine: one process per volume. It opens the volume on its replicas,
+//! serves it over NBD, and answers control requests on a Unix socket.
+
+pub mod control;
+pub mod nbd;
+pub mod range_lock;
+pub mod replica_client;
+pub mod volume;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_proto::replica::OpenRequest;
+
+use crate::nbd::{Export, Exports};
+use crate::replica_client::ReplicaConn;
+use crate::volume::Volume;
+
+/// How to run one engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Volume name; also the NBD export name.
+    pub volume: String,
+    /// Size in bytes; needed when the volume does not exist yet.
+    pub size: Option<u64>,
+    /// Replica daemon addresses.
+    pub replicas: Vec<String>,
+    /// TCP address for NBD clients.
+    pub nbd_listen: Option<SocketAddr>,
+    /// Unix socket path for NBD clients.
+    pub nbd_socket: Option<PathBuf>,
+    /// Control API socket.
+    pub control_socket: PathBuf,
+    /// How long a replica may take to answer before it is dropped.
+    pub timeout: Duration,
+}
+
+/// Why the engine could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The configuration cannot work.
+    #[error("volume {volume}: {msg}")]
+    Config { volume: String, msg: String },
+    /// No replica could serve the volume.
+    #[error("volume {volume}: no replica can serve it: {details}")]
+    NoReplica { volume: String, details: String },
+    /// A listening socket could not be set up.
+    #[error("volume {volume}: cannot listen on {what}: {source}")]
+    Listen {
+        volume: String,
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// Opens the volume on every replica, choosing the freshest and taking a new epoch.
+pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError> {
+    let name = cfg.volume.clone();
+    let cfg_err = |msg: String| EngineError::Config {
+        volume: name.clone(),
+        msg,
+    };
+    if cfg.replicas.is_empty() {
+        return Err(cfg_err("give at least one --replica ADDR".into()));
+    }
+    if let Some(size) = cfg.size {
+        if size == 0 || size % volume::BLOCK != 0 {
+            return Err(cfg_err(format!(
+                "size {size} must be a positive multiple of {} bytes",
+                volume::BLOCK
+            )));
+        }
+    }
+    let connect_timeout = cfg.timeout.min(Duration::from_secs(5));
+    // Round 1: reach every replica, create the volume where missing, read its state.
+    let probes = futures::future::join_all(cfg.replicas.iter().map(|addr| {
+        let req = OpenRequest {
+            volume: cfg.volume.clone(),
+            size: cfg.size.unwrap_or(0),
+            create: cfg.size.is_some(),
+            epoch: 0,
+        };
+        async move {
+            let client = replica_client::connect(addr, connect_timeout).await?;
+            let conn = ReplicaConn::new(addr, &req.volume.clone(), client);
+            let reply = tokio::time::timeout(cfg.timeout, conn.open(req))
+                .await
+                .map_err(|_| format!("replica {addr}: no answer to open within {:?}", cfg.timeout))?
+                .map_err(|s| format!("replica {addr}: {}", s.message()))?;
+            Ok::<_, String>((conn, reply))
+        }
+    }))
+    .await;
+    let mut reachable = Vec::new();
+    let mut conns: Vec<Arc<ReplicaConn>> = Vec::new();
+    let mut problems = Vec::new();
+    for (addr, p) in cfg.replicas.iter().zip(probes) {
+        match p {
+            Ok((conn, reply)) => reachable.push((conn, reply)),
+            Err(e) => {
+                tracing::warn!(volume = %cfg.volume, replica = %addr, error = %e, "replica unavailable");
+                problems.push(e.clone());
+                conns.push(ReplicaConn::failed(addr, &cfg.volume, None, e));
+            }
+        }
+    }
+    if reachable.is_empty() {
+        return Err(EngineError::NoReplica {
+            volume: name,
+            details: problems.join("; "),
+        });
+    }
+    let size = reachable[0].1.size;
+    for (c, r) in &reachable {
+        if r.size != size {
+            return Err(cfg_err(format!(
+                "replicas disagree on the size: {} has {} bytes, {} has {size}; remove the odd one from --replica",
+                c.addr, r.size, reachable[0].0.addr
+            )));
+        }
+        if r.block_size as u64 != volume::BLOCK {
+            return Err(cfg_err(format!(
+                "replica {} uses block size {}, this engine {}",
+                c.addr,
+                r.block_size,
+                volume::BLOCK
+            )));
+        }
+    }
+    if let Some(want) = cfg.size {
+        if want != size {
+            return Err(cfg_err(format!(
+                "the volume exists with {size} bytes, not {want}; start with --size {size} or without --size (growing is `tether volume expand`, planned)"
+            )));
+        }
+    }
+    // Only the replicas with the highest durable revision may serve: a lower one
+    // missed writes while it was away.
+    let newest = reachable.iter().map(|(_, r)| r.revision).max().unwrap_or(0);
+    let epoch = reachable
+        .iter()
+        .map(|(_, r)| r.previous_epoch)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    for (c, r) in &reachable {
+        tracing::info!(volume = %cfg.volume, replica = %c.addr, revision = r.revision, clean = r.clean,
+            created = r.created, epoch = r.previous_epoch, "replica state");
+    }
+    // Round 2: take the new epoch on every fresh replica and open its stream.
+    let taken = futures::future::join_all(reachable.into_iter().map(|(c, r)| {
+        let volume = cfg.volume.clone();
+        async move {
+            if r.revision < newest {
+                let why = format!(
+                    "stale: revision {} is behind the newest {newest}; it needs a rebuild",
+                    r.revision
+                );
+                return (c, Err(why));
+            }
+            let req = OpenRequest {
+                volume,
+                size,
+                create: false,
+                epoch,
+            };
+            let res = match c.open(req).await {
+                Ok(_) => c.start(epoch).await,
+                Err(s) => Err(format!("taking epoch {epoch}: {}", s.message())),
+            };
+            (c, res)
+        }
+    }))
+    .await;
+    for (c, res) in taken {
+        if let Err(why) = res {
+            tracing::warn!(volume = %cfg.volume, replica = %c.addr, reason = %why, "replica not used");
+            problems.push(format!("replica {}: {why}", c.addr));
+            c.mark_failed(why);
+        }
+        conns.push(c);
+    }
+    // Keep the command-line order so status output is stable.
+    conns.sort_by_key(|c| cfg.replicas.iter().position(|a| *a == c.addr));
+    let healthy = conns.iter().filter(|c| c.is_healthy()).count();
+    if healthy == 0 {
+        return Err(EngineError::NoReplica {
+            volume: name,
+            details: problems.join("; "),
+        });
+    }
+    tracing::info!(volume = %cfg.volume, epoch, revision = newest, healthy, total = conns.len(), size, "volume open");
+    Ok(Arc::new(Volume::new(
+        &cfg.volume,
+        size,
+        epoch,
+        conns,
+        newest,
+        cfg.timeout,
+    )))
+}
+
+/// Runs the engine until `shutdown` resolves, then flushes and closes cleanly.
+pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Result<(), EngineError> {
+    let listen_err = |what: String, source| EngineError::Listen {
+        volume: cfg.volume.clone(),
+        what,
+        source,
+    };
+    if cfg.nbd_listen.is_none() && cfg.nbd_socket.is_none() {
+        return Err(EngineError::Config {
+            volume: cfg.volume.clone(),
+            msg: "give --nbd-listen ADDR or --nbd-socket PATH".into(),
+        });
+    }
+    // Bind everything before touching replicas, so a taken port fails fast.
+    let control = control::bind(&cfg.control_socket).map_err(|e| {
+        listen_err(
+            format!(
+                "control socket {} (choose another with --control-socket)",
+                cfg.control_socket.display()
+            ),
+            e,
+        )
+    })?;
+    let tcp = match cfg.nbd_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| listen_err(format!("NBD address {a}"), e))?,
+        ),
+        None => None,
+    };
+    let unix = match &cfg.nbd_socket {
+        Some(p) => {
+            let _ = std::fs::remove_file(p);
+            Some(
+                tokio::net::UnixListener::bind(p)
+                    .map_err(|e| listen_err(format!("NBD socket {}", p.display()), e))?,
+            )
+        }
+        None => None,
+    };
+    let volume = open_volume(&cfg).await?;
+    let exports = Arc::new(Exports {
+        list: vec![Export {
+            name: cfg.volume.clone(),
+            description: format!("tether volume {}", cfg.volume),
+            device: volume.clone(),
+        }],
+    });
+    let nbd_address = match (&cfg.nbd_listen, &cfg.nbd_socket) {
+        (Some(a), _) => format!("nbd://{a}/{}", cfg.volume),
+        (None, Some(p)) => format!("nbd+unix:///{}?socket={}", cfg.volume, p.display()),
+        (None, None) => String::new(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let svc = control::ControlService::new(volume.clone(), nbd_address.clone());
+    tasks.spawn(async move {
+        if let Err(e) = control::serve(control, svc).await {
+            tracing::error!(error = %e, "control API stopped");
+        }
+    });
+    if let Some(l) = tcp {
+        let exports = exports.clone();
+        let name = cfg.volume.clone();
+        tasks.spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok((s, peer)) => {
+                        let _ = s.set_nodelay(true);
+                        let exports = exports.clone();
+                        let name = name.clone();
+                        tokio::spawn(async move {
+                            tracing::debug!(volume = %name, %peer, "NBD client connected");
+                            if let Err(e) = nbd::serve_connection(s, exports).await {
+                                tracing::info!(volume = %name, %peer, error = %e, "NBD client dropped");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    if let Some(l) = unix {
+        let exports = exports.clone();
+        let name = cfg.volume.clone();
+        tasks.spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok((s, _)) => {
+                        let exports = exports.clone();
+                        let name = name.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = nbd::serve_connection(s, exports).await {
+                                tracing::info!(volume = %name, error = %e, "NBD client dropped");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    tracing::info!(volume = %cfg.volume, nbd = %nbd_address, control = %cfg.control_socket.display(), "engine serving");
+    shutdown.await;
+    tracing::info!(volume = %cfg.volume, "engine stopping: flushing replicas");
+    tasks.abort_all();
+    volume.shutdown().await;
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    if let Some(p) = &cfg.nbd_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!(volume = %cfg.volume, "engine stopped");
+    Ok(())
+}

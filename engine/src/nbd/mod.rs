@@ -1,0 +1,501 @@
+//! The NBD frontend: fixed-newstyle negotiation and the transmission loop, over any
+//! byte stream (TCP or Unix socket), serving a [`BlockDevice`].
+//!
+//! Requests are read in order and each runs as its own task, so a slow read does not
+//! hold up a flush behind it; replies go out through one writer task in completion
+//! order, matched by the client's handle.
+
+pub mod proto;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+
+use proto::*;
+
+/// Why a device request failed, as NBD reports it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeviceError {
+    /// The data could not be read or written.
+    #[error("{0}")]
+    Io(String),
+    /// The request is not valid for this device.
+    #[error("{0}")]
+    Invalid(String),
+    /// No space is left on the backing store.
+    #[error("{0}")]
+    NoSpace(String),
+    /// The device is shutting down.
+    #[error("{0}")]
+    Shutdown(String),
+}
+
+impl DeviceError {
+    /// The NBD error number for this error.
+    pub fn errno(&self) -> u32 {
+        match self {
+            DeviceError::Io(_) => EIO,
+            DeviceError::Invalid(_) => EINVAL,
+            DeviceError::NoSpace(_) => ENOSPC,
+            DeviceError::Shutdown(_) => ESHUTDOWN,
+        }
+    }
+}
+
+/// A block device that NBD can serve. Offsets and lengths are in bytes and have been
+/// checked against [`BlockDevice::size`] by the caller.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Reads `len` bytes at `offset`, as one or more buffers in order.
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Vec<Bytes>, DeviceError>> + Send;
+    /// Writes `data` at `offset`; with `fua`, durably.
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Writes zeroes; `may_trim` lets the device deallocate instead.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        may_trim: bool,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Discards a range (advisory).
+    fn trim(&self, offset: u64, len: u32) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Makes every completed write durable.
+    fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Called once per client connection, for counters.
+    fn connection_opened(&self) {}
+}
+
+/// One export offered to clients.
+pub struct Export<D> {
+    /// Name clients ask for.
+    pub name: String,
+    /// Human-readable description.
+    pub description: String,
+    /// The device behind it.
+    pub device: Arc<D>,
+}
+
+/// What a server offers: the first export is also the default (empty name).
+pub struct Exports<D> {
+    /// The exports, default first.
+    pub list: Vec<Export<D>>,
+}
+
+impl<D> Exports<D> {
+    fn find(&self, name: &str) -> Option<&Export<D>> {
+        if name.is_empty() {
+            return self.list.first();
+        }
+        self.list.iter().find(|e| e.name == name)
+    }
+}
+
+/// Transmission flags tether advertises: only what is implemented.
+pub const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
+    | TFLAG_SEND_FLUSH
+    | TFLAG_SEND_FUA
+    | TFLAG_SEND_TRIM
+    | TFLAG_SEND_WRITE_ZEROES
+    | TFLAG_CAN_MULTI_CONN;
+
+/// Requests in flight per connection; bounds memory per client.
+const MAX_IN_FLIGHT: usize = 128;
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Socket error or early hang-up.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// Serves one client connection from handshake to disconnect.
+pub async fn serve_connection<S, D>(stream: S, exports: Arc<Exports<D>>) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: BlockDevice,
+{
+    let mut stream = stream;
+    let Some((device, structured)) = negotiate(&mut stream, &exports).await? else {
+        return Ok(());
+    };
+    device.connection_opened();
+    transmission(stream, device, structured).await
+}
+
+async fn send(stream: &mut (impl AsyncWrite + Unpin), buf: &mut BytesMut) -> std::io::Result<()> {
+    stream.write_all(buf).await?;
+    stream.flush().await?;
+    buf.clear();
+    Ok(())
+}
+
+/// Reads and throws away `len` bytes.
+async fn skip(stream: &mut (impl AsyncRead + Unpin), len: u64) -> std::io::Result<()> {
+    let copied = tokio::io::copy(&mut (&mut *stream).take(len), &mut tokio::io::sink()).await?;
+    if copied < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Runs option negotiation; `None` when the client ended it without transmission.
+async fn negotiate<S, D>(
+    stream: &mut S,
+    exports: &Exports<D>,
+) -> Result<Option<(Arc<D>, bool)>, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: BlockDevice,
+{
+    let mut out = BytesMut::with_capacity(256);
+    out.put_u64(NBDMAGIC);
+    out.put_u64(IHAVEOPT);
+    out.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    send(stream, &mut out).await?;
+    let client_flags = stream.read_u32().await?;
+    if client_flags & !CLIENT_FLAGS_KNOWN != 0 || client_flags & 1 == 0 {
+        return Err(ConnError::Protocol(format!(
+            "client flags {client_flags:#x}: only fixed newstyle clients are served"
+        )));
+    }
+    let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
+    let mut structured = false;
+    loop {
+        let magic = stream.read_u64().await?;
+        if magic != IHAVEOPT {
+            return Err(ConnError::Protocol(format!("option magic {magic:#x}")));
+        }
+        let option = stream.read_u32().await?;
+        let len = stream.read_u32().await?;
+        if len > MAX_OPTION_LEN {
+            skip(stream, u64::from(len)).await?;
+            let msg = format!("option data of {len} bytes is too big");
+            put_option_reply(&mut out, option, REP_ERR_TOO_BIG, msg.as_bytes());
+            send(stream, &mut out).await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        stream.read_exact(&mut data).await?;
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data);
+                let Some(export) = exports.find(&name) else {
+                    // The old option has no error reply: the spec says to hang up.
+                    return Err(ConnError::Protocol(format!("unknown export {name:?}")));
+                };
+                out.put_u64(export.device.size());
+                out.put_u16(TRANSMISSION_FLAGS);
+                if !no_zeroes {
+                    out.put_slice(&[0u8; 124]);
+                }
+                send(stream, &mut out).await?;
+                return Ok(Some((export.device.clone(), structured)));
+            }
+            OPT_ABORT => {
+                put_option_reply(&mut out, option, REP_ACK, &[]);
+                // The client may already be gone; that is fine.
+                let _ = send(stream, &mut out).await;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    put_option_reply(&mut out, option, REP_ERR_INVALID, b"LIST takes no data");
+                } else {
+                    for e in &exports.list {
+                        let mut d = Vec::with_capacity(4 + e.name.len());
+                        d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
+                        d.extend_from_slice(e.name.as_bytes());
+                        put_option_reply(&mut out, option, REP_SERVER, &d);
+                    }
+                    put_option_reply(&mut out, option, REP_ACK, &[]);
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    put_option_reply(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"STRUCTURED_REPLY takes no data",
+                    );
+                } else {
+                    structured = true;
+                    put_option_reply(&mut out, option, REP_ACK, &[]);
+                }
+            }
+            OPT_INFO | OPT_GO => {
+                let Some(info) = parse_info_request(&data) else {
+                    put_option_reply(&mut out, option, REP_ERR_INVALID, b"malformed INFO/GO");
+                    send(stream, &mut out).await?;
+                    continue;
+                };
+                let Some(export) = exports.find(&info.name) else {
+                    let msg = format!("no export named {:?}", info.name);
+                    put_option_reply(&mut out, option, REP_ERR_UNKNOWN, msg.as_bytes());
+                    send(stream, &mut out).await?;
+                    continue;
+                };
+                let mut d = Vec::with_capacity(12);
+                d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                d.extend_from_slice(&export.device.size().to_be_bytes());
+                d.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                put_option_reply(&mut out, option, REP_INFO, &d);
+                // Block sizes are always sent: clients that honour them avoid
+                // read-modify-write on their side; min 1 because we do it here.
+                let mut d = Vec::with_capacity(14);
+                d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+                d.extend_from_slice(&1u32.to_be_bytes());
+                d.extend_from_slice(&4096u32.to_be_bytes());
+                d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                put_option_reply(&mut out, option, REP_INFO, &d);
+                for &req in &info.requests {
+                    let text = match req {
+                        INFO_NAME => &export.name,
+                        INFO_DESCRIPTION => &export.description,
+                        _ => continue,
+                    };
+                    let mut d = Vec::with_capacity(2 + text.len());
+                    d.extend_from_slice(&req.to_be_bytes());
+                    d.extend_from_slice(text.as_bytes());
+                    put_option_reply(&mut out, option, REP_INFO, &d);
+                }
+                put_option_reply(&mut out, option, REP_ACK, &[]);
+                if option == OPT_GO {
+                    send(stream, &mut out).await?;
+                    return Ok(Some((export.device.clone(), structured)));
+                }
+            }
+            OPT_STARTTLS => {
+                put_option_reply(&mut out, option, REP_ERR_POLICY, b"TLS is not configured");
+            }
+            _ => {
+                let msg = format!("option {option} is not supported");
+                put_option_reply(&mut out, option, REP_ERR_UNSUP, msg.as_bytes());
+            }
+        }
+        send(stream, &mut out).await?;
+    }
+}
+
+/// A finished request on its way to the writer task.
+struct Reply {
+    handle: u64,
+    result: Result<ReplyData, DeviceError>,
+    is_read: bool,
+    offset: u64,
+}
+
+enum ReplyData {
+    None,
+    Data(Vec<Bytes>, u32),
+}
+
+async fn transmission<S, D>(stream: S, device: Arc<D>, structured: bool) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: BlockDevice,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(write_replies(wr, rx, structured));
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let result = read_requests(&mut rd, &device, &tx, &permits).await;
+    // Let requests already running finish and be answered before closing.
+    let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+async fn read_requests<R, D>(
+    rd: &mut R,
+    device: &Arc<D>,
+    tx: &mpsc::UnboundedSender<Reply>,
+    permits: &Arc<Semaphore>,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    D: BlockDevice,
+{
+    let size = device.size();
+    loop {
+        let mut hdr = [0u8; REQUEST_LEN];
+        match rd.read_exact(&mut hdr).await {
+            Ok(_) => {}
+            // A client that hangs up between requests just leaves.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let req = parse_request(&hdr).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let mut payload = None;
+        if req.kind == CMD_WRITE {
+            if req.length > MAX_PAYLOAD {
+                return Err(ConnError::Protocol(format!(
+                    "write of {} bytes exceeds the maximum {MAX_PAYLOAD}",
+                    req.length
+                )));
+            }
+            let mut buf = BytesMut::zeroed(req.length as usize);
+            rd.read_exact(&mut buf).await?;
+            payload = Some(buf.freeze());
+        }
+        if req.kind == CMD_DISC {
+            return Ok(());
+        }
+        let reply = move |result, is_read| Reply {
+            handle: req.handle,
+            result,
+            is_read,
+            offset: req.offset,
+        };
+        if let Err(e) = check_request(&req, size) {
+            let _ = tx.send(reply(Err(e), req.kind == CMD_READ));
+            continue;
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let device = device.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let fua = req.flags & CMD_FLAG_FUA != 0;
+            let result = match req.kind {
+                CMD_READ => device
+                    .read(req.offset, req.length)
+                    .await
+                    .map(|d| ReplyData::Data(d, req.length)),
+                CMD_WRITE => device
+                    .write(req.offset, payload.unwrap_or_default(), fua)
+                    .await
+                    .map(|_| ReplyData::None),
+                CMD_FLUSH => device.flush().await.map(|_| ReplyData::None),
+                CMD_TRIM => device
+                    .trim(req.offset, req.length)
+                    .await
+                    .map(|_| ReplyData::None),
+                CMD_WRITE_ZEROES => device
+                    .write_zeroes(
+                        req.offset,
+                        req.length,
+                        req.flags & CMD_FLAG_NO_HOLE == 0,
+                        fua,
+                    )
+                    .await
+                    .map(|_| ReplyData::None),
+                _ => Err(DeviceError::Invalid("unsupported command".into())),
+            };
+            let _ = tx.send(reply(result, req.kind == CMD_READ));
+            drop(permit);
+        });
+    }
+}
+
+/// Validates a request against the export; errors are answered, not fatal.
+fn check_request(req: &RequestHeader, size: u64) -> Result<(), DeviceError> {
+    let known_flags = match req.kind {
+        CMD_READ => CMD_FLAG_DF,
+        CMD_WRITE => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+        other => {
+            return Err(DeviceError::Invalid(format!(
+                "command {other} is not supported"
+            )))
+        }
+    };
+    if req.flags & !known_flags != 0 {
+        return Err(DeviceError::Invalid(format!(
+            "flags {:#x} are not valid for command {}",
+            req.flags, req.kind
+        )));
+    }
+    if req.kind == CMD_FLUSH {
+        return Ok(());
+    }
+    if req.kind == CMD_READ && req.length > MAX_PAYLOAD {
+        return Err(DeviceError::Invalid(format!(
+            "read of {} bytes exceeds the maximum {MAX_PAYLOAD}",
+            req.length
+        )));
+    }
+    let end = req.offset.checked_add(u64::from(req.length));
+    if end.is_none_or(|end| end > size) {
+        let msg = format!(
+            "range {}+{} is past the end of the export ({size} bytes)",
+            req.offset, req.length
+        );
+        // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
+        return Err(match req.kind {
+            CMD_WRITE | CMD_WRITE_ZEROES => DeviceError::NoSpace(msg),
+            _ => DeviceError::Invalid(msg),
+        });
+    }
+    Ok(())
+}
+
+async fn write_replies<W>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>, structured: bool)
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut hdr = BytesMut::with_capacity(4096);
+    'outer: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(r) = next {
+            encode_reply(&mut hdr, &r, structured);
+            if let Ok(ReplyData::Data(chunks, _)) = &r.result {
+                // Big payloads go out directly; the header buffer goes first.
+                if wr.write_all(&hdr).await.is_err() {
+                    break 'outer;
+                }
+                hdr.clear();
+                for c in chunks {
+                    if wr.write_all(c).await.is_err() {
+                        break 'outer;
+                    }
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if (!hdr.is_empty() && wr.write_all(&hdr).await.is_err()) || wr.flush().await.is_err() {
+            break;
+        }
+        hdr.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn encode_reply(out: &mut BytesMut, r: &Reply, structured: bool) {
+    match (&r.result, structured && r.is_read) {
+        (Ok(ReplyData::Data(_, len)), true) => {
+            put_structured_header(
+                out,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                r.handle,
+                8 + len,
+            );
+            out.put_u64(r.offset);
+        }
+        (Ok(_), _) => put_simple_reply(out, 0, r.handle),
+        (Err(e), true) => put_structured_error(out, r.handle, e.errno(), &e.to_string()),
+        (Err(e), false) => put_simple_reply(out, e.errno(), r.handle),
+    }
+}

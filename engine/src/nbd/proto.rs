@@ -1,0 +1,312 @@
+//! The NBD wire format (NetworkBlockDevice/nbd `doc/proto.md`): constants and pure
+//! parsers and encoders, bytes in and typed values out, no I/O.
+
+use bytes::{BufMut, BytesMut};
+
+/// "NBDMAGIC", the first 8 bytes the server sends.
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+/// "IHAVEOPT": newstyle negotiation magic, also prefixing every client option.
+pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+/// Magic prefixing every option reply.
+pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Magic of a transmission request.
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Magic of a simple reply.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+/// Handshake flags (server).
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
+/// Handshake flag: no 124 zero bytes after NBD_OPT_EXPORT_NAME.
+pub const FLAG_NO_ZEROES: u16 = 2;
+/// Client flags the server understands.
+pub const CLIENT_FLAGS_KNOWN: u32 = 3;
+
+/// Options.
+pub const OPT_EXPORT_NAME: u32 = 1;
+/// Ends negotiation without transmission.
+pub const OPT_ABORT: u32 = 2;
+/// Lists exports.
+pub const OPT_LIST: u32 = 3;
+/// Starts TLS.
+pub const OPT_STARTTLS: u32 = 5;
+/// Asks about an export.
+pub const OPT_INFO: u32 = 6;
+/// Asks about an export and enters transmission.
+pub const OPT_GO: u32 = 7;
+/// Enables structured replies.
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+
+/// Option reply types.
+pub const REP_ACK: u32 = 1;
+/// One export in a list.
+pub const REP_SERVER: u32 = 2;
+/// One piece of export information.
+pub const REP_INFO: u32 = 3;
+/// The option is not supported.
+pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+/// The option is forbidden by policy.
+pub const REP_ERR_POLICY: u32 = 0x8000_0002;
+/// The option was malformed.
+pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+/// The export is not known.
+pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+/// The option data is too big.
+pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
+
+/// Information types for NBD_OPT_INFO / NBD_OPT_GO.
+pub const INFO_EXPORT: u16 = 0;
+/// Export name.
+pub const INFO_NAME: u16 = 1;
+/// Human-readable description.
+pub const INFO_DESCRIPTION: u16 = 2;
+/// Block size constraints.
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+/// Transmission flags.
+pub const TFLAG_HAS_FLAGS: u16 = 1;
+/// The export is read-only.
+pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+/// NBD_CMD_FLUSH is supported.
+pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+/// NBD_CMD_FLAG_FUA is supported.
+pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+/// NBD_CMD_TRIM is supported.
+pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+/// NBD_CMD_WRITE_ZEROES is supported.
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// A flush on one connection covers writes completed on all of them.
+pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+
+/// Commands.
+pub const CMD_READ: u16 = 0;
+/// Write.
+pub const CMD_WRITE: u16 = 1;
+/// Disconnect.
+pub const CMD_DISC: u16 = 2;
+/// Flush.
+pub const CMD_FLUSH: u16 = 3;
+/// Trim.
+pub const CMD_TRIM: u16 = 4;
+/// Write zeroes.
+pub const CMD_WRITE_ZEROES: u16 = 6;
+
+/// Command flags.
+pub const CMD_FLAG_FUA: u16 = 1;
+/// Write zeroes must allocate.
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Read must not be fragmented.
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+
+/// Structured reply flags and types.
+pub const REPLY_FLAG_DONE: u16 = 1;
+/// No payload; ends the reply.
+pub const REPLY_TYPE_NONE: u16 = 0;
+/// Data at an offset.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// An error, with a message.
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+/// Errors sent to the client (Linux errno values, as the spec fixes them).
+pub const EPERM: u32 = 1;
+/// I/O error.
+pub const EIO: u32 = 5;
+/// Out of memory.
+pub const ENOMEM: u32 = 12;
+/// Invalid argument.
+pub const EINVAL: u32 = 22;
+/// No space left.
+pub const ENOSPC: u32 = 28;
+/// Value too large.
+pub const EOVERFLOW: u32 = 75;
+/// Operation not supported.
+pub const ENOTSUP: u32 = 95;
+/// Server is shutting down.
+pub const ESHUTDOWN: u32 = 108;
+
+/// Length of a transmission request header.
+pub const REQUEST_LEN: usize = 28;
+/// Largest request payload accepted: the maximum block size advertised.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Largest option payload accepted before the connection is dropped.
+pub const MAX_OPTION_LEN: u32 = 64 << 10;
+
+/// A malformed message that ends the connection.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    /// Bad magic: the stream is out of sync and cannot be trusted any more.
+    #[error("bad request magic {0:#x}")]
+    BadMagic(u32),
+}
+
+/// A parsed transmission request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHeader {
+    /// Command flags.
+    pub flags: u16,
+    /// Command type.
+    pub kind: u16,
+    /// Opaque cookie echoed in the reply.
+    pub handle: u64,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub length: u32,
+}
+
+/// Parses a request header.
+pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, CodecError> {
+    let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    if magic != REQUEST_MAGIC {
+        return Err(CodecError::BadMagic(magic));
+    }
+    let u64_at = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[i..i + 8]);
+        u64::from_be_bytes(a)
+    };
+    Ok(RequestHeader {
+        flags: u16::from_be_bytes([b[4], b[5]]),
+        kind: u16::from_be_bytes([b[6], b[7]]),
+        handle: u64_at(8),
+        offset: u64_at(16),
+        length: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
+    })
+}
+
+/// Encodes a request header (used by tests and tools).
+pub fn encode_request(h: &RequestHeader) -> [u8; REQUEST_LEN] {
+    let mut b = [0u8; REQUEST_LEN];
+    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&h.flags.to_be_bytes());
+    b[6..8].copy_from_slice(&h.kind.to_be_bytes());
+    b[8..16].copy_from_slice(&h.handle.to_be_bytes());
+    b[16..24].copy_from_slice(&h.offset.to_be_bytes());
+    b[24..28].copy_from_slice(&h.length.to_be_bytes());
+    b
+}
+
+/// The body of NBD_OPT_INFO / NBD_OPT_GO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfoRequest {
+    /// Export name (may be empty: the default export).
+    pub name: String,
+    /// Information types asked for.
+    pub requests: Vec<u16>,
+}
+
+/// Parses the body of NBD_OPT_INFO / NBD_OPT_GO; `None` if malformed.
+pub fn parse_info_request(data: &[u8]) -> Option<InfoRequest> {
+    let name_len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4usize.checked_add(name_len)?)?;
+    let rest = &data[4 + name_len..];
+    let n = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
+    let list = &rest[2..];
+    if list.len() != n * 2 {
+        return None;
+    }
+    let requests = list
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
+    Some(InfoRequest {
+        name: String::from_utf8(name.to_vec()).ok()?,
+        requests,
+    })
+}
+
+/// Appends an option reply with `data`.
+pub fn put_option_reply(out: &mut BytesMut, option: u32, kind: u32, data: &[u8]) {
+    out.put_u64(REPLY_MAGIC);
+    out.put_u32(option);
+    out.put_u32(kind);
+    out.put_u32(data.len() as u32);
+    out.put_slice(data);
+}
+
+/// Appends a simple reply header (data, if any, follows separately).
+pub fn put_simple_reply(out: &mut BytesMut, error: u32, handle: u64) {
+    out.put_u32(SIMPLE_REPLY_MAGIC);
+    out.put_u32(error);
+    out.put_u64(handle);
+}
+
+/// Appends a structured reply chunk header for `length` bytes of payload.
+pub fn put_structured_header(out: &mut BytesMut, flags: u16, kind: u16, handle: u64, length: u32) {
+    out.put_u32(STRUCTURED_REPLY_MAGIC);
+    out.put_u16(flags);
+    out.put_u16(kind);
+    out.put_u64(handle);
+    out.put_u32(length);
+}
+
+/// Appends a complete structured error chunk.
+pub fn put_structured_error(out: &mut BytesMut, handle: u64, error: u32, msg: &str) {
+    let msg = &msg.as_bytes()[..msg.len().min(4096)];
+    put_structured_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        handle,
+        6 + msg.len() as u32,
+    );
+    out.put_u32(error);
+    out.put_u16(msg.len() as u16);
+    out.put_slice(msg);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn request_roundtrip(flags: u16, kind: u16, handle: u64, offset: u64, length: u32) {
+            let h = RequestHeader { flags, kind, handle, offset, length };
+            prop_assert_eq!(parse_request(&encode_request(&h)), Ok(h));
+        }
+
+        #[test]
+        fn request_parse_never_panics(b in proptest::array::uniform28(any::<u8>())) {
+            let _ = parse_request(&b);
+        }
+
+        #[test]
+        fn info_parse_never_panics(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = parse_info_request(&b);
+        }
+
+        #[test]
+        fn info_roundtrip(name in "[a-z0-9]{0,20}", reqs in proptest::collection::vec(any::<u16>(), 0..5)) {
+            let mut b = Vec::new();
+            b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            b.extend_from_slice(name.as_bytes());
+            b.extend_from_slice(&(reqs.len() as u16).to_be_bytes());
+            for r in &reqs { b.extend_from_slice(&r.to_be_bytes()); }
+            prop_assert_eq!(parse_info_request(&b), Some(InfoRequest { name, requests: reqs }));
+        }
+    }
+
+    #[test]
+    fn bad_magic_is_an_error() {
+        let mut b = encode_request(&RequestHeader {
+            flags: 0,
+            kind: CMD_READ,
+            handle: 1,
+            offset: 0,
+            length: 1,
+        });
+        b[0] ^= 1;
+        assert!(matches!(parse_request(&b), Err(CodecError::BadMagic(_))));
+    }
+
+    #[test]
+    fn info_with_name_length_past_end_is_malformed() {
+        let mut b = Vec::new();
+        b.extend_from_slice(&u32::MAX.to_be_bytes());
+        b.extend_from_slice(&[0, 0]);
+        assert_eq!(parse_info_request(&b), None);
+    }
+}

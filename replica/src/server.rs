@@ -1,0 +1,366 @@
+//! The replica daemon's gRPC service: opening volumes and the ordered I/O stream.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+use tether_proto::replica::replica_server::{Replica, ReplicaServer};
+use tether_proto::replica::{
+    io_request::Op, ErrorCode, IoBatch, IoReply, IoReplyBatch, IoRequest, ListReply, ListRequest,
+    OpenReply, OpenRequest, VolumeSummary,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::store::{StoreError, Volume, VolumeSet};
+
+/// Largest gRPC message either side accepts: a batch of writes up to 32 MiB each.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// The `Replica` gRPC service over one data directory.
+#[derive(Clone)]
+pub struct ReplicaService {
+    volumes: Arc<VolumeSet>,
+}
+
+impl ReplicaService {
+    /// Serves the volumes under `data_dir` (created if missing).
+    pub fn new(data_dir: &Path) -> std::io::Result<ReplicaService> {
+        Ok(ReplicaService {
+            volumes: Arc::new(VolumeSet::new(data_dir)?),
+        })
+    }
+
+    /// Makes everything written to open volumes durable; used at shutdown.
+    pub fn sync_all(&self) {
+        for v in self.volumes.open_volumes() {
+            let (revision, _) = v.revision();
+            if let Err(e) = v.sync(revision) {
+                tracing::error!(volume = v.name(), error = %e, "final sync failed");
+            }
+        }
+    }
+}
+
+fn status(e: StoreError) -> Status {
+    let msg = e.to_string();
+    match e {
+        StoreError::NotFound { .. } => Status::not_found(msg),
+        StoreError::BadName { .. } | StoreError::Invalid { .. } => Status::invalid_argument(msg),
+        StoreError::OutOfRange { .. } => Status::out_of_range(msg),
+        StoreError::Fenced { .. } | StoreError::Poisoned { .. } => Status::failed_precondition(msg),
+        StoreError::NoSpace { .. } => Status::resource_exhausted(msg),
+        StoreError::Io { .. } => Status::internal(msg),
+    }
+}
+
+fn code(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::OutOfRange { .. } => ErrorCode::OutOfRange,
+        StoreError::NotFound { .. } | StoreError::BadName { .. } | StoreError::Invalid { .. } => {
+            ErrorCode::Invalid
+        }
+        StoreError::Fenced { .. } => ErrorCode::Fenced,
+        StoreError::NoSpace { .. } => ErrorCode::NoSpace,
+        StoreError::Io { .. } | StoreError::Poisoned { .. } => ErrorCode::Io,
+    }
+}
+
+fn reply(id: u64, r: Result<Bytes, StoreError>) -> IoReply {
+    match r {
+        Ok(data) => IoReply {
+            id,
+            error: ErrorCode::Ok as i32,
+            message: String::new(),
+            data,
+        },
+        Err(e) => IoReply {
+            id,
+            error: code(&e) as i32,
+            message: e.to_string(),
+            data: Bytes::new(),
+        },
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+    volume: &str,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(StoreError::Invalid {
+            volume: volume.to_string(),
+            what: format!("internal task failed: {e}"),
+        }),
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<IoReplyBatch, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Replica for ReplicaService {
+    async fn open(&self, req: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
+        let req = req.into_inner();
+        let volumes = self.volumes.clone();
+        let name = req.volume.clone();
+        let r = blocking(
+            move || {
+                let (vol, created) = if req.create {
+                    volumes.get_or_create(&req.volume, req.size)?
+                } else {
+                    (volumes.get(&req.volume)?, false)
+                };
+                let previous_epoch = if req.epoch == 0 {
+                    vol.epoch()
+                } else {
+                    vol.take_epoch(req.epoch)?
+                };
+                let (revision, clean) = vol.revision();
+                Ok(OpenReply {
+                    size: vol.size(),
+                    block_size: crate::BLOCK_SIZE,
+                    previous_epoch,
+                    revision,
+                    created,
+                    clean,
+                })
+            },
+            &name,
+        )
+        .await;
+        match r {
+            Ok(reply) => {
+                tracing::info!(volume = %name, epoch = req.epoch, revision = reply.revision, "volume opened");
+                Ok(Response::new(reply))
+            }
+            Err(e) => {
+                tracing::warn!(volume = %name, error = %e, "open refused");
+                Err(status(e))
+            }
+        }
+    }
+
+    type IoStream = ReplyStream;
+
+    async fn io(
+        &self,
+        req: Request<Streaming<IoBatch>>,
+    ) -> Result<Response<Self::IoStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("empty I/O stream: its first message must name the volume")
+        })?;
+        let vol = self.volumes.get(&first.volume).map_err(status)?;
+        vol.check_epoch(first.epoch).map_err(status)?;
+        if first.epoch != vol.epoch() {
+            return Err(Status::failed_precondition(format!(
+                "volume {}: epoch {} was never taken with Open (stored epoch {})",
+                first.volume,
+                first.epoch,
+                vol.epoch()
+            )));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let epoch = first.epoch;
+        tokio::spawn(async move {
+            let v = vol.clone();
+            if let Err(e) = blocking(move || v.set_clean(false), vol.name()).await {
+                tracing::error!(volume = vol.name(), error = %e, "cannot mark volume in use");
+            }
+            let mut stream = IoStreamState {
+                vol,
+                epoch,
+                last_seq: None,
+                tx,
+                flushes: Vec::new(),
+            };
+            stream.run(first.requests, inbound).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list(&self, _req: Request<ListRequest>) -> Result<Response<ListReply>, Status> {
+        let names = self
+            .volumes
+            .names()
+            .map_err(|e| Status::internal(format!("listing volumes: {e}")))?;
+        let mut volumes = Vec::new();
+        for name in names {
+            match self.volumes.get(&name) {
+                Ok(v) => volumes.push(VolumeSummary {
+                    name,
+                    size: v.size(),
+                    epoch: v.epoch(),
+                    revision: v.revision().0,
+                }),
+                Err(e) => tracing::warn!(volume = %name, error = %e, "cannot open volume"),
+            }
+        }
+        Ok(Response::new(ListReply { volumes }))
+    }
+}
+
+struct IoStreamState {
+    vol: Arc<Volume>,
+    epoch: u64,
+    last_seq: Option<u64>,
+    tx: mpsc::Sender<Result<IoReplyBatch, Status>>,
+    flushes: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl IoStreamState {
+    async fn run(&mut self, first: Vec<IoRequest>, mut inbound: Streaming<IoBatch>) {
+        let mut batch = first;
+        loop {
+            if !self.process(batch).await {
+                return;
+            }
+            batch = match inbound.message().await {
+                Ok(Some(b)) => b.requests,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(volume = self.vol.name(), error = %e, "I/O stream broken");
+                    return;
+                }
+            };
+        }
+        // The engine closed the stream on purpose: it is done with the volume.
+        for f in self.flushes.drain(..) {
+            let _ = f.await;
+        }
+        let v = self.vol.clone();
+        let (revision, _) = v.revision();
+        let name = v.name().to_string();
+        let closed = blocking(
+            move || {
+                v.sync(revision)?;
+                v.set_clean(true)
+            },
+            &name,
+        )
+        .await;
+        match closed {
+            Ok(()) => tracing::info!(volume = %name, "engine closed the volume cleanly"),
+            Err(e) => tracing::error!(volume = %name, error = %e, "closing the volume failed"),
+        }
+    }
+
+    fn check_seq(&mut self, seq: u64) -> Result<(), StoreError> {
+        if let Some(last) = self.last_seq {
+            if seq != last + 1 {
+                return Err(StoreError::Invalid {
+                    volume: self.vol.name().to_string(),
+                    what: format!(
+                        "write sequence {seq} after {last}: a gap or reorder in the stream; the engine must reopen it"
+                    ),
+                });
+            }
+        }
+        self.last_seq = Some(seq);
+        Ok(())
+    }
+
+    /// Applies one batch in order; returns false when the stream must end.
+    async fn process(&mut self, batch: Vec<IoRequest>) -> bool {
+        if let Err(e) = self.vol.check_epoch(self.epoch) {
+            let replies = batch.iter().map(|r| IoReply {
+                id: r.id,
+                error: ErrorCode::Fenced as i32,
+                message: e.to_string(),
+                data: Bytes::new(),
+            });
+            let _ = self
+                .tx
+                .send(Ok(IoReplyBatch {
+                    replies: replies.collect(),
+                }))
+                .await;
+            tracing::warn!(volume = self.vol.name(), error = %e, "stream fenced by a newer engine");
+            return false;
+        }
+        let mut replies = Vec::with_capacity(batch.len());
+        for req in batch {
+            let id = req.id;
+            let r = match req.op {
+                Some(Op::Write(w)) => self
+                    .check_seq(w.seq)
+                    .and_then(|_| self.vol.write_blocks(w.block, &w.data))
+                    .map(|_| Bytes::new()),
+                Some(Op::Read(r)) => self.vol.read_blocks(r.block, r.count),
+                Some(Op::Zero(z)) => self
+                    .check_seq(z.seq)
+                    .and_then(|_| self.vol.zero_blocks(z.block, u64::from(z.count)))
+                    .map(|_| Bytes::new()),
+                Some(Op::Flush(f)) => {
+                    // fdatasync runs off the stream so later writes keep flowing; it
+                    // covers every write applied before this point.
+                    let v = self.vol.clone();
+                    let tx = self.tx.clone();
+                    self.flushes.retain(|h| !h.is_finished());
+                    self.flushes.push(tokio::spawn(async move {
+                        let name = v.name().to_string();
+                        let r = blocking(move || v.sync(f.seq), &name).await;
+                        let batch = IoReplyBatch {
+                            replies: vec![reply(id, r.map(|_| Bytes::new()))],
+                        };
+                        let _ = tx.send(Ok(batch)).await;
+                    }));
+                    continue;
+                }
+                None => Err(StoreError::Invalid {
+                    volume: self.vol.name().to_string(),
+                    what: "request without an operation".to_string(),
+                }),
+            };
+            replies.push(reply(id, r));
+        }
+        if replies.is_empty() {
+            return true;
+        }
+        self.tx.send(Ok(IoReplyBatch { replies })).await.is_ok()
+    }
+}
+
+/// Runs the replica daemon on `listen` until `shutdown` resolves, then syncs.
+pub async fn serve(
+    listen: SocketAddr,
+    data_dir: &Path,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let svc = ReplicaService::new(data_dir).map_err(|e| {
+        format!(
+            "cannot use data directory {}: {e}; check that it exists and is writable",
+            data_dir.display()
+        )
+    })?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(%listen, data = %data_dir.display(), "replica serving");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .add_service(
+            ReplicaServer::new(svc.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .serve_with_incoming(incoming);
+    tokio::select! {
+        r = server => r.map_err(|e| format!("replica server failed: {e}"))?,
+        _ = shutdown => {
+            tracing::info!("replica shutting down");
+        }
+    }
+    let s = svc.clone();
+    let _ = tokio::task::spawn_blocking(move || s.sync_all()).await;
+    Ok(())
+}

@@ -1,0 +1,390 @@
+//! `tether`: the one binary with every role as a subcommand.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tether_engine::{control, EngineConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "Replicated block storage served over NBD"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a replica daemon holding the replicas of many volumes.
+    Replica {
+        /// Address to serve gRPC on, e.g. 0.0.0.0:7001.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory for the volumes' data (created if missing).
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Run the engine of one volume: NBD frontend and synchronous replication.
+    Engine(EngineArgs),
+    /// Start three local replicas and an engine for a demo volume, on loopback.
+    Up {
+        /// Directory for all data.
+        #[arg(long, default_value = "./tether-data")]
+        data: PathBuf,
+        /// Volume name.
+        #[arg(long, default_value = "demo")]
+        volume: String,
+        /// Volume size when first created (1G, 512M, bytes).
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        /// NBD address.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        nbd_listen: SocketAddr,
+        /// First of three consecutive ports for the replicas.
+        #[arg(long, default_value_t = 17001)]
+        replica_port: u16,
+        /// Control socket (default: /run/tether/VOLUME.sock, or DATA/VOLUME.sock if /run is not writable).
+        #[arg(long)]
+        control_socket: Option<PathBuf>,
+    },
+    /// Inspect volumes.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+}
+
+#[derive(clap::Args)]
+struct EngineArgs {
+    /// Volume name; also the NBD export name.
+    #[arg(long)]
+    volume: String,
+    /// Size when the volume is created (1G, 512M, bytes); may be omitted afterwards.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Replica daemon address; repeat for each replica.
+    #[arg(long = "replica", required = true)]
+    replicas: Vec<String>,
+    /// TCP address for NBD clients.
+    #[arg(long)]
+    nbd_listen: Option<SocketAddr>,
+    /// Unix socket for NBD clients.
+    #[arg(long)]
+    nbd_socket: Option<PathBuf>,
+    /// Control socket (default /run/tether/VOLUME.sock).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Seconds a replica may take to answer before it is dropped.
+    #[arg(long, default_value_t = 8.0)]
+    timeout: f64,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Show a volume's size, replicas and counters (asks its engine).
+    Status {
+        /// Volume name.
+        volume: String,
+        /// The engine's control socket, if not the default.
+        #[arg(long)]
+        control_socket: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses `1G`, `512M`, `64k`, `1GiB` or plain bytes (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; use e.g. 1G, 512M or a byte count"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?}; use K, M, G or T"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Replica { listen, data } => {
+                tether_replica::serve(listen, &data, shutdown_signal())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+            }
+            Cmd::Engine(args) => run_engine(args).await,
+            Cmd::Up {
+                data,
+                volume,
+                size,
+                nbd_listen,
+                replica_port,
+                control_socket,
+            } => up(data, volume, size, nbd_listen, replica_port, control_socket).await,
+            Cmd::Volume {
+                cmd:
+                    VolumeCmd::Status {
+                        volume,
+                        control_socket,
+                        json,
+                    },
+            } => status(&volume, control_socket, json).await,
+        }
+    })
+}
+
+async fn run_engine(a: EngineArgs) -> Result<()> {
+    if !(a.timeout > 0.0 && a.timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let control_socket = a
+        .control_socket
+        .unwrap_or_else(|| control::default_socket(&a.volume));
+    let cfg = EngineConfig {
+        volume: a.volume,
+        size: a.size,
+        replicas: a.replicas,
+        nbd_listen: a.nbd_listen,
+        nbd_socket: a.nbd_socket,
+        control_socket,
+        timeout: Duration::from_secs_f64(a.timeout),
+    };
+    tether_engine::run(cfg, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn wait_for_port(addr: SocketAddr, child: &mut tokio::process::Child) -> Result<()> {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("replica on {addr} exited with {status} before serving; see its log above");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("replica on {addr} did not start listening within 10 s")
+}
+
+fn terminate(child: &tokio::process::Child) {
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+}
+
+async fn up(
+    data: PathBuf,
+    volume: String,
+    size: u64,
+    nbd_listen: SocketAddr,
+    replica_port: u16,
+    control_socket: Option<PathBuf>,
+) -> Result<()> {
+    std::fs::create_dir_all(&data)
+        .with_context(|| format!("creating the data directory {}", data.display()))?;
+    let exe = std::env::current_exe().context("finding the tether binary")?;
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3u16 {
+        let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], replica_port + i));
+        let dir = data.join(format!("replica-{}", i + 1));
+        let child = tokio::process::Command::new(&exe)
+            .arg("replica")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data")
+            .arg(&dir)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a replica process")?;
+        children.push(child);
+        addrs.push(addr);
+    }
+    for (addr, child) in addrs.iter().zip(children.iter_mut()) {
+        wait_for_port(*addr, child).await?;
+    }
+    let control_socket = control_socket.unwrap_or_else(|| {
+        let default = control::default_socket(&volume);
+        let usable = default
+            .parent()
+            .is_some_and(|d| std::fs::create_dir_all(d).is_ok() && writable(d));
+        if usable {
+            default
+        } else {
+            data.join(format!("{volume}.sock"))
+        }
+    });
+    let exists = data
+        .join("replica-1/volumes")
+        .join(&volume)
+        .join("meta")
+        .exists();
+    let cfg = EngineConfig {
+        volume: volume.clone(),
+        size: if exists { None } else { Some(size) },
+        replicas: addrs.iter().map(|a| a.to_string()).collect(),
+        nbd_listen: Some(nbd_listen),
+        nbd_socket: None,
+        control_socket: control_socket.clone(),
+        timeout: Duration::from_secs(8),
+    };
+    let port = nbd_listen.port();
+    let host = nbd_listen.ip();
+    let cs = control_socket.display();
+    eprintln!(
+        "\ntether is up: volume {volume} on 3 replicas ({}) under {}\n\
+         \n  NBD URI:  nbd://{nbd_listen}/{volume}\n\
+         \n  attach on Linux:  modprobe nbd && nbd-client {host} {port} /dev/nbd0 -N {volume}\
+         \n  inspect:          nbdinfo nbd://{nbd_listen}/{volume}\
+         \n  qemu:             qemu-img info nbd://{nbd_listen}/{volume}\
+         \n  fio:              fio --name=t --ioengine=nbd --uri=nbd://{nbd_listen}/{volume} --rw=randwrite --bs=4k --size=256m\
+         \n  status:           tether volume status {volume} --control-socket {cs}\
+         \n\nCtrl-C stops everything; running `tether up` again serves the same data.\n",
+        addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        data.display()
+    );
+    let result = tether_engine::run(cfg, shutdown_signal()).await;
+    for c in &children {
+        terminate(c);
+    }
+    for c in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+    }
+    result?;
+    Ok(())
+}
+
+fn writable(dir: &Path) -> bool {
+    let probe = dir.join(format!(".tether-probe-{}", std::process::id()));
+    let ok = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+async fn status(volume: &str, socket: Option<PathBuf>, json: bool) -> Result<()> {
+    let socket = socket.unwrap_or_else(|| control::default_socket(volume));
+    let mut client = control::connect(&socket)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let s = client
+        .status(tether_proto::engine::StatusRequest {})
+        .await
+        .map_err(|e| anyhow::anyhow!("volume {volume}: status failed: {}", e.message()))?
+        .into_inner();
+    let c = s.counters.unwrap_or_default();
+    if json {
+        let replicas: Vec<String> = s
+            .replicas
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"address\":{:?},\"state\":{:?},\"reason\":{:?}}}",
+                    r.address, r.state, r.reason
+                )
+            })
+            .collect();
+        println!(
+            "{{\"volume\":{:?},\"size\":{},\"block_size\":{},\"epoch\":{},\"nbd\":{:?},\"replicas\":[{}],\
+             \"counters\":{{\"reads\":{},\"writes\":{},\"flushes\":{},\"trims\":{},\"errors\":{},\"bytes_read\":{},\"bytes_written\":{},\"nbd_connections\":{}}}}}",
+            s.volume, s.size, s.block_size, s.epoch, s.nbd_address, replicas.join(","),
+            c.reads, c.writes, c.flushes, c.trims, c.errors, c.bytes_read, c.bytes_written, c.nbd_connections
+        );
+        return Ok(());
+    }
+    let healthy = s.replicas.iter().filter(|r| r.state == "healthy").count();
+    println!("volume    {}", s.volume);
+    println!(
+        "size      {} bytes ({} MiB), block size {}",
+        s.size,
+        s.size >> 20,
+        s.block_size
+    );
+    println!("nbd       {}", s.nbd_address);
+    println!("epoch     {}", s.epoch);
+    println!("replicas  {healthy} of {} healthy", s.replicas.len());
+    for r in &s.replicas {
+        if r.reason.is_empty() {
+            println!("  {:<24} {}", r.address, r.state);
+        } else {
+            println!("  {:<24} {}  ({})", r.address, r.state, r.reason);
+        }
+    }
+    println!(
+        "counters  reads {}  writes {}  flushes {}  trims {}  errors {}",
+        c.reads, c.writes, c.flushes, c.trims, c.errors
+    );
+    println!(
+        "          read {} bytes, written {} bytes, {} NBD connections",
+        c.bytes_read, c.bytes_written, c.nbd_connections
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}
