@@ -67,7 +67,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
         return Err(cfg_err("give at least one --replica ADDR".into()));
     }
     if let Some(size) = cfg.size {
-        if size == 0 || size % volume::BLOCK != 0 {
+        if size == 0 || !size.is_multiple_of(volume::BLOCK) {
             return Err(cfg_err(format!(
                 "size {size} must be a positive multiple of {} bytes",
                 volume::BLOCK
@@ -101,7 +101,6 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
         match p {
             Ok((conn, reply)) => reachable.push((conn, reply)),
             Err(e) => {
-                tracing::warn!(volume = %cfg.volume, replica = %addr, error = %e, "replica unavailable");
                 problems.push(e.clone());
                 conns.push(ReplicaConn::failed(addr, &cfg.volume, None, e));
             }
@@ -177,7 +176,6 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
     .await;
     for (c, res) in taken {
         if let Err(why) = res {
-            tracing::warn!(volume = %cfg.volume, replica = %c.addr, reason = %why, "replica not used");
             problems.push(format!("replica {}: {why}", c.addr));
             c.mark_failed(why);
         }

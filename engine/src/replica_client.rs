@@ -242,6 +242,7 @@ impl ReplicaConn {
             }
             *r = reason.clone();
         }
+        tracing::warn!(volume = %self.volume, replica = %self.addr, %reason, "replica dropped from the volume");
         let drained: Vec<_> = self.pending.lock().drain().collect();
         for (_, p) in drained {
             let _ = p.send(Err(ReplicaError::Gone(reason.clone())));

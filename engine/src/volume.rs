@@ -105,8 +105,7 @@ impl Volume {
     fn fail(&self, r: &ReplicaConn, reason: String) {
         if r.mark_failed(reason.clone()) {
             let left = self.healthy_count();
-            tracing::warn!(volume = %self.name, replica = %r.addr, %reason, healthy_left = left,
-                "replica dropped from the volume");
+            tracing::info!(volume = %self.name, healthy_left = left, "replica set shrank");
             if left == 0 {
                 tracing::error!(volume = %self.name,
                     "no healthy replica left: all I/O fails with EIO until the engine is restarted with a good replica");
@@ -218,12 +217,12 @@ impl Volume {
         let (first, end) = Self::blocks_of(offset, len);
         let _guard = self.locks.lock(first, end).await;
         let head = offset % BLOCK;
-        let payload = if head == 0 && len % BLOCK == 0 {
+        let payload = if head == 0 && len.is_multiple_of(BLOCK) {
             data
         } else {
             // Read-modify-write of the partial edge blocks, under the range lock.
             let mut buf = BytesMut::zeroed(((end - first) * BLOCK) as usize);
-            let tail_partial = (offset + len) % BLOCK != 0;
+            let tail_partial = !(offset + len).is_multiple_of(BLOCK);
             let need_head = head != 0;
             let need_tail = tail_partial && (end - 1 != first || !need_head);
             let (h, t) = futures::future::join(

@@ -241,7 +241,7 @@ fn write_atomic(dir: &Path, path: &Path, contents: &[u8]) -> io::Result<()> {
 
 impl Volume {
     fn create(dir: PathBuf, name: &str, size: u64) -> Result<Volume, StoreError> {
-        if size == 0 || size % u64::from(BLOCK_SIZE) != 0 {
+        if size == 0 || !size.is_multiple_of(u64::from(BLOCK_SIZE)) {
             return Err(StoreError::Invalid {
                 volume: name.to_string(),
                 what: format!("size {size} is not a positive multiple of {BLOCK_SIZE}"),
@@ -445,7 +445,7 @@ impl Volume {
     /// Writes whole blocks starting at `block`.
     pub fn write_blocks(&self, block: u64, data: &[u8]) -> Result<(), StoreError> {
         let bs = u64::from(BLOCK_SIZE);
-        if data.is_empty() || data.len() as u64 % bs != 0 {
+        if data.is_empty() || !(data.len() as u64).is_multiple_of(bs) {
             return Err(StoreError::Invalid {
                 volume: self.name.clone(),
                 what: format!(
@@ -569,7 +569,7 @@ impl Volume {
 
     fn write_header(&self, h: &Header) -> Result<(), StoreError> {
         // Alternate slots so a torn header write leaves the other slot intact.
-        let slot = if h.counter % 2 == 0 { 0 } else { 512 };
+        let slot = if h.counter.is_multiple_of(2) { 0 } else { 512 };
         self.file
             .write_all_at(&h.encode(), slot)
             .map_err(|s| io_err(&self.name, "writing the header", &self.data_path, s))

@@ -1,0 +1,429 @@
+//! A real cluster for end-to-end tests: replica daemons and an engine as separate
+//! processes on loopback, driven by real NBD clients.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
+/// A free loopback port (bound and released; tests run on a quiet machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+pub fn wait_port(addr: SocketAddr, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{what} did not listen on {addr} within 20 s");
+}
+
+/// Fails loudly when a client tool is missing: CI installs them all (.ci/run).
+pub fn need(tool: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed; run .ci/run or apt-get install qemu-utils libnbd-bin fio"
+    );
+}
+
+pub struct Replica {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Replica {
+    pub fn start(dir: &Path, port: u16) -> Replica {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["replica", "--listen", &addr.to_string(), "--data"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning a replica");
+        wait_port(addr, &mut child, "replica");
+        Replica {
+            addr,
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status();
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal("KILL");
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// The volume's block data on this replica (without the header).
+    pub fn data(&self, volume: &str) -> Vec<u8> {
+        let raw = std::fs::read(self.dir.join("volumes").join(volume).join("data")).unwrap();
+        raw[4096..].to_vec()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        self.kill9();
+    }
+}
+
+pub struct Engine {
+    pub nbd: SocketAddr,
+    pub control: PathBuf,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Engine {
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn status_json(&self, volume: &str) -> serde_json::Value {
+        let out = Command::new(BIN)
+            .args(["volume", "status", volume, "--json", "--control-socket"])
+            .arg(&self.control)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn healthy(&self, volume: &str) -> usize {
+        self.status_json(volume)["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] == "healthy")
+            .count()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub volume: String,
+    pub replicas: Vec<Replica>,
+    pub engine: Option<Engine>,
+    pub extra_engine_args: Vec<String>,
+}
+
+impl Cluster {
+    /// `n` replicas and an engine for a new volume of `size` (e.g. "256M").
+    pub fn start(n: usize, size: &str) -> Cluster {
+        Self::start_with(n, size, &[])
+    }
+
+    pub fn start_with(n: usize, size: &str, engine_args: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("tether-e2e")
+            .tempdir_in(test_root())
+            .unwrap();
+        let replicas = (0..n)
+            .map(|i| Replica::start(&dir.path().join(format!("r{i}")), free_port()))
+            .collect();
+        let mut c = Cluster {
+            dir,
+            volume: "vol".to_string(),
+            replicas,
+            engine: None,
+            extra_engine_args: engine_args.iter().map(|s| s.to_string()).collect(),
+        };
+        c.start_engine(Some(size));
+        c
+    }
+
+    pub fn engine_command(&self, size: Option<&str>, nbd: SocketAddr, control: &Path) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "engine",
+            "--volume",
+            &self.volume,
+            "--nbd-listen",
+            &nbd.to_string(),
+        ])
+        .arg("--control-socket")
+        .arg(control);
+        if let Some(s) = size {
+            cmd.args(["--size", s]);
+        }
+        for r in &self.replicas {
+            cmd.args(["--replica", &r.addr.to_string()]);
+        }
+        cmd.args(&self.extra_engine_args);
+        cmd
+    }
+
+    pub fn start_engine(&mut self, size: Option<&str>) {
+        let nbd: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let control = self.dir.path().join("control.sock");
+        let log = self.dir.path().join(format!("engine-{}.log", nbd.port()));
+        let mut child = self
+            .engine_command(size, nbd, &control)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawning the engine");
+        wait_port(nbd, &mut child, "engine");
+        self.engine = Some(Engine {
+            nbd,
+            control,
+            child: Some(child),
+            log,
+        });
+    }
+
+    pub fn engine(&self) -> &Engine {
+        self.engine.as_ref().unwrap()
+    }
+
+    pub fn uri(&self) -> String {
+        self.engine().uri(&self.volume)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Stops the engine and all replicas cleanly.
+    pub fn stop_all(&mut self) {
+        if let Some(mut e) = self.engine.take() {
+            e.stop();
+        }
+        for r in &mut self.replicas {
+            r.stop();
+        }
+    }
+
+    /// Restarts every stopped replica on its old address and data, then the engine.
+    pub fn restart_all(&mut self) {
+        for r in &mut self.replicas {
+            if r.child.is_none() {
+                *r = Replica::start(&r.dir.clone(), r.addr.port());
+            }
+        }
+        self.start_engine(None);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(e) = &self.engine {
+                let text = e.log_text();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(40)..];
+                eprintln!("--- engine log (last lines) ---\n{}", tail.join("\n"));
+            }
+        }
+    }
+}
+
+/// Where test clusters live: on the real disk, not a small tmpfs.
+pub fn test_root() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&root).unwrap();
+    root
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Writes `len` pseudo-random bytes from `seed` to `path`.
+pub fn random_file(path: &Path, len: usize, seed: u64) {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; len];
+    rng.fill_bytes(&mut buf);
+    std::fs::write(path, &buf).unwrap();
+}
+
+pub fn sha256(path: &Path) -> String {
+    use sha2::Digest;
+    let data = std::fs::read(path).unwrap();
+    format!("{:x}", sha2::Sha256::digest(&data))
+}
+
+/// A minimal blocking NBD client (fixed newstyle, NBD_OPT_GO, simple replies).
+pub struct NbdClient {
+    s: TcpStream,
+    handle: u64,
+    pub size: u64,
+}
+
+impl NbdClient {
+    pub fn connect(addr: SocketAddr, name: &str) -> std::io::Result<NbdClient> {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello)?;
+        s.write_all(&3u32.to_be_bytes())?;
+        let mut opt = Vec::new();
+        opt.extend_from_slice(b"IHAVEOPT");
+        opt.extend_from_slice(&7u32.to_be_bytes());
+        opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+        opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        opt.extend_from_slice(name.as_bytes());
+        opt.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&opt)?;
+        let mut size = 0;
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h)?;
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+            let mut d = vec![0u8; len];
+            s.read_exact(&mut d)?;
+            match kind {
+                1 => break,
+                3 if u16::from_be_bytes([d[0], d[1]]) == 0 => {
+                    size = u64::from_be_bytes(d[2..10].try_into().unwrap())
+                }
+                3 => {}
+                _ => {
+                    return Err(std::io::Error::other(format!(
+                        "GO refused: {kind:#x} {}",
+                        String::from_utf8_lossy(&d)
+                    )))
+                }
+            }
+        }
+        Ok(NbdClient { s, handle: 0, size })
+    }
+
+    fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        data: &[u8],
+        len: u32,
+    ) -> std::io::Result<(u32, Vec<u8>)> {
+        use std::io::{Read, Write};
+        self.handle += 1;
+        let mut r = Vec::with_capacity(28 + data.len());
+        r.extend_from_slice(&0x25609513u32.to_be_bytes());
+        r.extend_from_slice(&flags.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&self.handle.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r.extend_from_slice(data);
+        self.s.write_all(&r)?;
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h)?;
+        assert_eq!(&h[0..4], &0x67446698u32.to_be_bytes(), "simple reply magic");
+        assert_eq!(
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            self.handle
+        );
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let mut d = Vec::new();
+        if kind == 0 && err == 0 {
+            d = vec![0u8; len as usize];
+            self.s.read_exact(&mut d)?;
+        }
+        Ok((err, d))
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<u32> {
+        self.request(1, 0, offset, data, data.len() as u32)
+            .map(|r| r.0)
+    }
+
+    pub fn read(&mut self, offset: u64, len: u32) -> std::io::Result<Result<Vec<u8>, u32>> {
+        let (err, d) = self.request(0, 0, offset, &[], len)?;
+        Ok(if err == 0 { Ok(d) } else { Err(err) })
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<u32> {
+        self.request(3, 0, 0, &[], 0).map(|r| r.0)
+    }
+
+    /// Sends any raw request header (for bad-input tests) and returns the error.
+    pub fn raw(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> std::io::Result<u32> {
+        self.request(kind, flags, offset, &[], len).map(|r| r.0)
+    }
+}
