@@ -245,6 +245,9 @@ async fn up(
             .arg("--data")
             .arg(&dir)
             .kill_on_drop(true)
+            // Their own process group: Ctrl-C reaches only `up`, which stops the
+            // engine first (final flush, clean close) and then the replicas.
+            .process_group(0)
             .spawn()
             .context("starting a replica process")?;
         children.push(child);

@@ -256,16 +256,18 @@ impl ReplicaConn {
 
     /// Ends the stream cleanly so the replica records a clean close.
     pub async fn close(&self, timeout: Duration) {
-        if !self.is_healthy() {
-            return;
+        {
+            let mut r = self.reason.lock();
+            if !self.healthy.swap(false, Ordering::SeqCst) {
+                return;
+            }
+            *r = "engine stopped".to_string();
         }
         self.close.notify_one();
         let reader = self.reader.lock().take();
         if let Some(h) = reader {
             let _ = tokio::time::timeout(timeout, h).await;
         }
-        self.healthy.store(false, Ordering::SeqCst);
-        *self.reason.lock() = "engine stopped".to_string();
     }
 }
 
