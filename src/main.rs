@@ -29,6 +29,12 @@ enum Cmd {
         /// Directory for the volumes' data (created if missing).
         #[arg(long)]
         data: PathBuf,
+        /// Put the write-ahead logs on this directory (e.g. a faster disk).
+        #[arg(long)]
+        wal_dir: Option<PathBuf>,
+        /// Size of each volume's write-ahead log (preallocated).
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        wal_size: u64,
     },
     /// Run the engine of one volume: NBD frontend and synchronous replication.
     Engine(EngineArgs),
@@ -154,8 +160,17 @@ fn main() -> Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Replica { listen, data } => {
-                tether_replica::serve(listen, &data, shutdown_signal())
+            Cmd::Replica {
+                listen,
+                data,
+                wal_dir,
+                wal_size,
+            } => {
+                if wal_size < 1 << 20 {
+                    bail!("--wal-size must be at least 1M");
+                }
+                let opts = tether_replica::StoreOptions { wal_dir, wal_size };
+                tether_replica::serve(listen, &data, opts, shutdown_signal())
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))
             }

@@ -35,6 +35,9 @@ pub enum ReplicaError {
     /// A newer engine owns the volume.
     #[error("{0}")]
     Fenced(String),
+    /// A block failed its checksum there; other blocks are fine.
+    #[error("{0}")]
+    Checksum(String),
     /// The connection failed or the replica was dropped.
     #[error("{0}")]
     Gone(String),
@@ -190,6 +193,7 @@ impl ReplicaConn {
                             Ok(ErrorCode::Ok) => Ok(r.data),
                             Ok(ErrorCode::NoSpace) => Err(ReplicaError::NoSpace(r.message)),
                             Ok(ErrorCode::Fenced) => Err(ReplicaError::Fenced(r.message)),
+                            Ok(ErrorCode::Checksum) => Err(ReplicaError::Checksum(r.message)),
                             _ => Err(ReplicaError::Replica(r.message)),
                         };
                         if let Some(p) = self.pending.lock().remove(&r.id) {

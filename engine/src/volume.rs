@@ -37,6 +37,8 @@ pub struct Counters {
     pub bytes_written: AtomicU64,
     /// Client connections accepted.
     pub connections: AtomicU64,
+    /// Block copies that failed their checksum on some replica.
+    pub checksum_errors: AtomicU64,
 }
 
 /// A replicated volume served by this engine.
@@ -174,20 +176,25 @@ impl Volume {
     }
 
     /// Reads whole blocks from one healthy replica, trying the others on failure.
+    /// A block that fails its checksum on one replica is read from another, and the
+    /// bad copy is reported; it is never returned.
     async fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, DeviceError> {
         let n = self.replicas.len();
-        for _ in 0..n {
-            let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
-            let Some(r) = (0..n)
-                .map(|i| &self.replicas[(start + i) % n])
-                .find(|r| r.is_healthy())
-            else {
-                break;
-            };
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let mut bad_copies = 0;
+        for i in 0..n {
+            let r = &self.replicas[(start + i) % n];
+            if !r.is_healthy() {
+                continue;
+            }
             let rx = r.submit(Op::Read(Read { block, count }));
             match tokio::time::timeout(self.timeout, rx).await {
                 Ok(Ok(Ok(data))) if data.len() == count as usize * BLOCK as usize => {
-                    return Ok(data)
+                    if bad_copies > 0 {
+                        tracing::info!(volume = %self.name, replica = %r.addr, block, count,
+                            "served a good copy from another replica");
+                    }
+                    return Ok(data);
                 }
                 Ok(Ok(Ok(data))) => self.fail(
                     r,
@@ -197,10 +204,25 @@ impl Volume {
                         count as u64 * BLOCK
                     ),
                 ),
+                Ok(Ok(Err(ReplicaError::Checksum(msg)))) => {
+                    bad_copies += 1;
+                    self.counters
+                        .checksum_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(volume = %self.name, replica = %r.addr, error = %msg,
+                        "bad block copy on replica; reading it from another");
+                }
                 Ok(Ok(Err(e))) => self.fail(r, format!("read failed: {e}")),
                 Ok(Err(_)) => self.fail(r, "connection lost".to_string()),
                 Err(_) => self.fail(r, format!("no answer within {:?}", self.timeout)),
             }
+        }
+        if bad_copies > 0 {
+            return Err(DeviceError::Io(format!(
+                "volume {}: blocks {block}..{} have no good copy on any healthy replica",
+                self.name,
+                block + u64::from(count)
+            )));
         }
         Err(self.no_replica())
     }

@@ -1,8 +1,12 @@
 //! The replica daemon: holds the replicas of many volumes on local disk and serves
 //! them to engines over gRPC.
 
+pub mod disk;
+pub mod extents;
 pub mod server;
+pub mod sim;
 pub mod store;
+pub mod wal;
 
 pub use server::{serve, ReplicaService};
-pub use store::{StoreError, Volume, VolumeSet, BLOCK_SIZE};
+pub use store::{StoreError, StoreOptions, Volume, VolumeSet, BLOCK_SIZE};

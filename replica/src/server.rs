@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::store::{StoreError, Volume, VolumeSet};
+use crate::disk::OsDisk;
+use crate::store::{StoreError, StoreOptions, Volume, VolumeSet};
 
 /// Largest gRPC message either side accepts: a batch of writes up to 32 MiB each.
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -30,17 +31,20 @@ pub struct ReplicaService {
 
 impl ReplicaService {
     /// Serves the volumes under `data_dir` (created if missing).
-    pub fn new(data_dir: &Path) -> std::io::Result<ReplicaService> {
+    pub fn new(data_dir: &Path, opts: StoreOptions) -> std::io::Result<ReplicaService> {
+        std::fs::create_dir_all(data_dir.join("volumes"))?;
+        if let Some(w) = &opts.wal_dir {
+            std::fs::create_dir_all(w)?;
+        }
         Ok(ReplicaService {
-            volumes: Arc::new(VolumeSet::new(data_dir)?),
+            volumes: Arc::new(VolumeSet::new(data_dir, Arc::new(OsDisk), opts)?),
         })
     }
 
     /// Makes everything written to open volumes durable; used at shutdown.
     pub fn sync_all(&self) {
         for v in self.volumes.open_volumes() {
-            let (revision, _) = v.revision();
-            if let Err(e) = v.sync(revision) {
+            if let Err(e) = v.sync() {
                 tracing::error!(volume = v.name(), error = %e, "final sync failed");
             }
         }
@@ -55,7 +59,7 @@ fn status(e: StoreError) -> Status {
         StoreError::OutOfRange { .. } => Status::out_of_range(msg),
         StoreError::Fenced { .. } | StoreError::Poisoned { .. } => Status::failed_precondition(msg),
         StoreError::NoSpace { .. } => Status::resource_exhausted(msg),
-        StoreError::Io { .. } => Status::internal(msg),
+        StoreError::Io { .. } | StoreError::Checksum { .. } => Status::internal(msg),
     }
 }
 
@@ -67,6 +71,7 @@ fn code(e: &StoreError) -> ErrorCode {
         }
         StoreError::Fenced { .. } => ErrorCode::Fenced,
         StoreError::NoSpace { .. } => ErrorCode::NoSpace,
+        StoreError::Checksum { .. } => ErrorCode::Checksum,
         StoreError::Io { .. } | StoreError::Poisoned { .. } => ErrorCode::Io,
     }
 }
@@ -235,11 +240,10 @@ impl IoStreamState {
             let _ = f.await;
         }
         let v = self.vol.clone();
-        let (revision, _) = v.revision();
         let name = v.name().to_string();
         let closed = blocking(
             move || {
-                v.sync(revision)?;
+                v.sync()?;
                 v.set_clean(true)
             },
             &name,
@@ -290,12 +294,12 @@ impl IoStreamState {
             let r = match req.op {
                 Some(Op::Write(w)) => self
                     .check_seq(w.seq)
-                    .and_then(|_| self.vol.write_blocks(w.block, &w.data))
+                    .and_then(|_| self.vol.write_blocks(w.seq, w.block, &w.data))
                     .map(|_| Bytes::new()),
                 Some(Op::Read(r)) => self.vol.read_blocks(r.block, r.count),
                 Some(Op::Zero(z)) => self
                     .check_seq(z.seq)
-                    .and_then(|_| self.vol.zero_blocks(z.block, u64::from(z.count)))
+                    .and_then(|_| self.vol.zero_blocks(z.seq, z.block, u64::from(z.count)))
                     .map(|_| Bytes::new()),
                 Some(Op::Flush(f)) => {
                     // fdatasync runs off the stream so later writes keep flowing; it
@@ -305,7 +309,8 @@ impl IoStreamState {
                     self.flushes.retain(|h| !h.is_finished());
                     self.flushes.push(tokio::spawn(async move {
                         let name = v.name().to_string();
-                        let r = blocking(move || v.sync(f.seq), &name).await;
+                        let _ = f.seq;
+                        let r = blocking(move || v.sync(), &name).await;
                         let batch = IoReplyBatch {
                             replies: vec![reply(id, r.map(|_| Bytes::new()))],
                         };
@@ -331,9 +336,10 @@ impl IoStreamState {
 pub async fn serve(
     listen: SocketAddr,
     data_dir: &Path,
+    opts: StoreOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let svc = ReplicaService::new(data_dir).map_err(|e| {
+    let svc = ReplicaService::new(data_dir, opts).map_err(|e| {
         format!(
             "cannot use data directory {}: {e}; check that it exists and is writable",
             data_dir.display()

@@ -1,35 +1,45 @@
-//! The on-disk store of one replica daemon: one directory per volume holding a
-//! sparse data file and an atomically replaced `meta` file.
+//! The replica store: a write-ahead log in front of a tree of copy-on-write layers,
+//! every block checksummed. The byte-level format is in `docs/format.md`.
 //!
 //! ```text
 //! <data>/volumes/<volume>/
-//!   meta   format, size, block size, epoch (temp file, fsync, rename, fsync dir)
-//!   data   4 KiB header (two checksummed slots: revision, clean flag), then block i
-//!          at offset 4096 + i × 4096; holes read as zeroes
+//!   meta             JSON: size, epoch, layers (id, parent, snapshot name), head
+//!   layers/<id>.data block i at offset i × 4096 (sparse)
+//!   layers/<id>.rec  8 bytes per block: crc32c, state (1 data, 2 zero)
+//!   wal              the log (or <wal-dir>/<volume>.wal)
 //! ```
 //!
-//! The revision lives in the data file so that the fdatasync that makes the data
-//! durable makes the revision durable with it: no second sync per flush.
+//! A write is appended to the log and acknowledged; a flush fdatasyncs the log only
+//! (group commit). Blocks written since the last checkpoint are served from the log
+//! through an in-memory extent map; a checkpoint copies them into the head layer,
+//! syncs it and starts a new log generation. The log is the only truth about what
+//! happened since the last checkpoint, so a crash can tear nothing it cannot redo.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write as _};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::disk::{Disk, DiskFile};
+use crate::extents::{ExtentMap, Shift};
+use crate::wal::{self, RecordHeader, RecordKind, WalHeader, BLOCK, RECORDS_START};
 
 /// The block size of every volume, in bytes.
-pub const BLOCK_SIZE: u32 = 4096;
-const HEADER_LEN: u64 = 4096;
-const HEADER_MAGIC: &[u8; 8] = b"TTHRHDR1";
-const HEADER_SLOT_LEN: usize = 40;
-const META_FORMAT: u32 = 1;
+pub const BLOCK_SIZE: u32 = BLOCK as u32;
 /// The largest single read or write a replica accepts, in blocks (32 MiB).
 pub const MAX_IO_BLOCKS: u64 = 8192;
+/// Default size of a volume's write-ahead log.
+pub const DEFAULT_WAL_SIZE: u64 = 64 << 20;
+const META_FORMAT: u32 = 2;
+const REC: usize = 8;
+const STATE_DATA: u8 = 1;
+const STATE_ZERO: u8 = 2;
 
 /// What can go wrong in the store; each variant names the volume.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +71,13 @@ pub enum StoreError {
     /// The disk is full.
     #[error("volume {volume}: disk full while {op}; free space on the replica's data disk")]
     NoSpace { volume: String, op: &'static str },
+    /// A block failed its checksum: it is never returned as data.
+    #[error("volume {volume}: block {block} failed its checksum in {place}; read it from another replica")]
+    Checksum {
+        volume: String,
+        block: u64,
+        place: String,
+    },
     /// Any other I/O error.
     #[error("volume {volume}: {op} failed at {}: {source}", path.display())]
     Io {
@@ -91,101 +108,116 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Header {
-    counter: u64,
-    revision: u64,
-    clean: bool,
+/// Where a store keeps things and how big its log is.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Put the logs here instead of next to the layers.
+    pub wal_dir: Option<PathBuf>,
+    /// Size of each volume's log.
+    pub wal_size: u64,
 }
 
-impl Header {
-    fn encode(&self) -> [u8; HEADER_SLOT_LEN] {
-        let mut b = [0u8; HEADER_SLOT_LEN];
-        b[0..8].copy_from_slice(HEADER_MAGIC);
-        b[8..16].copy_from_slice(&self.counter.to_le_bytes());
-        b[16..24].copy_from_slice(&self.revision.to_le_bytes());
-        b[24] = u8::from(self.clean);
-        let crc = crc32fast::hash(&b[..36]);
-        b[36..40].copy_from_slice(&crc.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8]) -> Option<Header> {
-        if b.len() < HEADER_SLOT_LEN || &b[0..8] != HEADER_MAGIC {
-            return None;
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            wal_dir: None,
+            wal_size: DEFAULT_WAL_SIZE,
         }
-        let crc = u32::from_le_bytes(b[36..40].try_into().ok()?);
-        if crc != crc32fast::hash(&b[..36]) {
-            return None;
-        }
-        Some(Header {
-            counter: u64::from_le_bytes(b[8..16].try_into().ok()?),
-            revision: u64::from_le_bytes(b[16..24].try_into().ok()?),
-            clean: b[24] == 1,
-        })
     }
 }
 
-/// The persistent facts in `meta`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct LayerMeta {
+    id: u64,
+    parent: Option<u64>,
+    /// Snapshot name, for frozen layers.
+    name: Option<String>,
+    /// Write sequence at which it was frozen.
+    frozen_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Meta {
+    format: u32,
     size: u64,
+    block_size: u32,
     epoch: u64,
+    clean: bool,
+    head: u64,
+    next_layer: u64,
+    layers: Vec<LayerMeta>,
 }
 
-impl Meta {
-    fn encode(&self) -> String {
-        format!(
-            "format={META_FORMAT}\nsize={}\nblock_size={BLOCK_SIZE}\nepoch={}\n",
-            self.size, self.epoch
-        )
-    }
+/// Where a block written since the last checkpoint lives in the log.
+#[derive(Debug, Clone, Copy)]
+enum Recent {
+    Zero,
+    Data { data_off: u64, crc_off: u64 },
+}
 
-    fn decode(text: &str) -> Result<Meta, String> {
-        let mut fields = HashMap::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| format!("meta line {line:?} is not key=value"))?;
-            let v: u64 = v
-                .trim()
-                .parse()
-                .map_err(|_| format!("meta field {k} has a non-numeric value {v:?}"))?;
-            fields.insert(k.trim().to_string(), v);
+impl Shift for Recent {
+    fn shift(&self, by: u64) -> Self {
+        match *self {
+            Recent::Zero => Recent::Zero,
+            Recent::Data { data_off, crc_off } => Recent::Data {
+                data_off: data_off + by * BLOCK as u64,
+                crc_off: crc_off + by * 4,
+            },
         }
-        let get = |k: &str| {
-            fields
-                .get(k)
-                .copied()
-                .ok_or_else(|| format!("meta is missing {k}"))
-        };
-        if get("format")? != u64::from(META_FORMAT) {
-            return Err(format!("meta format {} is not supported", get("format")?));
-        }
-        if get("block_size")? != u64::from(BLOCK_SIZE) {
-            return Err(format!(
-                "block size {} is not supported",
-                get("block_size")?
-            ));
-        }
-        Ok(Meta {
-            size: get("size")?,
-            epoch: get("epoch")?,
-        })
     }
+}
+
+struct Layer {
+    data: Arc<dyn DiskFile>,
+    rec: Arc<dyn DiskFile>,
+    /// Blocks this layer holds (data or zero).
+    present: ExtentMap<()>,
+}
+
+struct Inner {
+    meta: Meta,
+    layers: HashMap<u64, Layer>,
+    /// Head first, then its ancestors: the read path.
+    chain: Vec<u64>,
+    wal: Arc<dyn DiskFile>,
+    header: WalHeader,
+    wal_off: u64,
+    recent: ExtentMap<Recent>,
+    revision: u64,
+}
+
+enum Source {
+    Zeros,
+    Log(Recent),
+    Layer(u64),
+}
+
+/// A snapshot as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Its name.
+    pub name: String,
+    /// Write sequence it was taken at.
+    pub seq: u64,
+    /// Bytes its layer occupies on disk.
+    pub allocated: u64,
 }
 
 /// One volume's replica on this daemon.
 pub struct Volume {
     name: String,
     dir: PathBuf,
-    data_path: PathBuf,
-    file: File,
+    disk: Arc<dyn Disk>,
+    wal_path: PathBuf,
+    wal_size: u64,
     size: u64,
     blocks: u64,
     epoch: AtomicU64,
-    meta_lock: Mutex<()>,
-    header: Mutex<Header>,
+    inner: RwLock<Inner>,
+    sync_lock: Mutex<()>,
+    /// Log bytes appended and made durable, counted across generations.
+    written: AtomicU64,
+    synced: AtomicU64,
     poisoned: Mutex<Option<String>>,
 }
 
@@ -196,19 +228,6 @@ impl std::fmt::Debug for Volume {
             .field("size", &self.size)
             .finish()
     }
-}
-
-/// The result of opening a volume: the facts an engine needs to choose replicas.
-#[derive(Debug, Clone, Copy)]
-pub struct OpenInfo {
-    /// Volume size in bytes.
-    pub size: u64,
-    /// Stored epoch before this open.
-    pub previous_epoch: u64,
-    /// Highest write sequence known durable.
-    pub revision: u64,
-    /// Whether the last user closed it cleanly.
-    pub clean: bool,
 }
 
 fn io_err(volume: &str, op: &'static str, path: &Path, source: io::Error) -> StoreError {
@@ -227,132 +246,366 @@ fn io_err(volume: &str, op: &'static str, path: &Path, source: io::Error) -> Sto
     }
 }
 
-/// Replaces `path` with `contents` atomically: temp file, fsync, rename, fsync dir.
-fn write_atomic(dir: &Path, path: &Path, contents: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+fn layer_paths(dir: &Path, id: u64) -> (PathBuf, PathBuf) {
+    let l = dir.join("layers");
+    (l.join(format!("{id}.data")), l.join(format!("{id}.rec")))
+}
+
+fn rec_entry(crc: u32, state: u8) -> [u8; REC] {
+    let mut e = [0u8; REC];
+    e[..4].copy_from_slice(&crc.to_le_bytes());
+    e[4] = state;
+    e
 }
 
 impl Volume {
-    fn create(dir: PathBuf, name: &str, size: u64) -> Result<Volume, StoreError> {
-        if size == 0 || !size.is_multiple_of(u64::from(BLOCK_SIZE)) {
-            return Err(StoreError::Invalid {
-                volume: name.to_string(),
-                what: format!("size {size} is not a positive multiple of {BLOCK_SIZE}"),
-            });
-        }
-        let e = |op, p: &Path, s| io_err(name, op, p, s);
-        std::fs::create_dir_all(&dir).map_err(|s| e("creating the volume directory", &dir, s))?;
-        let data_path = dir.join("data");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&data_path)
-            .map_err(|s| e("creating the data file", &data_path, s))?;
-        file.set_len(HEADER_LEN + size)
-            .map_err(|s| e("sizing the data file", &data_path, s))?;
-        let header = Header {
-            counter: 1,
-            revision: 0,
-            clean: true,
-        };
-        let enc = header.encode();
-        file.write_all_at(&enc, 0)
-            .and_then(|_| file.write_all_at(&enc, 512))
-            .and_then(|_| file.sync_all())
-            .map_err(|s| e("writing the data header", &data_path, s))?;
-        // meta is written last: a directory without meta is an unfinished create.
-        let meta_path = dir.join("meta");
-        let meta = Meta { size, epoch: 0 };
-        write_atomic(&dir, &meta_path, meta.encode().as_bytes())
-            .map_err(|s| e("writing meta", &meta_path, s))?;
-        Ok(Volume {
-            name: name.to_string(),
-            dir,
-            data_path,
-            file,
-            size,
-            blocks: size / u64::from(BLOCK_SIZE),
-            epoch: AtomicU64::new(0),
-            meta_lock: Mutex::new(()),
-            header: Mutex::new(header),
-            poisoned: Mutex::new(None),
-        })
+    fn err(&self, op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+        let path = path.to_path_buf();
+        move |e| io_err(&self.name, op, &path, e)
     }
 
-    fn open(dir: PathBuf, name: &str) -> Result<Volume, StoreError> {
-        let e = |op, p: &Path, s| io_err(name, op, p, s);
-        let meta_path = dir.join("meta");
-        let text = match std::fs::read_to_string(&meta_path) {
-            Ok(t) => t,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::NotFound {
-                    volume: name.to_string(),
-                })
-            }
-            Err(err) => return Err(e("reading meta", &meta_path, err)),
-        };
-        let meta = Meta::decode(&text).map_err(|what| StoreError::Invalid {
-            volume: name.to_string(),
-            what: format!("{}: {what}", meta_path.display()),
-        })?;
-        let data_path = dir.join("data");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&data_path)
-            .map_err(|s| e("opening the data file", &data_path, s))?;
-        let mut raw = [0u8; 1024];
-        file.read_exact_at(&mut raw, 0)
-            .map_err(|s| e("reading the data header", &data_path, s))?;
-        let slots = [
-            Header::decode(&raw[..HEADER_SLOT_LEN]),
-            Header::decode(&raw[512..512 + HEADER_SLOT_LEN]),
-        ];
-        // A torn slot is skipped: the other one holds the previous, still true state.
-        let header = slots
-            .iter()
-            .flatten()
-            .max_by_key(|h| h.counter)
-            .copied()
-            .ok_or_else(|| StoreError::Invalid {
-                volume: name.to_string(),
-                what: format!("{}: both header slots are corrupt", data_path.display()),
-            })?;
-        let len = file
-            .metadata()
-            .map_err(|s| e("reading the data file size", &data_path, s))?
-            .len();
-        if len < HEADER_LEN + meta.size {
+    fn invalid(&self, what: String) -> StoreError {
+        StoreError::Invalid {
+            volume: self.name.clone(),
+            what,
+        }
+    }
+
+    fn create(
+        disk: Arc<dyn Disk>,
+        dir: PathBuf,
+        wal_path: PathBuf,
+        name: &str,
+        size: u64,
+        wal_size: u64,
+    ) -> Result<Volume, StoreError> {
+        if size == 0 || !size.is_multiple_of(BLOCK as u64) {
             return Err(StoreError::Invalid {
                 volume: name.to_string(),
-                what: format!(
-                    "{} is {len} bytes, shorter than the volume size {} plus header",
-                    data_path.display(),
-                    meta.size
-                ),
+                what: format!("size {size} is not a positive multiple of {BLOCK}"),
             });
         }
-        Ok(Volume {
+        let e = |op, p: &Path| {
+            let p = p.to_path_buf();
+            move |s| io_err(name, op, &p, s)
+        };
+        // Leftovers of an unfinished create must not leak into the new volume.
+        let (d, r) = layer_paths(&dir, 1);
+        for p in [&d, &r, &wal_path] {
+            disk.remove(p).map_err(e("removing leftovers", p))?;
+        }
+        disk.open(&d, true).map_err(e("creating a layer", &d))?;
+        disk.open(&r, true).map_err(e("creating a layer", &r))?;
+        let wal = disk
+            .open(&wal_path, true)
+            .map_err(e("creating the log", &wal_path))?;
+        wal.allocate(wal_size)
+            .map_err(e("allocating the log", &wal_path))?;
+        let header = WalHeader {
+            gen: 1,
+            revision: 0,
+        };
+        wal.write_at(&header.encode(), header.slot_offset())
+            .and_then(|_| wal.sync())
+            .map_err(e("writing the log header", &wal_path))?;
+        let meta = Meta {
+            format: META_FORMAT,
+            size,
+            block_size: BLOCK_SIZE,
+            epoch: 0,
+            clean: true,
+            head: 1,
+            next_layer: 2,
+            layers: vec![LayerMeta {
+                id: 1,
+                parent: None,
+                name: None,
+                frozen_at: None,
+            }],
+        };
+        // meta is written last: a directory without meta is an unfinished create.
+        let meta_path = dir.join("meta");
+        disk.replace(&meta_path, &meta_bytes(&meta))
+            .map_err(e("writing meta", &meta_path))?;
+        tracing::info!(volume = name, size, wal = %wal_path.display(), "created volume");
+        Self::open(disk, dir, wal_path, name, wal_size)
+    }
+
+    fn open(
+        disk: Arc<dyn Disk>,
+        dir: PathBuf,
+        wal_path: PathBuf,
+        name: &str,
+        wal_size: u64,
+    ) -> Result<Volume, StoreError> {
+        let started = Instant::now();
+        let meta_path = dir.join("meta");
+        let e = |op, p: &Path| {
+            let p = p.to_path_buf();
+            move |s| io_err(name, op, &p, s)
+        };
+        let invalid = |what: String| StoreError::Invalid {
+            volume: name.to_string(),
+            what,
+        };
+        let Some(raw) = disk
+            .read_file(&meta_path)
+            .map_err(e("reading meta", &meta_path))?
+        else {
+            return Err(StoreError::NotFound {
+                volume: name.to_string(),
+            });
+        };
+        let meta: Meta = serde_json::from_slice(&raw)
+            .map_err(|err| invalid(format!("{} is not valid: {err}", meta_path.display())))?;
+        if meta.format != META_FORMAT || meta.block_size != BLOCK_SIZE {
+            return Err(invalid(format!(
+                "{}: format {} / block size {} is not supported by this version",
+                meta_path.display(),
+                meta.format,
+                meta.block_size
+            )));
+        }
+        let blocks = meta.size / BLOCK as u64;
+        let mut layers = HashMap::new();
+        for l in &meta.layers {
+            let (dp, rp) = layer_paths(&dir, l.id);
+            let data = disk.open(&dp, false).map_err(e("opening a layer", &dp))?;
+            let rec = disk.open(&rp, false).map_err(e("opening a layer", &rp))?;
+            let present = scan_records(&*rec, blocks).map_err(e("reading block records", &rp))?;
+            layers.insert(l.id, Layer { data, rec, present });
+        }
+        let chain = chain_of(&meta, meta.head).map_err(invalid)?;
+        let wal = disk.open(&wal_path, false).map_err(|err| {
+            if err.kind() == io::ErrorKind::NotFound {
+                invalid(format!(
+                    "its write-ahead log is missing at {}; was the replica started with a different --wal-dir?",
+                    wal_path.display()
+                ))
+            } else {
+                io_err(name, "opening the log", &wal_path, err)
+            }
+        })?;
+        let mut slots = [0u8; 1024];
+        wal.read_at(&mut slots, 0)
+            .map_err(e("reading the log header", &wal_path))?;
+        let header = [
+            WalHeader::decode(&slots[..512]),
+            WalHeader::decode(&slots[512..]),
+        ]
+        .into_iter()
+        .flatten()
+        .max_by_key(|h| h.gen)
+        .ok_or_else(|| {
+            invalid(format!(
+                "{}: both log header slots are corrupt",
+                wal_path.display()
+            ))
+        })?;
+        let vol = Volume {
             name: name.to_string(),
             dir,
-            data_path,
-            file,
+            disk,
+            wal_path,
+            wal_size,
             size: meta.size,
-            blocks: meta.size / u64::from(BLOCK_SIZE),
+            blocks,
             epoch: AtomicU64::new(meta.epoch),
-            meta_lock: Mutex::new(()),
-            header: Mutex::new(header),
+            inner: RwLock::new(Inner {
+                meta,
+                layers,
+                chain,
+                wal,
+                header,
+                wal_off: RECORDS_START,
+                recent: ExtentMap::new(),
+                revision: header.revision,
+            }),
+            sync_lock: Mutex::new(()),
+            written: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
             poisoned: Mutex::new(None),
-        })
+        };
+        let (records, bytes) = vol.replay()?;
+        // A new generation: leftovers past the replayed prefix can never be replayed
+        // later, after newer records.
+        vol.checkpoint(&mut vol.inner.write())?;
+        tracing::info!(
+            volume = name,
+            records,
+            bytes,
+            revision = vol.inner.read().revision,
+            ms = started.elapsed().as_millis() as u64,
+            "volume recovered"
+        );
+        Ok(vol)
+    }
+
+    /// Rebuilds the recent-block map from the log's valid prefix.
+    fn replay(&self) -> Result<(usize, u64), StoreError> {
+        let mut inner = self.inner.write();
+        let gen = inner.header.gen;
+        let wal = inner.wal.clone();
+        let mut off = RECORDS_START;
+        let mut records = 0;
+        let rerr = self.err("replaying the log", &self.wal_path);
+        let mut hdr = [0u8; wal::RECORD_HEADER];
+        let mut failure = None;
+        loop {
+            if off + wal::RECORD_HEADER as u64 > self.wal_size {
+                break;
+            }
+            if let Err(err) = wal.read_at(&mut hdr, off) {
+                failure = Some(err);
+                break;
+            }
+            let Some(h) = wal::decode_header(&hdr, gen) else {
+                break;
+            };
+            if off + h.total_len() > self.wal_size
+                || h.block
+                    .checked_add(u64::from(h.count))
+                    .is_none_or(|e| e > self.blocks)
+            {
+                break;
+            }
+            let mut head = vec![0u8; wal::RECORD_HEADER + h.crcs_len()];
+            if let Err(err) = wal.read_at(&mut head, off) {
+                failure = Some(err);
+                break;
+            }
+            if !wal::verify_record(&head) {
+                break;
+            }
+            let end = h.block + u64::from(h.count);
+            let crc_off = off + wal::RECORD_HEADER as u64;
+            let data_off = crc_off + h.crcs_len() as u64;
+            if h.kind == RecordKind::Write {
+                // A torn payload marks the end of what was written before the crash.
+                let crcs = wal::block_crcs(&head[wal::RECORD_HEADER..]);
+                let mut data = vec![0u8; h.data_len()];
+                if let Err(err) = wal.read_at(&mut data, data_off) {
+                    failure = Some(err);
+                    break;
+                }
+                let intact = data
+                    .chunks_exact(BLOCK)
+                    .zip(&crcs)
+                    .all(|(b, &c)| crc32c::crc32c(b) == c);
+                if !intact {
+                    break;
+                }
+                inner
+                    .recent
+                    .insert(h.block, end, Recent::Data { data_off, crc_off });
+            } else {
+                inner.recent.insert(h.block, end, Recent::Zero);
+            }
+            inner.revision = inner.revision.max(h.seq);
+            off += h.total_len();
+            records += 1;
+        }
+        if let Some(err) = failure {
+            return Err(rerr(err));
+        }
+        inner.wal_off = off;
+        Ok((records, off - RECORDS_START))
+    }
+
+    /// Copies the log's blocks into the head layer, syncs it, and starts a new log
+    /// generation. Leaves everything as it was if any step fails.
+    fn checkpoint(&self, inner: &mut Inner) -> Result<(), StoreError> {
+        let head_id = inner.meta.head;
+        let (dp, rp) = layer_paths(&self.dir, head_id);
+        let wal = inner.wal.clone();
+        let extents: Vec<(u64, u64, Recent)> =
+            inner.recent.iter().map(|(s, e, v)| (s, e, *v)).collect();
+        let single = inner.chain.len() == 1;
+        let Some(head) = inner.layers.get_mut(&head_id) else {
+            return Err(self.invalid(format!("head layer {head_id} is not open")));
+        };
+        for (s, e, v) in extents {
+            match v {
+                Recent::Zero if single => {
+                    // Nothing below the head to hide: the blocks just become absent.
+                    head.data
+                        .punch(s * BLOCK as u64, (e - s) * BLOCK as u64)
+                        .and_then(|_| head.rec.punch(s * REC as u64, (e - s) * REC as u64))
+                        .map_err(self.err("punching a hole", &dp))?;
+                    head.present.remove(s, e);
+                    continue;
+                }
+                Recent::Zero => {
+                    head.data
+                        .punch(s * BLOCK as u64, (e - s) * BLOCK as u64)
+                        .map_err(self.err("punching a hole", &dp))?;
+                    let mut b = s;
+                    while b < e {
+                        let n = (e - b).min(1 << 17);
+                        let recs: Vec<u8> = (0..n).flat_map(|_| rec_entry(0, STATE_ZERO)).collect();
+                        head.rec
+                            .write_at(&recs, b * REC as u64)
+                            .map_err(self.err("writing block records", &rp))?;
+                        b += n;
+                    }
+                }
+                Recent::Data { .. } => {
+                    let mut b = s;
+                    while b < e {
+                        let n = (e - b).min(256);
+                        let Recent::Data { data_off, crc_off } = v.shift(b - s) else {
+                            break;
+                        };
+                        let mut crcs = vec![0u8; n as usize * 4];
+                        let mut data = vec![0u8; n as usize * BLOCK];
+                        wal.read_at(&mut crcs, crc_off)
+                            .and_then(|_| wal.read_at(&mut data, data_off))
+                            .map_err(self.err("reading the log", &self.wal_path))?;
+                        let recs: Vec<u8> = wal::block_crcs(&crcs)
+                            .into_iter()
+                            .flat_map(|c| rec_entry(c, STATE_DATA))
+                            .collect();
+                        head.data
+                            .write_at(&data, b * BLOCK as u64)
+                            .map_err(self.err("writing a layer", &dp))?;
+                        head.rec
+                            .write_at(&recs, b * REC as u64)
+                            .map_err(self.err("writing block records", &rp))?;
+                        b += n;
+                    }
+                }
+            }
+            head.present.insert(s, e, ());
+        }
+        let synced = head.data.sync().and_then(|_| head.rec.sync());
+        if let Err(err) = synced {
+            return Err(self.poison(format!("fdatasync of layer {head_id} failed: {err}")));
+        }
+        let next = WalHeader {
+            gen: inner.header.gen + 1,
+            revision: inner.revision,
+        };
+        let written = wal
+            .write_at(&next.encode(), next.slot_offset())
+            .and_then(|_| wal.sync());
+        if let Err(err) = written {
+            return Err(self.poison(format!("writing the log header failed: {err}")));
+        }
+        inner.header = next;
+        inner.recent.clear();
+        inner.wal_off = RECORDS_START;
+        self.synced
+            .store(self.written.load(Ordering::Acquire), Ordering::Release);
+        Ok(())
+    }
+
+    fn poison(&self, reason: String) -> StoreError {
+        tracing::error!(volume = %self.name, %reason, "replica poisoned: it refuses writes until rebuilt");
+        *self.poisoned.lock() = Some(reason.clone());
+        StoreError::Poisoned {
+            volume: self.name.clone(),
+            reason,
+        }
     }
 
     /// The volume's name.
@@ -370,15 +623,30 @@ impl Volume {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// The highest write sequence known durable, and the clean flag.
+    /// The highest write sequence applied, and whether the last user closed cleanly.
     pub fn revision(&self) -> (u64, bool) {
-        let h = self.header.lock();
-        (h.revision, h.clean)
+        let inner = self.inner.read();
+        (inner.revision, inner.meta.clean)
+    }
+
+    fn save_meta(
+        &self,
+        inner: &mut Inner,
+        change: impl FnOnce(&mut Meta),
+    ) -> Result<(), StoreError> {
+        let mut next = inner.meta.clone();
+        change(&mut next);
+        let path = self.dir.join("meta");
+        self.disk
+            .replace(&path, &meta_bytes(&next))
+            .map_err(self.err("writing meta", &path))?;
+        inner.meta = next;
+        Ok(())
     }
 
     /// Takes `epoch` for a new engine; refuses epochs that are not newer.
     pub fn take_epoch(&self, epoch: u64) -> Result<u64, StoreError> {
-        let _g = self.meta_lock.lock();
+        let mut inner = self.inner.write();
         let stored = self.epoch();
         if epoch <= stored {
             return Err(StoreError::Fenced {
@@ -387,13 +655,7 @@ impl Volume {
                 stored,
             });
         }
-        let meta_path = self.dir.join("meta");
-        let meta = Meta {
-            size: self.size,
-            epoch,
-        };
-        write_atomic(&self.dir, &meta_path, meta.encode().as_bytes())
-            .map_err(|s| io_err(&self.name, "writing meta", &meta_path, s))?;
+        self.save_meta(&mut inner, |m| m.epoch = epoch)?;
         self.epoch.store(epoch, Ordering::Release);
         Ok(stored)
     }
@@ -411,15 +673,24 @@ impl Volume {
         Ok(())
     }
 
-    fn check_range(&self, block: u64, count: u64) -> Result<(), StoreError> {
-        let end = block.checked_add(count);
-        match end {
-            Some(end) if count <= MAX_IO_BLOCKS && end <= self.blocks => Ok(()),
-            _ if count > MAX_IO_BLOCKS => Err(StoreError::Invalid {
-                volume: self.name.clone(),
-                what: format!("request of {count} blocks exceeds the limit of {MAX_IO_BLOCKS}"),
-            }),
-            _ => Err(StoreError::OutOfRange {
+    /// Records whether an engine has the volume open (false) or closed it cleanly.
+    pub fn set_clean(&self, clean: bool) -> Result<(), StoreError> {
+        let mut inner = self.inner.write();
+        if clean {
+            self.checkpoint(&mut inner)?;
+        }
+        self.save_meta(&mut inner, |m| m.clean = clean)
+    }
+
+    fn check_range(&self, block: u64, count: u64, limit: bool) -> Result<(), StoreError> {
+        if limit && count > MAX_IO_BLOCKS {
+            return Err(self.invalid(format!(
+                "request of {count} blocks exceeds the limit of {MAX_IO_BLOCKS}"
+            )));
+        }
+        match block.checked_add(count) {
+            Some(end) if end <= self.blocks && count > 0 => Ok(()),
+            end => Err(StoreError::OutOfRange {
                 volume: self.name.clone(),
                 start: block,
                 end: end.unwrap_or(u64::MAX),
@@ -438,169 +709,439 @@ impl Volume {
         }
     }
 
-    fn offset(block: u64) -> u64 {
-        HEADER_LEN + block * u64::from(BLOCK_SIZE)
-    }
-
-    /// Writes whole blocks starting at `block`.
-    pub fn write_blocks(&self, block: u64, data: &[u8]) -> Result<(), StoreError> {
-        let bs = u64::from(BLOCK_SIZE);
-        if data.is_empty() || !(data.len() as u64).is_multiple_of(bs) {
-            return Err(StoreError::Invalid {
-                volume: self.name.clone(),
-                what: format!(
-                    "write of {} bytes is not a whole number of blocks",
-                    data.len()
-                ),
-            });
+    /// Appends one record, checkpointing first if the log is full.
+    fn append(
+        &self,
+        inner: &mut Inner,
+        h: RecordHeader,
+        crcs: &[u32],
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        let len = h.total_len();
+        if inner.wal_off + len > self.wal_size {
+            self.checkpoint(inner)?;
         }
-        self.check_range(block, data.len() as u64 / bs)?;
-        self.check_writable()?;
-        self.file
-            .write_all_at(data, Self::offset(block))
-            .map_err(|s| io_err(&self.name, "writing blocks", &self.data_path, s))
-    }
-
-    /// Reads `count` whole blocks starting at `block`.
-    pub fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, StoreError> {
-        self.check_range(block, u64::from(count))?;
-        let len = count as usize * BLOCK_SIZE as usize;
-        let mut buf = BytesMut::zeroed(len);
-        self.file
-            .read_exact_at(&mut buf, Self::offset(block))
-            .map_err(|s| io_err(&self.name, "reading blocks", &self.data_path, s))?;
-        Ok(buf.freeze())
-    }
-
-    /// Deallocates whole blocks; they read back as zeroes.
-    pub fn zero_blocks(&self, block: u64, count: u64) -> Result<(), StoreError> {
-        self.check_range_unbounded(block, count)?;
-        self.check_writable()?;
-        let bs = u64::from(BLOCK_SIZE);
-        let punched = rustix::fs::fallocate(
-            &self.file,
-            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-            Self::offset(block),
-            count * bs,
-        );
-        match punched {
-            Ok(()) => Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP) => {
-                // Filesystems without hole punching get real zeroes.
-                let zeroes = vec![0u8; (MAX_IO_BLOCKS * bs) as usize];
-                let mut b = block;
-                while b < block + count {
-                    let n = (block + count - b).min(MAX_IO_BLOCKS);
-                    self.write_blocks(b, &zeroes[..(n * bs) as usize])?;
-                    b += n;
-                }
-                Ok(())
-            }
-            Err(errno) => Err(io_err(
-                &self.name,
-                "punching a hole",
-                &self.data_path,
-                io::Error::from_raw_os_error(errno.raw_os_error()),
-            )),
+        if inner.wal_off + len > self.wal_size {
+            return Err(self.invalid(format!(
+                "a record of {len} bytes does not fit the {} byte log",
+                self.wal_size
+            )));
         }
-    }
-
-    fn check_range_unbounded(&self, block: u64, count: u64) -> Result<(), StoreError> {
-        match block.checked_add(count) {
-            Some(end) if end <= self.blocks => Ok(()),
-            end => Err(StoreError::OutOfRange {
-                volume: self.name.clone(),
-                start: block,
-                end: end.unwrap_or(u64::MAX),
-                blocks: self.blocks,
-            }),
-        }
-    }
-
-    /// Makes every completed write durable, then records `revision` in the header.
-    ///
-    /// The header write is made durable by the next sync: the revision on disk never
-    /// claims more than what is durable.
-    pub fn sync(&self, revision: u64) -> Result<(), StoreError> {
-        self.check_writable()?;
-        if let Err(source) = rustix::fs::fdatasync(&self.file) {
-            let reason = format!("fdatasync of {} failed: {source}", self.data_path.display());
-            tracing::error!(volume = %self.name, %reason, "replica poisoned");
-            *self.poisoned.lock() = Some(reason.clone());
-            return Err(StoreError::Poisoned {
-                volume: self.name.clone(),
-                reason,
-            });
-        }
-        let mut h = self.header.lock();
-        if revision > h.revision {
-            let next = Header {
-                counter: h.counter + 1,
-                revision,
-                clean: false,
-            };
-            self.write_header(&next)?;
-            *h = next;
-        }
-        Ok(())
-    }
-
-    /// Sets the clean flag and makes it durable (with everything written before).
-    pub fn set_clean(&self, clean: bool) -> Result<(), StoreError> {
-        self.check_writable()?;
-        let mut h = self.header.lock();
-        let next = Header {
-            counter: h.counter + 1,
-            revision: h.revision,
-            clean,
+        let h = RecordHeader {
+            gen: inner.header.gen,
+            ..h
         };
-        self.write_header(&next)?;
-        rustix::fs::fdatasync(&self.file).map_err(|s| {
-            io_err(
-                &self.name,
-                "syncing the header",
-                &self.data_path,
-                io::Error::from_raw_os_error(s.raw_os_error()),
-            )
-        })?;
-        *h = next;
+        let head = wal::encode_record(&h, crcs);
+        let off = inner.wal_off;
+        let crc_off = off + wal::RECORD_HEADER as u64;
+        let data_off = crc_off + h.crcs_len() as u64;
+        let wrote = if data.len() <= 64 << 10 {
+            let mut one = head;
+            one.extend_from_slice(data);
+            inner.wal.write_at(&one, off)
+        } else {
+            inner
+                .wal
+                .write_at(&head, off)
+                .and_then(|_| inner.wal.write_at(data, data_off))
+        };
+        wrote.map_err(self.err("appending to the log", &self.wal_path))?;
+        let end = h.block + u64::from(h.count);
+        let v = match h.kind {
+            RecordKind::Write => Recent::Data { data_off, crc_off },
+            RecordKind::Zero => Recent::Zero,
+        };
+        inner.recent.insert(h.block, end, v);
+        inner.wal_off += len;
+        inner.revision = inner.revision.max(h.seq);
+        self.written.fetch_add(len, Ordering::AcqRel);
         Ok(())
     }
 
-    fn write_header(&self, h: &Header) -> Result<(), StoreError> {
-        // Alternate slots so a torn header write leaves the other slot intact.
-        let slot = if h.counter.is_multiple_of(2) { 0 } else { 512 };
-        self.file
-            .write_all_at(&h.encode(), slot)
-            .map_err(|s| io_err(&self.name, "writing the header", &self.data_path, s))
+    /// Writes whole blocks starting at `block` as write sequence `seq`.
+    pub fn write_blocks(&self, seq: u64, block: u64, data: &[u8]) -> Result<(), StoreError> {
+        if data.is_empty() || !data.len().is_multiple_of(BLOCK) {
+            return Err(self.invalid(format!(
+                "write of {} bytes is not a whole number of blocks",
+                data.len()
+            )));
+        }
+        let count = (data.len() / BLOCK) as u64;
+        self.check_range(block, count, true)?;
+        self.check_writable()?;
+        let crcs: Vec<u32> = data.chunks_exact(BLOCK).map(crc32c::crc32c).collect();
+        // Big writes go in pieces that fit a quarter of the log.
+        let per = ((self.wal_size / 4) / (BLOCK as u64 + 4)).max(1);
+        let mut inner = self.inner.write();
+        let mut b = 0;
+        while b < count {
+            let n = per.min(count - b);
+            let h = RecordHeader {
+                kind: RecordKind::Write,
+                gen: 0,
+                seq,
+                block: block + b,
+                count: n as u32,
+            };
+            let bytes = &data[(b as usize * BLOCK)..((b + n) as usize * BLOCK)];
+            self.append(&mut inner, h, &crcs[b as usize..(b + n) as usize], bytes)?;
+            b += n;
+        }
+        Ok(())
     }
+
+    /// Deallocates whole blocks as write sequence `seq`; they read back as zeroes.
+    pub fn zero_blocks(&self, seq: u64, block: u64, count: u64) -> Result<(), StoreError> {
+        self.check_range(block, count, false)?;
+        self.check_writable()?;
+        let mut inner = self.inner.write();
+        let mut b = 0;
+        while b < count {
+            let n = (count - b).min(u64::from(u32::MAX));
+            let h = RecordHeader {
+                kind: RecordKind::Zero,
+                gen: 0,
+                seq,
+                block: block + b,
+                count: n as u32,
+            };
+            self.append(&mut inner, h, &[], &[])?;
+            b += n;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable: one fdatasync of the log, shared by all
+    /// flushes that arrive while it runs (group commit).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let target = self.written.load(Ordering::Acquire);
+        let _g = self.sync_lock.lock();
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let (wal, upto) = {
+            let inner = self.inner.read();
+            (inner.wal.clone(), self.written.load(Ordering::Acquire))
+        };
+        if let Err(err) = wal.sync() {
+            return Err(self.poison(format!(
+                "fdatasync of {} failed: {err}",
+                self.wal_path.display()
+            )));
+        }
+        self.synced.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Reads `count` whole blocks starting at `block`, verifying every checksum.
+    pub fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, StoreError> {
+        self.check_range(block, u64::from(count), true)?;
+        let inner = self.inner.read();
+        let chain = inner.chain.clone();
+        self.read_chain(&inner, &chain, block, count)
+    }
+
+    fn read_chain(
+        &self,
+        inner: &Inner,
+        chain: &[u64],
+        block: u64,
+        count: u32,
+    ) -> Result<Bytes, StoreError> {
+        let end = block + u64::from(count);
+        let mut out = BytesMut::zeroed(count as usize * BLOCK);
+        let with_log = chain.first() == Some(&inner.meta.head);
+        let mut p = block;
+        while p < end {
+            let (src, run_end) = source(inner, chain, with_log, p, end);
+            let n = (run_end - p) as usize;
+            let at = (p - block) as usize * BLOCK;
+            let buf = &mut out[at..at + n * BLOCK];
+            match src {
+                Source::Zeros | Source::Log(Recent::Zero) => {}
+                Source::Log(Recent::Data { data_off, crc_off }) => {
+                    let mut crcs = vec![0u8; n * 4];
+                    inner
+                        .wal
+                        .read_at(&mut crcs, crc_off)
+                        .and_then(|_| inner.wal.read_at(buf, data_off))
+                        .map_err(self.err("reading the log", &self.wal_path))?;
+                    for (i, c) in wal::block_crcs(&crcs).into_iter().enumerate() {
+                        if crc32c::crc32c(&buf[i * BLOCK..(i + 1) * BLOCK]) != c {
+                            return Err(self.checksum(p + i as u64, "the write-ahead log".into()));
+                        }
+                    }
+                }
+                Source::Layer(id) => {
+                    let (dp, rp) = layer_paths(&self.dir, id);
+                    let Some(layer) = inner.layers.get(&id) else {
+                        return Err(self.invalid(format!("layer {id} is not open")));
+                    };
+                    let mut recs = vec![0u8; n * REC];
+                    layer
+                        .rec
+                        .read_at(&mut recs, p * REC as u64)
+                        .map_err(self.err("reading block records", &rp))?;
+                    layer
+                        .data
+                        .read_at(buf, p * BLOCK as u64)
+                        .map_err(self.err("reading a layer", &dp))?;
+                    for (i, r) in recs.chunks_exact(REC).enumerate() {
+                        let blk = &mut buf[i * BLOCK..(i + 1) * BLOCK];
+                        let crc = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+                        match r[4] {
+                            STATE_ZERO => blk.fill(0),
+                            STATE_DATA if crc32c::crc32c(blk) == crc => {}
+                            _ => {
+                                return Err(self.checksum(
+                                    p + i as u64,
+                                    format!("layer file {}", dp.display()),
+                                ))
+                            }
+                        }
+                    }
+                }
+            }
+            p = run_end;
+        }
+        Ok(out.freeze())
+    }
+
+    fn checksum(&self, block: u64, place: String) -> StoreError {
+        tracing::error!(volume = %self.name, block, %place, "checksum mismatch: block not returned");
+        StoreError::Checksum {
+            volume: self.name.clone(),
+            block,
+            place,
+        }
+    }
+
+    /// Freezes the head as snapshot `name` and starts a new empty head.
+    pub fn snapshot(&self, name: &str) -> Result<(), StoreError> {
+        validate_name(name).map_err(|_| {
+            self.invalid(format!(
+                "snapshot name {name:?} is not valid: use 1-64 characters from A-Z a-z 0-9 . _ -"
+            ))
+        })?;
+        self.check_writable()?;
+        let mut inner = self.inner.write();
+        if inner
+            .meta
+            .layers
+            .iter()
+            .any(|l| l.name.as_deref() == Some(name))
+        {
+            return Err(self.invalid(format!("a snapshot named {name} already exists")));
+        }
+        self.checkpoint(&mut inner)?;
+        let id = inner.meta.next_layer;
+        let old = inner.meta.head;
+        let (dp, rp) = layer_paths(&self.dir, id);
+        let data = self
+            .disk
+            .open(&dp, true)
+            .map_err(self.err("creating a layer", &dp))?;
+        let rec = self
+            .disk
+            .open(&rp, true)
+            .map_err(self.err("creating a layer", &rp))?;
+        let seq = inner.revision;
+        self.save_meta(&mut inner, |m| {
+            for l in m.layers.iter_mut().filter(|l| l.id == old) {
+                l.name = Some(name.to_string());
+                l.frozen_at = Some(seq);
+            }
+            m.layers.push(LayerMeta {
+                id,
+                parent: Some(old),
+                name: None,
+                frozen_at: None,
+            });
+            m.head = id;
+            m.next_layer = id + 1;
+        })?;
+        inner.layers.insert(
+            id,
+            Layer {
+                data,
+                rec,
+                present: ExtentMap::new(),
+            },
+        );
+        inner.chain.insert(0, id);
+        tracing::info!(volume = %self.name, snapshot = name, seq, "snapshot created");
+        Ok(())
+    }
+
+    /// Snapshots, oldest first.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let inner = self.inner.read();
+        inner
+            .meta
+            .layers
+            .iter()
+            .filter_map(|l| {
+                let name = l.name.clone()?;
+                let allocated = inner.layers.get(&l.id).map_or(0, |x| {
+                    x.data.allocated().unwrap_or(0) + x.rec.allocated().unwrap_or(0)
+                });
+                Some(SnapshotInfo {
+                    name,
+                    seq: l.frozen_at.unwrap_or(0),
+                    allocated,
+                })
+            })
+            .collect()
+    }
+
+    /// Reads blocks as they were in snapshot `name`.
+    pub fn read_snapshot(&self, name: &str, block: u64, count: u32) -> Result<Bytes, StoreError> {
+        self.check_range(block, u64::from(count), true)?;
+        let inner = self.inner.read();
+        let Some(l) = inner
+            .meta
+            .layers
+            .iter()
+            .find(|l| l.name.as_deref() == Some(name))
+        else {
+            return Err(self.invalid(format!("no snapshot named {name}")));
+        };
+        let chain = chain_of(&inner.meta, l.id).map_err(|w| self.invalid(w))?;
+        self.read_chain(&inner, &chain, block, count)
+    }
+
+    /// Bytes on disk: the head layer, and the log.
+    pub fn allocated(&self) -> (u64, u64) {
+        let inner = self.inner.read();
+        let head = inner.layers.get(&inner.meta.head).map_or(0, |x| {
+            x.data.allocated().unwrap_or(0) + x.rec.allocated().unwrap_or(0)
+        });
+        (head, inner.wal.allocated().unwrap_or(0))
+    }
+}
+
+fn meta_bytes(m: &Meta) -> Vec<u8> {
+    let mut v = serde_json::to_vec_pretty(m).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+/// The read path from layer `id`: it, then its ancestors.
+fn chain_of(meta: &Meta, id: u64) -> Result<Vec<u64>, String> {
+    let mut chain = Vec::new();
+    let mut cur = Some(id);
+    while let Some(c) = cur {
+        if chain.contains(&c) || chain.len() > meta.layers.len() {
+            return Err(format!("layer {c} is part of a cycle in meta"));
+        }
+        let Some(l) = meta.layers.iter().find(|l| l.id == c) else {
+            return Err(format!("layer {c} is named in meta but not described"));
+        };
+        chain.push(c);
+        cur = l.parent;
+    }
+    Ok(chain)
+}
+
+/// Where block `p` comes from on `chain`, and how far that source runs (< `end`).
+fn source(inner: &Inner, chain: &[u64], with_log: bool, p: u64, end: u64) -> (Source, u64) {
+    let mut bound = end;
+    if with_log {
+        if let Some((v, e)) = inner.recent.get(p) {
+            return (Source::Log(v), e.min(end));
+        }
+        if let Some(ns) = inner.recent.next_start(p) {
+            bound = bound.min(ns);
+        }
+    }
+    for id in chain {
+        let Some(layer) = inner.layers.get(id) else {
+            continue;
+        };
+        if let Some(((), e)) = layer.present.get(p) {
+            return (Source::Layer(*id), e.min(bound));
+        }
+        if let Some(ns) = layer.present.next_start(p) {
+            bound = bound.min(ns);
+        }
+    }
+    (Source::Zeros, bound)
+}
+
+/// Builds a layer's present-block map from its record file.
+fn scan_records(rec: &dyn DiskFile, blocks: u64) -> io::Result<ExtentMap<()>> {
+    let mut present = ExtentMap::new();
+    let len = rec.len()?.min(blocks * REC as u64);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    let mut run: Option<u64> = None;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        rec.read_at(&mut buf[..n], off)?;
+        for (i, e) in buf[..n].chunks_exact(REC).enumerate() {
+            let b = off / REC as u64 + i as u64;
+            // Anything but an all-zero entry counts as present, so a damaged entry
+            // fails its checksum instead of silently showing an older layer.
+            let here = e.iter().any(|&x| x != 0);
+            match (here, run) {
+                (true, None) => run = Some(b),
+                (false, Some(s)) => {
+                    present.insert(s, b, ());
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        off += n as u64;
+    }
+    if let Some(s) = run {
+        present.insert(s, len / REC as u64, ());
+    }
+    Ok(present)
 }
 
 /// All volumes held by one replica daemon under its data directory.
 pub struct VolumeSet {
     root: PathBuf,
+    disk: Arc<dyn Disk>,
+    opts: StoreOptions,
     open: Mutex<HashMap<String, Arc<Volume>>>,
 }
 
 impl VolumeSet {
     /// Uses `data_dir` (created if missing) as the daemon's data directory.
-    pub fn new(data_dir: &Path) -> io::Result<VolumeSet> {
+    pub fn new(data_dir: &Path, disk: Arc<dyn Disk>, opts: StoreOptions) -> io::Result<VolumeSet> {
         let root = data_dir.join("volumes");
-        std::fs::create_dir_all(&root)?;
         Ok(VolumeSet {
             root,
+            disk,
+            opts,
             open: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Returns the open volume `name`, opening it from disk if needed.
+    fn wal_path(&self, name: &str) -> PathBuf {
+        match &self.opts.wal_dir {
+            Some(w) => w.join(format!("{name}.wal")),
+            None => self.root.join(name).join("wal"),
+        }
+    }
+
+    /// Returns the open volume `name`, opening (and recovering) it from disk if needed.
     pub fn get(&self, name: &str) -> Result<Arc<Volume>, StoreError> {
         validate_name(name)?;
         let mut open = self.open.lock();
         if let Some(v) = open.get(name) {
             return Ok(v.clone());
         }
-        let v = Arc::new(Volume::open(self.root.join(name), name)?);
+        let v = Arc::new(Volume::open(
+            self.disk.clone(),
+            self.root.join(name),
+            self.wal_path(name),
+            name,
+            self.opts.wal_size,
+        )?);
         open.insert(name.to_string(), v.clone());
         Ok(v)
     }
@@ -614,9 +1155,15 @@ impl VolumeSet {
                 if let Some(v) = open.get(name) {
                     return Ok((v.clone(), false));
                 }
-                let v = Arc::new(Volume::create(self.root.join(name), name, size)?);
+                let v = Arc::new(Volume::create(
+                    self.disk.clone(),
+                    self.root.join(name),
+                    self.wal_path(name),
+                    name,
+                    size,
+                    self.opts.wal_size,
+                )?);
                 open.insert(name.to_string(), v.clone());
-                tracing::info!(volume = name, size, "created volume");
                 Ok((v, true))
             }
             Err(e) => Err(e),
@@ -626,109 +1173,20 @@ impl VolumeSet {
     /// Names of all volumes on disk.
     pub fn names(&self) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
-        for entry in std::fs::read_dir(&self.root)? {
-            let entry = entry?;
-            if entry.path().join("meta").exists() {
-                if let Some(n) = entry.file_name().to_str() {
-                    names.push(n.to_string());
-                }
+        for n in self.disk.list(&self.root)? {
+            if self
+                .disk
+                .read_file(&self.root.join(&n).join("meta"))?
+                .is_some()
+            {
+                names.push(n);
             }
         }
-        names.sort();
         Ok(names)
     }
 
     /// Volumes that are open right now.
     pub fn open_volumes(&self) -> Vec<Arc<Volume>> {
         self.open.lock().values().cloned().collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn create_write_reopen_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let set = VolumeSet::new(dir.path()).unwrap();
-        let (v, created) = set.get_or_create("v1", 1 << 20).unwrap();
-        assert!(created);
-        v.write_blocks(3, &[7u8; 8192]).unwrap();
-        v.sync(42).unwrap();
-        v.set_clean(true).unwrap();
-        drop(v);
-        drop(set);
-        let set = VolumeSet::new(dir.path()).unwrap();
-        let v = set.get("v1").unwrap();
-        assert_eq!(v.read_blocks(3, 2).unwrap(), Bytes::from(vec![7u8; 8192]));
-        assert_eq!(v.read_blocks(0, 1).unwrap(), Bytes::from(vec![0u8; 4096]));
-        assert_eq!(v.revision(), (42, true));
-    }
-
-    #[test]
-    fn rejects_bad_input() {
-        let dir = tempfile::tempdir().unwrap();
-        let set = VolumeSet::new(dir.path()).unwrap();
-        assert!(matches!(set.get("../x"), Err(StoreError::BadName { .. })));
-        assert!(matches!(set.get("nope"), Err(StoreError::NotFound { .. })));
-        let (v, _) = set.get_or_create("v", 4096 * 4).unwrap();
-        assert!(matches!(
-            v.write_blocks(4, &[0u8; 4096]),
-            Err(StoreError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            v.write_blocks(0, &[0u8; 100]),
-            Err(StoreError::Invalid { .. })
-        ));
-        assert!(matches!(
-            v.read_blocks(u64::MAX, 2),
-            Err(StoreError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            v.zero_blocks(2, 3),
-            Err(StoreError::OutOfRange { .. })
-        ));
-    }
-
-    #[test]
-    fn epochs_only_move_forward() {
-        let dir = tempfile::tempdir().unwrap();
-        let set = VolumeSet::new(dir.path()).unwrap();
-        let (v, _) = set.get_or_create("v", 4096).unwrap();
-        assert_eq!(v.take_epoch(3).unwrap(), 0);
-        assert!(matches!(v.take_epoch(3), Err(StoreError::Fenced { .. })));
-        assert!(v.check_epoch(2).is_err());
-        assert!(v.check_epoch(3).is_ok());
-    }
-
-    #[test]
-    fn torn_header_slot_falls_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let set = VolumeSet::new(dir.path()).unwrap();
-        let (v, _) = set.get_or_create("v", 4096).unwrap();
-        v.sync(5).unwrap();
-        v.sync(9).unwrap();
-        drop(v);
-        drop(set);
-        // Corrupt the newest slot (counter 3 lives in slot 512).
-        let path = dir.path().join("volumes/v/data");
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xff; 8], 512 + 10).unwrap();
-        let set = VolumeSet::new(dir.path()).unwrap();
-        assert_eq!(set.get("v").unwrap().revision().0, 5);
-    }
-
-    #[test]
-    fn zero_blocks_reads_back_zeroes() {
-        let dir = tempfile::tempdir().unwrap();
-        let set = VolumeSet::new(dir.path()).unwrap();
-        let (v, _) = set.get_or_create("v", 4096 * 8).unwrap();
-        v.write_blocks(0, &[1u8; 4096 * 8]).unwrap();
-        v.zero_blocks(2, 3).unwrap();
-        let all = v.read_blocks(0, 8).unwrap();
-        assert!(all[..8192].iter().all(|&b| b == 1));
-        assert!(all[8192..20480].iter().all(|&b| b == 0));
-        assert!(all[20480..].iter().all(|&b| b == 1));
     }
 }

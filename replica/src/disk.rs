@@ -1,0 +1,188 @@
+//! The store's only door to the disk: a handful of file operations, each with the
+//! contract the store relies on. `OsDisk` is the real thing; the crash harness in
+//! `sim` keeps unsynced writes apart and can lose or tear them.
+//!
+//! Contracts:
+//! - `write_at` may be lost or torn (at 512-byte granularity) until `sync` returns.
+//! - `sync` makes every completed `write_at`, `punch` and `set_len` on that file durable.
+//! - `read_at` sees every completed write, durable or not; bytes past the end read as 0.
+//! - `replace` atomically swaps a small file's contents, durably (temp, fsync, rename,
+//!   fsync dir); after a crash the file holds the old or the new contents.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write as _};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// An open file of the store.
+#[allow(clippy::len_without_is_empty)]
+pub trait DiskFile: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `off`; bytes past the end of the file are zero.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `off`, growing the file if needed.
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Deallocates `[off, off+len)`; it reads back as zeroes.
+    fn punch(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Makes all completed changes durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Bytes actually allocated on disk (for space accounting).
+    fn allocated(&self) -> io::Result<u64>;
+    /// Reserves `len` bytes from offset 0, so later writes there cannot run out of space.
+    fn allocate(&self, len: u64) -> io::Result<()>;
+}
+
+/// The filesystem the store lives on.
+pub trait Disk: Send + Sync {
+    /// Opens `path`, creating it (and its directory) when `create` is set.
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DiskFile>>;
+    /// Reads a whole small file; `None` if it does not exist.
+    fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>>;
+    /// Atomically and durably replaces a small file.
+    fn replace(&self, path: &Path, contents: &[u8]) -> io::Result<()>;
+    /// Removes a file if it exists.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Names of the entries of a directory (empty if it does not exist).
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+}
+
+/// The real filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsDisk;
+
+struct OsFile(File);
+
+fn errno(e: rustix::io::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+impl DiskFile for OsFile {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.0.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, off)
+    }
+
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::FallocateFlags as F;
+        match rustix::fs::fallocate(&self.0, F::PUNCH_HOLE | F::KEEP_SIZE, off, len) {
+            Ok(()) => Ok(()),
+            // Filesystems without hole punching get real zeroes.
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                let zeroes = vec![0u8; 1 << 20];
+                let mut at = off;
+                while at < off + len {
+                    let n = (off + len - at).min(zeroes.len() as u64);
+                    self.0.write_all_at(&zeroes[..n as usize], at)?;
+                    at += n;
+                }
+                Ok(())
+            }
+            Err(e) => Err(errno(e)),
+        }
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        rustix::fs::fdatasync(&self.0).map_err(errno)
+    }
+
+    fn allocated(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.0.metadata()?.blocks() * 512)
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        match rustix::fs::fallocate(&self.0, rustix::fs::FallocateFlags::empty(), 0, len) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => self.0.set_len(len.max(self.len()?)),
+            Err(e) => Err(errno(e)),
+        }
+    }
+}
+
+impl Disk for OsDisk {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DiskFile>> {
+        if create {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(path)?;
+        if create {
+            // A new file's directory entry must survive a crash like its data.
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+        }
+        Ok(Arc::new(OsFile(f)))
+    }
+
+    fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        match std::fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn replace(&self, path: &Path, contents: &[u8]) -> io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(contents)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let rd = match std::fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut names = Vec::new();
+        for e in rd {
+            if let Some(n) = e?.file_name().to_str() {
+                names.push(n.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}

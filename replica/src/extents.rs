@@ -1,0 +1,142 @@
+//! A map from block ranges to values, kept as non-overlapping extents, so memory
+//! follows how fragmented the writes are, not how big the volume is.
+
+use std::collections::BTreeMap;
+
+/// A value that can describe a sub-range of its extent.
+pub trait Shift: Clone {
+    /// The value for the part of the extent that starts `by` blocks later.
+    fn shift(&self, by: u64) -> Self;
+}
+
+impl Shift for () {
+    fn shift(&self, _by: u64) -> Self {}
+}
+
+/// Non-overlapping `[start, end)` extents, each with a value.
+#[derive(Debug, Clone, Default)]
+pub struct ExtentMap<V> {
+    map: BTreeMap<u64, (u64, V)>,
+}
+
+impl<V: Shift> ExtentMap<V> {
+    /// An empty map.
+    pub fn new() -> Self {
+        ExtentMap {
+            map: BTreeMap::new(),
+        }
+    }
+
+    /// Number of extents (the memory cost).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no block is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Removes all extents.
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    /// Unmaps `[start, end)`, splitting extents that straddle its edges.
+    pub fn remove(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        // An extent beginning before `start` may reach into the range.
+        if let Some((&s, &(e, ref v))) = self.map.range(..start).next_back() {
+            if e > start {
+                let v = v.clone();
+                self.map.insert(s, (start, v.clone()));
+                if e > end {
+                    self.map.insert(end, (e, v.shift(end - s)));
+                }
+            }
+        }
+        let inside: Vec<u64> = self.map.range(start..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            if let Some((e, v)) = self.map.remove(&s) {
+                if e > end {
+                    self.map.insert(end, (e, v.shift(end - s)));
+                }
+            }
+        }
+    }
+
+    /// Maps `[start, end)` to `v` (for `start`; later blocks get `v.shift(i)`).
+    pub fn insert(&mut self, start: u64, end: u64, v: V) {
+        if start >= end {
+            return;
+        }
+        self.remove(start, end);
+        self.map.insert(start, (end, v));
+    }
+
+    /// The extent covering `block`, as (value for `block`, end of the extent).
+    pub fn get(&self, block: u64) -> Option<(V, u64)> {
+        let (&s, &(e, ref v)) = self.map.range(..=block).next_back()?;
+        (e > block).then(|| (v.shift(block - s), e))
+    }
+
+    /// The first extent start after `block`, if any.
+    pub fn next_start(&self, block: u64) -> Option<u64> {
+        self.map.range(block + 1..).next().map(|(&s, _)| s)
+    }
+
+    /// All extents in order, as (start, end, value).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64, &V)> {
+        self.map.iter().map(|(&s, (e, v))| (s, *e, v))
+    }
+
+    /// Number of blocks mapped.
+    pub fn blocks(&self) -> u64 {
+        self.map.iter().map(|(s, (e, _))| e - s).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq)]
+    struct Off(u64);
+    impl Shift for Off {
+        fn shift(&self, by: u64) -> Self {
+            Off(self.0 + by)
+        }
+    }
+
+    proptest! {
+        /// The extent map agrees with a plain per-block array.
+        #[test]
+        fn matches_a_flat_model(ops in proptest::collection::vec((any::<bool>(), 0u64..64, 1u64..16, 0u64..1000), 1..60)) {
+            let mut m = ExtentMap::new();
+            let mut flat: Vec<Option<u64>> = vec![None; 80];
+            for (ins, start, len, base) in ops {
+                let end = start + len;
+                if ins {
+                    m.insert(start, end, Off(base));
+                    for b in start..end { flat[b as usize] = Some(base + b - start); }
+                } else {
+                    m.remove(start, end);
+                    for b in start..end { flat[b as usize] = None; }
+                }
+            }
+            for (b, want) in flat.iter().enumerate() {
+                prop_assert_eq!(m.get(b as u64).map(|(v, _)| v.0), *want);
+            }
+            let mapped = flat.iter().filter(|x| x.is_some()).count() as u64;
+            prop_assert_eq!(m.blocks(), mapped);
+            let mut last_end = 0;
+            for (s, e, _) in m.iter() {
+                prop_assert!(s >= last_end && e > s);
+                last_end = e;
+            }
+        }
+    }
+}

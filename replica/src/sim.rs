@@ -1,0 +1,266 @@
+//! A simulated disk for crash tests: it keeps what was synced apart from what was
+//! only written, and on `crash` keeps any subset of the unsynced changes, tearing one
+//! write at 512-byte granularity, as a power cut may.
+//!
+//! Simplification: creating, replacing and removing files is durable at once (the
+//! real store fsyncs the directory for each of them).
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::disk::{Disk, DiskFile};
+
+#[derive(Clone, Debug)]
+enum Change {
+    Write(u64, Vec<u8>),
+    Punch(u64, u64),
+}
+
+#[derive(Default)]
+struct SimFileState {
+    durable: Vec<u8>,
+    live: Vec<u8>,
+    pending: Vec<Change>,
+}
+
+fn apply(buf: &mut Vec<u8>, c: &Change) {
+    match c {
+        Change::Write(off, data) => {
+            let end = *off as usize + data.len();
+            if buf.len() < end {
+                buf.resize(end, 0);
+            }
+            buf[*off as usize..end].copy_from_slice(data);
+        }
+        Change::Punch(off, len) => {
+            let s = (*off as usize).min(buf.len());
+            let e = (*off as usize + *len as usize).min(buf.len());
+            buf[s..e].fill(0);
+        }
+    }
+}
+
+#[derive(Default)]
+struct SimState {
+    files: HashMap<PathBuf, SimFileState>,
+    fail_syncs: bool,
+    /// Writes fail with ENOSPC once live bytes exceed this.
+    capacity: Option<u64>,
+}
+
+/// A simulated disk; clones share the same state.
+#[derive(Clone, Default)]
+pub struct SimDisk {
+    state: Arc<Mutex<SimState>>,
+}
+
+struct SimFile {
+    path: PathBuf,
+    state: Arc<Mutex<SimState>>,
+}
+
+impl SimDisk {
+    /// An empty disk.
+    pub fn new() -> SimDisk {
+        SimDisk::default()
+    }
+
+    /// Loses power: each unsynced change survives or not as `pick` says, and a write
+    /// `pick` chooses to tear keeps only the 512-byte sectors `pick` allows.
+    pub fn crash(&self, mut pick: impl FnMut() -> bool) {
+        let mut st = self.state.lock();
+        for f in st.files.values_mut() {
+            let pending = std::mem::take(&mut f.pending);
+            for c in pending {
+                match c {
+                    Change::Write(off, data) if data.len() > 512 && pick() => {
+                        // Torn: some sectors made it, some did not.
+                        for (i, sector) in data.chunks(512).enumerate() {
+                            if pick() {
+                                apply(
+                                    &mut f.durable,
+                                    &Change::Write(off + i as u64 * 512, sector.to_vec()),
+                                );
+                            }
+                        }
+                    }
+                    c => {
+                        if pick() {
+                            apply(&mut f.durable, &c);
+                        }
+                    }
+                }
+            }
+            f.live = f.durable.clone();
+        }
+    }
+
+    /// Makes every later sync fail (as a dying disk does).
+    pub fn fail_syncs(&self, fail: bool) {
+        self.state.lock().fail_syncs = fail;
+    }
+
+    /// Limits the bytes the disk holds; writes past it fail with ENOSPC.
+    pub fn set_capacity(&self, bytes: Option<u64>) {
+        self.state.lock().capacity = bytes;
+    }
+
+    /// A file's current contents (for tests that look for bytes on disk).
+    pub fn read_file_for_test(&self, path: &Path) -> Vec<u8> {
+        self.state
+            .lock()
+            .files
+            .get(path)
+            .map(|f| f.live.clone())
+            .unwrap_or_default()
+    }
+
+    /// Flips one byte of a file (bit rot).
+    pub fn corrupt(&self, path: &Path, off: u64) {
+        let mut st = self.state.lock();
+        if let Some(f) = st.files.get_mut(path) {
+            for b in [&mut f.live, &mut f.durable] {
+                if let Some(x) = b.get_mut(off as usize) {
+                    *x ^= 0x5a;
+                }
+            }
+        }
+    }
+}
+
+impl DiskFile for SimFile {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let st = self.state.lock();
+        let f = st.files.get(&self.path).ok_or(io::ErrorKind::NotFound)?;
+        buf.fill(0);
+        let s = (off as usize).min(f.live.len());
+        let e = (off as usize + buf.len()).min(f.live.len());
+        buf[..e - s].copy_from_slice(&f.live[s..e]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let mut st = self.state.lock();
+        let total: u64 = st.files.values().map(|f| f.live.len() as u64).sum();
+        let cap = st.capacity;
+        let f = st
+            .files
+            .get_mut(&self.path)
+            .ok_or(io::ErrorKind::NotFound)?;
+        let growth = (off + buf.len() as u64).saturating_sub(f.live.len() as u64);
+        if cap.is_some_and(|c| total + growth > c) {
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        let c = Change::Write(off, buf.to_vec());
+        apply(&mut f.live, &c);
+        f.pending.push(c);
+        Ok(())
+    }
+
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        let mut st = self.state.lock();
+        let f = st
+            .files
+            .get_mut(&self.path)
+            .ok_or(io::ErrorKind::NotFound)?;
+        let c = Change::Punch(off, len);
+        apply(&mut f.live, &c);
+        f.pending.push(c);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        let st = self.state.lock();
+        Ok(st.files.get(&self.path).map_or(0, |f| f.live.len() as u64))
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        let mut st = self.state.lock();
+        if st.fail_syncs {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        let f = st
+            .files
+            .get_mut(&self.path)
+            .ok_or(io::ErrorKind::NotFound)?;
+        f.durable = f.live.clone();
+        f.pending.clear();
+        Ok(())
+    }
+
+    fn allocated(&self) -> io::Result<u64> {
+        self.len()
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let mut st = self.state.lock();
+        let f = st
+            .files
+            .get_mut(&self.path)
+            .ok_or(io::ErrorKind::NotFound)?;
+        if f.live.len() < len as usize {
+            f.live.resize(len as usize, 0);
+            f.durable.resize(len as usize, 0);
+        }
+        Ok(())
+    }
+}
+
+impl Disk for SimDisk {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DiskFile>> {
+        let mut st = self.state.lock();
+        if !st.files.contains_key(path) {
+            if !create {
+                return Err(io::ErrorKind::NotFound.into());
+            }
+            st.files.insert(path.to_path_buf(), SimFileState::default());
+        }
+        Ok(Arc::new(SimFile {
+            path: path.to_path_buf(),
+            state: self.state.clone(),
+        }))
+    }
+
+    fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.state.lock().files.get(path).map(|f| f.live.clone()))
+    }
+
+    fn replace(&self, path: &Path, contents: &[u8]) -> io::Result<()> {
+        let mut st = self.state.lock();
+        if st.fail_syncs {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        st.files.insert(
+            path.to_path_buf(),
+            SimFileState {
+                durable: contents.to_vec(),
+                live: contents.to_vec(),
+                pending: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.state.lock().files.remove(path);
+        Ok(())
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let st = self.state.lock();
+        let mut names: Vec<String> = st
+            .files
+            .keys()
+            .filter_map(|p| p.strip_prefix(dir).ok())
+            .filter_map(|rest| rest.components().next())
+            .filter_map(|c| c.as_os_str().to_str().map(String::from))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+}
