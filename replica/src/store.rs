@@ -210,8 +210,8 @@ pub struct Volume {
     disk: Arc<dyn Disk>,
     wal_path: PathBuf,
     wal_size: u64,
-    size: u64,
-    blocks: u64,
+    size: AtomicU64,
+    blocks: AtomicU64,
     epoch: AtomicU64,
     inner: RwLock<Inner>,
     sync_lock: Mutex<()>,
@@ -225,7 +225,7 @@ impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Volume")
             .field("name", &self.name)
-            .field("size", &self.size)
+            .field("size", &self.size())
             .finish()
     }
 }
@@ -408,8 +408,8 @@ impl Volume {
             disk,
             wal_path,
             wal_size,
-            size: meta.size,
-            blocks,
+            size: AtomicU64::new(meta.size),
+            blocks: AtomicU64::new(blocks),
             epoch: AtomicU64::new(meta.epoch),
             inner: RwLock::new(Inner {
                 meta,
@@ -465,7 +465,7 @@ impl Volume {
             if off + h.total_len() > self.wal_size
                 || h.block
                     .checked_add(u64::from(h.count))
-                    .is_none_or(|e| e > self.blocks)
+                    .is_none_or(|e| e > self.blocks())
             {
                 break;
             }
@@ -615,7 +615,11 @@ impl Volume {
 
     /// The volume's size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Acquire)
     }
 
     /// The current epoch: requests from older epochs are refused.
@@ -689,12 +693,12 @@ impl Volume {
             )));
         }
         match block.checked_add(count) {
-            Some(end) if end <= self.blocks && count > 0 => Ok(()),
+            Some(end) if end <= self.blocks() && count > 0 => Ok(()),
             end => Err(StoreError::OutOfRange {
                 volume: self.name.clone(),
                 start: block,
                 end: end.unwrap_or(u64::MAX),
-                blocks: self.blocks,
+                blocks: self.blocks(),
             }),
         }
     }
@@ -1009,6 +1013,221 @@ impl Volume {
         };
         let chain = chain_of(&inner.meta, l.id).map_err(|w| self.invalid(w))?;
         self.read_chain(&inner, &chain, block, count)
+    }
+
+    /// Deletes snapshot `name`: its blocks that a child layer lacks are copied into
+    /// that child, chunk by chunk, so I/O continues meanwhile. Until the final meta
+    /// update the snapshot's layer stays in every read path, so a crash midway only
+    /// leaves copies that read the same.
+    pub fn delete_snapshot(&self, name: &str) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let (lid, parent, children, extents) = {
+            let inner = self.inner.read();
+            let Some(l) = inner
+                .meta
+                .layers
+                .iter()
+                .find(|l| l.name.as_deref() == Some(name))
+            else {
+                return Err(self.invalid(format!("no snapshot named {name}")));
+            };
+            let children: Vec<u64> = inner
+                .meta
+                .layers
+                .iter()
+                .filter(|c| c.parent == Some(l.id))
+                .map(|c| c.id)
+                .collect();
+            let extents: Vec<(u64, u64)> = inner
+                .layers
+                .get(&l.id)
+                .map(|x| x.present.iter().map(|(s, e, _)| (s, e)).collect())
+                .unwrap_or_default();
+            (l.id, l.parent, children, extents)
+        };
+        let started = Instant::now();
+        let mut copied = 0u64;
+        for &child in &children {
+            for &(s, e) in &extents {
+                let mut b = s;
+                while b < e {
+                    let n = (e - b).min(1024);
+                    copied += self.merge_chunk(lid, child, b, b + n)?;
+                    b += n;
+                }
+            }
+            let inner = self.inner.read();
+            if let Some(c) = inner.layers.get(&child) {
+                let (_, rp) = layer_paths(&self.dir, child);
+                c.rec
+                    .sync()
+                    .map_err(self.err("syncing block records", &rp))?;
+            }
+        }
+        let mut inner = self.inner.write();
+        self.save_meta(&mut inner, |m| {
+            m.layers.retain(|l| l.id != lid);
+            for l in m.layers.iter_mut().filter(|l| l.parent == Some(lid)) {
+                l.parent = parent;
+            }
+        })?;
+        inner.layers.remove(&lid);
+        inner.chain = chain_of(&inner.meta, inner.meta.head).map_err(|w| self.invalid(w))?;
+        let (dp, rp) = layer_paths(&self.dir, lid);
+        for p in [dp, rp] {
+            if let Err(e) = self.disk.remove(&p) {
+                tracing::warn!(volume = %self.name, path = %p.display(), error = %e, "could not remove a merged layer file");
+            }
+        }
+        tracing::info!(volume = %self.name, snapshot = name, blocks = copied,
+            ms = started.elapsed().as_millis() as u64, "snapshot deleted and merged");
+        Ok(())
+    }
+
+    /// Copies the blocks of `[s, e)` that layer `from` has and `to` lacks.
+    fn merge_chunk(&self, from: u64, to: u64, s: u64, e: u64) -> Result<u64, StoreError> {
+        let inner = self.inner.write();
+        let (Some(src), Some(dst)) = (inner.layers.get(&from), inner.layers.get(&to)) else {
+            return Err(self.invalid(format!("layer {from} or {to} is not open")));
+        };
+        let (sdp, srp) = layer_paths(&self.dir, from);
+        let (ddp, drp) = layer_paths(&self.dir, to);
+        // Blocks in the head's log still get the copy: the log may be lost in a
+        // crash before its next flush, and then the snapshot's version must remain.
+        let missing: Vec<u64> = (s..e).filter(|&b| dst.present.get(b).is_none()).collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let mut recs = Vec::with_capacity(missing.len());
+        let mut block = vec![0u8; BLOCK];
+        for &b in &missing {
+            let mut r = [0u8; REC];
+            src.rec
+                .read_at(&mut r, b * REC as u64)
+                .map_err(self.err("reading block records", &srp))?;
+            if r[4] == STATE_DATA {
+                src.data
+                    .read_at(&mut block, b * BLOCK as u64)
+                    .map_err(self.err("reading a layer", &sdp))?;
+                dst.data
+                    .write_at(&block, b * BLOCK as u64)
+                    .map_err(self.err("writing a layer", &ddp))?;
+            }
+            recs.push((b, r));
+        }
+        // Data durable before the records that point at it: a crash can leave a
+        // record missing (the block still reads through the old layer), never a
+        // record over torn data.
+        dst.data.sync().map_err(self.err("syncing a layer", &ddp))?;
+        for (b, r) in &recs {
+            dst.rec
+                .write_at(r, b * REC as u64)
+                .map_err(self.err("writing block records", &drp))?;
+        }
+        drop(inner);
+        let mut inner = self.inner.write();
+        if let Some(dst) = inner.layers.get_mut(&to) {
+            for (b, _) in &recs {
+                dst.present.insert(*b, b + 1, ());
+            }
+        }
+        Ok(recs.len() as u64)
+    }
+
+    /// Makes the volume's contents those of snapshot `name`: a new empty head on top
+    /// of it; what the old head held since is dropped.
+    pub fn revert(&self, name: &str) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let mut inner = self.inner.write();
+        let Some(target) = inner
+            .meta
+            .layers
+            .iter()
+            .find(|l| l.name.as_deref() == Some(name))
+            .map(|l| l.id)
+        else {
+            return Err(self.invalid(format!("no snapshot named {name}")));
+        };
+        self.checkpoint(&mut inner)?;
+        let id = inner.meta.next_layer;
+        let old = inner.meta.head;
+        let (dp, rp) = layer_paths(&self.dir, id);
+        let data = self
+            .disk
+            .open(&dp, true)
+            .map_err(self.err("creating a layer", &dp))?;
+        let rec = self
+            .disk
+            .open(&rp, true)
+            .map_err(self.err("creating a layer", &rp))?;
+        self.save_meta(&mut inner, |m| {
+            m.layers.retain(|l| l.id != old);
+            m.layers.push(LayerMeta {
+                id,
+                parent: Some(target),
+                name: None,
+                frozen_at: None,
+            });
+            m.head = id;
+            m.next_layer = id + 1;
+        })?;
+        inner.layers.remove(&old);
+        inner.layers.insert(
+            id,
+            Layer {
+                data,
+                rec,
+                present: ExtentMap::new(),
+            },
+        );
+        inner.chain = chain_of(&inner.meta, id).map_err(|w| self.invalid(w))?;
+        let (odp, orp) = layer_paths(&self.dir, old);
+        for p in [odp, orp] {
+            let _ = self.disk.remove(&p);
+        }
+        tracing::info!(volume = %self.name, snapshot = name, "reverted to snapshot");
+        Ok(())
+    }
+
+    /// Grows the volume to `size` bytes; shrinking is refused.
+    pub fn expand(&self, size: u64) -> Result<(), StoreError> {
+        let mut inner = self.inner.write();
+        let cur = self.size();
+        if size < cur {
+            return Err(self.invalid(format!(
+                "cannot shrink from {cur} to {size} bytes: shrinking would drop data"
+            )));
+        }
+        if !size.is_multiple_of(BLOCK as u64) {
+            return Err(self.invalid(format!("size {size} is not a multiple of {BLOCK}")));
+        }
+        if size == cur {
+            return Ok(());
+        }
+        self.save_meta(&mut inner, |m| m.size = size)?;
+        self.size.store(size, Ordering::Release);
+        self.blocks.store(size / BLOCK as u64, Ordering::Release);
+        tracing::info!(volume = %self.name, from = cur, to = size, "volume expanded");
+        Ok(())
+    }
+
+    /// Which blocks of `[block, block+count)` hold data, as (start, end, allocated).
+    pub fn map(&self, block: u64, count: u64) -> Result<Vec<(u64, u64, bool)>, StoreError> {
+        self.check_range(block, count, false)?;
+        let inner = self.inner.read();
+        let end = block + count;
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut p = block;
+        while p < end {
+            let (src, run_end) = source(&inner, &inner.chain, true, p, end);
+            let allocated = matches!(src, Source::Layer(_) | Source::Log(Recent::Data { .. }));
+            match out.last_mut() {
+                Some(last) if last.2 == allocated && last.1 == p => last.1 = run_end,
+                _ => out.push((p, run_end, allocated)),
+            }
+            p = run_end;
+        }
+        Ok(out)
     }
 
     /// Bytes on disk: the head layer, and the log.

@@ -19,6 +19,8 @@ enum Op {
     Zero { block: u64, count: u64 },
     Flush,
     Snapshot,
+    DeleteSnapshot(usize),
+    Revert(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -27,6 +29,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..BLOCKS, 1u64..8).prop_map(|(block, count)| Op::Zero { block, count: count.min(BLOCKS - block) }),
         2 => Just(Op::Flush),
         1 => Just(Op::Snapshot),
+        1 => any::<usize>().prop_map(Op::DeleteSnapshot),
+        1 => any::<usize>().prop_map(Op::Revert),
     ]
 }
 
@@ -55,6 +59,7 @@ struct Model {
     versions: Vec<Vec<u32>>,
     snapshots: Vec<(String, Vec<u32>)>,
     next_tag: u32,
+    next_snapshot: u32,
 }
 
 impl Model {
@@ -63,6 +68,7 @@ impl Model {
             versions: vec![vec![0]; BLOCKS as usize],
             snapshots: Vec::new(),
             next_tag: 1,
+            next_snapshot: 0,
         }
     }
     fn durable_point(&mut self) {
@@ -124,11 +130,22 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
                 m.durable_point();
             }
             Op::Snapshot => {
-                let name = format!("s{}", m.snapshots.len());
+                let name = format!("s{}", m.next_snapshot);
+                m.next_snapshot += 1;
                 v.snapshot(&name).map_err(|e| e.to_string())?;
                 m.durable_point();
                 m.snapshots.push((name, m.current()));
             }
+            Op::DeleteSnapshot(i) if !m.snapshots.is_empty() => {
+                let (name, _) = m.snapshots.remove(i % m.snapshots.len());
+                v.delete_snapshot(&name).map_err(|e| e.to_string())?;
+            }
+            Op::Revert(i) if !m.snapshots.is_empty() => {
+                let (name, content) = m.snapshots[i % m.snapshots.len()].clone();
+                v.revert(&name).map_err(|e| e.to_string())?;
+                m.versions = content.into_iter().map(|t| vec![t]).collect();
+            }
+            Op::DeleteSnapshot(_) | Op::Revert(_) => {}
         }
         let live = read_all(v, None)?;
         if live != m.current() {
