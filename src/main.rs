@@ -59,10 +59,15 @@ enum Cmd {
         #[arg(long)]
         control_socket: Option<PathBuf>,
     },
-    /// Inspect volumes.
+    /// Inspect and manage volumes.
     Volume {
         #[command(subcommand)]
         cmd: VolumeCmd,
+    },
+    /// Manage snapshots; a snapshot is served read-only as NBD export VOLUME@NAME.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
     },
 }
 
@@ -93,16 +98,65 @@ struct EngineArgs {
 
 #[derive(Subcommand)]
 enum VolumeCmd {
-    /// Show a volume's size, replicas and counters (asks its engine).
+    /// Show a volume's size, space, replicas and counters (asks its engine).
     Status {
-        /// Volume name.
-        volume: String,
-        /// The engine's control socket, if not the default.
-        #[arg(long)]
-        control_socket: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Grow a volume online; clients see the new size when they reconnect.
+    Expand {
+        #[command(flatten)]
+        target: Target,
+        /// New size (1G, 512M, bytes); shrinking is refused.
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Read every block on every replica, check checksums and compare the replicas.
+    Verify {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(clap::Args)]
+struct Target {
+    /// Volume name.
+    volume: String,
+    /// The engine's control socket, if not the default.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Take a snapshot: the same cut on every replica, in well under a second.
+    Create {
+        #[command(flatten)]
+        target: Target,
+        /// Snapshot name.
+        name: String,
+    },
+    /// List snapshots with the space each holds.
+    Ls {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete a snapshot (its blocks merge into the next layer; I/O continues).
+    Rm {
+        #[command(flatten)]
+        target: Target,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Make the volume's contents the snapshot's (no client may be attached).
+    Revert {
+        #[command(flatten)]
+        target: Target,
+        /// Snapshot name.
+        name: String,
     },
 }
 
@@ -183,14 +237,8 @@ fn main() -> Result<()> {
                 replica_port,
                 control_socket,
             } => up(data, volume, size, nbd_listen, replica_port, control_socket).await,
-            Cmd::Volume {
-                cmd:
-                    VolumeCmd::Status {
-                        volume,
-                        control_socket,
-                        json,
-                    },
-            } => status(&volume, control_socket, json).await,
+            Cmd::Volume { cmd } => volume_cmd(cmd).await,
+            Cmd::Snapshot { cmd } => snapshot_cmd(cmd).await,
         }
     })
 }
@@ -333,11 +381,168 @@ fn writable(dir: &Path) -> bool {
     ok
 }
 
-async fn status(volume: &str, socket: Option<PathBuf>, json: bool) -> Result<()> {
-    let socket = socket.unwrap_or_else(|| control::default_socket(volume));
-    let mut client = control::connect(&socket)
+async fn engine(
+    t: &Target,
+) -> Result<tether_proto::engine::engine_client::EngineClient<tonic::transport::Channel>> {
+    let socket = t
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| control::default_socket(&t.volume));
+    control::connect(&socket)
         .await
-        .map_err(|e| anyhow::anyhow!(e))?;
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+async fn snapshot_cmd(cmd: SnapshotCmd) -> Result<()> {
+    use tether_proto::engine::SnapshotRequest;
+    let fail = |v: &str, what: &str, e: tonic::Status| {
+        anyhow::anyhow!("volume {v}: {what} failed: {}", e.message())
+    };
+    match cmd {
+        SnapshotCmd::Create { target, name } => {
+            let t = std::time::Instant::now();
+            engine(&target)
+                .await?
+                .create_snapshot(SnapshotRequest { name: name.clone() })
+                .await
+                .map_err(|e| fail(&target.volume, "snapshot create", e))?;
+            println!(
+                "snapshot {name} of {} taken in {} ms; read it at export {}@{name}",
+                target.volume,
+                t.elapsed().as_millis(),
+                target.volume
+            );
+        }
+        SnapshotCmd::Ls { target } => {
+            let list = engine(&target)
+                .await?
+                .list_snapshots(SnapshotRequest {
+                    name: String::new(),
+                })
+                .await
+                .map_err(|e| fail(&target.volume, "snapshot ls", e))?
+                .into_inner();
+            println!(
+                "{:<24} {:>12} {:>12}  export",
+                "name", "write seq", "allocated"
+            );
+            for s in list.snapshots {
+                println!(
+                    "{:<24} {:>12} {:>12}  {}@{}",
+                    s.name,
+                    s.seq,
+                    human(s.allocated),
+                    target.volume,
+                    s.name
+                );
+            }
+        }
+        SnapshotCmd::Rm { target, name } => {
+            engine(&target)
+                .await?
+                .delete_snapshot(SnapshotRequest { name: name.clone() })
+                .await
+                .map_err(|e| fail(&target.volume, "snapshot rm", e))?;
+            println!("snapshot {name} of {} deleted", target.volume);
+        }
+        SnapshotCmd::Revert { target, name } => {
+            engine(&target)
+                .await?
+                .revert_snapshot(SnapshotRequest { name: name.clone() })
+                .await
+                .map_err(|e| fail(&target.volume, "snapshot revert", e))?;
+            println!(
+                "volume {} now holds snapshot {name}'s contents",
+                target.volume
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
+    match cmd {
+        VolumeCmd::Status { target, json } => status(&target, json).await,
+        VolumeCmd::Expand { target, size } => {
+            let r = engine(&target)
+                .await?
+                .expand(tether_proto::engine::ExpandRequest { size })
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("volume {}: expand failed: {}", target.volume, e.message())
+                })?
+                .into_inner();
+            println!(
+                "volume {} is now {} bytes; NBD clients see the new size when they reconnect",
+                target.volume, r.size
+            );
+            Ok(())
+        }
+        VolumeCmd::Verify { target } => verify(&target).await,
+    }
+}
+
+async fn verify(target: &Target) -> Result<()> {
+    let fail = |e: tonic::Status| {
+        anyhow::anyhow!("volume {}: verify failed: {}", target.volume, e.message())
+    };
+    let mut stream = engine(target)
+        .await?
+        .verify(tether_proto::engine::VerifyRequest {})
+        .await
+        .map_err(fail)?
+        .into_inner();
+    let mut problems = 0;
+    let started = std::time::Instant::now();
+    while let Some(p) = stream.message().await.map_err(fail)? {
+        for x in &p.problems {
+            problems += 1;
+            println!("block {}: replica {}: {}", x.block, x.replica, x.what);
+        }
+        let pct = if p.blocks_total == 0 {
+            100.0
+        } else {
+            p.blocks_done as f64 * 100.0 / p.blocks_total as f64
+        };
+        eprint!(
+            "\rverify {}: {:5.1}%  {} of {} blocks, {} problems, {:.0} s",
+            target.volume,
+            pct,
+            p.blocks_done,
+            p.blocks_total,
+            problems,
+            started.elapsed().as_secs_f64()
+        );
+        if p.done {
+            eprintln!();
+            break;
+        }
+    }
+    if problems > 0 {
+        bail!(
+            "volume {}: verify found {problems} problem(s); see the blocks above",
+            target.volume
+        );
+    }
+    println!(
+        "volume {}: all replicas agree and every checksum holds",
+        target.volume
+    );
+    Ok(())
+}
+
+async fn status(target: &Target, json: bool) -> Result<()> {
+    let volume = target.volume.as_str();
+    let mut client = engine(target).await?;
     let s = client
         .status(tether_proto::engine::StatusRequest {})
         .await
@@ -356,10 +561,12 @@ async fn status(volume: &str, socket: Option<PathBuf>, json: bool) -> Result<()>
             })
             .collect();
         println!(
-            "{{\"volume\":{:?},\"size\":{},\"block_size\":{},\"epoch\":{},\"nbd\":{:?},\"replicas\":[{}],\
-             \"counters\":{{\"reads\":{},\"writes\":{},\"flushes\":{},\"trims\":{},\"errors\":{},\"bytes_read\":{},\"bytes_written\":{},\"nbd_connections\":{}}}}}",
-            s.volume, s.size, s.block_size, s.epoch, s.nbd_address, replicas.join(","),
-            c.reads, c.writes, c.flushes, c.trims, c.errors, c.bytes_read, c.bytes_written, c.nbd_connections
+            "{{\"volume\":{:?},\"size\":{},\"block_size\":{},\"epoch\":{},\"nbd\":{:?},\"head_allocated\":{},\"wal_allocated\":{},\"attached\":{},\"snapshots\":[{}],\"replicas\":[{}],\
+             \"counters\":{{\"reads\":{},\"writes\":{},\"flushes\":{},\"trims\":{},\"errors\":{},\"bytes_read\":{},\"bytes_written\":{},\"nbd_connections\":{},\"checksum_errors\":{}}}}}",
+            s.volume, s.size, s.block_size, s.epoch, s.nbd_address, s.head_allocated, s.wal_allocated, s.attached_clients,
+            s.snapshots.iter().map(|x| format!("{{\"name\":{:?},\"seq\":{},\"allocated\":{}}}", x.name, x.seq, x.allocated)).collect::<Vec<_>>().join(","),
+            replicas.join(","),
+            c.reads, c.writes, c.flushes, c.trims, c.errors, c.bytes_read, c.bytes_written, c.nbd_connections, c.checksum_errors
         );
         return Ok(());
     }
@@ -373,6 +580,17 @@ async fn status(volume: &str, socket: Option<PathBuf>, json: bool) -> Result<()>
     );
     println!("nbd       {}", s.nbd_address);
     println!("epoch     {}", s.epoch);
+    println!(
+        "space     head {}, log {}, {} snapshot(s) {}  (on one replica)",
+        human(s.head_allocated),
+        human(s.wal_allocated),
+        s.snapshots.len(),
+        human(s.snapshots.iter().map(|x| x.allocated).sum())
+    );
+    for x in &s.snapshots {
+        println!("  snapshot {:<20} {}", x.name, human(x.allocated));
+    }
+    println!("clients   {} attached", s.attached_clients);
     println!("replicas  {healthy} of {} healthy", s.replicas.len());
     for r in &s.replicas {
         if r.reason.is_empty() {
@@ -386,8 +604,8 @@ async fn status(volume: &str, socket: Option<PathBuf>, json: bool) -> Result<()>
         c.reads, c.writes, c.flushes, c.trims, c.errors
     );
     println!(
-        "          read {} bytes, written {} bytes, {} NBD connections",
-        c.bytes_read, c.bytes_written, c.nbd_connections
+        "          read {} bytes, written {} bytes, {} NBD connections, {} bad block copies seen",
+        c.bytes_read, c.bytes_written, c.nbd_connections, c.checksum_errors
     );
     Ok(())
 }

@@ -8,11 +8,22 @@ use std::sync::Arc;
 use hyper_util::rt::TokioIo;
 use tether_proto::engine::engine_client::EngineClient;
 use tether_proto::engine::engine_server::{Engine, EngineServer};
-use tether_proto::engine::{Counters, ReplicaStatus, StatusReply, StatusRequest};
+use tether_proto::engine::{
+    Counters, ExpandReply, ExpandRequest, ReplicaStatus, Snapshot, SnapshotList, SnapshotReply,
+    SnapshotRequest, StatusReply, StatusRequest, VerifyProblem, VerifyProgress, VerifyRequest,
+};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
+use crate::nbd::DeviceError;
 use crate::volume::Volume;
+
+fn status_of(e: DeviceError) -> Status {
+    match e {
+        DeviceError::Invalid(m) => Status::failed_precondition(m),
+        other => Status::unavailable(other.to_string()),
+    }
+}
 
 /// Where an engine's control socket lives when not given: `/run/tether/VOLUME.sock`,
 /// or under `$TETHER_RUN_DIR` when set.
@@ -45,6 +56,20 @@ impl Engine for ControlService {
         let v = &self.volume;
         let c = &v.counters;
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let space = v.space().await.ok();
+        let snapshots = space
+            .as_ref()
+            .map(|s| {
+                s.snapshots
+                    .iter()
+                    .map(|x| Snapshot {
+                        name: x.name.clone(),
+                        seq: x.seq,
+                        allocated: x.allocated,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let replicas = v
             .replicas()
             .iter()
@@ -69,9 +94,119 @@ impl Engine for ControlService {
                 bytes_read: get(&c.bytes_read),
                 bytes_written: get(&c.bytes_written),
                 nbd_connections: get(&c.connections),
+                checksum_errors: get(&c.checksum_errors),
             }),
             nbd_address: self.nbd_address.clone(),
+            head_allocated: space.as_ref().map_or(0, |s| s.head_allocated),
+            wal_allocated: space.as_ref().map_or(0, |s| s.wal_allocated),
+            snapshots,
+            attached_clients: v.attached(),
         }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotReply>, Status> {
+        let name = req.into_inner().name;
+        let started = std::time::Instant::now();
+        self.volume.snapshot(&name).await.map_err(status_of)?;
+        tracing::info!(volume = %self.volume.name(), snapshot = %name,
+            ms = started.elapsed().as_millis() as u64, "snapshot taken on all replicas");
+        Ok(Response::new(SnapshotReply {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotList>, Status> {
+        let space = self.volume.space().await.map_err(status_of)?;
+        Ok(Response::new(SnapshotList {
+            snapshots: space
+                .snapshots
+                .into_iter()
+                .map(|x| Snapshot {
+                    name: x.name,
+                    seq: x.seq,
+                    allocated: x.allocated,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotReply>, Status> {
+        let name = req.into_inner().name;
+        self.volume
+            .delete_snapshot(&name)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(SnapshotReply {}))
+    }
+
+    async fn revert_snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotReply>, Status> {
+        let name = req.into_inner().name;
+        self.volume.revert(&name).await.map_err(status_of)?;
+        Ok(Response::new(SnapshotReply {}))
+    }
+
+    async fn expand(&self, req: Request<ExpandRequest>) -> Result<Response<ExpandReply>, Status> {
+        let size = self
+            .volume
+            .expand(req.into_inner().size)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(ExpandReply { size }))
+    }
+
+    type VerifyStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<VerifyProgress, Status>> + Send>>;
+
+    async fn verify(
+        &self,
+        _req: Request<VerifyRequest>,
+    ) -> Result<Response<Self::VerifyStream>, Status> {
+        let v = self.volume.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let total = crate::nbd::BlockDevice::size(&*v) / crate::volume::BLOCK;
+            const CHUNK: u64 = 256;
+            let mut done = 0;
+            let mut last_report = std::time::Instant::now();
+            let mut pending = Vec::new();
+            while done < total {
+                let n = CHUNK.min(total - done);
+                for (block, replica, what) in v.verify_chunk(done, n as u32).await {
+                    tracing::warn!(volume = %v.name(), block, %replica, %what, "verify found a problem");
+                    pending.push(VerifyProblem {
+                        block,
+                        replica,
+                        what,
+                    });
+                }
+                done += n;
+                if done == total || last_report.elapsed().as_millis() > 500 || !pending.is_empty() {
+                    last_report = std::time::Instant::now();
+                    let p = VerifyProgress {
+                        blocks_done: done,
+                        blocks_total: total,
+                        problems: std::mem::take(&mut pending),
+                        done: done == total,
+                    };
+                    if tx.send(Ok(p)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 

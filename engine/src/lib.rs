@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use tether_proto::replica::OpenRequest;
 
-use crate::nbd::{Export, Exports};
 use crate::replica_client::ReplicaConn;
 use crate::volume::Volume;
 
@@ -243,13 +242,10 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
         None => None,
     };
     let volume = open_volume(&cfg).await?;
-    let exports = Arc::new(Exports {
-        list: vec![Export {
-            name: cfg.volume.clone(),
-            description: format!("tether volume {}", cfg.volume),
-            device: volume.clone(),
-        }],
-    });
+    if let Err(e) = volume.space().await {
+        tracing::warn!(volume = %cfg.volume, error = %e, "cannot list snapshots yet");
+    }
+    let exports = Arc::new(volume::VolumeExports(volume.clone()));
     let nbd_address = match (&cfg.nbd_listen, &cfg.nbd_socket) {
         (Some(a), _) => format!("nbd://{a}/{}", cfg.volume),
         (None, Some(p)) => format!("nbd+unix:///{}?socket={}", cfg.volume, p.display()),

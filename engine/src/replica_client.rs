@@ -119,6 +119,11 @@ impl ReplicaConn {
         c
     }
 
+    /// A handle for unary calls to the replica daemon.
+    pub fn client(&self) -> ReplicaClient<Channel> {
+        self.client.clone()
+    }
+
     /// Opens (and with `create`, creates) the volume on this replica.
     pub async fn open(&self, req: OpenRequest) -> Result<OpenReply, tonic::Status> {
         self.client.clone().open(req).await.map(|r| r.into_inner())

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use tether_proto::replica::{io_request::Op, Flush, Read, Write, Zero};
+use tether_proto::replica::{
+    io_request::Op, DeleteSnapshotRequest, Expand, Flush, Read, Revert, Snapshot, SnapshotsReply,
+    SnapshotsRequest, Write, Zero,
+};
 use tokio::sync::oneshot;
 
 use crate::nbd::{BlockDevice, DeviceError};
@@ -44,8 +47,15 @@ pub struct Counters {
 /// A replicated volume served by this engine.
 pub struct Volume {
     name: String,
-    size: u64,
+    size: AtomicU64,
     epoch: u64,
+    /// Writes hold it shared; snapshot, revert and expand hold it exclusively, so
+    /// they are one cut through the write stream on every replica.
+    gate: tokio::sync::RwLock<()>,
+    /// Snapshot names, kept for export lookups.
+    snapshot_names: Mutex<Vec<String>>,
+    /// NBD clients in transmission right now.
+    attached: AtomicU64,
     replicas: Vec<Arc<ReplicaConn>>,
     /// Last write sequence handed out; held while a write is queued on every replica,
     /// so all replicas see writes in the same order.
@@ -74,8 +84,11 @@ impl Volume {
     ) -> Volume {
         Volume {
             name: name.to_string(),
-            size,
+            size: AtomicU64::new(size),
             epoch,
+            gate: tokio::sync::RwLock::new(()),
+            snapshot_names: Mutex::new(Vec::new()),
+            attached: AtomicU64::new(0),
             replicas,
             seq: Mutex::new(seq),
             locks: RangeLock::default(),
@@ -93,6 +106,264 @@ impl Volume {
     /// The engine's epoch on this volume.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// NBD clients attached right now.
+    pub fn attached(&self) -> u64 {
+        self.attached.load(Ordering::Relaxed)
+    }
+
+    fn first_healthy(&self) -> Result<&Arc<ReplicaConn>, DeviceError> {
+        self.replicas
+            .iter()
+            .find(|r| r.is_healthy())
+            .ok_or_else(|| self.no_replica())
+    }
+
+    /// Snapshots and space, as one healthy replica sees them.
+    pub async fn space(&self) -> Result<SnapshotsReply, DeviceError> {
+        let r = self.first_healthy()?;
+        let req = SnapshotsRequest {
+            volume: self.name.clone(),
+        };
+        let reply = tokio::time::timeout(self.timeout, r.client().snapshots(req))
+            .await
+            .map_err(|_| DeviceError::Io(format!("replica {}: no answer", r.addr)))?
+            .map_err(|s| DeviceError::Io(format!("replica {}: {}", r.addr, s.message())))?
+            .into_inner();
+        *self.snapshot_names.lock() = reply.snapshots.iter().map(|s| s.name.clone()).collect();
+        Ok(reply)
+    }
+
+    /// Whether snapshot `name` exists (from the last listing).
+    pub fn has_snapshot(&self, name: &str) -> bool {
+        self.snapshot_names.lock().iter().any(|n| n == name)
+    }
+
+    /// Snapshot names (from the last listing).
+    pub fn snapshot_names(&self) -> Vec<String> {
+        self.snapshot_names.lock().clone()
+    }
+
+    /// Takes snapshot `name` on every replica at the same point of the write stream.
+    pub async fn snapshot(&self, name: &str) -> Result<(), DeviceError> {
+        if self.has_snapshot(name) {
+            return Err(DeviceError::Invalid(format!(
+                "volume {}: a snapshot named {name} already exists",
+                self.name
+            )));
+        }
+        let _cut = self.gate.write().await;
+        let waiting = self.submit_ordered(|seq| {
+            Op::Snapshot(Snapshot {
+                seq,
+                name: name.to_string(),
+            })
+        });
+        let r = self.wait_all_ops(waiting).await;
+        let _ = self.space().await;
+        r
+    }
+
+    /// Makes the volume's contents those of snapshot `name`; refused while attached.
+    pub async fn revert(&self, name: &str) -> Result<(), DeviceError> {
+        let _cut = self.gate.write().await;
+        let n = self.attached();
+        if n > 0 {
+            return Err(DeviceError::Invalid(format!(
+                "volume {}: {n} NBD client(s) attached; detach them before reverting (their caches would go stale)",
+                self.name
+            )));
+        }
+        if !self.has_snapshot(name) {
+            return Err(DeviceError::Invalid(format!(
+                "volume {}: no snapshot named {name}",
+                self.name
+            )));
+        }
+        let waiting = self.submit_unsequenced(Op::Revert(Revert {
+            name: name.to_string(),
+        }));
+        self.wait_all_ops(waiting).await
+    }
+
+    /// Deletes snapshot `name` on every healthy replica; I/O continues meanwhile.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<(), DeviceError> {
+        if !self.has_snapshot(name) {
+            return Err(DeviceError::Invalid(format!(
+                "volume {}: no snapshot named {name}",
+                self.name
+            )));
+        }
+        let calls = self.replicas.iter().filter(|r| r.is_healthy()).map(|r| {
+            let req = DeleteSnapshotRequest {
+                volume: self.name.clone(),
+                epoch: self.epoch,
+                name: name.to_string(),
+            };
+            async move { (r, r.client().delete_snapshot(req).await) }
+        });
+        let mut ok = 0;
+        let mut last = String::new();
+        for (r, res) in futures::future::join_all(calls).await {
+            match res {
+                Ok(_) => ok += 1,
+                Err(s) => {
+                    last = s.message().to_string();
+                    self.fail(r, format!("deleting snapshot {name} failed: {last}"));
+                }
+            }
+        }
+        let _ = self.space().await;
+        if ok == 0 {
+            return Err(DeviceError::Io(format!(
+                "volume {}: deleting snapshot {name} failed: {last}",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Grows the volume; clients see the new size when they reconnect.
+    pub async fn expand(&self, size: u64) -> Result<u64, DeviceError> {
+        let _cut = self.gate.write().await;
+        let cur = self.size.load(Ordering::Acquire);
+        if size < cur {
+            return Err(DeviceError::Invalid(format!(
+                "volume {}: cannot shrink from {cur} to {size} bytes; shrinking is not supported",
+                self.name
+            )));
+        }
+        if !size.is_multiple_of(BLOCK) {
+            return Err(DeviceError::Invalid(format!(
+                "volume {}: size {size} is not a multiple of {BLOCK}",
+                self.name
+            )));
+        }
+        let waiting = self.submit_unsequenced(Op::Expand(Expand { size }));
+        self.wait_all_ops(waiting).await?;
+        self.size.store(size, Ordering::Release);
+        tracing::info!(volume = %self.name, size, "volume expanded; clients see it on reconnect");
+        Ok(size)
+    }
+
+    /// Reads whole blocks of snapshot `name` (or the head when empty) from replica `r`.
+    pub async fn read_from(
+        &self,
+        r: &ReplicaConn,
+        block: u64,
+        count: u32,
+    ) -> Result<Bytes, ReplicaError> {
+        let rx = r.submit(Op::Read(Read {
+            block,
+            count,
+            snapshot: String::new(),
+        }));
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(_)) => Err(ReplicaError::Gone("connection lost".into())),
+            Err(_) => Err(ReplicaError::Gone(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    /// Reads blocks `[block, block+count)` from every healthy replica, with writes to
+    /// them held off, and reports checksum failures and disagreements by block.
+    pub async fn verify_chunk(&self, block: u64, count: u32) -> Vec<(u64, String, String)> {
+        let _shared = self.gate.read().await;
+        let _guard = self.locks.lock(block, block + u64::from(count)).await;
+        let healthy: Vec<&Arc<ReplicaConn>> =
+            self.replicas.iter().filter(|r| r.is_healthy()).collect();
+        let reads =
+            futures::future::join_all(healthy.iter().map(|r| self.read_from(r, block, count)))
+                .await;
+        let mut problems = Vec::new();
+        let mut copies: Vec<(&str, Bytes)> = Vec::new();
+        for (r, res) in healthy.iter().zip(reads) {
+            match res {
+                Ok(d) => copies.push((&r.addr, d)),
+                // Find the bad blocks one by one.
+                Err(ReplicaError::Checksum(_)) => {
+                    for b in block..block + u64::from(count) {
+                        if let Err(e) = self.read_from(r, b, 1).await {
+                            problems.push((b, r.addr.clone(), e.to_string()));
+                        }
+                    }
+                }
+                Err(e) => problems.push((block, r.addr.clone(), format!("read failed: {e}"))),
+            }
+        }
+        let bs = BLOCK as usize;
+        for i in 0..count as usize {
+            let blk = |d: &Bytes| d.slice(i * bs..(i + 1) * bs);
+            let Some((_, first)) = copies.first() else {
+                break;
+            };
+            if copies.iter().all(|(_, d)| blk(d) == blk(first)) {
+                continue;
+            }
+            // Name the copies that differ from the most common content.
+            let majority = copies
+                .iter()
+                .max_by_key(|(_, d)| copies.iter().filter(|(_, o)| blk(o) == blk(d)).count())
+                .map(|(_, d)| blk(d))
+                .unwrap_or_default();
+            for (addr, d) in &copies {
+                if blk(d) != majority {
+                    problems.push((
+                        block + i as u64,
+                        addr.to_string(),
+                        "differs from the other replicas".into(),
+                    ));
+                }
+            }
+        }
+        problems
+    }
+
+    /// Queues an operation that changes no block on every healthy replica, in order.
+    fn submit_unsequenced(&self, op: Op) -> Waiting {
+        let _seq = self.seq.lock();
+        self.replicas
+            .iter()
+            .filter(|r| r.is_healthy())
+            .map(|r| (r.clone(), r.submit(op.clone())))
+            .collect()
+    }
+
+    /// Like `wait_all`, but any replica error fails the operation (and the replica).
+    async fn wait_all_ops(&self, waiting: Waiting) -> Result<(), DeviceError> {
+        if waiting.is_empty() {
+            return Err(self.no_replica());
+        }
+        let mut first_err = None;
+        let mut ok = 0;
+        for (r, rx) in waiting {
+            match tokio::time::timeout(self.timeout.max(std::time::Duration::from_secs(60)), rx)
+                .await
+            {
+                Ok(Ok(Ok(_))) => ok += 1,
+                Ok(Ok(Err(e))) => {
+                    first_err.get_or_insert(e.to_string());
+                }
+                Ok(Err(_)) => self.fail(&r, "connection lost".to_string()),
+                Err(_) => self.fail(&r, "no answer".to_string()),
+            }
+        }
+        match first_err {
+            // A refusal (bad name, missing snapshot) is the same on every replica.
+            Some(e) if ok == 0 => Err(DeviceError::Invalid(e)),
+            Some(e) => {
+                for r in self.replicas.iter().filter(|r| r.is_healthy()) {
+                    tracing::warn!(volume = %self.name, replica = %r.addr, error = %e, "replicas disagree on an operation");
+                }
+                Err(DeviceError::Io(e))
+            }
+            None if ok == 0 => Err(self.no_replica()),
+            None => Ok(()),
+        }
     }
 
     /// All replicas, healthy or not.
@@ -179,6 +450,15 @@ impl Volume {
     /// A block that fails its checksum on one replica is read from another, and the
     /// bad copy is reported; it is never returned.
     async fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, DeviceError> {
+        self.read_blocks_of("", block, count).await
+    }
+
+    async fn read_blocks_of(
+        &self,
+        snapshot: &str,
+        block: u64,
+        count: u32,
+    ) -> Result<Bytes, DeviceError> {
         let n = self.replicas.len();
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         let mut bad_copies = 0;
@@ -187,7 +467,11 @@ impl Volume {
             if !r.is_healthy() {
                 continue;
             }
-            let rx = r.submit(Op::Read(Read { block, count }));
+            let rx = r.submit(Op::Read(Read {
+                block,
+                count,
+                snapshot: snapshot.to_string(),
+            }));
             match tokio::time::timeout(self.timeout, rx).await {
                 Ok(Ok(Ok(data))) if data.len() == count as usize * BLOCK as usize => {
                     if bad_copies > 0 {
@@ -237,6 +521,7 @@ impl Volume {
         }
         let len = data.len() as u64;
         let (first, end) = Self::blocks_of(offset, len);
+        let _shared = self.gate.read().await;
         let _guard = self.locks.lock(first, end).await;
         let head = offset % BLOCK;
         let payload = if head == 0 && len.is_multiple_of(BLOCK) {
@@ -305,6 +590,7 @@ impl Volume {
         if end <= first {
             return Ok(());
         }
+        let _shared = self.gate.read().await;
         let _guard = self.locks.lock(first, end).await;
         let count = u32::try_from(end - first)
             .map_err(|_| DeviceError::Invalid("zero range too large".to_string()))?;
@@ -342,7 +628,7 @@ impl Volume {
 
 impl BlockDevice for Volume {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<Bytes>, DeviceError> {
@@ -440,5 +726,124 @@ impl BlockDevice for Volume {
 
     fn connection_opened(&self) {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        self.attached.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn connection_closed(&self) {
+        self.attached.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What an NBD export shows: the live volume or one of its snapshots (read-only).
+pub enum View {
+    /// The volume itself.
+    Head(Arc<Volume>),
+    /// A snapshot, read-only.
+    Snapshot(Arc<Volume>, String),
+}
+
+impl BlockDevice for View {
+    fn size(&self) -> u64 {
+        match self {
+            View::Head(v) | View::Snapshot(v, _) => v.size.load(Ordering::Acquire),
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<Bytes>, DeviceError> {
+        match self {
+            View::Head(v) => v.read(offset, len).await,
+            View::Snapshot(v, name) => {
+                if len == 0 {
+                    return Ok(Vec::new());
+                }
+                let (first, end) = Volume::blocks_of(offset, u64::from(len));
+                let data = v.read_blocks_of(name, first, (end - first) as u32).await?;
+                let head = (offset % BLOCK) as usize;
+                Ok(vec![data.slice(head..head + len as usize)])
+            }
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        match self {
+            View::Head(v) => v.write(offset, data, fua).await,
+            View::Snapshot(..) => Err(DeviceError::ReadOnly("snapshots are read-only".into())),
+        }
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        may_trim: bool,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        match self {
+            View::Head(v) => v.write_zeroes(offset, len, may_trim, fua).await,
+            View::Snapshot(..) => Err(DeviceError::ReadOnly("snapshots are read-only".into())),
+        }
+    }
+
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
+        match self {
+            View::Head(v) => v.trim(offset, len).await,
+            View::Snapshot(..) => Err(DeviceError::ReadOnly("snapshots are read-only".into())),
+        }
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        match self {
+            View::Head(v) => v.flush().await,
+            View::Snapshot(..) => Ok(()),
+        }
+    }
+
+    fn connection_opened(&self) {
+        if let View::Head(v) = self {
+            v.connection_opened();
+        }
+    }
+
+    fn connection_closed(&self) {
+        if let View::Head(v) = self {
+            v.connection_closed();
+        }
+    }
+}
+
+/// The exports of one engine: `VOLUME` (or the empty name) and `VOLUME@SNAPSHOT`.
+pub struct VolumeExports(pub Arc<Volume>);
+
+impl crate::nbd::ExportTable for VolumeExports {
+    type Device = View;
+
+    fn find(&self, name: &str) -> Option<crate::nbd::Export<View>> {
+        let v = &self.0;
+        if name.is_empty() || name == v.name() {
+            return Some(crate::nbd::Export {
+                name: v.name().to_string(),
+                description: format!("tether volume {}", v.name()),
+                device: Arc::new(View::Head(v.clone())),
+                read_only: false,
+            });
+        }
+        let snap = name.strip_prefix(v.name())?.strip_prefix('@')?;
+        v.has_snapshot(snap).then(|| crate::nbd::Export {
+            name: name.to_string(),
+            description: format!("snapshot {snap} of tether volume {} (read-only)", v.name()),
+            device: Arc::new(View::Snapshot(v.clone(), snap.to_string())),
+            read_only: true,
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        let v = &self.0;
+        std::iter::once(v.name().to_string())
+            .chain(
+                v.snapshot_names()
+                    .into_iter()
+                    .map(|s| format!("{}@{s}", v.name())),
+            )
+            .collect()
     }
 }

@@ -10,8 +10,9 @@ use bytes::Bytes;
 use futures::Stream;
 use tether_proto::replica::replica_server::{Replica, ReplicaServer};
 use tether_proto::replica::{
-    io_request::Op, ErrorCode, IoBatch, IoReply, IoReplyBatch, IoRequest, ListReply, ListRequest,
-    OpenReply, OpenRequest, VolumeSummary,
+    io_request::Op, DeleteSnapshotReply, DeleteSnapshotRequest, ErrorCode, IoBatch, IoReply,
+    IoReplyBatch, IoRequest, ListReply, ListRequest, OpenReply, OpenRequest, SnapshotInfo,
+    SnapshotsReply, SnapshotsRequest, VolumeSummary,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -209,6 +210,43 @@ impl Replica for ReplicaService {
         }
         Ok(Response::new(ListReply { volumes }))
     }
+
+    async fn snapshots(
+        &self,
+        req: Request<SnapshotsRequest>,
+    ) -> Result<Response<SnapshotsReply>, Status> {
+        let vol = self.volumes.get(&req.into_inner().volume).map_err(status)?;
+        let (head_allocated, wal_allocated) = vol.allocated();
+        let snapshots = vol
+            .snapshots()
+            .into_iter()
+            .map(|s| SnapshotInfo {
+                name: s.name,
+                seq: s.seq,
+                allocated: s.allocated,
+            })
+            .collect();
+        Ok(Response::new(SnapshotsReply {
+            snapshots,
+            head_allocated,
+            wal_allocated,
+            size: vol.size(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotReply>, Status> {
+        let req = req.into_inner();
+        let vol = self.volumes.get(&req.volume).map_err(status)?;
+        vol.check_epoch(req.epoch).map_err(status)?;
+        let name = vol.name().to_string();
+        blocking(move || vol.delete_snapshot(&req.name), &name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(DeleteSnapshotReply {}))
+    }
 }
 
 struct IoStreamState {
@@ -296,7 +334,31 @@ impl IoStreamState {
                     .check_seq(w.seq)
                     .and_then(|_| self.vol.write_blocks(w.seq, w.block, &w.data))
                     .map(|_| Bytes::new()),
-                Some(Op::Read(r)) => self.vol.read_blocks(r.block, r.count),
+                Some(Op::Read(r)) if r.snapshot.is_empty() => {
+                    self.vol.read_blocks(r.block, r.count)
+                }
+                Some(Op::Read(r)) => self.vol.read_snapshot(&r.snapshot, r.block, r.count),
+                Some(Op::Snapshot(sn)) => match self.check_seq(sn.seq) {
+                    Ok(()) => {
+                        let v = self.vol.clone();
+                        blocking(move || v.snapshot(&sn.name), self.vol.name())
+                            .await
+                            .map(|_| Bytes::new())
+                    }
+                    Err(e) => Err(e),
+                },
+                Some(Op::Revert(rv)) => {
+                    let v = self.vol.clone();
+                    blocking(move || v.revert(&rv.name), self.vol.name())
+                        .await
+                        .map(|_| Bytes::new())
+                }
+                Some(Op::Expand(x)) => {
+                    let v = self.vol.clone();
+                    blocking(move || v.expand(x.size), self.vol.name())
+                        .await
+                        .map(|_| Bytes::new())
+                }
                 Some(Op::Zero(z)) => self
                     .check_seq(z.seq)
                     .and_then(|_| self.vol.zero_blocks(z.seq, z.block, u64::from(z.count)))

@@ -93,10 +93,13 @@ impl Replica {
         }
     }
 
-    /// The volume's block data on this replica (without the header).
+    /// The volume's first layer on this replica: after a clean stop without
+    /// snapshots it holds every block (the log was checkpointed into it).
     pub fn data(&self, volume: &str) -> Vec<u8> {
-        let raw = std::fs::read(self.dir.join("volumes").join(volume).join("data")).unwrap();
-        raw[4096..].to_vec()
+        let layers = self.dir.join("volumes").join(volume).join("layers");
+        let mut all = std::fs::read(layers.join("1.data")).unwrap();
+        all.extend(std::fs::read(layers.join("1.rec")).unwrap());
+        all
     }
 }
 

@@ -31,6 +31,9 @@ pub enum DeviceError {
     /// The device is shutting down.
     #[error("{0}")]
     Shutdown(String),
+    /// The export does not take writes.
+    #[error("{0}")]
+    ReadOnly(String),
 }
 
 impl DeviceError {
@@ -41,6 +44,7 @@ impl DeviceError {
             DeviceError::Invalid(_) => EINVAL,
             DeviceError::NoSpace(_) => ENOSPC,
             DeviceError::Shutdown(_) => ESHUTDOWN,
+            DeviceError::ReadOnly(_) => EPERM,
         }
     }
 }
@@ -75,8 +79,10 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn trim(&self, offset: u64, len: u32) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
-    /// Called once per client connection, for counters.
+    /// Called when a client enters transmission, for counters.
     fn connection_opened(&self) {}
+    /// Called when that client leaves.
+    fn connection_closed(&self) {}
 }
 
 /// One export offered to clients.
@@ -87,20 +93,43 @@ pub struct Export<D> {
     pub description: String,
     /// The device behind it.
     pub device: Arc<D>,
+    /// Writes are refused with EPERM.
+    pub read_only: bool,
 }
 
-/// What a server offers: the first export is also the default (empty name).
+/// What a server offers, looked up by name when a client asks.
+pub trait ExportTable: Send + Sync + 'static {
+    /// The device type behind the exports.
+    type Device: BlockDevice;
+    /// The export called `name` (the empty name is the default export).
+    fn find(&self, name: &str) -> Option<Export<Self::Device>>;
+    /// Names listed by NBD_OPT_LIST.
+    fn names(&self) -> Vec<String>;
+}
+
+/// A fixed list of exports; the first is also the default.
 pub struct Exports<D> {
     /// The exports, default first.
     pub list: Vec<Export<D>>,
 }
 
-impl<D> Exports<D> {
-    fn find(&self, name: &str) -> Option<&Export<D>> {
-        if name.is_empty() {
-            return self.list.first();
-        }
-        self.list.iter().find(|e| e.name == name)
+impl<D: BlockDevice> ExportTable for Exports<D> {
+    type Device = D;
+    fn find(&self, name: &str) -> Option<Export<D>> {
+        let e = if name.is_empty() {
+            self.list.first()
+        } else {
+            self.list.iter().find(|e| e.name == name)
+        }?;
+        Some(Export {
+            name: e.name.clone(),
+            description: e.description.clone(),
+            device: e.device.clone(),
+            read_only: e.read_only,
+        })
+    }
+    fn names(&self) -> Vec<String> {
+        self.list.iter().map(|e| e.name.clone()).collect()
     }
 }
 
@@ -127,17 +156,27 @@ pub enum ConnError {
 }
 
 /// Serves one client connection from handshake to disconnect.
-pub async fn serve_connection<S, D>(stream: S, exports: Arc<Exports<D>>) -> Result<(), ConnError>
+pub async fn serve_connection<S, T>(stream: S, exports: Arc<T>) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    D: BlockDevice,
+    T: ExportTable,
 {
     let mut stream = stream;
-    let Some((device, structured)) = negotiate(&mut stream, &exports).await? else {
+    let Some((export, structured)) = negotiate(&mut stream, &*exports).await? else {
         return Ok(());
     };
-    device.connection_opened();
-    transmission(stream, device, structured).await
+    export.device.connection_opened();
+    let r = transmission(stream, export.device.clone(), structured, export.read_only).await;
+    export.device.connection_closed();
+    r
+}
+
+fn flags(read_only: bool) -> u16 {
+    if read_only {
+        TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN
+    } else {
+        TRANSMISSION_FLAGS
+    }
 }
 
 async fn send(stream: &mut (impl AsyncWrite + Unpin), buf: &mut BytesMut) -> std::io::Result<()> {
@@ -157,13 +196,13 @@ async fn skip(stream: &mut (impl AsyncRead + Unpin), len: u64) -> std::io::Resul
 }
 
 /// Runs option negotiation; `None` when the client ended it without transmission.
-async fn negotiate<S, D>(
+async fn negotiate<S, T>(
     stream: &mut S,
-    exports: &Exports<D>,
-) -> Result<Option<(Arc<D>, bool)>, ConnError>
+    exports: &T,
+) -> Result<Option<(Export<T::Device>, bool)>, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    D: BlockDevice,
+    T: ExportTable,
 {
     let mut out = BytesMut::with_capacity(256);
     out.put_u64(NBDMAGIC);
@@ -202,12 +241,12 @@ where
                     return Err(ConnError::Protocol(format!("unknown export {name:?}")));
                 };
                 out.put_u64(export.device.size());
-                out.put_u16(TRANSMISSION_FLAGS);
+                out.put_u16(flags(export.read_only));
                 if !no_zeroes {
                     out.put_slice(&[0u8; 124]);
                 }
                 send(stream, &mut out).await?;
-                return Ok(Some((export.device.clone(), structured)));
+                return Ok(Some((export, structured)));
             }
             OPT_ABORT => {
                 put_option_reply(&mut out, option, REP_ACK, &[]);
@@ -219,10 +258,10 @@ where
                 if !data.is_empty() {
                     put_option_reply(&mut out, option, REP_ERR_INVALID, b"LIST takes no data");
                 } else {
-                    for e in &exports.list {
-                        let mut d = Vec::with_capacity(4 + e.name.len());
-                        d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
-                        d.extend_from_slice(e.name.as_bytes());
+                    for name in exports.names() {
+                        let mut d = Vec::with_capacity(4 + name.len());
+                        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                        d.extend_from_slice(name.as_bytes());
                         put_option_reply(&mut out, option, REP_SERVER, &d);
                     }
                     put_option_reply(&mut out, option, REP_ACK, &[]);
@@ -256,7 +295,7 @@ where
                 let mut d = Vec::with_capacity(12);
                 d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 d.extend_from_slice(&export.device.size().to_be_bytes());
-                d.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                d.extend_from_slice(&flags(export.read_only).to_be_bytes());
                 put_option_reply(&mut out, option, REP_INFO, &d);
                 // Block sizes are always sent: clients that honour them avoid
                 // read-modify-write on their side; min 1 because we do it here.
@@ -280,7 +319,7 @@ where
                 put_option_reply(&mut out, option, REP_ACK, &[]);
                 if option == OPT_GO {
                     send(stream, &mut out).await?;
-                    return Ok(Some((export.device.clone(), structured)));
+                    return Ok(Some((export, structured)));
                 }
             }
             OPT_STARTTLS => {
@@ -308,7 +347,12 @@ enum ReplyData {
     Data(Vec<Bytes>, u32),
 }
 
-async fn transmission<S, D>(stream: S, device: Arc<D>, structured: bool) -> Result<(), ConnError>
+async fn transmission<S, D>(
+    stream: S,
+    device: Arc<D>,
+    structured: bool,
+    read_only: bool,
+) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: BlockDevice,
@@ -317,7 +361,7 @@ where
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(write_replies(wr, rx, structured));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let result = read_requests(&mut rd, &device, &tx, &permits).await;
+    let result = read_requests(&mut rd, &device, &tx, &permits, read_only).await;
     // Let requests already running finish and be answered before closing.
     let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
     drop(tx);
@@ -330,6 +374,7 @@ async fn read_requests<R, D>(
     device: &Arc<D>,
     tx: &mpsc::UnboundedSender<Reply>,
     permits: &Arc<Semaphore>,
+    read_only: bool,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
@@ -366,7 +411,7 @@ where
             is_read,
             offset: req.offset,
         };
-        if let Err(e) = check_request(&req, size) {
+        if let Err(e) = check_request(&req, size, read_only) {
             let _ = tx.send(reply(Err(e), req.kind == CMD_READ));
             continue;
         }
@@ -409,7 +454,7 @@ where
 }
 
 /// Validates a request against the export; errors are answered, not fatal.
-fn check_request(req: &RequestHeader, size: u64) -> Result<(), DeviceError> {
+fn check_request(req: &RequestHeader, size: u64, read_only: bool) -> Result<(), DeviceError> {
     let known_flags = match req.kind {
         CMD_READ => CMD_FLAG_DF,
         CMD_WRITE => CMD_FLAG_FUA,
@@ -426,6 +471,9 @@ fn check_request(req: &RequestHeader, size: u64) -> Result<(), DeviceError> {
             "flags {:#x} are not valid for command {}",
             req.flags, req.kind
         )));
+    }
+    if read_only && matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
+        return Err(DeviceError::ReadOnly("this export is read-only".into()));
     }
     if req.kind == CMD_FLUSH {
         return Ok(());
