@@ -724,6 +724,41 @@ impl BlockDevice for Volume {
         self.count(r)
     }
 
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<(u32, u32)>, DeviceError> {
+        let (first, end) = Self::blocks_of(offset, u64::from(len));
+        let r = self.first_healthy()?;
+        let req = tether_proto::replica::MapRequest {
+            volume: self.name.clone(),
+            block: first,
+            count: end - first,
+        };
+        let map = tokio::time::timeout(self.timeout, r.client().map(req))
+            .await
+            .map_err(|_| DeviceError::Io(format!("replica {}: no answer", r.addr)))?
+            .map_err(|s| DeviceError::Io(format!("replica {}: {}", r.addr, s.message())))?
+            .into_inner();
+        let stop = offset + u64::from(len);
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for x in map.extents {
+            // Clip block extents to the byte range asked for.
+            let s = (x.block * BLOCK).max(offset);
+            let e = ((x.block + x.count) * BLOCK).min(stop);
+            if e <= s {
+                continue;
+            }
+            let flags = if x.allocated {
+                0
+            } else {
+                crate::nbd::proto::STATE_HOLE | crate::nbd::proto::STATE_ZERO
+            };
+            runs.push(((e - s) as u32, flags));
+        }
+        if runs.is_empty() {
+            runs.push((len, 0));
+        }
+        Ok(runs)
+    }
+
     fn connection_opened(&self) {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
         self.attached.fetch_add(1, Ordering::Relaxed);
@@ -795,6 +830,14 @@ impl BlockDevice for View {
         match self {
             View::Head(v) => v.flush().await,
             View::Snapshot(..) => Ok(()),
+        }
+    }
+
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<(u32, u32)>, DeviceError> {
+        match self {
+            View::Head(v) => v.block_status(offset, len).await,
+            // Snapshot maps are not tracked separately yet: report all as data.
+            View::Snapshot(..) => Ok(vec![(len, 0)]),
         }
     }
 

@@ -11,8 +11,8 @@ use futures::Stream;
 use tether_proto::replica::replica_server::{Replica, ReplicaServer};
 use tether_proto::replica::{
     io_request::Op, DeleteSnapshotReply, DeleteSnapshotRequest, ErrorCode, IoBatch, IoReply,
-    IoReplyBatch, IoRequest, ListReply, ListRequest, OpenReply, OpenRequest, SnapshotInfo,
-    SnapshotsReply, SnapshotsRequest, VolumeSummary,
+    IoReplyBatch, IoRequest, ListReply, ListRequest, MapReply, MapRequest, OpenReply, OpenRequest,
+    SnapshotInfo, SnapshotsReply, SnapshotsRequest, VolumeSummary,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -232,6 +232,22 @@ impl Replica for ReplicaService {
             wal_allocated,
             size: vol.size(),
         }))
+    }
+
+    async fn map(&self, req: Request<MapRequest>) -> Result<Response<MapReply>, Status> {
+        let req = req.into_inner();
+        let vol = self.volumes.get(&req.volume).map_err(status)?;
+        let extents = vol
+            .map(req.block, req.count)
+            .map_err(status)?
+            .into_iter()
+            .map(|(s, e, allocated)| tether_proto::replica::Extent {
+                block: s,
+                count: e - s,
+                allocated,
+            })
+            .collect();
+        Ok(Response::new(MapReply { extents }))
     }
 
     async fn delete_snapshot(

@@ -79,6 +79,15 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn trim(&self, offset: u64, len: u32) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Allocation of `[offset, offset+len)` as (length, NBD_STATE_* flags) runs.
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Vec<(u32, u32)>, DeviceError>> + Send {
+        let _ = offset;
+        async move { Ok(vec![(len, 0)]) }
+    }
     /// Called when a client enters transmission, for counters.
     fn connection_opened(&self) {}
     /// Called when that client leaves.
@@ -162,11 +171,11 @@ where
     T: ExportTable,
 {
     let mut stream = stream;
-    let Some((export, structured)) = negotiate(&mut stream, &*exports).await? else {
+    let Some((export, mode)) = negotiate(&mut stream, &*exports).await? else {
         return Ok(());
     };
     export.device.connection_opened();
-    let r = transmission(stream, export.device.clone(), structured, export.read_only).await;
+    let r = transmission(stream, export.device.clone(), mode, export.read_only).await;
     export.device.connection_closed();
     r
 }
@@ -196,10 +205,17 @@ async fn skip(stream: &mut (impl AsyncRead + Unpin), len: u64) -> std::io::Resul
 }
 
 /// Runs option negotiation; `None` when the client ended it without transmission.
+/// What the client negotiated for transmission.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mode {
+    structured: bool,
+    allocation: bool,
+}
+
 async fn negotiate<S, T>(
     stream: &mut S,
     exports: &T,
-) -> Result<Option<(Export<T::Device>, bool)>, ConnError>
+) -> Result<Option<(Export<T::Device>, Mode)>, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     T: ExportTable,
@@ -217,6 +233,7 @@ where
     }
     let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
     let mut structured = false;
+    let mut allocation = false;
     loop {
         let magic = stream.read_u64().await?;
         if magic != IHAVEOPT {
@@ -246,7 +263,11 @@ where
                     out.put_slice(&[0u8; 124]);
                 }
                 send(stream, &mut out).await?;
-                return Ok(Some((export, structured)));
+                let mode = Mode {
+                    structured,
+                    allocation,
+                };
+                return Ok(Some((export, mode)));
             }
             OPT_ABORT => {
                 put_option_reply(&mut out, option, REP_ACK, &[]);
@@ -319,7 +340,47 @@ where
                 put_option_reply(&mut out, option, REP_ACK, &[]);
                 if option == OPT_GO {
                     send(stream, &mut out).await?;
-                    return Ok(Some((export, structured)));
+                    let mode = Mode {
+                        structured,
+                        allocation,
+                    };
+                    return Ok(Some((export, mode)));
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let req = parse_meta_request(&data);
+                match req {
+                    _ if !structured => put_option_reply(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"negotiate structured replies first",
+                    ),
+                    None => put_option_reply(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"malformed meta context request",
+                    ),
+                    Some(req) if exports.find(&req.name).is_none() => {
+                        let msg = format!("no export named {:?}", req.name);
+                        put_option_reply(&mut out, option, REP_ERR_UNKNOWN, msg.as_bytes());
+                    }
+                    Some(req) => {
+                        let set = option == OPT_SET_META_CONTEXT;
+                        let wanted = req.queries.iter().any(|q| {
+                            q == META_BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()))
+                        }) || (!set && req.queries.is_empty());
+                        if set {
+                            allocation = wanted;
+                        }
+                        if wanted {
+                            let mut d = META_ID_ALLOCATION.to_be_bytes().to_vec();
+                            d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                            put_option_reply(&mut out, option, REP_META_CONTEXT, &d);
+                        }
+                        put_option_reply(&mut out, option, REP_ACK, &[]);
+                    }
                 }
             }
             OPT_STARTTLS => {
@@ -345,12 +406,13 @@ struct Reply {
 enum ReplyData {
     None,
     Data(Vec<Bytes>, u32),
+    Status(Vec<(u32, u32)>),
 }
 
 async fn transmission<S, D>(
     stream: S,
     device: Arc<D>,
-    structured: bool,
+    mode: Mode,
     read_only: bool,
 ) -> Result<(), ConnError>
 where
@@ -359,9 +421,9 @@ where
 {
     let (mut rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_replies(wr, rx, structured));
+    let writer = tokio::spawn(write_replies(wr, rx, mode.structured));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let result = read_requests(&mut rd, &device, &tx, &permits, read_only).await;
+    let result = read_requests(&mut rd, &device, &tx, &permits, read_only, mode).await;
     // Let requests already running finish and be answered before closing.
     let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
     drop(tx);
@@ -375,6 +437,7 @@ async fn read_requests<R, D>(
     tx: &mpsc::UnboundedSender<Reply>,
     permits: &Arc<Semaphore>,
     read_only: bool,
+    mode: Mode,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
@@ -411,8 +474,19 @@ where
             is_read,
             offset: req.offset,
         };
-        if let Err(e) = check_request(&req, size, read_only) {
-            let _ = tx.send(reply(Err(e), req.kind == CMD_READ));
+        // Reads and block status must be answered with structured chunks.
+        let chunked = matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS);
+        let checked = check_request(&req, size, read_only).and_then(|_| {
+            if req.kind == CMD_BLOCK_STATUS && !mode.allocation {
+                Err(DeviceError::Invalid(
+                    "block status needs the base:allocation context".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = checked {
+            let _ = tx.send(reply(Err(e), chunked));
             continue;
         }
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -445,9 +519,20 @@ where
                     )
                     .await
                     .map(|_| ReplyData::None),
+                CMD_BLOCK_STATUS => {
+                    device
+                        .block_status(req.offset, req.length)
+                        .await
+                        .map(|mut d| {
+                            if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                                d.truncate(1);
+                            }
+                            ReplyData::Status(d)
+                        })
+                }
                 _ => Err(DeviceError::Invalid("unsupported command".into())),
             };
-            let _ = tx.send(reply(result, req.kind == CMD_READ));
+            let _ = tx.send(reply(result, chunked));
             drop(permit);
         });
     }
@@ -460,6 +545,7 @@ fn check_request(req: &RequestHeader, size: u64, read_only: bool) -> Result<(), 
         CMD_WRITE => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
         CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
         other => {
             return Err(DeviceError::Invalid(format!(
                 "command {other} is not supported"
@@ -477,6 +563,9 @@ fn check_request(req: &RequestHeader, size: u64, read_only: bool) -> Result<(), 
     }
     if req.kind == CMD_FLUSH {
         return Ok(());
+    }
+    if req.kind == CMD_BLOCK_STATUS && req.length == 0 {
+        return Err(DeviceError::Invalid("block status of 0 bytes".into()));
     }
     if req.kind == CMD_READ && req.length > MAX_PAYLOAD {
         return Err(DeviceError::Invalid(format!(
@@ -532,6 +621,15 @@ where
 
 fn encode_reply(out: &mut BytesMut, r: &Reply, structured: bool) {
     match (&r.result, structured && r.is_read) {
+        (Ok(ReplyData::Status(runs)), true) => {
+            let len = 4 + 8 * runs.len() as u32;
+            put_structured_header(out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, r.handle, len);
+            out.put_u32(META_ID_ALLOCATION);
+            for &(l, f) in runs {
+                out.put_u32(l);
+                out.put_u32(f);
+            }
+        }
         (Ok(ReplyData::Data(_, len)), true) => {
             put_structured_header(
                 out,

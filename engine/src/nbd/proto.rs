@@ -37,6 +37,20 @@ pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 /// Enables structured replies.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// Lists metadata contexts.
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// Selects metadata contexts.
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+/// Reply: one metadata context.
+pub const REP_META_CONTEXT: u32 = 4;
+/// The allocation context every server may offer.
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+/// Our id for base:allocation.
+pub const META_ID_ALLOCATION: u32 = 1;
+/// Block status flag: unallocated.
+pub const STATE_HOLE: u32 = 1;
+/// Block status flag: reads as zeroes.
+pub const STATE_ZERO: u32 = 2;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
@@ -91,6 +105,8 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 /// Write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Block status.
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1;
@@ -98,6 +114,8 @@ pub const CMD_FLAG_FUA: u16 = 1;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 /// Read must not be fragmented.
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// Block status: one extent is enough.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 /// Structured reply flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1;
@@ -107,6 +125,8 @@ pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 /// An error, with a message.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// Block status descriptors.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 
 /// Errors sent to the client (Linux errno values, as the spec fixes them).
 pub const EPERM: u32 = 1;
@@ -216,6 +236,38 @@ pub fn parse_info_request(data: &[u8]) -> Option<InfoRequest> {
     })
 }
 
+/// The body of NBD_OPT_{LIST,SET}_META_CONTEXT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaRequest {
+    /// Export name.
+    pub name: String,
+    /// Context queries.
+    pub queries: Vec<String>,
+}
+
+/// Parses a meta context request; `None` if malformed.
+pub fn parse_meta_request(data: &[u8]) -> Option<MetaRequest> {
+    let name_len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4usize.checked_add(name_len)?)?;
+    let mut rest = &data[4 + name_len..];
+    let n = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?) as usize;
+    rest = &rest[4..];
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let len = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?) as usize;
+        let q = rest.get(4..4usize.checked_add(len)?)?;
+        queries.push(String::from_utf8(q.to_vec()).ok()?);
+        rest = &rest[4 + len..];
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    Some(MetaRequest {
+        name: String::from_utf8(name.to_vec()).ok()?,
+        queries,
+    })
+}
+
 /// Appends an option reply with `data`.
 pub fn put_option_reply(out: &mut BytesMut, option: u32, kind: u32, data: &[u8]) {
     out.put_u64(REPLY_MAGIC);
@@ -271,6 +323,11 @@ mod tests {
         #[test]
         fn request_parse_never_panics(b in proptest::array::uniform28(any::<u8>())) {
             let _ = parse_request(&b);
+        }
+
+        #[test]
+        fn meta_parse_never_panics(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = parse_meta_request(&b);
         }
 
         #[test]
