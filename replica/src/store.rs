@@ -301,6 +301,17 @@ impl Volume {
             .map_err(e("creating the log", &wal_path))?;
         wal.allocate(wal_size)
             .map_err(e("allocating the log", &wal_path))?;
+        // Written zeroes, not just reserved space: a first write into an unwritten
+        // extent makes fdatasync commit metadata too, and flush latency is the log's
+        // whole job.
+        let zeroes = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < wal_size {
+            let n = (wal_size - at).min(zeroes.len() as u64) as usize;
+            wal.write_at(&zeroes[..n], at)
+                .map_err(e("zeroing the log", &wal_path))?;
+            at += n as u64;
+        }
         let header = WalHeader {
             gen: 1,
             revision: 0,
