@@ -19,7 +19,7 @@ pub struct ExtentMap<V> {
     map: BTreeMap<u64, (u64, V)>,
 }
 
-impl<V: Shift> ExtentMap<V> {
+impl<V: Shift + PartialEq> ExtentMap<V> {
     /// An empty map.
     pub fn new() -> Self {
         ExtentMap {
@@ -68,11 +68,28 @@ impl<V: Shift> ExtentMap<V> {
     }
 
     /// Maps `[start, end)` to `v` (for `start`; later blocks get `v.shift(i)`).
+    /// Neighbours that continue each other merge, so a volume written in random
+    /// order but completely ends up as one extent.
     pub fn insert(&mut self, start: u64, end: u64, v: V) {
         if start >= end {
             return;
         }
         self.remove(start, end);
+        let (mut start, mut end, mut v) = (start, end, v);
+        if let Some((&ls, &(le, ref lv))) = self.map.range(..start).next_back() {
+            if le == start && lv.shift(le - ls) == v {
+                v = lv.clone();
+                start = ls;
+                self.map.remove(&ls);
+            }
+        }
+        if let Some((re, rv)) = self.map.get(&end) {
+            if v.shift(end - start) == *rv {
+                let re = *re;
+                self.map.remove(&end);
+                end = re;
+            }
+        }
         self.map.insert(start, (end, v));
     }
 
@@ -129,6 +146,11 @@ mod tests {
             }
             for (b, want) in flat.iter().enumerate() {
                 prop_assert_eq!(m.get(b as u64).map(|(v, _)| v.0), *want);
+            }
+            // Adjacent extents that continue each other are always merged.
+            let ext: Vec<(u64, u64, u64)> = m.iter().map(|(s, e, v)| (s, e, v.0)).collect();
+            for w in ext.windows(2) {
+                prop_assert!(!(w[0].1 == w[1].0 && w[0].2 + (w[0].1 - w[0].0) == w[1].2));
             }
             let mapped = flat.iter().filter(|x| x.is_some()).count() as u64;
             prop_assert_eq!(m.blocks(), mapped);

@@ -149,7 +149,7 @@ struct Meta {
 }
 
 /// Where a block written since the last checkpoint lives in the log.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Recent {
     Zero,
     Data { data_off: u64, crc_off: u64 },
