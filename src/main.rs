@@ -22,17 +22,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a replica daemon holding the replicas of many volumes.
+    #[command(args_conflicts_with_subcommands = true)]
     Replica {
+        #[command(subcommand)]
+        cmd: Option<ReplicaCmd>,
         /// Address to serve gRPC on, e.g. 0.0.0.0:7001.
         #[arg(long)]
-        listen: SocketAddr,
+        listen: Option<SocketAddr>,
         /// Directory for the volumes' data (created if missing).
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         /// Put the write-ahead logs on this directory (e.g. a faster disk).
         #[arg(long)]
         wal_dir: Option<PathBuf>,
-        /// Size of each volume's write-ahead log (preallocated).
+        /// Size of each new volume's write-ahead log (preallocated).
         #[arg(long, default_value = "64M", value_parser = parse_size)]
         wal_size: u64,
     },
@@ -94,6 +97,15 @@ struct EngineArgs {
     /// Seconds a replica may take to answer before it is dropped.
     #[arg(long, default_value_t = 8.0)]
     timeout: f64,
+    /// With fewer healthy replicas, writes fail with EIO instead of running on too few copies.
+    #[arg(long, default_value_t = 1)]
+    min_replicas: usize,
+    /// Replicas wanted (default: as many as --replica); fewer healthy is shown as degraded.
+    #[arg(long = "replicas")]
+    desired_replicas: Option<usize>,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -128,6 +140,24 @@ struct Target {
     /// The engine's control socket, if not the default.
     #[arg(long)]
     control_socket: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ReplicaCmd {
+    /// Add a replica to a running volume: it rebuilds online, then serves.
+    Add {
+        #[command(flatten)]
+        target: Target,
+        /// The replica daemon's address.
+        address: String,
+    },
+    /// Remove a replica from a volume (refused below --min-replicas).
+    Rm {
+        #[command(flatten)]
+        target: Target,
+        /// The replica daemon's address.
+        address: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -214,12 +244,17 @@ fn main() -> Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match cli.cmd {
+            Cmd::Replica { cmd: Some(cmd), .. } => replica_cmd(cmd).await,
             Cmd::Replica {
+                cmd: None,
                 listen,
                 data,
                 wal_dir,
                 wal_size,
             } => {
+                let (Some(listen), Some(data)) = (listen, data) else {
+                    bail!("a replica daemon needs --listen ADDR and --data DIR (or use `tether replica add|rm`)");
+                };
                 if wal_size < 1 << 20 {
                     bail!("--wal-size must be at least 1M");
                 }
@@ -258,6 +293,9 @@ async fn run_engine(a: EngineArgs) -> Result<()> {
         nbd_socket: a.nbd_socket,
         control_socket,
         timeout: Duration::from_secs_f64(a.timeout),
+        min_replicas: a.min_replicas,
+        desired_replicas: a.desired_replicas.unwrap_or(0),
+        metrics_listen: a.metrics_listen,
     };
     tether_engine::run(cfg, shutdown_signal()).await?;
     Ok(())
@@ -343,6 +381,9 @@ async fn up(
         nbd_socket: None,
         control_socket: control_socket.clone(),
         timeout: Duration::from_secs(8),
+        min_replicas: 1,
+        desired_replicas: 3,
+        metrics_listen: None,
     };
     let port = nbd_listen.port();
     let host = nbd_listen.ip();
@@ -400,6 +441,48 @@ fn human(bytes: u64) -> String {
         b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
         b => format!("{b} B"),
     }
+}
+
+async fn replica_cmd(cmd: ReplicaCmd) -> Result<()> {
+    use tether_proto::engine::ReplicaRequest;
+    match cmd {
+        ReplicaCmd::Add { target, address } => {
+            engine(&target)
+                .await?
+                .add_replica(ReplicaRequest {
+                    address: address.clone(),
+                })
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "volume {}: replica add failed: {}",
+                        target.volume,
+                        e.message()
+                    )
+                })?;
+            println!(
+                "replica {address} joins volume {} and rebuilds online; follow it with `tether volume status {}`",
+                target.volume, target.volume
+            );
+        }
+        ReplicaCmd::Rm { target, address } => {
+            engine(&target)
+                .await?
+                .remove_replica(ReplicaRequest {
+                    address: address.clone(),
+                })
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "volume {}: replica rm failed: {}",
+                        target.volume,
+                        e.message()
+                    )
+                })?;
+            println!("replica {address} removed from volume {}", target.volume);
+        }
+    }
+    Ok(())
 }
 
 async fn snapshot_cmd(cmd: SnapshotCmd) -> Result<()> {
@@ -555,15 +638,15 @@ async fn status(target: &Target, json: bool) -> Result<()> {
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"address\":{:?},\"state\":{:?},\"reason\":{:?}}}",
-                    r.address, r.state, r.reason
+                    "{{\"address\":{:?},\"state\":{:?},\"reason\":{:?},\"rebuild_done\":{},\"rebuild_total\":{},\"rebuild_copied\":{}}}",
+                    r.address, r.state, r.reason, r.rebuild_done_blocks, r.rebuild_total_blocks, r.rebuild_copied_bytes
                 )
             })
             .collect();
         println!(
-            "{{\"volume\":{:?},\"size\":{},\"block_size\":{},\"epoch\":{},\"nbd\":{:?},\"head_allocated\":{},\"wal_allocated\":{},\"attached\":{},\"snapshots\":[{}],\"replicas\":[{}],\
+            "{{\"volume\":{:?},\"size\":{},\"block_size\":{},\"epoch\":{},\"nbd\":{:?},\"head_allocated\":{},\"wal_allocated\":{},\"attached\":{},\"degraded\":{},\"snapshots\":[{}],\"replicas\":[{}],\
              \"counters\":{{\"reads\":{},\"writes\":{},\"flushes\":{},\"trims\":{},\"errors\":{},\"bytes_read\":{},\"bytes_written\":{},\"nbd_connections\":{},\"checksum_errors\":{}}}}}",
-            s.volume, s.size, s.block_size, s.epoch, s.nbd_address, s.head_allocated, s.wal_allocated, s.attached_clients,
+            s.volume, s.size, s.block_size, s.epoch, s.nbd_address, s.head_allocated, s.wal_allocated, s.attached_clients, s.degraded,
             s.snapshots.iter().map(|x| format!("{{\"name\":{:?},\"seq\":{},\"allocated\":{}}}", x.name, x.seq, x.allocated)).collect::<Vec<_>>().join(","),
             replicas.join(","),
             c.reads, c.writes, c.flushes, c.trims, c.errors, c.bytes_read, c.bytes_written, c.nbd_connections, c.checksum_errors
@@ -591,9 +674,30 @@ async fn status(target: &Target, json: bool) -> Result<()> {
         println!("  snapshot {:<20} {}", x.name, human(x.allocated));
     }
     println!("clients   {} attached", s.attached_clients);
-    println!("replicas  {healthy} of {} healthy", s.replicas.len());
+    println!(
+        "replicas  {healthy} of {} healthy (want {}, writes need {}){}",
+        s.replicas.len(),
+        s.desired_replicas,
+        s.min_replicas,
+        if s.degraded { "  DEGRADED" } else { "" }
+    );
     for r in &s.replicas {
-        if r.reason.is_empty() {
+        if r.state == "rebuilding" {
+            let pct = if r.rebuild_total_blocks == 0 {
+                0.0
+            } else {
+                r.rebuild_done_blocks as f64 * 100.0 / r.rebuild_total_blocks as f64
+            };
+            println!(
+                "  {:<24} rebuilding {:.1}% ({}), copied {}, {}/s, ETA {} s",
+                r.address,
+                pct,
+                r.rebuild_phase,
+                human(r.rebuild_copied_bytes),
+                human(r.rebuild_rate_bytes),
+                r.rebuild_eta_seconds
+            );
+        } else if r.reason.is_empty() {
             println!("  {:<24} {}", r.address, r.state);
         } else {
             println!("  {:<24} {}  ({})", r.address, r.state, r.reason);

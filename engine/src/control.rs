@@ -9,8 +9,9 @@ use hyper_util::rt::TokioIo;
 use tether_proto::engine::engine_client::EngineClient;
 use tether_proto::engine::engine_server::{Engine, EngineServer};
 use tether_proto::engine::{
-    Counters, ExpandReply, ExpandRequest, ReplicaStatus, Snapshot, SnapshotList, SnapshotReply,
-    SnapshotRequest, StatusReply, StatusRequest, VerifyProblem, VerifyProgress, VerifyRequest,
+    Counters, ExpandReply, ExpandRequest, ReplicaReply, ReplicaRequest, ReplicaStatus, Snapshot,
+    SnapshotList, SnapshotReply, SnapshotRequest, StatusReply, StatusRequest, VerifyProblem,
+    VerifyProgress, VerifyRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
@@ -73,12 +74,28 @@ impl Engine for ControlService {
         let replicas = v
             .replicas()
             .iter()
-            .map(|r| ReplicaStatus {
-                address: r.addr.clone(),
-                state: if r.is_healthy() { "healthy" } else { "failed" }.to_string(),
-                reason: r.reason(),
+            .map(|r| {
+                let mut st = ReplicaStatus {
+                    address: r.addr.clone(),
+                    state: r.state().to_string(),
+                    reason: r.reason(),
+                    ..Default::default()
+                };
+                if let Some(p) = v.rebuilds.lock().get(&r.addr) {
+                    if st.state == "failed" {
+                        st.state = "rebuilding".into();
+                    }
+                    st.rebuild_done_blocks = p.done.load(Ordering::Relaxed);
+                    st.rebuild_total_blocks = p.total.load(Ordering::Relaxed);
+                    st.rebuild_copied_bytes = p.copied.load(Ordering::Relaxed);
+                    st.rebuild_rate_bytes = p.rate() as u64;
+                    st.rebuild_eta_seconds = p.eta();
+                    st.rebuild_phase = p.phase.lock().clone();
+                }
+                st
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let healthy = replicas.iter().filter(|r| r.state == "healthy").count();
         Ok(Response::new(StatusReply {
             volume: v.name().to_string(),
             size: crate::nbd::BlockDevice::size(&**v),
@@ -101,7 +118,62 @@ impl Engine for ControlService {
             wal_allocated: space.as_ref().map_or(0, |s| s.wal_allocated),
             snapshots,
             attached_clients: v.attached(),
+            min_replicas: v.min_replicas() as u64,
+            desired_replicas: v.desired() as u64,
+            degraded: healthy < v.desired(),
         }))
+    }
+
+    async fn add_replica(
+        &self,
+        req: Request<ReplicaRequest>,
+    ) -> Result<Response<ReplicaReply>, Status> {
+        let addr = req.into_inner().address;
+        let v = &self.volume;
+        if v.replicas()
+            .iter()
+            .any(|r| r.addr == addr && r.state() != "failed")
+        {
+            return Err(Status::already_exists(format!(
+                "volume {}: replica {addr} is already part of the volume",
+                v.name()
+            )));
+        }
+        let vol = v.clone();
+        tokio::spawn(async move {
+            let _ = crate::rebuild::rebuild(vol, addr).await;
+        });
+        Ok(Response::new(ReplicaReply {}))
+    }
+
+    async fn remove_replica(
+        &self,
+        req: Request<ReplicaRequest>,
+    ) -> Result<Response<ReplicaReply>, Status> {
+        let addr = req.into_inner().address;
+        let v = &self.volume;
+        let Some(r) = v.replicas().into_iter().find(|r| r.addr == addr) else {
+            return Err(Status::not_found(format!(
+                "volume {}: no replica {addr}",
+                v.name()
+            )));
+        };
+        if r.is_healthy() && v.healthy_count() <= v.min_replicas() {
+            return Err(Status::failed_precondition(format!(
+                "volume {}: removing {addr} would leave fewer than --min-replicas {} healthy replicas",
+                v.name(),
+                v.min_replicas()
+            )));
+        }
+        if r.is_healthy() && v.healthy_count() <= 1 {
+            return Err(Status::failed_precondition(format!(
+                "volume {}: {addr} is the last healthy replica",
+                v.name()
+            )));
+        }
+        r.mark_failed("removed by the operator".into());
+        v.remove(&addr);
+        Ok(Response::new(ReplicaReply {}))
     }
 
     async fn create_snapshot(

@@ -2,8 +2,10 @@
 //! serves it over NBD, and answers control requests on a Unix socket.
 
 pub mod control;
+pub mod metrics;
 pub mod nbd;
 pub mod range_lock;
+pub mod rebuild;
 pub mod replica_client;
 pub mod volume;
 
@@ -35,6 +37,12 @@ pub struct EngineConfig {
     pub control_socket: PathBuf,
     /// How long a replica may take to answer before it is dropped.
     pub timeout: Duration,
+    /// Fewer healthy replicas than this: writes fail with EIO.
+    pub min_replicas: usize,
+    /// Replica count wanted (0: as many as given); fewer healthy is degraded.
+    pub desired_replicas: usize,
+    /// Serve Prometheus metrics here.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why the engine could not start or stopped.
@@ -74,6 +82,14 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
         }
     }
     let connect_timeout = cfg.timeout.min(Duration::from_secs(5));
+    // Lets this engine reopen its replicas at its own epoch after they come back.
+    let engine_id = {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (t ^ (u64::from(std::process::id()) << 40)) | 1
+    };
     // Round 1: reach every replica, create the volume where missing, read its state.
     let probes = futures::future::join_all(cfg.replicas.iter().map(|addr| {
         let req = OpenRequest {
@@ -81,6 +97,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             size: cfg.size.unwrap_or(0),
             create: cfg.size.is_some(),
             epoch: 0,
+            engine_id: 0,
         };
         async move {
             let client = replica_client::connect(addr, connect_timeout).await?;
@@ -138,6 +155,15 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
     // Only the replicas with the highest durable revision may serve: a lower one
     // missed writes while it was away.
     let newest = reachable.iter().map(|(_, r)| r.revision).max().unwrap_or(0);
+    let best: Vec<&str> = reachable
+        .iter()
+        .filter(|(_, r)| r.revision == newest)
+        .map(|(c, _)| c.addr.as_str())
+        .collect();
+    let all_dirty = reachable.iter().all(|(_, r)| !r.clean);
+    tracing::info!(volume = %cfg.volume, revision = newest, serving = ?best, all_dirty,
+        "serving from the replicas with the highest durable revision{}",
+        if all_dirty { " (none closed cleanly: the highest revision is the freshest that is provable)" } else { "" });
     let epoch = reachable
         .iter()
         .map(|(_, r)| r.previous_epoch)
@@ -164,6 +190,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
                 size,
                 create: false,
                 epoch,
+                engine_id,
             };
             let res = match c.open(req).await {
                 Ok(_) => c.start(epoch).await,
@@ -190,14 +217,13 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
         });
     }
     tracing::info!(volume = %cfg.volume, epoch, revision = newest, healthy, total = conns.len(), size, "volume open");
-    Ok(Arc::new(Volume::new(
-        &cfg.volume,
-        size,
-        epoch,
-        conns,
-        newest,
-        cfg.timeout,
-    )))
+    Ok(Arc::new(
+        Volume::new(&cfg.volume, size, epoch, conns, newest, cfg.timeout).with_policy(
+            cfg.min_replicas,
+            cfg.desired_replicas,
+            engine_id,
+        ),
+    ))
 }
 
 /// Runs the engine until `shutdown` resolves, then flushes and closes cleanly.
@@ -252,6 +278,13 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
         (None, None) => String::new(),
     };
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(rebuild::watch(volume.clone()));
+    if let Some(addr) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| listen_err(format!("metrics address {addr}"), e))?;
+        tasks.spawn(metrics::serve(l, volume.clone()));
+    }
     let svc = control::ControlService::new(volume.clone(), nbd_address.clone());
     tasks.spawn(async move {
         if let Err(e) = control::serve(control, svc).await {

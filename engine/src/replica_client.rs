@@ -56,6 +56,7 @@ pub struct ReplicaConn {
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
     healthy: AtomicBool,
+    rebuilding: AtomicBool,
     reason: Mutex<String>,
     close: Arc<Notify>,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -98,6 +99,7 @@ impl ReplicaConn {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             healthy: AtomicBool::new(true),
+            rebuilding: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
             close: Arc::new(Notify::new()),
             reader: Mutex::new(None),
@@ -210,7 +212,7 @@ impl ReplicaConn {
                 Err(s) => break format!("I/O stream failed: {}", s.message()),
             }
         };
-        if self.is_healthy() {
+        if self.is_writable() {
             self.mark_failed(why);
         }
     }
@@ -234,7 +236,28 @@ impl ReplicaConn {
 
     /// Whether the replica is in the read-write set.
     pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst) && !self.rebuilding.load(Ordering::SeqCst)
+    }
+
+    /// Whether the replica takes writes (healthy, or rebuilding write-only).
+    pub fn is_writable(&self) -> bool {
         self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Marks the replica as a write-only rebuild target, or done rebuilding.
+    pub fn set_rebuilding(&self, on: bool) {
+        self.rebuilding.store(on, Ordering::SeqCst);
+    }
+
+    /// "healthy", "rebuilding" or "failed".
+    pub fn state(&self) -> &'static str {
+        if !self.healthy.load(Ordering::SeqCst) {
+            "failed"
+        } else if self.rebuilding.load(Ordering::SeqCst) {
+            "rebuilding"
+        } else {
+            "healthy"
+        }
     }
 
     /// Why the replica was dropped (empty while healthy).

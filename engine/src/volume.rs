@@ -2,6 +2,7 @@
 //! volume-wide sequence, fans them out to every healthy replica and collects the
 //! acknowledgements, dropping replicas that fail or stall.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +57,17 @@ pub struct Volume {
     snapshot_names: Mutex<Vec<String>>,
     /// NBD clients in transmission right now.
     attached: AtomicU64,
-    replicas: Vec<Arc<ReplicaConn>>,
+    /// A newer engine took over the volume: this one must not touch it any more.
+    fenced: std::sync::atomic::AtomicBool,
+    replicas: parking_lot::RwLock<Vec<Arc<ReplicaConn>>>,
+    /// Fewer healthy replicas than this: writes fail with EIO.
+    min_replicas: usize,
+    /// The replica count wanted; fewer healthy means degraded.
+    desired: usize,
+    /// Identifies this engine process to replicas when it reopens them.
+    pub engine_id: u64,
+    /// Rebuilds under way, by replica address.
+    pub rebuilds: Mutex<HashMap<String, Arc<crate::rebuild::Progress>>>,
     /// Last write sequence handed out; held while a write is queued on every replica,
     /// so all replicas see writes in the same order.
     seq: Mutex<u64>,
@@ -89,7 +100,12 @@ impl Volume {
             gate: tokio::sync::RwLock::new(()),
             snapshot_names: Mutex::new(Vec::new()),
             attached: AtomicU64::new(0),
-            replicas,
+            fenced: std::sync::atomic::AtomicBool::new(false),
+            replicas: parking_lot::RwLock::new(replicas),
+            min_replicas: 1,
+            desired: 0,
+            engine_id: 0,
+            rebuilds: Mutex::new(HashMap::new()),
             seq: Mutex::new(seq),
             locks: RangeLock::default(),
             next_reader: AtomicUsize::new(0),
@@ -113,11 +129,56 @@ impl Volume {
         self.attached.load(Ordering::Relaxed)
     }
 
-    fn first_healthy(&self) -> Result<&Arc<ReplicaConn>, DeviceError> {
+    /// Sets the replica policy: `min` healthy replicas to accept writes, `desired` in all.
+    pub fn with_policy(mut self, min: usize, desired: usize, engine_id: u64) -> Volume {
+        self.min_replicas = min.max(1);
+        self.desired = desired;
+        self.engine_id = engine_id;
+        self
+    }
+
+    /// Fewer healthy replicas than this fail writes.
+    pub fn min_replicas(&self) -> usize {
+        self.min_replicas
+    }
+
+    /// The wanted number of replicas.
+    pub fn desired(&self) -> usize {
+        self.desired.max(self.replicas.read().len())
+    }
+
+    /// The operation timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A healthy replica to read from or ask.
+    pub fn first_healthy(&self) -> Result<Arc<ReplicaConn>, DeviceError> {
         self.replicas
+            .read()
             .iter()
             .find(|r| r.is_healthy())
+            .cloned()
             .ok_or_else(|| self.no_replica())
+    }
+
+    /// Adds a replica to the write set (as a rebuild target, write-only).
+    pub fn join(&self, r: Arc<ReplicaConn>) {
+        // Under the sequence lock: no write is half-queued while the set changes.
+        let _seq = self.seq.lock();
+        let mut reps = self.replicas.write();
+        match reps.iter().position(|x| x.addr == r.addr) {
+            Some(i) => reps[i] = r,
+            None => reps.push(r),
+        }
+    }
+
+    /// Removes the replica at `addr` from the volume.
+    pub fn remove(&self, addr: &str) -> Option<Arc<ReplicaConn>> {
+        let _seq = self.seq.lock();
+        let mut reps = self.replicas.write();
+        let i = reps.iter().position(|x| x.addr == addr)?;
+        Some(reps.remove(i))
     }
 
     /// Snapshots and space, as one healthy replica sees them.
@@ -145,8 +206,21 @@ impl Volume {
         self.snapshot_names.lock().clone()
     }
 
+    /// Refuses chain-changing operations while a rebuild copies the chain.
+    fn no_rebuild(&self, what: &str) -> Result<(), DeviceError> {
+        let r = self.rebuilds.lock();
+        match r.keys().next() {
+            Some(addr) => Err(DeviceError::Invalid(format!(
+                "volume {}: replica {addr} is rebuilding; {what} after it finishes (see tether volume status)",
+                self.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Takes snapshot `name` on every replica at the same point of the write stream.
     pub async fn snapshot(&self, name: &str) -> Result<(), DeviceError> {
+        self.no_rebuild("take the snapshot")?;
         if self.has_snapshot(name) {
             return Err(DeviceError::Invalid(format!(
                 "volume {}: a snapshot named {name} already exists",
@@ -167,6 +241,7 @@ impl Volume {
 
     /// Makes the volume's contents those of snapshot `name`; refused while attached.
     pub async fn revert(&self, name: &str) -> Result<(), DeviceError> {
+        self.no_rebuild("revert")?;
         let _cut = self.gate.write().await;
         let n = self.attached();
         if n > 0 {
@@ -189,13 +264,15 @@ impl Volume {
 
     /// Deletes snapshot `name` on every healthy replica; I/O continues meanwhile.
     pub async fn delete_snapshot(&self, name: &str) -> Result<(), DeviceError> {
+        self.no_rebuild("delete the snapshot")?;
         if !self.has_snapshot(name) {
             return Err(DeviceError::Invalid(format!(
                 "volume {}: no snapshot named {name}",
                 self.name
             )));
         }
-        let calls = self.replicas.iter().filter(|r| r.is_healthy()).map(|r| {
+        let reps = self.replicas();
+        let calls = reps.iter().filter(|r| r.is_healthy()).map(|r| {
             let req = DeleteSnapshotRequest {
                 volume: self.name.clone(),
                 epoch: self.epoch,
@@ -254,19 +331,7 @@ impl Volume {
         block: u64,
         count: u32,
     ) -> Result<Bytes, ReplicaError> {
-        let rx = r.submit(Op::Read(Read {
-            block,
-            count,
-            snapshot: String::new(),
-        }));
-        match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(res)) => res,
-            Ok(Err(_)) => Err(ReplicaError::Gone("connection lost".into())),
-            Err(_) => Err(ReplicaError::Gone(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
-        }
+        self.read_view_from(r, "", block, count).await
     }
 
     /// Reads blocks `[block, block+count)` from every healthy replica, with writes to
@@ -274,8 +339,8 @@ impl Volume {
     pub async fn verify_chunk(&self, block: u64, count: u32) -> Vec<(u64, String, String)> {
         let _shared = self.gate.read().await;
         let _guard = self.locks.lock(block, block + u64::from(count)).await;
-        let healthy: Vec<&Arc<ReplicaConn>> =
-            self.replicas.iter().filter(|r| r.is_healthy()).collect();
+        let reps = self.replicas();
+        let healthy: Vec<&Arc<ReplicaConn>> = reps.iter().filter(|r| r.is_healthy()).collect();
         let reads =
             futures::future::join_all(healthy.iter().map(|r| self.read_from(r, block, count)))
                 .await;
@@ -327,8 +392,9 @@ impl Volume {
     fn submit_unsequenced(&self, op: Op) -> Waiting {
         let _seq = self.seq.lock();
         self.replicas
+            .read()
             .iter()
-            .filter(|r| r.is_healthy())
+            .filter(|r| r.is_writable())
             .map(|r| (r.clone(), r.submit(op.clone())))
             .collect()
     }
@@ -356,7 +422,7 @@ impl Volume {
             // A refusal (bad name, missing snapshot) is the same on every replica.
             Some(e) if ok == 0 => Err(DeviceError::Invalid(e)),
             Some(e) => {
-                for r in self.replicas.iter().filter(|r| r.is_healthy()) {
+                for r in self.replicas().iter().filter(|r| r.is_healthy()) {
                     tracing::warn!(volume = %self.name, replica = %r.addr, error = %e, "replicas disagree on an operation");
                 }
                 Err(DeviceError::Io(e))
@@ -367,15 +433,66 @@ impl Volume {
     }
 
     /// All replicas, healthy or not.
-    pub fn replicas(&self) -> &[Arc<ReplicaConn>] {
-        &self.replicas
+    pub fn replicas(&self) -> Vec<Arc<ReplicaConn>> {
+        self.replicas.read().clone()
     }
 
-    fn healthy_count(&self) -> usize {
-        self.replicas.iter().filter(|r| r.is_healthy()).count()
+    /// Replicas serving reads and counting for acknowledgements.
+    pub fn healthy_count(&self) -> usize {
+        self.replicas
+            .read()
+            .iter()
+            .filter(|r| r.is_healthy())
+            .count()
+    }
+
+    /// Whether a newer engine has fenced this one off.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
+    /// Holds off writes to `[start, end)` (and snapshots) until the guards drop.
+    pub async fn hold(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> (
+        tokio::sync::RwLockReadGuard<'_, ()>,
+        crate::range_lock::RangeGuard<'_>,
+    ) {
+        let gate = self.gate.read().await;
+        let range = self.locks.lock(start, end).await;
+        (gate, range)
+    }
+
+    /// Reads verified blocks of snapshot `snapshot` (the head when empty) from `r`.
+    pub async fn read_view_from(
+        &self,
+        r: &ReplicaConn,
+        snapshot: &str,
+        block: u64,
+        count: u32,
+    ) -> Result<Bytes, ReplicaError> {
+        let rx = r.submit(Op::Read(Read {
+            block,
+            count,
+            snapshot: snapshot.to_string(),
+        }));
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(_)) => Err(ReplicaError::Gone("connection lost".into())),
+            Err(_) => Err(ReplicaError::Gone(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
     }
 
     fn fail(&self, r: &ReplicaConn, reason: String) {
+        if reason.contains("another engine owns") && !self.fenced.swap(true, Ordering::Relaxed) {
+            tracing::error!(volume = %self.name, replica = %r.addr,
+                "a newer engine has taken over this volume: this engine's I/O now fails with EIO; stop it");
+        }
         if r.mark_failed(reason.clone()) {
             let left = self.healthy_count();
             tracing::info!(volume = %self.name, healthy_left = left, "replica set shrank");
@@ -390,14 +507,27 @@ impl Volume {
         DeviceError::Io(format!("volume {}: no healthy replica", self.name))
     }
 
+    /// Refuses writes while fewer than `--min-replicas` replicas are healthy.
+    fn check_quorum(&self) -> Result<(), DeviceError> {
+        let n = self.healthy_count();
+        if n < self.min_replicas {
+            return Err(DeviceError::Io(format!(
+                "volume {}: {n} healthy replica(s), below --min-replicas {}; writes are refused rather than kept on too few copies",
+                self.name, self.min_replicas
+            )));
+        }
+        Ok(())
+    }
+
     /// Queues a sequenced operation on every healthy replica, in one global order.
     fn submit_ordered(&self, make: impl Fn(u64) -> Op) -> Waiting {
         let mut seq = self.seq.lock();
         *seq += 1;
         let op = make(*seq);
         self.replicas
+            .read()
             .iter()
-            .filter(|r| r.is_healthy())
+            .filter(|r| r.is_writable())
             .map(|r| (r.clone(), r.submit(op.clone())))
             .collect()
     }
@@ -418,7 +548,9 @@ impl Volume {
         let mut full = Vec::new();
         for (r, answer) in answers {
             match answer {
-                Ok(Ok(Ok(_))) => ok += 1,
+                // A rebuilding replica must take every write, but does not count yet.
+                Ok(Ok(Ok(_))) if r.is_healthy() => ok += 1,
+                Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(ReplicaError::NoSpace(msg)))) => full.push((r, msg)),
                 Ok(Ok(Err(e))) => self.fail(&r, e.to_string()),
                 Ok(Err(_)) => self.fail(&r, "connection lost".to_string()),
@@ -443,6 +575,12 @@ impl Volume {
         if ok == 0 {
             return Err(self.no_replica());
         }
+        if ok < self.min_replicas {
+            return Err(DeviceError::Io(format!(
+                "volume {}: only {ok} healthy replica(s) took the write, below --min-replicas {}",
+                self.name, self.min_replicas
+            )));
+        }
         Ok(())
     }
 
@@ -459,11 +597,12 @@ impl Volume {
         block: u64,
         count: u32,
     ) -> Result<Bytes, DeviceError> {
-        let n = self.replicas.len();
+        let reps = self.replicas();
+        let n = reps.len();
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         let mut bad_copies = 0;
         for i in 0..n {
-            let r = &self.replicas[(start + i) % n];
+            let r = &reps[(start + i) % n];
             if !r.is_healthy() {
                 continue;
             }
@@ -560,6 +699,7 @@ impl Volume {
             buf[head as usize..head as usize + data.len()].copy_from_slice(&data);
             buf.freeze()
         };
+        self.check_quorum()?;
         let waiting = self.submit_ordered(|seq| {
             Op::Write(Write {
                 seq,
@@ -575,8 +715,9 @@ impl Volume {
             let seq = self.seq.lock();
             let op = Op::Flush(Flush { seq: *seq });
             self.replicas
+                .read()
                 .iter()
-                .filter(|r| r.is_healthy())
+                .filter(|r| r.is_writable())
                 .map(|r| (r.clone(), r.submit(op.clone())))
                 .collect()
         };
@@ -594,6 +735,7 @@ impl Volume {
         let _guard = self.locks.lock(first, end).await;
         let count = u32::try_from(end - first)
             .map_err(|_| DeviceError::Invalid("zero range too large".to_string()))?;
+        self.check_quorum()?;
         let waiting = self.submit_ordered(|seq| {
             Op::Zero(Zero {
                 seq,
@@ -617,12 +759,8 @@ impl Volume {
         if let Err(e) = self.flush_inner().await {
             tracing::error!(volume = %self.name, error = %e, "final flush failed");
         }
-        futures::future::join_all(
-            self.replicas
-                .iter()
-                .map(|r| r.close(Duration::from_secs(5))),
-        )
-        .await;
+        let reps = self.replicas();
+        futures::future::join_all(reps.iter().map(|r| r.close(Duration::from_secs(5)))).await;
     }
 }
 

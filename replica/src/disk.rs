@@ -120,11 +120,31 @@ impl DiskFile for OsFile {
     }
 }
 
+/// Creates `dir` and any missing parents, fsyncing each new entry's parent so the
+/// directories survive a power cut like the files in them.
+fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.exists() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_durably(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(parent)?.sync_all()
+}
+
 impl Disk for OsDisk {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DiskFile>> {
         if create {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
+                create_dir_durably(dir)?;
             }
         }
         let f = OpenOptions::new()
@@ -152,7 +172,7 @@ impl Disk for OsDisk {
 
     fn replace(&self, path: &Path, contents: &[u8]) -> io::Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
+        create_dir_durably(dir)?;
         let tmp = path.with_extension("tmp");
         {
             let mut f = File::create(&tmp)?;

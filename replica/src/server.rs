@@ -10,9 +10,10 @@ use bytes::Bytes;
 use futures::Stream;
 use tether_proto::replica::replica_server::{Replica, ReplicaServer};
 use tether_proto::replica::{
-    io_request::Op, DeleteSnapshotReply, DeleteSnapshotRequest, ErrorCode, IoBatch, IoReply,
-    IoReplyBatch, IoRequest, ListReply, ListRequest, MapReply, MapRequest, OpenReply, OpenRequest,
-    SnapshotInfo, SnapshotsReply, SnapshotsRequest, VolumeSummary,
+    io_request::Op, DeleteSnapshotReply, DeleteSnapshotRequest, ErrorCode, HashesReply,
+    HashesRequest, IoBatch, IoReply, IoReplyBatch, IoRequest, ListReply, ListRequest, MapReply,
+    MapRequest, OpenReply, OpenRequest, SnapshotInfo, SnapshotsReply, SnapshotsRequest,
+    VolumeSummary,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -125,7 +126,7 @@ impl Replica for ReplicaService {
                 let previous_epoch = if req.epoch == 0 {
                     vol.epoch()
                 } else {
-                    vol.take_epoch(req.epoch)?
+                    vol.take_epoch(req.epoch, req.engine_id)?
                 };
                 let (revision, clean) = vol.revision();
                 Ok(OpenReply {
@@ -234,6 +235,22 @@ impl Replica for ReplicaService {
         }))
     }
 
+    async fn hashes(&self, req: Request<HashesRequest>) -> Result<Response<HashesReply>, Status> {
+        let req = req.into_inner();
+        let vol = self.volumes.get(&req.volume).map_err(status)?;
+        let name = vol.name().to_string();
+        let hashes = blocking(
+            move || {
+                let snap = (!req.snapshot.is_empty()).then_some(req.snapshot.as_str());
+                vol.hashes(snap, req.block, req.count)
+            },
+            &name,
+        )
+        .await
+        .map_err(status)?;
+        Ok(Response::new(HashesReply { hashes }))
+    }
+
     async fn map(&self, req: Request<MapRequest>) -> Result<Response<MapReply>, Status> {
         let req = req.into_inner();
         let vol = self.volumes.get(&req.volume).map_err(status)?;
@@ -310,8 +327,12 @@ impl IoStreamState {
     }
 
     fn check_seq(&mut self, seq: u64) -> Result<(), StoreError> {
+        // A rebuild copy: ordered by the stream, outside the write sequence.
+        if seq == 0 {
+            return Ok(());
+        }
         if let Some(last) = self.last_seq {
-            if seq != last + 1 {
+            if Some(seq) != last.checked_add(1) {
                 return Err(StoreError::Invalid {
                     volume: self.vol.name().to_string(),
                     what: format!(

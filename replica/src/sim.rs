@@ -50,6 +50,22 @@ struct SimState {
     fail_syncs: bool,
     /// Writes fail with ENOSPC once live bytes exceed this.
     capacity: Option<u64>,
+    /// Mutating operations left before the disk dies (every one after fails).
+    countdown: Option<u64>,
+}
+
+impl SimState {
+    /// Counts one mutating operation; errors once the countdown has run out.
+    fn tick(&mut self) -> io::Result<()> {
+        match self.countdown.as_mut() {
+            Some(0) => Err(io::Error::from_raw_os_error(5)),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 /// A simulated disk; clones share the same state.
@@ -99,6 +115,12 @@ impl SimDisk {
         }
     }
 
+    /// Lets `n` more mutating operations succeed, then fails all later ones, so a
+    /// crash can hit the middle of a checkpoint, snapshot, merge or revert.
+    pub fn fail_after(&self, n: Option<u64>) {
+        self.state.lock().countdown = n;
+    }
+
     /// Makes every later sync fail (as a dying disk does).
     pub fn fail_syncs(&self, fail: bool) {
         self.state.lock().fail_syncs = fail;
@@ -145,6 +167,7 @@ impl DiskFile for SimFile {
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let mut st = self.state.lock();
+        st.tick()?;
         let total: u64 = st.files.values().map(|f| f.live.len() as u64).sum();
         let cap = st.capacity;
         let f = st
@@ -163,6 +186,7 @@ impl DiskFile for SimFile {
 
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         let mut st = self.state.lock();
+        st.tick()?;
         let f = st
             .files
             .get_mut(&self.path)
@@ -180,6 +204,7 @@ impl DiskFile for SimFile {
 
     fn sync(&self) -> io::Result<()> {
         let mut st = self.state.lock();
+        st.tick()?;
         if st.fail_syncs {
             return Err(io::Error::from_raw_os_error(5));
         }
@@ -217,6 +242,7 @@ impl Disk for SimDisk {
             if !create {
                 return Err(io::ErrorKind::NotFound.into());
             }
+            st.tick()?;
             st.files.insert(path.to_path_buf(), SimFileState::default());
         }
         Ok(Arc::new(SimFile {
@@ -231,6 +257,7 @@ impl Disk for SimDisk {
 
     fn replace(&self, path: &Path, contents: &[u8]) -> io::Result<()> {
         let mut st = self.state.lock();
+        st.tick()?;
         if st.fail_syncs {
             return Err(io::Error::from_raw_os_error(5));
         }
@@ -246,7 +273,9 @@ impl Disk for SimDisk {
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
-        self.state.lock().files.remove(path);
+        let mut st = self.state.lock();
+        st.tick()?;
+        st.files.remove(path);
         Ok(())
     }
 

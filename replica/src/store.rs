@@ -37,6 +37,9 @@ pub const MAX_IO_BLOCKS: u64 = 8192;
 /// Default size of a volume's write-ahead log.
 pub const DEFAULT_WAL_SIZE: u64 = 64 << 20;
 const META_FORMAT: u32 = 2;
+/// The hash reported for a block that failed its checksum (it matches nothing real
+/// with overwhelming odds, so a rebuild copies over it).
+pub const BAD_BLOCK_HASH: u64 = 0xbad0_b10c_bad0_b10c;
 const REC: usize = 8;
 const STATE_DATA: u8 = 1;
 const STATE_ZERO: u8 = 2;
@@ -142,6 +145,8 @@ struct Meta {
     size: u64,
     block_size: u32,
     epoch: u64,
+    #[serde(default)]
+    engine_id: u64,
     clean: bool,
     head: u64,
     next_layer: u64,
@@ -215,6 +220,8 @@ pub struct Volume {
     epoch: AtomicU64,
     inner: RwLock<Inner>,
     sync_lock: Mutex<()>,
+    /// Serialises changes to the layer tree (snapshot, delete, revert, expand).
+    admin: Mutex<()>,
     /// Log bytes appended and made durable, counted across generations.
     written: AtomicU64,
     synced: AtomicU64,
@@ -324,6 +331,7 @@ impl Volume {
             size,
             block_size: BLOCK_SIZE,
             epoch: 0,
+            engine_id: 0,
             clean: true,
             head: 1,
             next_layer: 2,
@@ -397,6 +405,17 @@ impl Volume {
                 io_err(name, "opening the log", &wal_path, err)
             }
         })?;
+        // The log keeps the size it was created with: a different --wal-size must not
+        // cut replay short and lose flushed records past the new size.
+        let wal_size = match wal.len() {
+            Ok(len) if len > RECORDS_START => {
+                if len != wal_size {
+                    tracing::info!(volume = name, size = len, "keeping the log's existing size");
+                }
+                len
+            }
+            _ => wal_size,
+        };
         let mut slots = [0u8; 1024];
         wal.read_at(&mut slots, 0)
             .map_err(e("reading the log header", &wal_path))?;
@@ -433,6 +452,7 @@ impl Volume {
                 revision: header.revision,
             }),
             sync_lock: Mutex::new(()),
+            admin: Mutex::new(()),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             poisoned: Mutex::new(None),
@@ -526,9 +546,20 @@ impl Volume {
     /// Copies the log's blocks into the head layer, syncs it, and starts a new log
     /// generation. Leaves everything as it was if any step fails.
     fn checkpoint(&self, inner: &mut Inner) -> Result<(), StoreError> {
+        self.check_writable()?;
         let head_id = inner.meta.head;
         let (dp, rp) = layer_paths(&self.dir, head_id);
         let wal = inner.wal.clone();
+        // Every record copied below must be replayable if the copy is torn: make the
+        // log durable before touching the layer.
+        if !inner.recent.is_empty() {
+            if let Err(err) = wal.sync() {
+                return Err(self.poison(format!(
+                    "fdatasync of {} failed: {err}",
+                    self.wal_path.display()
+                )));
+            }
+        }
         let extents: Vec<(u64, u64, Recent)> =
             inner.recent.iter().map(|(s, e, v)| (s, e, *v)).collect();
         let single = inner.chain.len() == 1;
@@ -659,10 +690,14 @@ impl Volume {
         Ok(())
     }
 
-    /// Takes `epoch` for a new engine; refuses epochs that are not newer.
-    pub fn take_epoch(&self, epoch: u64) -> Result<u64, StoreError> {
+    /// Takes `epoch` for engine `engine_id`: a newer epoch fences older engines; the
+    /// same epoch is accepted again only from the engine that took it.
+    pub fn take_epoch(&self, epoch: u64, engine_id: u64) -> Result<u64, StoreError> {
         let mut inner = self.inner.write();
         let stored = self.epoch();
+        if epoch == stored && engine_id != 0 && engine_id == inner.meta.engine_id {
+            return Ok(stored);
+        }
         if epoch <= stored {
             return Err(StoreError::Fenced {
                 volume: self.name.clone(),
@@ -670,7 +705,10 @@ impl Volume {
                 stored,
             });
         }
-        self.save_meta(&mut inner, |m| m.epoch = epoch)?;
+        self.save_meta(&mut inner, |m| {
+            m.epoch = epoch;
+            m.engine_id = engine_id;
+        })?;
         self.epoch.store(epoch, Ordering::Release);
         Ok(stored)
     }
@@ -835,6 +873,9 @@ impl Volume {
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
         }
+        // Another flush may have failed while this one waited: Linux reports a lost
+        // writeback only once, so a second fdatasync could wrongly succeed.
+        self.check_writable()?;
         let (wal, upto) = {
             let inner = self.inner.read();
             (inner.wal.clone(), self.written.load(Ordering::Acquire))
@@ -845,6 +886,7 @@ impl Volume {
                 self.wal_path.display()
             )));
         }
+        self.check_writable()?;
         self.synced.fetch_max(upto, Ordering::AcqRel);
         Ok(())
     }
@@ -1032,6 +1074,7 @@ impl Volume {
     /// leaves copies that read the same.
     pub fn delete_snapshot(&self, name: &str) -> Result<(), StoreError> {
         self.check_writable()?;
+        let _admin = self.admin.lock();
         let (lid, parent, children, extents) = {
             let inner = self.inner.read();
             let Some(l) = inner
@@ -1149,6 +1192,7 @@ impl Volume {
     /// of it; what the old head held since is dropped.
     pub fn revert(&self, name: &str) -> Result<(), StoreError> {
         self.check_writable()?;
+        let _admin = self.admin.lock();
         let mut inner = self.inner.write();
         let Some(target) = inner
             .meta
@@ -1202,6 +1246,8 @@ impl Volume {
 
     /// Grows the volume to `size` bytes; shrinking is refused.
     pub fn expand(&self, size: u64) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let _admin = self.admin.lock();
         let mut inner = self.inner.write();
         let cur = self.size();
         if size < cur {
@@ -1220,6 +1266,34 @@ impl Volume {
         self.blocks.store(size / BLOCK as u64, Ordering::Release);
         tracing::info!(volume = %self.name, from = cur, to = size, "volume expanded");
         Ok(())
+    }
+
+    /// A 64-bit hash of each block of the head (or of snapshot `name`), verified:
+    /// a block that fails its checksum gets a hash no healthy copy can have.
+    pub fn hashes(
+        &self,
+        snapshot: Option<&str>,
+        block: u64,
+        count: u32,
+    ) -> Result<Vec<u64>, StoreError> {
+        let data = match snapshot {
+            None => self.read_blocks(block, count),
+            Some(s) => self.read_snapshot(s, block, count),
+        };
+        match data {
+            Ok(d) => Ok(d
+                .chunks_exact(BLOCK)
+                .map(xxhash_rust::xxh3::xxh3_64)
+                .collect()),
+            Err(StoreError::Checksum { .. }) if count > 1 => (0..count)
+                .map(|i| {
+                    self.hashes(snapshot, block + u64::from(i), 1)
+                        .map(|h| h.first().copied().unwrap_or(BAD_BLOCK_HASH))
+                })
+                .collect(),
+            Err(StoreError::Checksum { .. }) => Ok(vec![BAD_BLOCK_HASH]),
+            Err(e) => Err(e),
+        }
     }
 
     /// Which blocks of `[block, block+count)` hold data, as (start, end, allocated).

@@ -58,6 +58,8 @@ fn decode(b: &[u8], block: u64) -> Result<u32, String> {
 struct Model {
     versions: Vec<Vec<u32>>,
     snapshots: Vec<(String, Vec<u32>)>,
+    /// Snapshots an interrupted operation may or may not have created or deleted.
+    maybe_snapshots: Vec<(String, Vec<u32>)>,
     next_tag: u32,
     next_snapshot: u32,
 }
@@ -67,6 +69,7 @@ impl Model {
         Model {
             versions: vec![vec![0]; BLOCKS as usize],
             snapshots: Vec::new(),
+            maybe_snapshots: Vec::new(),
             next_tag: 1,
             next_snapshot: 0,
         }
@@ -102,50 +105,82 @@ fn read_all(v: &Volume, snapshot: Option<&str>) -> Result<Vec<u32>, String> {
         .collect()
 }
 
+/// Runs `ops`; an operation that fails (the simulated disk died) may or may not have
+/// happened, and the model allows both; the phase ends there.
 fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), String> {
     for op in ops {
         *seq += 1;
-        match *op {
+        let failed = match *op {
             Op::Write { block, count } => {
                 let tag = m.next_tag;
                 m.next_tag += 1;
                 let data: Vec<u8> = (block..block + count)
                     .flat_map(|b| block_data(tag, b))
                     .collect();
-                v.write_blocks(*seq, block, &data)
-                    .map_err(|e| e.to_string())?;
+                let r = v.write_blocks(*seq, block, &data);
                 for b in block..block + count {
                     m.versions[b as usize].push(tag);
                 }
+                r.is_err()
             }
             Op::Zero { block, count } => {
-                v.zero_blocks(*seq, block, count)
-                    .map_err(|e| e.to_string())?;
+                let r = v.zero_blocks(*seq, block, count);
                 for b in block..block + count {
                     m.versions[b as usize].push(0);
                 }
+                r.is_err()
             }
-            Op::Flush => {
-                v.sync().map_err(|e| e.to_string())?;
-                m.durable_point();
-            }
+            Op::Flush => match v.sync() {
+                Ok(()) => {
+                    m.durable_point();
+                    false
+                }
+                Err(_) => true,
+            },
             Op::Snapshot => {
                 let name = format!("s{}", m.next_snapshot);
                 m.next_snapshot += 1;
-                v.snapshot(&name).map_err(|e| e.to_string())?;
-                m.durable_point();
-                m.snapshots.push((name, m.current()));
+                match v.snapshot(&name) {
+                    Ok(()) => {
+                        m.durable_point();
+                        m.snapshots.push((name, m.current()));
+                        false
+                    }
+                    Err(_) => {
+                        m.maybe_snapshots.push((name, m.current()));
+                        true
+                    }
+                }
             }
             Op::DeleteSnapshot(i) if !m.snapshots.is_empty() => {
-                let (name, _) = m.snapshots.remove(i % m.snapshots.len());
-                v.delete_snapshot(&name).map_err(|e| e.to_string())?;
+                let (name, content) = m.snapshots.remove(i % m.snapshots.len());
+                match v.delete_snapshot(&name) {
+                    Ok(()) => false,
+                    Err(_) => {
+                        m.maybe_snapshots.push((name, content));
+                        true
+                    }
+                }
             }
             Op::Revert(i) if !m.snapshots.is_empty() => {
                 let (name, content) = m.snapshots[i % m.snapshots.len()].clone();
-                v.revert(&name).map_err(|e| e.to_string())?;
-                m.versions = content.into_iter().map(|t| vec![t]).collect();
+                match v.revert(&name) {
+                    Ok(()) => {
+                        m.versions = content.into_iter().map(|t| vec![t]).collect();
+                        false
+                    }
+                    Err(_) => {
+                        for (b, t) in content.into_iter().enumerate() {
+                            m.versions[b].push(t);
+                        }
+                        true
+                    }
+                }
             }
-            Op::DeleteSnapshot(_) | Op::Revert(_) => {}
+            Op::DeleteSnapshot(_) | Op::Revert(_) => false,
+        };
+        if failed {
+            return Ok(());
         }
         let live = read_all(v, None)?;
         if live != m.current() {
@@ -153,6 +188,14 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
                 "live read {live:?} != model {:?} after {op:?}",
                 m.current()
             ));
+        }
+        for (name, want) in &m.snapshots {
+            let got = read_all(v, Some(name))?;
+            if &got != want {
+                return Err(format!(
+                    "snapshot {name} reads {got:?}, was {want:?}, after {op:?}"
+                ));
+            }
         }
     }
     Ok(())
@@ -174,6 +217,24 @@ fn check_recovered(v: &Volume, m: &mut Model) -> Result<(), String> {
             return Err(format!("snapshot {name} reads {s:?}, was {want:?}"));
         }
     }
+    let existing: Vec<String> = v.snapshots().into_iter().map(|s| s.name).collect();
+    for (name, want) in std::mem::take(&mut m.maybe_snapshots) {
+        if existing.contains(&name) {
+            let s = read_all(v, Some(&name))?;
+            if s != want {
+                return Err(format!(
+                    "snapshot {name} (interrupted) reads {s:?}, was {want:?}"
+                ));
+            }
+            m.snapshots.push((name, want));
+        }
+    }
+    let known: Vec<&String> = m.snapshots.iter().map(|(n, _)| n).collect();
+    if let Some(stray) = existing.iter().find(|n| !known.contains(n)) {
+        return Err(format!(
+            "snapshot {stray} exists but was never created or was deleted"
+        ));
+    }
     // Recovery made what it found durable.
     m.versions = got.into_iter().map(|t| vec![t]).collect();
     Ok(())
@@ -193,8 +254,12 @@ proptest! {
         let mut seq = 0;
         for ops in &phases {
             let v = open(&disk).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            // Half the phases end with the disk dying in the middle of an operation.
+            let countdown = rng.random_bool(0.5).then(|| rng.random_range(0..120u64));
+            disk.fail_after(countdown);
             run(&v, &mut m, ops, &mut seq).map_err(TestCaseError::fail)?;
             drop(v);
+            disk.fail_after(None);
             let keep: f64 = rng.random();
             disk.crash(|| rng.random_bool(keep));
             let v = open(&disk).map_err(|e| TestCaseError::fail(format!("recovery failed: {e}")))?;

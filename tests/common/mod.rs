@@ -161,6 +161,23 @@ impl Engine {
             .count()
     }
 
+    /// Waits until `n` replicas are healthy (rebuilds finish), or panics.
+    pub fn wait_healthy(&self, volume: &str, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let h = self.healthy(volume);
+            if h >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {h} of {n} replicas healthy after {within:?}: {}",
+                self.status_json(volume)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -239,10 +256,26 @@ impl Cluster {
         wait_port(nbd, &mut child, "engine");
         self.engine = Some(Engine {
             nbd,
-            control,
+            control: control.clone(),
             child: Some(child),
             log,
         });
+        // The ports are bound before the replicas are opened: wait until the engine
+        // answers its control API, i.e. the volume is open.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = Command::new(BIN)
+                .args(["volume", "status", &self.volume, "--control-socket"])
+                .arg(&control)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "engine never opened the volume");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn engine(&self) -> &Engine {

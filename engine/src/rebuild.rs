@@ -1,0 +1,359 @@
+//! Online rebuild: a new, stale or returning replica catches up while the volume
+//! keeps serving.
+//!
+//! 1. Snapshots first (they are frozen): the target keeps the longest prefix of its
+//!    snapshots that matches the source's (same name and write sequence), drops the
+//!    rest, and for each missing snapshot makes its head look like that snapshot —
+//!    copying only blocks whose 64-bit hashes differ — and freezes it.
+//! 2. Then it joins the write set, write-only: every new write reaches it. The head is
+//!    copied the same way, chunk by chunk, each chunk under the volume's range lock so
+//!    no client write to it can interleave with the copy.
+//! 3. It turns read-write.
+//!
+//! Comparing hashes instead of copying everything is what makes a returning replica
+//! copy only what it missed, and what makes an interrupted rebuild resume cheaply:
+//! whatever was copied before matches and is skipped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tether_proto::replica::{
+    io_request::Op, DeleteSnapshotRequest, Expand, HashesRequest, OpenRequest, Snapshot,
+    SnapshotsRequest, Write,
+};
+
+use crate::nbd::BlockDevice;
+use crate::replica_client::{self, ReplicaConn};
+use crate::volume::{Volume, BLOCK};
+
+/// Blocks compared and copied per step.
+const CHUNK: u64 = 256;
+
+/// How far a rebuild has come, for `tether volume status`.
+pub struct Progress {
+    /// Blocks to compare in all phases.
+    pub total: AtomicU64,
+    /// Blocks compared so far.
+    pub done: AtomicU64,
+    /// Bytes copied so far.
+    pub copied: AtomicU64,
+    /// What it is doing now.
+    pub phase: Mutex<String>,
+    /// When it started.
+    pub started: Instant,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+            phase: Mutex::new("connecting".into()),
+            started: Instant::now(),
+        }
+    }
+
+    /// Bytes compared per second so far.
+    pub fn rate(&self) -> f64 {
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        self.done.load(Ordering::Relaxed) as f64 * BLOCK as f64 / secs
+    }
+
+    /// Seconds left at the current rate.
+    pub fn eta(&self) -> u64 {
+        let left = self
+            .total
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.done.load(Ordering::Relaxed));
+        let rate = self.rate();
+        if rate <= 0.0 {
+            0
+        } else {
+            (left as f64 * BLOCK as f64 / rate) as u64
+        }
+    }
+}
+
+fn step<T>(
+    what: &str,
+    addr: &str,
+    r: Result<Result<T, tonic::Status>, tokio::time::error::Elapsed>,
+) -> Result<T, String> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(s)) => Err(format!("{what} on {addr}: {}", s.message())),
+        Err(_) => Err(format!("{what} on {addr}: no answer")),
+    }
+}
+
+async fn wait(vol: &Volume, r: &ReplicaConn, op: Op, what: &str) -> Result<bytes::Bytes, String> {
+    let rx = r.submit(op);
+    match tokio::time::timeout(vol.timeout().max(Duration::from_secs(30)), rx).await {
+        Ok(Ok(Ok(d))) => Ok(d),
+        Ok(Ok(Err(e))) => Err(format!("{what} on {}: {e}", r.addr)),
+        Ok(Err(_)) | Err(_) => Err(format!("{what} on {}: no answer", r.addr)),
+    }
+}
+
+async fn hashes(
+    vol: &Volume,
+    r: &ReplicaConn,
+    snapshot: &str,
+    block: u64,
+    count: u32,
+) -> Result<Vec<u64>, String> {
+    let req = HashesRequest {
+        volume: vol.name().to_string(),
+        snapshot: snapshot.to_string(),
+        block,
+        count,
+    };
+    let reply = step(
+        "hashing blocks",
+        &r.addr,
+        tokio::time::timeout(vol.timeout(), r.client().hashes(req)).await,
+    )?;
+    let h = reply.into_inner().hashes;
+    if h.len() != count as usize {
+        return Err(format!(
+            "replica {} returned {} hashes for {count} blocks",
+            r.addr,
+            h.len()
+        ));
+    }
+    Ok(h)
+}
+
+/// Makes `target`'s head read like `source`'s `snapshot` (or head, when empty).
+async fn copy(
+    vol: &Volume,
+    source: &ReplicaConn,
+    target: &ReplicaConn,
+    snapshot: &str,
+    lock: bool,
+    progress: &Progress,
+) -> Result<(), String> {
+    let total = vol.size() / BLOCK;
+    let mut b = 0;
+    while b < total {
+        let n = CHUNK.min(total - b);
+        let _held = if lock {
+            Some(vol.hold(b, b + n).await)
+        } else {
+            None
+        };
+        let (hs, ht) = futures::future::join(
+            hashes(vol, source, snapshot, b, n as u32),
+            hashes(vol, target, "", b, n as u32),
+        )
+        .await;
+        let (hs, ht) = (hs?, ht?);
+        let mut i = 0;
+        while i < n as usize {
+            if hs[i] == ht[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < n as usize && hs[i] != ht[i] {
+                i += 1;
+            }
+            let (blk, cnt) = (b + start as u64, (i - start) as u32);
+            let data = vol
+                .read_view_from(source, snapshot, blk, cnt)
+                .await
+                .map_err(|e| format!("reading blocks {blk}+{cnt} from {}: {e}", source.addr))?;
+            let w = Op::Write(Write {
+                seq: 0,
+                block: blk,
+                data,
+            });
+            wait(vol, target, w, "copying blocks").await?;
+            progress
+                .copied
+                .fetch_add(u64::from(cnt) * BLOCK, Ordering::Relaxed);
+        }
+        progress.done.fetch_add(n, Ordering::Relaxed);
+        if !target.is_writable() {
+            return Err(format!(
+                "replica {} failed during the rebuild: {}",
+                target.addr,
+                target.reason()
+            ));
+        }
+        if !source.is_healthy() {
+            return Err(format!(
+                "source replica {} failed during the rebuild",
+                source.addr
+            ));
+        }
+        b += n;
+    }
+    Ok(())
+}
+
+/// Rebuilds the replica at `addr` (new, stale or returning) online.
+pub async fn rebuild(vol: Arc<Volume>, addr: String) -> Result<(), String> {
+    let progress = Arc::new(Progress::new());
+    {
+        let mut r = vol.rebuilds.lock();
+        if r.contains_key(&addr) {
+            return Err(format!("replica {addr} is already rebuilding"));
+        }
+        r.insert(addr.clone(), progress.clone());
+    }
+    let res = run(&vol, &addr, &progress).await;
+    vol.rebuilds.lock().remove(&addr);
+    match &res {
+        Ok(()) => tracing::info!(volume = %vol.name(), replica = %addr,
+            copied = progress.copied.load(Ordering::Relaxed),
+            secs = progress.started.elapsed().as_secs(), "rebuild finished: replica is healthy"),
+        Err(e) => {
+            if let Some(r) = vol
+                .replicas()
+                .into_iter()
+                .find(|r| r.addr == addr && r.is_writable())
+            {
+                r.mark_failed(format!("rebuild failed: {e}"));
+            }
+            tracing::warn!(volume = %vol.name(), replica = %addr, error = %e, "rebuild failed; it will be retried");
+        }
+    }
+    res
+}
+
+async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), String> {
+    let source = vol.first_healthy().map_err(|e| e.to_string())?;
+    let client = replica_client::connect(addr, vol.timeout().min(Duration::from_secs(5))).await?;
+    let target = ReplicaConn::new(addr, vol.name(), client);
+    let size = vol.size();
+    let open = OpenRequest {
+        volume: vol.name().to_string(),
+        size,
+        create: true,
+        epoch: vol.epoch(),
+        engine_id: vol.engine_id,
+    };
+    let reply = step(
+        "opening the volume",
+        addr,
+        tokio::time::timeout(vol.timeout(), target.open(open)).await,
+    )?;
+    if reply.size > size {
+        return Err(format!(
+            "replica {addr} holds the volume with {} bytes, more than its {size}",
+            reply.size
+        ));
+    }
+    target.set_rebuilding(true);
+    target.start(vol.epoch()).await?;
+    if reply.size < size {
+        wait(
+            vol,
+            &target,
+            Op::Expand(Expand { size }),
+            "growing the volume",
+        )
+        .await?;
+    }
+    tracing::info!(volume = %vol.name(), replica = %addr, source = %source.addr,
+        revision = reply.revision, "rebuild started");
+
+    // Phase 1: snapshots.
+    *progress.phase.lock() = "snapshots".into();
+    let list = |r: Arc<ReplicaConn>| async move {
+        let req = SnapshotsRequest {
+            volume: vol.name().to_string(),
+        };
+        let mut s = step(
+            "listing snapshots",
+            &r.addr,
+            tokio::time::timeout(vol.timeout(), r.client().snapshots(req)).await,
+        )?
+        .into_inner()
+        .snapshots;
+        s.sort_by_key(|x| x.seq);
+        Ok::<_, String>(s)
+    };
+    let theirs = list(source.clone()).await?;
+    let mine = list(target.clone()).await?;
+    let keep = theirs
+        .iter()
+        .zip(&mine)
+        .take_while(|(a, b)| a.name == b.name && a.seq == b.seq)
+        .count();
+    for extra in &mine[keep..] {
+        let req = DeleteSnapshotRequest {
+            volume: vol.name().to_string(),
+            epoch: vol.epoch(),
+            name: extra.name.clone(),
+        };
+        step(
+            "dropping a stale snapshot",
+            addr,
+            tokio::time::timeout(
+                Duration::from_secs(600),
+                target.client().delete_snapshot(req),
+            )
+            .await,
+        )?;
+    }
+    let blocks = size / BLOCK;
+    progress
+        .total
+        .store(blocks * (theirs.len() - keep + 1) as u64, Ordering::Relaxed);
+    for s in &theirs[keep..] {
+        *progress.phase.lock() = format!("snapshot {}", s.name);
+        copy(vol, &source, &target, &s.name, false, progress).await?;
+        let op = Op::Snapshot(Snapshot {
+            seq: 0,
+            name: s.name.clone(),
+        });
+        wait(vol, &target, op, "freezing a snapshot").await?;
+    }
+
+    // Phase 2: join the write set, then copy the head under range locks.
+    *progress.phase.lock() = "head".into();
+    vol.join(target.clone());
+    copy(vol, &source, &target, "", true, progress).await?;
+    target.set_rebuilding(false);
+    Ok(())
+}
+
+/// Why a replica should not be retried automatically.
+pub fn gave_up(reason: &str) -> bool {
+    reason.starts_with("removed") || reason.contains("another engine owns")
+}
+
+/// Retries failed replicas every few seconds, rebuilding those that answer.
+pub async fn watch(vol: Arc<Volume>) {
+    let mut quiet = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if vol.is_fenced() {
+            return;
+        }
+        for r in vol.replicas() {
+            if r.is_writable() || gave_up(&r.reason()) || vol.rebuilds.lock().contains_key(&r.addr)
+            {
+                continue;
+            }
+            let vol = vol.clone();
+            let addr = r.addr.clone();
+            let first = quiet.insert(addr.clone());
+            tokio::spawn(async move {
+                // Connection errors of a replica that is still down are expected.
+                match rebuild(vol.clone(), addr.clone()).await {
+                    Ok(()) => {}
+                    Err(e) if first => {
+                        tracing::debug!(volume = %vol.name(), replica = %addr, error = %e, "replica still unavailable")
+                    }
+                    Err(_) => {}
+                }
+            });
+        }
+    }
+}
