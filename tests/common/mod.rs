@@ -195,6 +195,8 @@ pub struct Cluster {
     pub replicas: Vec<Replica>,
     pub engine: Option<Engine>,
     pub extra_engine_args: Vec<String>,
+    /// When set, the engine reaches replica i through proxies[i].
+    pub proxies: Vec<Proxy>,
 }
 
 impl Cluster {
@@ -217,9 +219,39 @@ impl Cluster {
             replicas,
             engine: None,
             extra_engine_args: engine_args.iter().map(|s| s.to_string()).collect(),
+            proxies: Vec::new(),
         };
         c.start_engine(Some(size));
         c
+    }
+
+    /// Like `start_with`, with a TCP proxy between the engine and each replica.
+    pub fn start_proxied(n: usize, size: &str, engine_args: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("tether-e2e")
+            .tempdir_in(test_root())
+            .unwrap();
+        let replicas: Vec<Replica> = (0..n)
+            .map(|i| Replica::start(&dir.path().join(format!("r{i}")), free_port()))
+            .collect();
+        let proxies = replicas.iter().map(|r| Proxy::start(r.addr)).collect();
+        let mut c = Cluster {
+            dir,
+            volume: "vol".to_string(),
+            replicas,
+            engine: None,
+            extra_engine_args: engine_args.iter().map(|s| s.to_string()).collect(),
+            proxies,
+        };
+        c.start_engine(Some(size));
+        c
+    }
+
+    /// The address the engine uses for replica `i`.
+    pub fn replica_addr(&self, i: usize) -> SocketAddr {
+        self.proxies
+            .get(i)
+            .map_or(self.replicas[i].addr, |p| p.addr)
     }
 
     pub fn engine_command(&self, size: Option<&str>, nbd: SocketAddr, control: &Path) -> Command {
@@ -236,8 +268,8 @@ impl Cluster {
         if let Some(s) = size {
             cmd.args(["--size", s]);
         }
-        for r in &self.replicas {
-            cmd.args(["--replica", &r.addr.to_string()]);
+        for i in 0..self.replicas.len() {
+            cmd.args(["--replica", &self.replica_addr(i).to_string()]);
         }
         cmd.args(&self.extra_engine_args);
         cmd
@@ -245,7 +277,7 @@ impl Cluster {
 
     pub fn start_engine(&mut self, size: Option<&str>) {
         let nbd: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let control = self.dir.path().join("control.sock");
+        let control = self.dir.path().join(format!("control-{}.sock", nbd.port()));
         let log = self.dir.path().join(format!("engine-{}.log", nbd.port()));
         let mut child = self
             .engine_command(size, nbd, &control)
@@ -462,4 +494,109 @@ impl NbdClient {
     pub fn raw(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> std::io::Result<u32> {
         self.request(kind, flags, offset, &[], len).map(|r| r.0)
     }
+}
+
+/// What a [`Proxy`] does to the traffic passing through it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forward at once.
+    Pass,
+    /// Forward each chunk after this many milliseconds.
+    Delay(u64),
+    /// Hold everything (a network partition that keeps connections open).
+    Blackhole,
+}
+
+/// A TCP proxy between engine and replica that delays, black-holes or cuts traffic.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    mode: std::sync::Arc<std::sync::Mutex<ProxyMode>>,
+    epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    pub fn start(target: SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = std::sync::Arc::new(std::sync::Mutex::new(ProxyMode::Pass));
+        let epoch = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (m, ep) = (mode.clone(), epoch.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let born = ep.load(Ordering::SeqCst);
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let (m, ep) = (m.clone(), ep.clone());
+                    std::thread::spawn(move || pump(from, to, m, ep, born));
+                }
+            }
+        });
+        Proxy { addr, mode, epoch }
+    }
+
+    pub fn set(&self, mode: ProxyMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    /// Cuts every open connection (new ones are accepted).
+    pub fn cut(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    mode: std::sync::Arc<std::sync::Mutex<ProxyMode>>,
+    epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    born: u64,
+) {
+    use std::io::{Read, Write};
+    let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = vec![0u8; 64 << 10];
+    let cut = || epoch.load(std::sync::atomic::Ordering::SeqCst) != born;
+    loop {
+        if cut() {
+            break;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => break,
+        };
+        loop {
+            let m = *mode.lock().unwrap();
+            match m {
+                ProxyMode::Pass => break,
+                ProxyMode::Delay(ms) => {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    break;
+                }
+                ProxyMode::Blackhole if cut() => break,
+                ProxyMode::Blackhole => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        if cut() || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }

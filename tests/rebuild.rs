@@ -1,0 +1,257 @@
+//! Replicas that fail, come back and rebuild online; fencing; replica policy.
+
+mod common;
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn ctl(c: &Cluster, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--control-socket")
+        .arg(&c.engine().control)
+        .output()
+        .unwrap()
+}
+
+fn copied_bytes(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("rebuild finished"))
+        .filter_map(|l| l.split("copied=").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .last()
+        .unwrap_or(u64::MAX)
+}
+
+#[test]
+fn returning_replica_copies_only_what_it_missed() {
+    let mut c = Cluster::start(3, "64M");
+    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    for i in 0..32u64 {
+        assert_eq!(cl.write(i << 20, &vec![i as u8 + 1; 1 << 20]).unwrap(), 0);
+    }
+    assert_eq!(cl.flush().unwrap(), 0);
+    c.replicas[2].kill9();
+    assert_eq!(cl.write(40 << 20, &vec![0xee; 1 << 20]).unwrap(), 0);
+    let out = ctl(&c, &["snapshot", "create", "vol", "after"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cl.write(50 << 20, &vec![0xdd; 512 << 10]).unwrap(), 0);
+    let dir = c.replicas[2].dir.clone();
+    let port = c.replicas[2].addr.port();
+    c.replicas[2] = Replica::start(&dir, port);
+    c.engine().wait_healthy("vol", 3, Duration::from_secs(60));
+    let copied = copied_bytes(&c.engine().log_text());
+    assert!(
+        copied <= 2 << 20,
+        "copied {copied} bytes; it missed 1.5 MiB"
+    );
+    let v = ctl(&c, &["volume", "verify", "vol"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    // The rebuilt replica serves the snapshot too.
+    for _ in 0..3 {
+        let mut s = NbdClient::connect(c.engine().nbd, "vol@after").unwrap();
+        assert_eq!(s.read(40 << 20, 4096).unwrap().unwrap(), vec![0xee; 4096]);
+        assert_eq!(s.read(50 << 20, 4096).unwrap().unwrap(), vec![0; 4096]);
+    }
+}
+
+#[test]
+fn replica_add_rebuilds_a_new_replica_under_io() {
+    let c = Cluster::start_with(2, "64M", &["--replicas", "3"]);
+    let addr = c.engine().nbd;
+    let mut cl = NbdClient::connect(addr, "vol").unwrap();
+    for i in 0..48u64 {
+        assert_eq!(
+            cl.write(i << 20, &vec![(i % 200) as u8 + 1; 1 << 20])
+                .unwrap(),
+            0
+        );
+    }
+    let st = c.engine().status_json("vol");
+    assert_eq!(st["degraded"], true, "{st}");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut cl = NbdClient::connect(addr, "vol").unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let b = (n * 13) % 16384;
+                assert_eq!(cl.write(b * 4096, &[(n % 250) as u8 + 1; 4096]).unwrap(), 0);
+                n += 1;
+            }
+            assert_eq!(cl.flush().unwrap(), 0);
+            n
+        })
+    };
+    let new = Replica::start(&c.dir.path().join("new"), free_port());
+    let out = ctl(&c, &["replica", "add", "vol", &new.addr.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut saw_progress = false;
+    loop {
+        let st = c.engine().status_json("vol");
+        let reps = st["replicas"].as_array().unwrap().clone();
+        if reps
+            .iter()
+            .any(|r| r["state"] == "rebuilding" && r["rebuild_total"].as_u64() > Some(0))
+        {
+            saw_progress = true;
+        }
+        if reps.iter().filter(|r| r["state"] == "healthy").count() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rebuild did not finish: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(writer.join().unwrap() > 0);
+    let text = String::from_utf8_lossy(&ctl(&c, &["volume", "status", "vol"]).stdout).to_string();
+    assert!(
+        saw_progress || c.engine().log_text().contains("rebuild finished"),
+        "{text}"
+    );
+    assert_eq!(c.engine().status_json("vol")["degraded"], false);
+    let v = ctl(&c, &["volume", "verify", "vol"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    drop(new);
+}
+
+#[test]
+fn a_newer_engine_fences_the_older_one() {
+    let mut c = Cluster::start(3, "16M");
+    let mut old = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    assert_eq!(old.write(0, &[1u8; 4096]).unwrap(), 0);
+    // A second engine for the same volume (say, after a failover) takes a newer epoch.
+    let first = c.engine.take().unwrap();
+    c.start_engine(None);
+    let mut new = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    assert_eq!(new.write(0, &[2u8; 4096]).unwrap(), 0);
+    // The old engine can no longer write anything anywhere.
+    assert_eq!(old.write(0, &[3u8; 4096]).unwrap(), 5, "EIO");
+    assert_eq!(old.write(8192, &[3u8; 4096]).unwrap(), 5, "EIO");
+    assert_eq!(new.read(0, 4096).unwrap().unwrap(), vec![2u8; 4096]);
+    assert_eq!(new.read(8192, 4096).unwrap().unwrap(), vec![0u8; 4096]);
+    assert!(
+        first.log_text().contains("newer engine has taken over"),
+        "{}",
+        first.log_text()
+    );
+    drop(first);
+}
+
+#[test]
+fn min_replicas_refuses_writes_on_too_few_copies_and_metrics_show_it() {
+    let metrics = free_port();
+    let mut c = Cluster::start_with(
+        3,
+        "16M",
+        &[
+            "--min-replicas",
+            "2",
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+        ],
+    );
+    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    assert_eq!(cl.write(0, &[1u8; 4096]).unwrap(), 0);
+    c.replicas[0].kill9();
+    assert_eq!(
+        cl.write(0, &[2u8; 4096]).unwrap(),
+        0,
+        "two copies are enough"
+    );
+    c.replicas[1].kill9();
+    assert_eq!(
+        cl.write(0, &[3u8; 4096]).unwrap(),
+        5,
+        "one copy is below --min-replicas"
+    );
+    assert_eq!(
+        cl.read(0, 4096).unwrap().unwrap(),
+        vec![2u8; 4096],
+        "reads still work"
+    );
+    let body = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut b = String::new();
+        s.read_to_string(&mut b).unwrap();
+        b
+    };
+    assert!(
+        body.contains("tether_volume_replicas_healthy{volume=\"vol\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("tether_volume_degraded{volume=\"vol\"} 1"),
+        "{body}"
+    );
+    // Removing the last healthy replica is refused.
+    let out = ctl(
+        &c,
+        &["replica", "rm", "vol", &c.replica_addr(2).to_string()],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("min-replicas"));
+}
+
+#[test]
+fn replica_rm_takes_a_replica_out() {
+    let c = Cluster::start(3, "16M");
+    let out = ctl(
+        &c,
+        &["replica", "rm", "vol", &c.replica_addr(1).to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = c.engine().status_json("vol");
+    assert_eq!(st["replicas"].as_array().unwrap().len(), 2, "{st}");
+    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    assert_eq!(cl.write(0, &[7u8; 4096]).unwrap(), 0);
+    assert_eq!(cl.flush().unwrap(), 0);
+}
+
+#[test]
+fn slow_replica_stays_hung_replica_goes() {
+    let c = Cluster::start_proxied(3, "16M", &["--timeout", "2"]);
+    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    c.proxies[0].set(ProxyMode::Delay(300));
+    for i in 0..5u64 {
+        assert_eq!(cl.write(i * 4096, &[9u8; 4096]).unwrap(), 0);
+    }
+    assert_eq!(cl.flush().unwrap(), 0);
+    assert_eq!(
+        c.engine().healthy("vol"),
+        3,
+        "slow under the timeout is not dropped"
+    );
+    c.proxies[0].set(ProxyMode::Pass);
+    c.proxies[1].set(ProxyMode::Blackhole);
+    let t = Instant::now();
+    assert_eq!(cl.write(0, &[8u8; 4096]).unwrap(), 0);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let st = c.engine().status_json("vol");
+    assert_eq!(st["replicas"][1]["state"], "failed", "{st}");
+    // Healed, it comes back through a rebuild.
+    c.proxies[1].set(ProxyMode::Pass);
+    c.proxies[1].cut();
+    c.engine().wait_healthy("vol", 3, Duration::from_secs(60));
+    assert_eq!(cl.read(0, 4096).unwrap().unwrap(), vec![8u8; 4096]);
+}
