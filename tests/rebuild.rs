@@ -16,10 +16,10 @@ fn ctl(c: &Cluster, args: &[&str]) -> std::process::Output {
 
 fn copied_bytes(log: &str) -> u64 {
     log.lines()
+        .rev()
         .filter(|l| l.contains("rebuild finished"))
         .filter_map(|l| l.split("copied=").nth(1))
-        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-        .last()
+        .find_map(|r| r.split_whitespace().next()?.parse().ok())
         .unwrap_or(u64::MAX)
 }
 
