@@ -98,6 +98,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             create: cfg.size.is_some(),
             epoch: 0,
             engine_id: 0,
+            rebuild: false,
         };
         async move {
             let client = replica_client::connect(addr, connect_timeout).await?;
@@ -154,10 +155,17 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
     }
     // Only the replicas with the highest durable revision may serve: a lower one
     // missed writes while it was away.
-    let newest = reachable.iter().map(|(_, r)| r.revision).max().unwrap_or(0);
+    // A replica with an unfinished rebuild may have the newest writes but miss older
+    // ones: its revision proves nothing, so it never counts as fresh.
+    let newest = reachable
+        .iter()
+        .filter(|(_, r)| !r.rebuilding)
+        .map(|(_, r)| r.revision)
+        .max()
+        .unwrap_or(0);
     let best: Vec<&str> = reachable
         .iter()
-        .filter(|(_, r)| r.revision == newest)
+        .filter(|(_, r)| r.revision == newest && !r.rebuilding)
         .map(|(c, _)| c.addr.as_str())
         .collect();
     let all_dirty = reachable.iter().all(|(_, r)| !r.clean);
@@ -178,6 +186,9 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
     let taken = futures::future::join_all(reachable.into_iter().map(|(c, r)| {
         let volume = cfg.volume.clone();
         async move {
+            if r.rebuilding {
+                return (c, Err("stale: its rebuild did not finish; it rebuilds again".to_string()));
+            }
             if r.revision < newest {
                 let why = format!(
                     "stale: revision {} is behind the newest {newest}; it needs a rebuild",
@@ -191,6 +202,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
                 create: false,
                 epoch,
                 engine_id,
+                rebuild: false,
             };
             let res = match c.open(req).await {
                 Ok(_) => c.start(epoch).await,

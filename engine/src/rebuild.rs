@@ -24,6 +24,7 @@ use tether_proto::replica::{
     SnapshotsRequest, Write,
 };
 
+
 use crate::nbd::BlockDevice;
 use crate::replica_client::{self, ReplicaConn};
 use crate::volume::{Volume, BLOCK};
@@ -236,6 +237,7 @@ async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), S
         create: true,
         epoch: vol.epoch(),
         engine_id: vol.engine_id,
+        rebuild: true,
     };
     let reply = step(
         "opening the volume",
@@ -319,6 +321,9 @@ async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), S
     *progress.phase.lock() = "head".into();
     vol.join(target.clone());
     copy(vol, &source, &target, "", true, progress).await?;
+    // Durably clear the replica's rebuild mark; only then may a later engine trust
+    // its revision.
+    wait(vol, &target, Op::RebuildDone(Default::default()), "finishing the rebuild").await?;
     target.set_rebuilding(false);
     Ok(())
 }

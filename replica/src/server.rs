@@ -128,6 +128,9 @@ impl Replica for ReplicaService {
                 } else {
                     vol.take_epoch(req.epoch, req.engine_id)?
                 };
+                if req.rebuild {
+                    vol.set_rebuilding(true)?;
+                }
                 let (revision, clean) = vol.revision();
                 Ok(OpenReply {
                     size: vol.size(),
@@ -136,6 +139,7 @@ impl Replica for ReplicaService {
                     revision,
                     created,
                     clean,
+                    rebuilding: vol.rebuilding(),
                 })
             },
             &name,
@@ -387,6 +391,12 @@ impl IoStreamState {
                 Some(Op::Revert(rv)) => {
                     let v = self.vol.clone();
                     blocking(move || v.revert(&rv.name), self.vol.name())
+                        .await
+                        .map(|_| Bytes::new())
+                }
+                Some(Op::RebuildDone(_)) => {
+                    let v = self.vol.clone();
+                    blocking(move || v.set_rebuilding(false), self.vol.name())
                         .await
                         .map(|_| Bytes::new())
                 }

@@ -147,6 +147,9 @@ struct Meta {
     epoch: u64,
     #[serde(default)]
     engine_id: u64,
+    /// A rebuild into this replica started and has not finished.
+    #[serde(default)]
+    rebuilding: bool,
     clean: bool,
     head: u64,
     next_layer: u64,
@@ -332,6 +335,7 @@ impl Volume {
             block_size: BLOCK_SIZE,
             epoch: 0,
             engine_id: 0,
+            rebuilding: false,
             clean: true,
             head: 1,
             next_layer: 2,
@@ -724,6 +728,24 @@ impl Volume {
             });
         }
         Ok(())
+    }
+
+    /// Whether a rebuild into this replica is unfinished.
+    pub fn rebuilding(&self) -> bool {
+        self.inner.read().meta.rebuilding
+    }
+
+    /// Durably marks (or clears) an unfinished rebuild into this replica.
+    pub fn set_rebuilding(&self, on: bool) -> Result<(), StoreError> {
+        let mut inner = self.inner.write();
+        if inner.meta.rebuilding == on {
+            return Ok(());
+        }
+        if !on {
+            // Everything copied must be durable before the mark goes.
+            self.checkpoint(&mut inner)?;
+        }
+        self.save_meta(&mut inner, |m| m.rebuilding = on)
     }
 
     /// Records whether an engine has the volume open (false) or closed it cleanly.
