@@ -123,7 +123,10 @@ fn client(sh: Arc<Shared>, w: u64, seed: u64) {
 
 #[test]
 fn reads_see_acknowledged_writes_under_a_nemesis() {
-    let secs: u64 = std::env::var("TETHER_HISTORY_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let secs: u64 = std::env::var("TETHER_HISTORY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
     let mut c = Cluster::start_proxied(3, "16M", &["--timeout", "2"]);
     let sh = Arc::new(Shared {
         addr: Mutex::new(c.engine().nbd),
@@ -193,8 +196,16 @@ fn reads_see_acknowledged_writes_under_a_nemesis() {
         t.join().unwrap();
     }
     let v = sh.violations.lock().unwrap().clone();
-    assert!(v.is_empty(), "{} violations, first: {:?}", v.len(), &v[..v.len().min(5)]);
-    assert!(sh.writes.load(Ordering::Relaxed) > 100, "too few writes succeeded");
+    assert!(
+        v.is_empty(),
+        "{} violations, first: {:?}",
+        v.len(),
+        &v[..v.len().min(5)]
+    );
+    assert!(
+        sh.writes.load(Ordering::Relaxed) > 100,
+        "too few writes succeeded"
+    );
     // Heal, flush, restart everything, and check every flushed write.
     c.engine().wait_healthy("vol", 3, Duration::from_secs(120));
     {
@@ -212,14 +223,21 @@ fn reads_see_acknowledged_writes_under_a_nemesis() {
         let got = decode(b, &data[(b * 4096) as usize..((b + 1) * 4096) as usize]).unwrap();
         let want = sh.flushed[b as usize].load(Ordering::SeqCst);
         let hi = sh.issued[b as usize].load(Ordering::SeqCst);
-        assert!(got >= want && got <= hi, "block {b}: holds write {got}, flushed {want}, issued {hi}");
+        assert!(
+            got >= want && got <= hi,
+            "block {b}: holds write {got}, flushed {want}, issued {hi}"
+        );
     }
     let verify = std::process::Command::new(BIN)
         .args(["volume", "verify", "vol", "--control-socket"])
         .arg(&c.engine().control)
         .output()
         .unwrap();
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     eprintln!(
         "history: {} writes, {} reads, nemesis actions {:?}",
         sh.writes.load(Ordering::Relaxed),

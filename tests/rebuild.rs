@@ -255,3 +255,110 @@ fn slow_replica_stays_hung_replica_goes() {
     c.engine().wait_healthy("vol", 3, Duration::from_secs(60));
     assert_eq!(cl.read(0, 4096).unwrap().unwrap(), vec![8u8; 4096]);
 }
+
+#[test]
+fn interrupted_rebuild_restarts_cleanly_after_either_side_dies() {
+    let mut c = Cluster::start(3, "128M");
+    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    for i in 0..96u64 {
+        assert_eq!(
+            cl.write(i << 20, &vec![(i % 200) as u8 + 1; 1 << 20])
+                .unwrap(),
+            0
+        );
+    }
+    assert_eq!(cl.flush().unwrap(), 0);
+    drop(cl);
+    // Replica 2 comes back empty: a full rebuild starts.
+    c.replicas[2].kill9();
+    let dir = c.replicas[2].dir.clone();
+    let port = c.replicas[2].addr.port();
+    std::fs::remove_dir_all(&dir).unwrap();
+    c.replicas[2] = Replica::start(&dir, port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.engine().log_text().contains("rebuild started") {
+        assert!(Instant::now() < deadline, "no rebuild started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The engine dies mid-rebuild: the half-built replica must not count as fresh.
+    if let Some(mut e) = c.engine.take() {
+        e.kill9();
+    }
+    c.start_engine(None);
+    let log = c.engine().log_text();
+    assert!(
+        log.contains("rebuild did not finish") || log.contains("stale: revision"),
+        "{log}"
+    );
+    // The target dies mid-rebuild too, then returns: the rebuild completes.
+    std::thread::sleep(Duration::from_millis(300));
+    c.replicas[2].kill9();
+    c.replicas[2] = Replica::start(&dir, port);
+    c.engine().wait_healthy("vol", 3, Duration::from_secs(120));
+    let v = ctl(&c, &["volume", "verify", "vol"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
+
+#[test]
+fn wal_dir_puts_the_log_on_another_disk() {
+    let dir = tempfile::Builder::new()
+        .prefix("tether-wal")
+        .tempdir_in(test_root())
+        .unwrap();
+    let wal = dir.path().join("fast");
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let start = || {
+        let mut r = Command::new(BIN)
+            .args([
+                "replica",
+                "--listen",
+                &addr.to_string(),
+                "--wal-size",
+                "4M",
+                "--wal-dir",
+            ])
+            .arg(&wal)
+            .arg("--data")
+            .arg(dir.path().join("bulk"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_port(addr, &mut r, "replica");
+        r
+    };
+    let mut rep = start();
+    let nbd: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let engine = |size: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["engine", "--volume", "vol", "--replica", &addr.to_string()])
+            .args(["--nbd-listen", &nbd.to_string(), "--control-socket"])
+            .arg(dir.path().join("c.sock"))
+            .stderr(std::process::Stdio::null());
+        if let Some(s) = size {
+            cmd.args(["--size", s]);
+        }
+        let mut e = cmd.spawn().unwrap();
+        wait_port(nbd, &mut e, "engine");
+        e
+    };
+    let mut e = engine(Some("16M"));
+    let mut cl = NbdClient::connect(nbd, "vol").unwrap();
+    assert_eq!(cl.write(4096, &[0x42; 8192]).unwrap(), 0);
+    assert_eq!(cl.flush().unwrap(), 0);
+    assert!(wal.join("vol.wal").exists(), "the log is not in --wal-dir");
+    assert!(!dir.path().join("bulk/volumes/vol/wal").exists());
+    drop(cl);
+    let _ = e.kill();
+    let _ = e.wait();
+    let _ = rep.kill();
+    let _ = rep.wait();
+    let mut rep = start();
+    let mut e = engine(None);
+    let mut cl = NbdClient::connect(nbd, "vol").unwrap();
+    assert_eq!(cl.read(4096, 8192).unwrap().unwrap(), vec![0x42; 8192]);
+    let _ = e.kill();
+    let _ = e.wait();
+    let _ = rep.kill();
+    let _ = rep.wait();
+}

@@ -187,7 +187,10 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
         let volume = cfg.volume.clone();
         async move {
             if r.rebuilding {
-                return (c, Err("stale: its rebuild did not finish; it rebuilds again".to_string()));
+                return (
+                    c,
+                    Err("stale: its rebuild did not finish; it rebuilds again".to_string()),
+                );
             }
             if r.revision < newest {
                 let why = format!(

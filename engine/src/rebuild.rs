@@ -24,7 +24,6 @@ use tether_proto::replica::{
     SnapshotsRequest, Write,
 };
 
-
 use crate::nbd::BlockDevice;
 use crate::replica_client::{self, ReplicaConn};
 use crate::volume::{Volume, BLOCK};
@@ -323,7 +322,13 @@ async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), S
     copy(vol, &source, &target, "", true, progress).await?;
     // Durably clear the replica's rebuild mark; only then may a later engine trust
     // its revision.
-    wait(vol, &target, Op::RebuildDone(Default::default()), "finishing the rebuild").await?;
+    wait(
+        vol,
+        &target,
+        Op::RebuildDone(Default::default()),
+        "finishing the rebuild",
+    )
+    .await?;
     target.set_rebuilding(false);
     Ok(())
 }
