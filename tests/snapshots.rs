@@ -144,6 +144,16 @@ fn bit_rot_is_served_from_another_replica_and_found_by_verify() {
         3,
         "a bad block does not drop the replica"
     );
+    // The bad copy was repaired from a healthy replica: verify is clean again.
+    assert!(c.engine().log_text().contains("repaired bad block copy"));
+    cli_ok(&c, &["volume", "verify"], &[]);
+    // Rot another block, and find it with verify before any read touches it.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&layer)
+        .unwrap();
+    f.write_all_at(&[0xff, 0x00, 0xff], 6 * 4096 + 123).unwrap();
+    drop(f);
     let out = Command::new(BIN)
         .args(["volume", "verify", "vol", "--control-socket"])
         .arg(&c.engine().control)
@@ -152,7 +162,7 @@ fn bit_rot_is_served_from_another_replica_and_found_by_verify() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("block 5:") && text.contains(&c.replicas[0].addr.to_string()),
+        text.contains("block 6:") && text.contains(&c.replicas[0].addr.to_string()),
         "{text}"
     );
 }

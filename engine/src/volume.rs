@@ -334,6 +334,34 @@ impl Volume {
         self.read_view_from(r, "", block, count).await
     }
 
+    /// Rewrites blocks that failed their checksum on `bad` replicas with a good copy
+    /// from `good`, under the range lock so no client write can interleave.
+    async fn repair(&self, good: &ReplicaConn, bad: &[Arc<ReplicaConn>], block: u64, count: u32) {
+        let _held = self.hold(block, block + u64::from(count)).await;
+        let data = match self.read_from(good, block, count).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(volume = %self.name, block, error = %e, "repair skipped: re-reading the good copy failed");
+                return;
+            }
+        };
+        for r in bad {
+            let rx = r.submit(Op::Write(Write {
+                seq: 0,
+                block,
+                data: data.clone(),
+            }));
+            match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(Ok(_))) => {
+                    tracing::info!(volume = %self.name, replica = %r.addr, block, count, "repaired bad block copy from a healthy replica")
+                }
+                _ => {
+                    tracing::warn!(volume = %self.name, replica = %r.addr, block, "repairing a bad block copy failed")
+                }
+            }
+        }
+    }
+
     /// Reads blocks `[block, block+count)` from every healthy replica, with writes to
     /// them held off, and reports checksum failures and disagreements by block.
     pub async fn verify_chunk(&self, block: u64, count: u32) -> Vec<(u64, String, String)> {
@@ -601,6 +629,7 @@ impl Volume {
         let n = reps.len();
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         let mut bad_copies = 0;
+        let mut bad: Vec<Arc<ReplicaConn>> = Vec::new();
         for i in 0..n {
             let r = &reps[(start + i) % n];
             if !r.is_healthy() {
@@ -616,6 +645,9 @@ impl Volume {
                     if bad_copies > 0 {
                         tracing::info!(volume = %self.name, replica = %r.addr, block, count,
                             "served a good copy from another replica");
+                        if snapshot.is_empty() {
+                            self.repair(r, &bad, block, count).await;
+                        }
                     }
                     return Ok(data);
                 }
@@ -629,6 +661,7 @@ impl Volume {
                 ),
                 Ok(Ok(Err(ReplicaError::Checksum(msg)))) => {
                     bad_copies += 1;
+                    bad.push(r.clone());
                     self.counters
                         .checksum_errors
                         .fetch_add(1, Ordering::Relaxed);
