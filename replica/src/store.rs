@@ -190,7 +190,14 @@ struct Inner {
     wal: Arc<dyn DiskFile>,
     header: WalHeader,
     wal_off: u64,
+    /// Which half of the log takes appends, and the generation written there.
+    half: u8,
+    gen_cur: u64,
     recent: ExtentMap<Recent>,
+    /// Blocks of the other half, being copied into the head by a checkpoint.
+    frozen: Option<Arc<ExtentMap<Recent>>>,
+    /// Highest write sequence in `frozen`.
+    frozen_rev: u64,
     revision: u64,
 }
 
@@ -225,6 +232,13 @@ pub struct Volume {
     sync_lock: Mutex<()>,
     /// Serialises changes to the layer tree (snapshot, delete, revert, expand).
     admin: Mutex<()>,
+    /// Held by whoever writes the head layer from the log (checkpoints, merges).
+    /// Lock order: admin, then ckpt, then inner.
+    ckpt: Mutex<()>,
+    /// Lets an append start a background checkpoint on its own volume.
+    me: std::sync::OnceLock<std::sync::Weak<Volume>>,
+    /// Set by `close`: background checkpoints stop touching the disk.
+    closed: std::sync::atomic::AtomicBool,
     /// Log bytes appended and made durable, counted across generations.
     written: AtomicU64,
     synced: AtomicU64,
@@ -325,6 +339,7 @@ impl Volume {
         let header = WalHeader {
             gen: 1,
             revision: 0,
+            half: 0,
         };
         wal.write_at(&header.encode(), header.slot_offset())
             .and_then(|_| wal.sync())
@@ -452,11 +467,18 @@ impl Volume {
                 wal,
                 header,
                 wal_off: RECORDS_START,
+                half: header.half,
+                gen_cur: header.gen,
                 recent: ExtentMap::new(),
+                frozen: None,
+                frozen_rev: 0,
                 revision: header.revision,
             }),
             sync_lock: Mutex::new(()),
             admin: Mutex::new(()),
+            ckpt: Mutex::new(()),
+            me: std::sync::OnceLock::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             poisoned: Mutex::new(None),
@@ -464,7 +486,10 @@ impl Volume {
         let (records, bytes) = vol.replay()?;
         // A new generation: leftovers past the replayed prefix can never be replayed
         // later, after newer records.
-        vol.checkpoint(&mut vol.inner.write())?;
+        {
+            let _c = vol.ckpt.lock();
+            vol.checkpoint(&mut vol.inner.write())?;
+        }
         tracing::info!(
             volume = name,
             records,
@@ -476,28 +501,66 @@ impl Volume {
         Ok(vol)
     }
 
-    /// Rebuilds the recent-block map from the log's valid prefix.
+    /// The byte range of half `h` of the log.
+    fn half_range(&self, h: u8) -> (u64, u64) {
+        let mid = RECORDS_START + ((self.wal_size - RECORDS_START) / 2) / 4096 * 4096;
+        if h == 0 {
+            (RECORDS_START, mid)
+        } else {
+            (mid, self.wal_size)
+        }
+    }
+
+    /// Rebuilds the recent-block map from the log: the valid prefix of generation
+    /// `gen` in the header's half, then of `gen + 1` in the other half.
     fn replay(&self) -> Result<(usize, u64), StoreError> {
         let mut inner = self.inner.write();
-        let gen = inner.header.gen;
-        let wal = inner.wal.clone();
-        let mut off = RECORDS_START;
+        let (first_half, gen) = (inner.header.half, inner.header.gen);
         let mut records = 0;
-        let rerr = self.err("replaying the log", &self.wal_path);
+        let mut bytes = 0;
+        for (h, g) in [(first_half, gen), (1 - first_half, gen + 1)] {
+            let (n, end, complete) = self.replay_half(&mut inner, h, g)?;
+            records += n;
+            let (start, _) = self.half_range(h);
+            bytes += end - start;
+            inner.half = h;
+            inner.gen_cur = g;
+            inner.wal_off = end;
+            // The next half can only hold live records if this one filled up.
+            if n == 0 || !complete {
+                break;
+            }
+        }
+        Ok((records, bytes))
+    }
+
+    /// Replays one half; returns (records, end offset, whether it ended for lack of room).
+    fn replay_half(
+        &self,
+        inner: &mut Inner,
+        half: u8,
+        gen: u64,
+    ) -> Result<(usize, u64, bool), StoreError> {
+        let wal = inner.wal.clone();
+        let (start, limit) = self.half_range(half);
+        let mut off = start;
+        let mut records = 0;
+        let rerr = |e| io_err(&self.name, "replaying the log", &self.wal_path, e);
         let mut hdr = [0u8; wal::RECORD_HEADER];
-        let mut failure = None;
+        let mut full = false;
         loop {
-            if off + wal::RECORD_HEADER as u64 > self.wal_size {
+            if off + wal::RECORD_HEADER as u64 > limit {
+                full = true;
                 break;
             }
-            if let Err(err) = wal.read_at(&mut hdr, off) {
-                failure = Some(err);
-                break;
-            }
+            wal.read_at(&mut hdr, off).map_err(rerr)?;
             let Some(h) = wal::decode_header(&hdr, gen) else {
+                // Either the end of what was written, or a record that did not fit
+                // here and went to the other half.
+                full = true;
                 break;
             };
-            if off + h.total_len() > self.wal_size
+            if off + h.total_len() > limit
                 || h.block
                     .checked_add(u64::from(h.count))
                     .is_none_or(|e| e > self.blocks())
@@ -505,10 +568,7 @@ impl Volume {
                 break;
             }
             let mut head = vec![0u8; wal::RECORD_HEADER + h.crcs_len()];
-            if let Err(err) = wal.read_at(&mut head, off) {
-                failure = Some(err);
-                break;
-            }
+            wal.read_at(&mut head, off).map_err(rerr)?;
             if !wal::verify_record(&head) {
                 break;
             }
@@ -519,10 +579,7 @@ impl Volume {
                 // A torn payload marks the end of what was written before the crash.
                 let crcs = wal::block_crcs(&head[wal::RECORD_HEADER..]);
                 let mut data = vec![0u8; h.data_len()];
-                if let Err(err) = wal.read_at(&mut data, data_off) {
-                    failure = Some(err);
-                    break;
-                }
+                wal.read_at(&mut data, data_off).map_err(rerr)?;
                 let intact = data
                     .chunks_exact(BLOCK)
                     .zip(&crcs)
@@ -540,57 +597,40 @@ impl Volume {
             off += h.total_len();
             records += 1;
         }
-        if let Some(err) = failure {
-            return Err(rerr(err));
-        }
-        inner.wal_off = off;
-        Ok((records, off - RECORDS_START))
+        Ok((records, off, full))
     }
 
-    /// Copies the log's blocks into the head layer, syncs it, and starts a new log
-    /// generation. Leaves everything as it was if any step fails.
-    fn checkpoint(&self, inner: &mut Inner) -> Result<(), StoreError> {
-        self.check_writable()?;
-        let head_id = inner.meta.head;
+    /// Copies log extents into the head layer's files (no lock held, no sync); returns
+    /// the changes to the head's presence map: (start, end, present).
+    fn copy_to_head(
+        &self,
+        head_id: u64,
+        data: &dyn DiskFile,
+        rec: &dyn DiskFile,
+        wal: &dyn DiskFile,
+        single: bool,
+        extents: &[(u64, u64, Recent)],
+    ) -> Result<Vec<(u64, u64, bool)>, StoreError> {
         let (dp, rp) = layer_paths(&self.dir, head_id);
-        let wal = inner.wal.clone();
-        // Every record copied below must be replayable if the copy is torn: make the
-        // log durable before touching the layer.
-        if !inner.recent.is_empty() {
-            if let Err(err) = wal.sync() {
-                return Err(self.poison(format!(
-                    "fdatasync of {} failed: {err}",
-                    self.wal_path.display()
-                )));
-            }
-        }
-        let extents: Vec<(u64, u64, Recent)> =
-            inner.recent.iter().map(|(s, e, v)| (s, e, *v)).collect();
-        let single = inner.chain.len() == 1;
-        let Some(head) = inner.layers.get_mut(&head_id) else {
-            return Err(self.invalid(format!("head layer {head_id} is not open")));
-        };
-        for (s, e, v) in extents {
+        let mut changes = Vec::with_capacity(extents.len());
+        for &(s, e, v) in extents {
             match v {
                 Recent::Zero if single => {
                     // Nothing below the head to hide: the blocks just become absent.
-                    head.data
-                        .punch(s * BLOCK as u64, (e - s) * BLOCK as u64)
-                        .and_then(|_| head.rec.punch(s * REC as u64, (e - s) * REC as u64))
+                    data.punch(s * BLOCK as u64, (e - s) * BLOCK as u64)
+                        .and_then(|_| rec.punch(s * REC as u64, (e - s) * REC as u64))
                         .map_err(self.err("punching a hole", &dp))?;
-                    head.present.remove(s, e);
+                    changes.push((s, e, false));
                     continue;
                 }
                 Recent::Zero => {
-                    head.data
-                        .punch(s * BLOCK as u64, (e - s) * BLOCK as u64)
+                    data.punch(s * BLOCK as u64, (e - s) * BLOCK as u64)
                         .map_err(self.err("punching a hole", &dp))?;
                     let mut b = s;
                     while b < e {
                         let n = (e - b).min(1 << 17);
                         let recs: Vec<u8> = (0..n).flat_map(|_| rec_entry(0, STATE_ZERO)).collect();
-                        head.rec
-                            .write_at(&recs, b * REC as u64)
+                        rec.write_at(&recs, b * REC as u64)
                             .map_err(self.err("writing block records", &rp))?;
                         b += n;
                     }
@@ -603,46 +643,144 @@ impl Volume {
                             break;
                         };
                         let mut crcs = vec![0u8; n as usize * 4];
-                        let mut data = vec![0u8; n as usize * BLOCK];
+                        let mut buf = vec![0u8; n as usize * BLOCK];
                         wal.read_at(&mut crcs, crc_off)
-                            .and_then(|_| wal.read_at(&mut data, data_off))
+                            .and_then(|_| wal.read_at(&mut buf, data_off))
                             .map_err(self.err("reading the log", &self.wal_path))?;
                         let recs: Vec<u8> = wal::block_crcs(&crcs)
                             .into_iter()
                             .flat_map(|c| rec_entry(c, STATE_DATA))
                             .collect();
-                        head.data
-                            .write_at(&data, b * BLOCK as u64)
+                        data.write_at(&buf, b * BLOCK as u64)
                             .map_err(self.err("writing a layer", &dp))?;
-                        head.rec
-                            .write_at(&recs, b * REC as u64)
+                        rec.write_at(&recs, b * REC as u64)
                             .map_err(self.err("writing block records", &rp))?;
                         b += n;
                     }
                 }
             }
-            head.present.insert(s, e, ());
+            changes.push((s, e, true));
         }
-        let synced = head.data.sync().and_then(|_| head.rec.sync());
-        if let Err(err) = synced {
+        Ok(changes)
+    }
+
+    fn sync_log(&self, wal: &dyn DiskFile) -> Result<(), StoreError> {
+        wal.sync().map_err(|err| {
+            self.poison(format!(
+                "fdatasync of {} failed: {err}",
+                self.wal_path.display()
+            ))
+        })
+    }
+
+    /// Copies everything in the log (the frozen half, then the live one) into the head
+    /// layer, syncs it, and starts a new generation in the live half. The caller holds
+    /// `ckpt`. Leaves everything as it was if any step fails.
+    fn checkpoint(&self, inner: &mut Inner) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let head_id = inner.meta.head;
+        let wal = inner.wal.clone();
+        // Every record copied below must be replayable if the copy is torn: make the
+        // log durable before touching the layer.
+        if !inner.recent.is_empty() || inner.frozen.is_some() {
+            self.sync_log(&*wal)?;
+        }
+        let mut extents: Vec<(u64, u64, Recent)> = Vec::new();
+        if let Some(f) = &inner.frozen {
+            extents.extend(f.iter().map(|(s, e, v)| (s, e, *v)));
+        }
+        extents.extend(inner.recent.iter().map(|(s, e, v)| (s, e, *v)));
+        let single = inner.chain.len() == 1;
+        let Some(head) = inner.layers.get(&head_id) else {
+            return Err(self.invalid(format!("head layer {head_id} is not open")));
+        };
+        let (data, rec) = (head.data.clone(), head.rec.clone());
+        let changes = self.copy_to_head(head_id, &*data, &*rec, &*wal, single, &extents)?;
+        if let Err(err) = data.sync().and_then(|_| rec.sync()) {
             return Err(self.poison(format!("fdatasync of layer {head_id} failed: {err}")));
         }
         let next = WalHeader {
-            gen: inner.header.gen + 1,
+            gen: inner.gen_cur + 1,
             revision: inner.revision,
+            half: inner.half,
         };
-        let written = wal
-            .write_at(&next.encode(), next.slot_offset())
-            .and_then(|_| wal.sync());
-        if let Err(err) = written {
-            return Err(self.poison(format!("writing the log header failed: {err}")));
+        self.write_header(&*wal, &next)?;
+        if let Some(head) = inner.layers.get_mut(&head_id) {
+            apply_changes(&mut head.present, &changes);
         }
         inner.header = next;
+        inner.gen_cur = next.gen;
         inner.recent.clear();
-        inner.wal_off = RECORDS_START;
+        inner.frozen = None;
+        inner.wal_off = self.half_range(inner.half).0;
         self.synced
             .store(self.written.load(Ordering::Acquire), Ordering::Release);
         Ok(())
+    }
+
+    fn write_header(&self, wal: &dyn DiskFile, h: &WalHeader) -> Result<(), StoreError> {
+        wal.write_at(&h.encode(), h.slot_offset())
+            .and_then(|_| wal.sync())
+            .map_err(|err| self.poison(format!("writing the log header failed: {err}")))
+    }
+
+    /// Copies the frozen half into the head layer, without blocking appends to the
+    /// live half, then frees the frozen half. The caller holds `ckpt`.
+    fn checkpoint_frozen(&self) -> Result<(), StoreError> {
+        let (frozen, frozen_rev, wal, head_id, data, rec, single) = {
+            let inner = self.inner.read();
+            let Some(frozen) = inner.frozen.clone() else {
+                return Ok(());
+            };
+            let head_id = inner.meta.head;
+            let Some(head) = inner.layers.get(&head_id) else {
+                return Err(self.invalid(format!("head layer {head_id} is not open")));
+            };
+            (
+                frozen,
+                inner.frozen_rev,
+                inner.wal.clone(),
+                head_id,
+                head.data.clone(),
+                head.rec.clone(),
+                inner.chain.len() == 1,
+            )
+        };
+        self.check_writable()?;
+        self.sync_log(&*wal)?;
+        let extents: Vec<(u64, u64, Recent)> = frozen.iter().map(|(s, e, v)| (s, e, *v)).collect();
+        let changes = self.copy_to_head(head_id, &*data, &*rec, &*wal, single, &extents)?;
+        if let Err(err) = data.sync().and_then(|_| rec.sync()) {
+            return Err(self.poison(format!("fdatasync of layer {head_id} failed: {err}")));
+        }
+        let mut inner = self.inner.write();
+        // Snapshots and reverts take `ckpt` first, so the head is still `head_id`.
+        let next = WalHeader {
+            gen: inner.gen_cur,
+            revision: frozen_rev.max(inner.header.revision),
+            half: inner.half,
+        };
+        self.write_header(&*wal, &next)?;
+        if let Some(head) = inner.layers.get_mut(&head_id) {
+            apply_changes(&mut head.present, &changes);
+        }
+        inner.header = next;
+        inner.frozen = None;
+        Ok(())
+    }
+
+    /// Stops background work on this volume and waits for what is running; the
+    /// volume must not be used afterwards (crash tests call it before a power cut).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        drop(self.ckpt.lock());
+    }
+
+    /// Waits for a running background checkpoint, or does it here if none is running
+    /// (or it failed: then its error is this caller's).
+    fn finish_checkpoint(&self) -> Result<(), StoreError> {
+        let _c = self.ckpt.lock();
+        self.checkpoint_frozen()
     }
 
     fn poison(&self, reason: String) -> StoreError {
@@ -737,6 +875,7 @@ impl Volume {
 
     /// Durably marks (or clears) an unfinished rebuild into this replica.
     pub fn set_rebuilding(&self, on: bool) -> Result<(), StoreError> {
+        let _c = self.ckpt.lock();
         let mut inner = self.inner.write();
         if inner.meta.rebuilding == on {
             return Ok(());
@@ -750,6 +889,7 @@ impl Volume {
 
     /// Records whether an engine has the volume open (false) or closed it cleanly.
     pub fn set_clean(&self, clean: bool) -> Result<(), StoreError> {
+        let _c = self.ckpt.lock();
         let mut inner = self.inner.write();
         if clean {
             self.checkpoint(&mut inner)?;
@@ -785,25 +925,39 @@ impl Volume {
     }
 
     /// Appends one record, checkpointing first if the log is full.
+    /// Appends one record; returns false when the live half is full and the other
+    /// half is still being checkpointed (the caller waits and retries).
     fn append(
         &self,
         inner: &mut Inner,
         h: RecordHeader,
         crcs: &[u32],
         data: &[u8],
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let len = h.total_len();
-        if inner.wal_off + len > self.wal_size {
-            self.checkpoint(inner)?;
+        if inner.wal_off + len > self.half_range(inner.half).1 {
+            if inner.frozen.is_some() {
+                return Ok(false);
+            }
+            // Freeze this half for a background checkpoint; append to the other.
+            inner.frozen = Some(Arc::new(std::mem::replace(
+                &mut inner.recent,
+                ExtentMap::new(),
+            )));
+            inner.frozen_rev = inner.revision;
+            inner.half = 1 - inner.half;
+            inner.gen_cur += 1;
+            inner.wal_off = self.half_range(inner.half).0;
+            self.spawn_checkpoint();
         }
-        if inner.wal_off + len > self.wal_size {
+        if inner.wal_off + len > self.half_range(inner.half).1 {
             return Err(self.invalid(format!(
-                "a record of {len} bytes does not fit the {} byte log",
+                "a record of {len} bytes does not fit half of the {} byte log",
                 self.wal_size
             )));
         }
         let h = RecordHeader {
-            gen: inner.header.gen,
+            gen: inner.gen_cur,
             ..h
         };
         let head = wal::encode_record(&h, crcs);
@@ -830,7 +984,37 @@ impl Volume {
         inner.wal_off += len;
         inner.revision = inner.revision.max(h.seq);
         self.written.fetch_add(len, Ordering::AcqRel);
-        Ok(())
+        Ok(true)
+    }
+
+    /// Appends, waiting for the background checkpoint when both halves are busy.
+    fn append_waiting(&self, h: RecordHeader, crcs: &[u32], data: &[u8]) -> Result<(), StoreError> {
+        loop {
+            if self.append(&mut self.inner.write(), h, crcs, data)? {
+                return Ok(());
+            }
+            self.finish_checkpoint()?;
+        }
+    }
+
+    fn spawn_checkpoint(&self) {
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("tether-checkpoint".into())
+            .spawn(move || {
+                let _c = me.ckpt.lock();
+                if me.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Err(e) = me.checkpoint_frozen() {
+                    tracing::warn!(volume = %me.name, error = %e, "background checkpoint failed; the next write retries it");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(volume = %self.name, error = %e, "cannot start a checkpoint thread; writes will checkpoint inline");
+        }
     }
 
     /// Writes whole blocks starting at `block` as write sequence `seq`.
@@ -847,7 +1031,6 @@ impl Volume {
         let crcs: Vec<u32> = data.chunks_exact(BLOCK).map(crc32c::crc32c).collect();
         // Big writes go in pieces that fit a quarter of the log.
         let per = ((self.wal_size / 4) / (BLOCK as u64 + 4)).max(1);
-        let mut inner = self.inner.write();
         let mut b = 0;
         while b < count {
             let n = per.min(count - b);
@@ -859,7 +1042,7 @@ impl Volume {
                 count: n as u32,
             };
             let bytes = &data[(b as usize * BLOCK)..((b + n) as usize * BLOCK)];
-            self.append(&mut inner, h, &crcs[b as usize..(b + n) as usize], bytes)?;
+            self.append_waiting(h, &crcs[b as usize..(b + n) as usize], bytes)?;
             b += n;
         }
         Ok(())
@@ -869,7 +1052,6 @@ impl Volume {
     pub fn zero_blocks(&self, seq: u64, block: u64, count: u64) -> Result<(), StoreError> {
         self.check_range(block, count, false)?;
         self.check_writable()?;
-        let mut inner = self.inner.write();
         let mut b = 0;
         while b < count {
             let n = (count - b).min(u64::from(u32::MAX));
@@ -880,7 +1062,7 @@ impl Volume {
                 block: block + b,
                 count: n as u32,
             };
-            self.append(&mut inner, h, &[], &[])?;
+            self.append_waiting(h, &[], &[])?;
             b += n;
         }
         Ok(())
@@ -1004,6 +1186,8 @@ impl Volume {
             ))
         })?;
         self.check_writable()?;
+        let _admin = self.admin.lock();
+        let _c = self.ckpt.lock();
         let mut inner = self.inner.write();
         if inner
             .meta
@@ -1162,6 +1346,7 @@ impl Volume {
 
     /// Copies the blocks of `[s, e)` that layer `from` has and `to` lacks.
     fn merge_chunk(&self, from: u64, to: u64, s: u64, e: u64) -> Result<u64, StoreError> {
+        let _c = self.ckpt.lock();
         let inner = self.inner.write();
         let (Some(src), Some(dst)) = (inner.layers.get(&from), inner.layers.get(&to)) else {
             return Err(self.invalid(format!("layer {from} or {to} is not open")));
@@ -1215,6 +1400,7 @@ impl Volume {
     pub fn revert(&self, name: &str) -> Result<(), StoreError> {
         self.check_writable()?;
         let _admin = self.admin.lock();
+        let _c = self.ckpt.lock();
         let mut inner = self.inner.write();
         let Some(target) = inner
             .meta
@@ -1347,6 +1533,16 @@ impl Volume {
     }
 }
 
+fn apply_changes(present: &mut ExtentMap<()>, changes: &[(u64, u64, bool)]) {
+    for &(s, e, here) in changes {
+        if here {
+            present.insert(s, e, ());
+        } else {
+            present.remove(s, e);
+        }
+    }
+}
+
 fn meta_bytes(m: &Meta) -> Vec<u8> {
     let mut v = serde_json::to_vec_pretty(m).unwrap_or_default();
     v.push(b'\n');
@@ -1374,11 +1570,13 @@ fn chain_of(meta: &Meta, id: u64) -> Result<Vec<u64>, String> {
 fn source(inner: &Inner, chain: &[u64], with_log: bool, p: u64, end: u64) -> (Source, u64) {
     let mut bound = end;
     if with_log {
-        if let Some((v, e)) = inner.recent.get(p) {
-            return (Source::Log(v), e.min(end));
-        }
-        if let Some(ns) = inner.recent.next_start(p) {
-            bound = bound.min(ns);
+        for map in std::iter::once(&inner.recent).chain(inner.frozen.as_deref()) {
+            if let Some((v, e)) = map.get(p) {
+                return (Source::Log(v), e.min(bound));
+            }
+            if let Some(ns) = map.next_start(p) {
+                bound = bound.min(ns);
+            }
         }
     }
     for id in chain {
@@ -1468,6 +1666,7 @@ impl VolumeSet {
             name,
             self.opts.wal_size,
         )?);
+        let _ = v.me.set(Arc::downgrade(&v));
         open.insert(name.to_string(), v.clone());
         Ok(v)
     }
@@ -1489,6 +1688,7 @@ impl VolumeSet {
                     size,
                     self.opts.wal_size,
                 )?);
+                let _ = v.me.set(Arc::downgrade(&v));
                 open.insert(name.to_string(), v.clone());
                 Ok((v, true))
             }

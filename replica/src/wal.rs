@@ -2,7 +2,8 @@
 //! decoding, no I/O.
 //!
 //! ```text
-//! offset 0, 512: header slots  magic "TTHRWAL1" | gen u64 | revision u64 | crc32c u32
+//! offset 0, 512: header slots  magic "TTHRWAL1" | gen u64 | revision u64 | half u8 |
+//!                              0 0 0 | crc32c u32
 //! offset 4096:   records       magic u32 | kind u8 | 0 0 0 | gen u64 | seq u64 |
 //!                              block u64 | count u32 | crc32c u32      (40 bytes)
 //!                              then for a write: count × crc32c u32 of each block,
@@ -19,17 +20,20 @@ pub const RECORDS_START: u64 = 4096;
 /// Size of a record header.
 pub const RECORD_HEADER: usize = 40;
 const HEADER_MAGIC: &[u8; 8] = b"TTHRWAL1";
-const HEADER_SLOT: usize = 28;
+const HEADER_SLOT: usize = 32;
 const RECORD_MAGIC: u32 = 0x5752_4543;
 
-/// The log's header: which generation of records is live, and the revision that
-/// the last checkpoint made durable in the layers.
+/// The log's header: where replay starts (generation `gen` in half `half`, then
+/// generation `gen + 1` in the other half), and the revision that the last checkpoint
+/// made durable in the layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WalHeader {
     /// Records of other generations are stale leftovers.
     pub gen: u64,
     /// Highest write sequence already applied to the layers.
     pub revision: u64,
+    /// Which half of the log holds generation `gen` (0 or 1).
+    pub half: u8,
 }
 
 impl WalHeader {
@@ -39,20 +43,22 @@ impl WalHeader {
         b[0..8].copy_from_slice(HEADER_MAGIC);
         b[8..16].copy_from_slice(&self.gen.to_le_bytes());
         b[16..24].copy_from_slice(&self.revision.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..24]);
-        b[24..28].copy_from_slice(&crc.to_le_bytes());
+        b[24] = self.half;
+        let crc = crc32c::crc32c(&b[..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     /// Decodes a header slot; `None` if torn or never written.
     pub fn decode(b: &[u8]) -> Option<WalHeader> {
         let b = b.get(..HEADER_SLOT)?;
-        if &b[0..8] != HEADER_MAGIC || crc32c::crc32c(&b[..24]) != le32(&b[24..28]) {
+        if &b[0..8] != HEADER_MAGIC || crc32c::crc32c(&b[..28]) != le32(&b[28..32]) || b[24] > 1 {
             return None;
         }
         Some(WalHeader {
             gen: le64(&b[8..16]),
             revision: le64(&b[16..24]),
+            half: b[24],
         })
     }
 
@@ -227,6 +233,7 @@ mod tests {
         let h = WalHeader {
             gen: 5,
             revision: 77,
+            half: 1,
         };
         let mut b = h.encode();
         assert_eq!(WalHeader::decode(&b), Some(h));

@@ -182,7 +182,7 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
         if failed {
             return Ok(());
         }
-        let live = read_all(v, None)?;
+        let live = read_all(v, None).map_err(|e| format!("live read after {op:?}: {e}"))?;
         if live != m.current() {
             return Err(format!(
                 "live read {live:?} != model {:?} after {op:?}",
@@ -202,7 +202,7 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
 }
 
 fn check_recovered(v: &Volume, m: &mut Model) -> Result<(), String> {
-    let got = read_all(v, None)?;
+    let got = read_all(v, None).map_err(|e| format!("after recovery: {e}"))?;
     for (b, tag) in got.iter().enumerate() {
         if !m.versions[b].contains(tag) {
             return Err(format!(
@@ -258,6 +258,7 @@ proptest! {
             let countdown = rng.random_bool(0.5).then(|| rng.random_range(0..120u64));
             disk.fail_after(countdown);
             run(&v, &mut m, ops, &mut seq).map_err(TestCaseError::fail)?;
+            v.close();
             drop(v);
             disk.fail_after(None);
             let keep: f64 = rng.random();
