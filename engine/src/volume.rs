@@ -419,6 +419,11 @@ impl Volume {
     /// Queues an operation that changes no block on every healthy replica, in order.
     fn submit_unsequenced(&self, op: Op) -> Waiting {
         let _seq = self.seq.lock();
+        self.queue_all(&op)
+    }
+
+    /// Queues `op` on every replica that takes writes; the caller holds `seq`.
+    fn queue_all(&self, op: &Op) -> Waiting {
         self.replicas
             .read()
             .iter()
@@ -551,13 +556,7 @@ impl Volume {
     fn submit_ordered(&self, make: impl Fn(u64) -> Op) -> Waiting {
         let mut seq = self.seq.lock();
         *seq += 1;
-        let op = make(*seq);
-        self.replicas
-            .read()
-            .iter()
-            .filter(|r| r.is_writable())
-            .map(|r| (r.clone(), r.submit(op.clone())))
-            .collect()
+        self.queue_all(&make(*seq))
     }
 
     /// Waits for every replica's answer; succeeds if all that remain healthy accepted.
@@ -746,13 +745,7 @@ impl Volume {
     async fn flush_inner(&self) -> Result<(), DeviceError> {
         let waiting = {
             let seq = self.seq.lock();
-            let op = Op::Flush(Flush { seq: *seq });
-            self.replicas
-                .read()
-                .iter()
-                .filter(|r| r.is_writable())
-                .map(|r| (r.clone(), r.submit(op.clone())))
-                .collect()
+            self.queue_all(&Op::Flush(Flush { seq: *seq }))
         };
         self.wait_all(waiting).await
     }

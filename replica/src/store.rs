@@ -1178,6 +1178,24 @@ impl Volume {
         }
     }
 
+    /// Creates the (empty) files of layer `id`.
+    fn create_layer(&self, id: u64) -> Result<Layer, StoreError> {
+        let (dp, rp) = layer_paths(&self.dir, id);
+        let data = self
+            .disk
+            .open(&dp, true)
+            .map_err(self.err("creating a layer", &dp))?;
+        let rec = self
+            .disk
+            .open(&rp, true)
+            .map_err(self.err("creating a layer", &rp))?;
+        Ok(Layer {
+            data,
+            rec,
+            present: ExtentMap::new(),
+        })
+    }
+
     /// Freezes the head as snapshot `name` and starts a new empty head.
     pub fn snapshot(&self, name: &str) -> Result<(), StoreError> {
         validate_name(name).map_err(|_| {
@@ -1200,15 +1218,7 @@ impl Volume {
         self.checkpoint(&mut inner)?;
         let id = inner.meta.next_layer;
         let old = inner.meta.head;
-        let (dp, rp) = layer_paths(&self.dir, id);
-        let data = self
-            .disk
-            .open(&dp, true)
-            .map_err(self.err("creating a layer", &dp))?;
-        let rec = self
-            .disk
-            .open(&rp, true)
-            .map_err(self.err("creating a layer", &rp))?;
+        let layer = self.create_layer(id)?;
         let seq = inner.revision;
         self.save_meta(&mut inner, |m| {
             for l in m.layers.iter_mut().filter(|l| l.id == old) {
@@ -1224,14 +1234,7 @@ impl Volume {
             m.head = id;
             m.next_layer = id + 1;
         })?;
-        inner.layers.insert(
-            id,
-            Layer {
-                data,
-                rec,
-                present: ExtentMap::new(),
-            },
-        );
+        inner.layers.insert(id, layer);
         inner.chain.insert(0, id);
         tracing::info!(volume = %self.name, snapshot = name, seq, "snapshot created");
         Ok(())
@@ -1414,15 +1417,7 @@ impl Volume {
         self.checkpoint(&mut inner)?;
         let id = inner.meta.next_layer;
         let old = inner.meta.head;
-        let (dp, rp) = layer_paths(&self.dir, id);
-        let data = self
-            .disk
-            .open(&dp, true)
-            .map_err(self.err("creating a layer", &dp))?;
-        let rec = self
-            .disk
-            .open(&rp, true)
-            .map_err(self.err("creating a layer", &rp))?;
+        let layer = self.create_layer(id)?;
         self.save_meta(&mut inner, |m| {
             m.layers.retain(|l| l.id != old);
             m.layers.push(LayerMeta {
@@ -1435,14 +1430,7 @@ impl Volume {
             m.next_layer = id + 1;
         })?;
         inner.layers.remove(&old);
-        inner.layers.insert(
-            id,
-            Layer {
-                data,
-                rec,
-                present: ExtentMap::new(),
-            },
-        );
+        inner.layers.insert(id, layer);
         inner.chain = chain_of(&inner.meta, id).map_err(|w| self.invalid(w))?;
         let (odp, orp) = layer_paths(&self.dir, old);
         for p in [odp, orp] {

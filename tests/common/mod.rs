@@ -206,27 +206,15 @@ impl Cluster {
     }
 
     pub fn start_with(n: usize, size: &str, engine_args: &[&str]) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("tether-e2e")
-            .tempdir_in(test_root())
-            .unwrap();
-        let replicas = (0..n)
-            .map(|i| Replica::start(&dir.path().join(format!("r{i}")), free_port()))
-            .collect();
-        let mut c = Cluster {
-            dir,
-            volume: "vol".to_string(),
-            replicas,
-            engine: None,
-            extra_engine_args: engine_args.iter().map(|s| s.to_string()).collect(),
-            proxies: Vec::new(),
-        };
-        c.start_engine(Some(size));
-        c
+        Self::build(n, size, engine_args, false)
     }
 
     /// Like `start_with`, with a TCP proxy between the engine and each replica.
     pub fn start_proxied(n: usize, size: &str, engine_args: &[&str]) -> Cluster {
+        Self::build(n, size, engine_args, true)
+    }
+
+    fn build(n: usize, size: &str, engine_args: &[&str], proxied: bool) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("tether-e2e")
             .tempdir_in(test_root())
@@ -234,7 +222,11 @@ impl Cluster {
         let replicas: Vec<Replica> = (0..n)
             .map(|i| Replica::start(&dir.path().join(format!("r{i}")), free_port()))
             .collect();
-        let proxies = replicas.iter().map(|r| Proxy::start(r.addr)).collect();
+        let proxies = if proxied {
+            replicas.iter().map(|r| Proxy::start(r.addr)).collect()
+        } else {
+            Vec::new()
+        };
         let mut c = Cluster {
             dir,
             volume: "vol".to_string(),
