@@ -156,6 +156,20 @@ struct Meta {
     layers: Vec<LayerMeta>,
 }
 
+impl Meta {
+    /// Makes the new layer `id`, a child of `parent`, the head.
+    fn push_head(&mut self, id: u64, parent: u64) {
+        self.layers.push(LayerMeta {
+            id,
+            parent: Some(parent),
+            name: None,
+            frozen_at: None,
+        });
+        self.head = id;
+        self.next_layer = id + 1;
+    }
+}
+
 /// Where a block written since the last checkpoint lives in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Recent {
@@ -1099,8 +1113,7 @@ impl Volume {
     pub fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, StoreError> {
         self.check_range(block, u64::from(count), true)?;
         let inner = self.inner.read();
-        let chain = inner.chain.clone();
-        self.read_chain(&inner, &chain, block, count)
+        self.read_chain(&inner, &inner.chain, block, count)
     }
 
     fn read_chain(
@@ -1225,14 +1238,7 @@ impl Volume {
                 l.name = Some(name.to_string());
                 l.frozen_at = Some(seq);
             }
-            m.layers.push(LayerMeta {
-                id,
-                parent: Some(old),
-                name: None,
-                frozen_at: None,
-            });
-            m.head = id;
-            m.next_layer = id + 1;
+            m.push_head(id, old);
         })?;
         inner.layers.insert(id, layer);
         inner.chain.insert(0, id);
@@ -1420,14 +1426,7 @@ impl Volume {
         let layer = self.create_layer(id)?;
         self.save_meta(&mut inner, |m| {
             m.layers.retain(|l| l.id != old);
-            m.layers.push(LayerMeta {
-                id,
-                parent: Some(target),
-                name: None,
-                frozen_at: None,
-            });
-            m.head = id;
-            m.next_layer = id + 1;
+            m.push_head(id, target);
         })?;
         inner.layers.remove(&old);
         inner.layers.insert(id, layer);
