@@ -165,12 +165,6 @@ impl Engine for ControlService {
                 v.min_replicas()
             )));
         }
-        if r.is_healthy() && v.healthy_count() <= 1 {
-            return Err(Status::failed_precondition(format!(
-                "volume {}: {addr} is the last healthy replica",
-                v.name()
-            )));
-        }
         r.mark_failed("removed by the operator".into());
         v.remove(&addr);
         Ok(Response::new(ReplicaReply {}))

@@ -241,6 +241,32 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
     ))
 }
 
+/// Serves every NBD client that `conns` yields, each on its own task.
+async fn accept_loop<S>(
+    volume: String,
+    exports: Arc<volume::VolumeExports>,
+    mut conns: impl futures::Stream<Item = std::io::Result<S>> + Unpin,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    while let Some(conn) = futures::StreamExt::next(&mut conns).await {
+        match conn {
+            Ok(s) => {
+                let (exports, volume) = (exports.clone(), volume.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = nbd::serve_connection(s, exports).await {
+                        tracing::info!(volume = %volume, error = %e, "NBD client dropped");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(volume = %volume, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Runs the engine until `shutdown` resolves, then flushes and closes cleanly.
 pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Result<(), EngineError> {
     let listen_err = |what: String, source| EngineError::Listen {
@@ -307,52 +333,18 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
         }
     });
     if let Some(l) = tcp {
-        let exports = exports.clone();
-        let name = cfg.volume.clone();
-        tasks.spawn(async move {
-            loop {
-                match l.accept().await {
-                    Ok((s, peer)) => {
-                        let _ = s.set_nodelay(true);
-                        let exports = exports.clone();
-                        let name = name.clone();
-                        tokio::spawn(async move {
-                            tracing::debug!(volume = %name, %peer, "NBD client connected");
-                            if let Err(e) = nbd::serve_connection(s, exports).await {
-                                tracing::info!(volume = %name, %peer, error = %e, "NBD client dropped");
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(volume = %name, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        // Small NBD replies must not wait for delayed ACKs.
+        let conns =
+            futures::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(l), |c| {
+                c.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            });
+        tasks.spawn(accept_loop(cfg.volume.clone(), exports.clone(), conns));
     }
     if let Some(l) = unix {
-        let exports = exports.clone();
-        let name = cfg.volume.clone();
-        tasks.spawn(async move {
-            loop {
-                match l.accept().await {
-                    Ok((s, _)) => {
-                        let exports = exports.clone();
-                        let name = name.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = nbd::serve_connection(s, exports).await {
-                                tracing::info!(volume = %name, error = %e, "NBD client dropped");
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(volume = %name, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        let conns = tokio_stream::wrappers::UnixListenerStream::new(l);
+        tasks.spawn(accept_loop(cfg.volume.clone(), exports.clone(), conns));
     }
     tracing::info!(volume = %cfg.volume, nbd = %nbd_address, control = %cfg.control_socket.display(), "engine serving");
     shutdown.await;

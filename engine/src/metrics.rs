@@ -12,78 +12,98 @@ use crate::volume::Volume;
 
 /// Renders the volume's metrics in the Prometheus text format.
 pub fn render(v: &Volume) -> String {
-    let mut out = String::new();
-    let name = v.name();
-    let healthy = v.healthy_count();
-    let desired = v.desired();
+    let healthy = v.healthy_count() as u64;
+    let desired = v.desired() as u64;
     let c = &v.counters;
-    let mut gauge = |metric: &str, help: &str, value: u64| {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let metrics: [(&str, &str, &str, u64); 13] = [
+        (
+            "tether_volume_replicas_healthy",
+            "gauge",
+            "Replicas serving reads and taking writes.",
+            healthy,
+        ),
+        (
+            "tether_volume_replicas_desired",
+            "gauge",
+            "Replicas the volume should have.",
+            desired,
+        ),
+        (
+            "tether_volume_degraded",
+            "gauge",
+            "1 when fewer replicas are healthy than desired.",
+            u64::from(healthy < desired),
+        ),
+        (
+            "tether_volume_rebuilds_running",
+            "gauge",
+            "Replica rebuilds under way.",
+            v.rebuilds.lock().len() as u64,
+        ),
+        (
+            "tether_volume_size_bytes",
+            "gauge",
+            "Volume size.",
+            v.size(),
+        ),
+        (
+            "tether_volume_clients_attached",
+            "gauge",
+            "NBD clients attached.",
+            v.attached(),
+        ),
+        (
+            "tether_volume_reads_total",
+            "counter",
+            "Read requests.",
+            get(&c.reads),
+        ),
+        (
+            "tether_volume_writes_total",
+            "counter",
+            "Write requests.",
+            get(&c.writes),
+        ),
+        (
+            "tether_volume_flushes_total",
+            "counter",
+            "Flush requests.",
+            get(&c.flushes),
+        ),
+        (
+            "tether_volume_errors_total",
+            "counter",
+            "Requests that failed.",
+            get(&c.errors),
+        ),
+        (
+            "tether_volume_read_bytes_total",
+            "counter",
+            "Bytes read by clients.",
+            get(&c.bytes_read),
+        ),
+        (
+            "tether_volume_written_bytes_total",
+            "counter",
+            "Bytes written by clients.",
+            get(&c.bytes_written),
+        ),
+        (
+            "tether_volume_checksum_errors_total",
+            "counter",
+            "Bad block copies found on replicas.",
+            get(&c.checksum_errors),
+        ),
+    ];
+    let mut out = String::new();
+    for (metric, kind, help, value) in metrics {
         let _ = writeln!(
             out,
-            "# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric}{{volume=\"{name}\"}} {value}"
+            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric}{{volume=\"{}\"}} {value}",
+            v.name()
         );
-    };
-    gauge(
-        "tether_volume_replicas_healthy",
-        "Replicas serving reads and taking writes.",
-        healthy as u64,
-    );
-    gauge(
-        "tether_volume_replicas_desired",
-        "Replicas the volume should have.",
-        desired as u64,
-    );
-    gauge(
-        "tether_volume_degraded",
-        "1 when fewer replicas are healthy than desired.",
-        u64::from(healthy < desired),
-    );
-    gauge(
-        "tether_volume_rebuilds_running",
-        "Replica rebuilds under way.",
-        v.rebuilds.lock().len() as u64,
-    );
-    gauge("tether_volume_size_bytes", "Volume size.", v.size());
-    gauge(
-        "tether_volume_clients_attached",
-        "NBD clients attached.",
-        v.attached(),
-    );
-    let mut counter = |metric: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter\n{metric}{{volume=\"{name}\"}} {value}");
-    };
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    counter("tether_volume_reads_total", "Read requests.", get(&c.reads));
-    counter(
-        "tether_volume_writes_total",
-        "Write requests.",
-        get(&c.writes),
-    );
-    counter(
-        "tether_volume_flushes_total",
-        "Flush requests.",
-        get(&c.flushes),
-    );
-    counter(
-        "tether_volume_errors_total",
-        "Requests that failed.",
-        get(&c.errors),
-    );
-    counter(
-        "tether_volume_read_bytes_total",
-        "Bytes read by clients.",
-        get(&c.bytes_read),
-    );
-    counter(
-        "tether_volume_written_bytes_total",
-        "Bytes written by clients.",
-        get(&c.bytes_written),
-    );
-    counter(
-        "tether_volume_checksum_errors_total",
-        "Bad block copies found on replicas.",
-        get(&c.checksum_errors),
-    );
+    }
     out
 }
 

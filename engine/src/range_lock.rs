@@ -7,9 +7,15 @@ use tokio::sync::Notify;
 /// A table of held block ranges.
 #[derive(Default)]
 pub struct RangeLock {
-    held: Mutex<Vec<(u64, u64, u64)>>,
-    next_id: Mutex<u64>,
+    held: Mutex<Held>,
     released: Notify,
+}
+
+#[derive(Default)]
+struct Held {
+    /// (start, end, id) of each held range.
+    ranges: Vec<(u64, u64, u64)>,
+    next_id: u64,
 }
 
 /// Holds `[start, end)` until dropped.
@@ -27,14 +33,11 @@ impl RangeLock {
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
-                let mut held = self.held.lock();
-                if !held.iter().any(|&(s, e, _)| s < end && start < e) {
-                    let id = {
-                        let mut n = self.next_id.lock();
-                        *n += 1;
-                        *n
-                    };
-                    held.push((start, end, id));
+                let mut h = self.held.lock();
+                if !h.ranges.iter().any(|&(s, e, _)| s < end && start < e) {
+                    h.next_id += 1;
+                    let id = h.next_id;
+                    h.ranges.push((start, end, id));
                     return RangeGuard { lock: self, id };
                 }
             }
@@ -44,17 +47,17 @@ impl RangeLock {
 
     /// Number of ranges held (for tests).
     pub fn held(&self) -> usize {
-        self.held.lock().len()
+        self.held.lock().ranges.len()
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.lock.held.lock();
-        if let Some(i) = held.iter().position(|&(_, _, id)| id == self.id) {
-            held.swap_remove(i);
+        let mut g = self.lock.held.lock();
+        if let Some(i) = g.ranges.iter().position(|&(_, _, id)| id == self.id) {
+            g.ranges.swap_remove(i);
         }
-        drop(held);
+        drop(g);
         self.lock.released.notify_waiters();
     }
 }

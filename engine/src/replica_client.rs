@@ -265,14 +265,20 @@ impl ReplicaConn {
         self.reason.lock().clone()
     }
 
+    /// Takes the replica out of service with `reason`; false if it already was out.
+    fn retire(&self, reason: &str) -> bool {
+        let mut r = self.reason.lock();
+        if !self.healthy.swap(false, Ordering::SeqCst) {
+            return false;
+        }
+        *r = reason.to_string();
+        true
+    }
+
     /// Drops the replica from service; returns false if it already was.
     pub fn mark_failed(&self, reason: String) -> bool {
-        {
-            let mut r = self.reason.lock();
-            if !self.healthy.swap(false, Ordering::SeqCst) {
-                return false;
-            }
-            *r = reason.clone();
+        if !self.retire(&reason) {
+            return false;
         }
         tracing::warn!(volume = %self.volume, replica = %self.addr, %reason, "replica dropped from the volume");
         let drained: Vec<_> = self.pending.lock().drain().collect();
@@ -288,12 +294,8 @@ impl ReplicaConn {
 
     /// Ends the stream cleanly so the replica records a clean close.
     pub async fn close(&self, timeout: Duration) {
-        {
-            let mut r = self.reason.lock();
-            if !self.healthy.swap(false, Ordering::SeqCst) {
-                return;
-            }
-            *r = "engine stopped".to_string();
+        if !self.retire("engine stopped") {
+            return;
         }
         self.close.notify_one();
         let reader = self.reader.lock().take();

@@ -201,6 +201,17 @@ impl Volume {
         self.snapshot_names.lock().iter().any(|n| n == name)
     }
 
+    fn require_snapshot(&self, name: &str) -> Result<(), DeviceError> {
+        if self.has_snapshot(name) {
+            Ok(())
+        } else {
+            Err(DeviceError::Invalid(format!(
+                "volume {}: no snapshot named {name}",
+                self.name
+            )))
+        }
+    }
+
     /// Snapshot names (from the last listing).
     pub fn snapshot_names(&self) -> Vec<String> {
         self.snapshot_names.lock().clone()
@@ -250,12 +261,7 @@ impl Volume {
                 self.name
             )));
         }
-        if !self.has_snapshot(name) {
-            return Err(DeviceError::Invalid(format!(
-                "volume {}: no snapshot named {name}",
-                self.name
-            )));
-        }
+        self.require_snapshot(name)?;
         let waiting = self.submit_unsequenced(Op::Revert(Revert {
             name: name.to_string(),
         }));
@@ -265,12 +271,7 @@ impl Volume {
     /// Deletes snapshot `name` on every healthy replica; I/O continues meanwhile.
     pub async fn delete_snapshot(&self, name: &str) -> Result<(), DeviceError> {
         self.no_rebuild("delete the snapshot")?;
-        if !self.has_snapshot(name) {
-            return Err(DeviceError::Invalid(format!(
-                "volume {}: no snapshot named {name}",
-                self.name
-            )));
-        }
+        self.require_snapshot(name)?;
         let reps = self.replicas();
         let calls = reps.iter().filter(|r| r.is_healthy()).map(|r| {
             let req = DeleteSnapshotRequest {
@@ -624,55 +625,48 @@ impl Volume {
         block: u64,
         count: u32,
     ) -> Result<Bytes, DeviceError> {
-        let reps = self.replicas();
-        let n = reps.len();
+        let n = self.replicas.read().len();
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
-        let mut bad_copies = 0;
         let mut bad: Vec<Arc<ReplicaConn>> = Vec::new();
         for i in 0..n {
-            let r = &reps[(start + i) % n];
+            // One Arc clone per attempt rather than a copy of the whole set per read.
+            let Some(r) = self.replicas.read().get((start + i) % n).cloned() else {
+                continue;
+            };
             if !r.is_healthy() {
                 continue;
             }
-            let rx = r.submit(Op::Read(Read {
-                block,
-                count,
-                snapshot: snapshot.to_string(),
-            }));
-            match tokio::time::timeout(self.timeout, rx).await {
-                Ok(Ok(Ok(data))) if data.len() == count as usize * BLOCK as usize => {
-                    if bad_copies > 0 {
+            match self.read_view_from(&r, snapshot, block, count).await {
+                Ok(data) if data.len() == count as usize * BLOCK as usize => {
+                    if !bad.is_empty() {
                         tracing::info!(volume = %self.name, replica = %r.addr, block, count,
                             "served a good copy from another replica");
                         if snapshot.is_empty() {
-                            self.repair(r, &bad, block, count).await;
+                            self.repair(&r, &bad, block, count).await;
                         }
                     }
                     return Ok(data);
                 }
-                Ok(Ok(Ok(data))) => self.fail(
-                    r,
+                Ok(data) => self.fail(
+                    &r,
                     format!(
                         "read returned {} bytes, not {}",
                         data.len(),
                         count as u64 * BLOCK
                     ),
                 ),
-                Ok(Ok(Err(ReplicaError::Checksum(msg)))) => {
-                    bad_copies += 1;
-                    bad.push(r.clone());
+                Err(ReplicaError::Checksum(msg)) => {
                     self.counters
                         .checksum_errors
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(volume = %self.name, replica = %r.addr, error = %msg,
                         "bad block copy on replica; reading it from another");
+                    bad.push(r);
                 }
-                Ok(Ok(Err(e))) => self.fail(r, format!("read failed: {e}")),
-                Ok(Err(_)) => self.fail(r, "connection lost".to_string()),
-                Err(_) => self.fail(r, format!("no answer within {:?}", self.timeout)),
+                Err(e) => self.fail(&r, format!("read failed: {e}")),
             }
         }
-        if bad_copies > 0 {
+        if !bad.is_empty() {
             return Err(DeviceError::Io(format!(
                 "volume {}: blocks {block}..{} have no good copy on any healthy replica",
                 self.name,
@@ -680,6 +674,24 @@ impl Volume {
             )));
         }
         Err(self.no_replica())
+    }
+
+    /// Reads `len` bytes at `offset` of the head (or of `snapshot`), unaligned.
+    async fn read_range(
+        &self,
+        snapshot: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<Bytes>, DeviceError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let (first, end) = Self::blocks_of(offset, u64::from(len));
+        let data = self
+            .read_blocks_of(snapshot, first, (end - first) as u32)
+            .await?;
+        let head = (offset % BLOCK) as usize;
+        Ok(vec![data.slice(head..head + len as usize)])
     }
 
     fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
@@ -800,17 +812,7 @@ impl BlockDevice for Volume {
         self.counters
             .bytes_read
             .fetch_add(u64::from(len), Ordering::Relaxed);
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let (first, end) = Self::blocks_of(offset, u64::from(len));
-        let r = self
-            .read_blocks(first, (end - first) as u32)
-            .await
-            .map(|data| {
-                let head = (offset % BLOCK) as usize;
-                vec![data.slice(head..head + len as usize)]
-            });
+        let r = self.read_range("", offset, len).await;
         self.count(r)
     }
 
@@ -951,15 +953,7 @@ impl BlockDevice for View {
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<Bytes>, DeviceError> {
         match self {
             View::Head(v) => v.read(offset, len).await,
-            View::Snapshot(v, name) => {
-                if len == 0 {
-                    return Ok(Vec::new());
-                }
-                let (first, end) = Volume::blocks_of(offset, u64::from(len));
-                let data = v.read_blocks_of(name, first, (end - first) as u32).await?;
-                let head = (offset % BLOCK) as usize;
-                Ok(vec![data.slice(head..head + len as usize)])
-            }
+            View::Snapshot(v, name) => v.read_range(name, offset, len).await,
         }
     }
 
