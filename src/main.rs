@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use tether_engine::{control, EngineConfig};
+use tether_engine::{control, crypt, tls, EngineConfig};
+
+mod pki;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +40,13 @@ enum Cmd {
         /// Size of each new volume's write-ahead log (preallocated).
         #[arg(long, default_value = "64M", value_parser = parse_size)]
         wal_size: u64,
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+    /// Make TLS material: a local CA and certificates for replicas, engines and NBD.
+    Tls {
+        #[command(subcommand)]
+        cmd: TlsCmd,
     },
     /// Run the engine of one volume: NBD frontend and synchronous replication.
     Engine(EngineArgs),
@@ -61,6 +70,9 @@ enum Cmd {
         /// Control socket (default: /run/tether/VOLUME.sock, or DATA/VOLUME.sock if /run is not writable).
         #[arg(long)]
         control_socket: Option<PathBuf>,
+        /// No encryption and no TLS between engine and replicas (for comparisons).
+        #[arg(long)]
+        plain: bool,
     },
     /// Inspect and manage volumes.
     Volume {
@@ -106,6 +118,44 @@ struct EngineArgs {
     /// Serve Prometheus metrics on this address (GET /metrics).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// The volume key: 32 bytes, 64 hex digits or a passphrase (else TETHER_ENCRYPTION_KEY).
+    /// A new volume is created encrypted when a key is given; the mode is fixed then.
+    #[arg(long)]
+    encryption_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Certificate for NBD clients over TLS (NBD_OPT_STARTTLS); plaintext is then refused on TCP.
+    #[arg(long, requires = "nbd_tls_key")]
+    nbd_tls_cert: Option<PathBuf>,
+    /// Private key for --nbd-tls-cert.
+    #[arg(long, requires = "nbd_tls_cert")]
+    nbd_tls_key: Option<PathBuf>,
+}
+
+/// Mutual TLS between engines and replicas.
+#[derive(clap::Args, Clone, Default)]
+struct TlsArgs {
+    /// This side's certificate (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA that signs the other side's certificate: a replica refuses clients without one.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TlsCmd {
+    /// Create a CA, a server certificate (replicas, NBD) and a client certificate (engines).
+    Init {
+        /// Directory for the PEM files.
+        dir: PathBuf,
+        /// Extra host names or IPs the server certificate is valid for (repeat).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -251,6 +301,7 @@ fn main() -> Result<()> {
                 data,
                 wal_dir,
                 wal_size,
+                tls,
             } => {
                 let (Some(listen), Some(data)) = (listen, data) else {
                     bail!("a replica daemon needs --listen ADDR and --data DIR (or use `tether replica add|rm`)");
@@ -259,7 +310,8 @@ fn main() -> Result<()> {
                     bail!("--wal-size must be at least 1M");
                 }
                 let opts = tether_replica::StoreOptions { wal_dir, wal_size };
-                tether_replica::serve(listen, &data, opts, shutdown_signal())
+                let tls = replica_tls(&tls)?;
+                tether_replica::serve(listen, &data, opts, tls, shutdown_signal())
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))
             }
@@ -271,7 +323,30 @@ fn main() -> Result<()> {
                 nbd_listen,
                 replica_port,
                 control_socket,
-            } => up(data, volume, size, nbd_listen, replica_port, control_socket).await,
+                plain,
+            } => {
+                let opts = UpOptions {
+                    data,
+                    volume,
+                    size,
+                    nbd_listen,
+                    replica_port,
+                    control_socket,
+                    plain,
+                };
+                up(opts).await
+            }
+            Cmd::Tls {
+                cmd: TlsCmd::Init { dir, hosts },
+            } => {
+                pki::init(&dir, &hosts)?;
+                println!(
+                    "wrote a CA and certificates to {}:\n  replicas:  tether replica --tls-cert {d}/server-cert.pem --tls-key {d}/server-key.pem --tls-ca {d}/ca-cert.pem ...\n  engine:    tether engine --tls-cert {d}/client-cert.pem --tls-key {d}/client-key.pem --tls-ca {d}/ca-cert.pem ...\n  NBD TLS:   --nbd-tls-cert {d}/server-cert.pem --nbd-tls-key {d}/server-key.pem; clients: nbds://HOST:PORT/VOLUME?tls-certificates={d}",
+                    dir.display(),
+                    d = dir.display()
+                );
+                Ok(())
+            }
             Cmd::Volume { cmd } => volume_cmd(cmd).await,
             Cmd::Snapshot { cmd } => snapshot_cmd(cmd).await,
         }
@@ -285,6 +360,13 @@ async fn run_engine(a: EngineArgs) -> Result<()> {
     let control_socket = a
         .control_socket
         .unwrap_or_else(|| control::default_socket(&a.volume));
+    let encryption_key = crypt::load_key(a.encryption_key_file.as_deref())
+        .with_context(|| format!("volume {}: loading the encryption key", a.volume))?;
+    let replica_tls = engine_tls(&a.tls)?;
+    let nbd_tls = match (&a.nbd_tls_cert, &a.nbd_tls_key) {
+        (Some(c), Some(k)) => Some(tls::nbd_acceptor(c, k)?),
+        _ => None,
+    };
     let cfg = EngineConfig {
         volume: a.volume,
         size: a.size,
@@ -296,6 +378,9 @@ async fn run_engine(a: EngineArgs) -> Result<()> {
         min_replicas: a.min_replicas,
         desired_replicas: a.desired_replicas.unwrap_or(0),
         metrics_listen: a.metrics_listen,
+        encryption_key,
+        replica_tls,
+        nbd_tls,
     };
     tether_engine::run(cfg, shutdown_signal()).await?;
     Ok(())
@@ -323,28 +408,126 @@ fn terminate(child: &tokio::process::Child) {
     }
 }
 
-async fn up(
+/// The replica side of `TlsArgs`.
+fn replica_tls(a: &TlsArgs) -> Result<Option<tether_replica::ServerTls>> {
+    tls::install_provider();
+    let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
+        if a.tls_ca.is_some() {
+            bail!("--tls-ca needs --tls-cert and --tls-key: the replica must present a certificate too");
+        }
+        return Ok(None);
+    };
+    let id = tls::Identity::load(cert, key, a.tls_ca.as_deref().unwrap_or(cert))?;
+    Ok(Some(tether_replica::ServerTls {
+        cert: id.cert,
+        key: id.key,
+        ca: a.tls_ca.as_ref().map(|_| id.ca),
+    }))
+}
+
+/// The engine side of `TlsArgs`: all three are needed.
+fn engine_tls(a: &TlsArgs) -> Result<Option<tls::Identity>> {
+    tls::install_provider();
+    match (&a.tls_cert, &a.tls_key, &a.tls_ca) {
+        (None, None, None) => Ok(None),
+        (Some(c), Some(k), Some(ca)) => Ok(Some(tls::Identity::load(c, k, ca)?)),
+        _ => bail!("TLS towards replicas needs all of --tls-cert, --tls-key and --tls-ca"),
+    }
+}
+
+struct UpOptions {
     data: PathBuf,
     volume: String,
     size: u64,
     nbd_listen: SocketAddr,
     replica_port: u16,
     control_socket: Option<PathBuf>,
-) -> Result<()> {
+    plain: bool,
+}
+
+/// A random 32-byte key, hex, readable only by its owner.
+fn make_key_file(path: &Path) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut k = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut k))
+        .context("reading /dev/urandom for a volume key")?;
+    let hex: String = k.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating the key file {}", path.display()))?;
+    f.write_all(format!("{hex}\n").as_bytes())
+        .with_context(|| format!("writing the key file {}", path.display()))
+}
+
+async fn up(o: UpOptions) -> Result<()> {
+    let UpOptions {
+        data,
+        volume,
+        size,
+        nbd_listen,
+        replica_port,
+        control_socket,
+        plain,
+    } = o;
     std::fs::create_dir_all(&data)
         .with_context(|| format!("creating the data directory {}", data.display()))?;
+    let exists = data
+        .join("replica-1/volumes")
+        .join(&volume)
+        .join("meta")
+        .exists();
+    // Secure by default: a throwaway local CA for mutual TLS, and a volume key.
+    let tls_dir = data.join("tls");
+    let tls_args = if plain {
+        TlsArgs::default()
+    } else {
+        if !tls_dir.join("ca-cert.pem").exists() {
+            pki::init(&tls_dir, &[])?;
+        }
+        TlsArgs {
+            tls_cert: Some(tls_dir.join("client-cert.pem")),
+            tls_key: Some(tls_dir.join("client-key.pem")),
+            tls_ca: Some(tls_dir.join("ca-cert.pem")),
+        }
+    };
+    let key_path = data.join("keys").join(format!("{volume}.key"));
+    if !plain && !exists && !key_path.exists() {
+        make_key_file(&key_path)?;
+    }
+    let encryption_key = if key_path.exists() && (exists || !plain) {
+        crypt::load_key(Some(&key_path))?
+    } else {
+        None
+    };
     let exe = std::env::current_exe().context("finding the tether binary")?;
     let mut children = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..3u16 {
         let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], replica_port + i));
         let dir = data.join(format!("replica-{}", i + 1));
-        let child = tokio::process::Command::new(&exe)
-            .arg("replica")
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("replica")
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data")
-            .arg(&dir)
+            .arg(&dir);
+        if !plain {
+            cmd.arg("--tls-cert")
+                .arg(tls_dir.join("server-cert.pem"))
+                .arg("--tls-key")
+                .arg(tls_dir.join("server-key.pem"))
+                .arg("--tls-ca")
+                .arg(tls_dir.join("ca-cert.pem"));
+        }
+        let child = cmd
             .kill_on_drop(true)
             // Their own process group: Ctrl-C reaches only `up`, which stops the
             // engine first (final flush, clean close) and then the replicas.
@@ -368,11 +551,6 @@ async fn up(
             data.join(format!("{volume}.sock"))
         }
     });
-    let exists = data
-        .join("replica-1/volumes")
-        .join(&volume)
-        .join("meta")
-        .exists();
     let cfg = EngineConfig {
         volume: volume.clone(),
         size: if exists { None } else { Some(size) },
@@ -384,6 +562,25 @@ async fn up(
         min_replicas: 1,
         desired_replicas: 3,
         metrics_listen: None,
+        replica_tls: engine_tls(&tls_args)?,
+        encryption_key,
+        nbd_tls: None,
+    };
+    let security = match (&cfg.encryption_key, &cfg.replica_tls) {
+        (Some(_), Some(_)) => format!(
+            "Blocks are encrypted (AES-256-GCM, key in {}; keep a copy elsewhere: without it the data is gone).\nEngine and replicas talk mutual TLS (local CA in {}). NBD on loopback is plaintext.\n",
+            key_path.display(),
+            tls_dir.display()
+        ),
+        (None, Some(_)) => format!(
+            "Engine and replicas talk mutual TLS (local CA in {}). This volume was created unencrypted.\n",
+            tls_dir.display()
+        ),
+        (Some(_), None) => format!(
+            "Blocks are encrypted (key in {}); --plain: no TLS between engine and replicas.\n",
+            key_path.display()
+        ),
+        (None, None) => "--plain: no encryption, no TLS.\n".to_string(),
     };
     let port = nbd_listen.port();
     let host = nbd_listen.ip();
@@ -396,13 +593,15 @@ async fn up(
          \n  qemu:             qemu-img info nbd://{nbd_listen}/{volume}\
          \n  fio:              fio --name=t --ioengine=nbd --uri=nbd://{nbd_listen}/{volume} --rw=randwrite --bs=4k --size=256m\
          \n  status:           tether volume status {volume} --control-socket {cs}\
-         \n\nCtrl-C stops everything; running `tether up` again serves the same data.\n",
+         \n\n{security}\
+         \nCtrl-C stops everything; running `tether up` again serves the same data.\n",
         addrs
             .iter()
             .map(|a| a.to_string())
             .collect::<Vec<_>>()
             .join(", "),
-        data.display()
+        data.display(),
+        security = security
     );
     let result = tether_engine::run(cfg, shutdown_signal()).await;
     for c in &children {

@@ -2,11 +2,13 @@
 //! serves it over NBD, and answers control requests on a Unix socket.
 
 pub mod control;
+pub mod crypt;
 pub mod metrics;
 pub mod nbd;
 pub mod range_lock;
 pub mod rebuild;
 pub mod replica_client;
+pub mod tls;
 pub mod volume;
 
 use std::future::Future;
@@ -43,6 +45,13 @@ pub struct EngineConfig {
     pub desired_replicas: usize,
     /// Serve Prometheus metrics here.
     pub metrics_listen: Option<SocketAddr>,
+    /// The volume key: new volumes are created encrypted with it, and an encrypted
+    /// volume needs it to open.
+    pub encryption_key: Option<crypt::KeyMaterial>,
+    /// Mutual TLS towards the replicas.
+    pub replica_tls: Option<tls::Identity>,
+    /// TLS for NBD clients (`NBD_OPT_STARTTLS`); when set, plaintext is refused.
+    pub nbd_tls: Option<tls::NbdTls>,
 }
 
 /// Why the engine could not start or stopped.
@@ -90,34 +99,45 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             .unwrap_or(0);
         (t ^ (u64::from(std::process::id()) << 40)) | 1
     };
-    // Round 1: reach every replica, create the volume where missing, read its state.
-    let probes = futures::future::join_all(cfg.replicas.iter().map(|addr| {
-        let req = OpenRequest {
-            volume: cfg.volume.clone(),
-            size: cfg.size.unwrap_or(0),
-            create: cfg.size.is_some(),
-            epoch: 0,
-            engine_id: 0,
-            rebuild: false,
-        };
-        async move {
-            let client = replica_client::connect(addr, connect_timeout).await?;
-            let conn = ReplicaConn::new(addr, &req.volume.clone(), client);
-            let reply = tokio::time::timeout(cfg.timeout, conn.open(req))
-                .await
-                .map_err(|_| format!("replica {addr}: no answer to open within {:?}", cfg.timeout))?
-                .map_err(|s| format!("replica {addr}: {}", s.message()))?;
-            Ok::<_, String>((conn, reply))
-        }
-    }))
+    // Round 1: reach every replica and read its state, changing nothing, so a wrong
+    // or missing key is refused before any replica is touched.
+    let mut probes = futures::future::join_all(
+        cfg.replicas
+            .iter()
+            .map(|a| probe(cfg, a, false, String::new(), connect_timeout)),
+    )
     .await;
+    let (params, cipher) = encryption_for(cfg, &cfg.replicas, &probes)?;
+    // Create the volume where it is missing, with the volume's encryption parameters.
+    if cfg.size.is_some() {
+        let created = futures::future::join_all(
+            cfg.replicas
+                .iter()
+                .zip(probes.iter())
+                .filter(|(_, p)| matches!(p, Err((_, true))))
+                .map(|(addr, _)| probe(cfg, addr, true, params.clone(), connect_timeout)),
+        )
+        .await;
+        let missing = probes.iter_mut().filter(|p| matches!(p, Err((_, true))));
+        for (p, c) in missing.zip(created) {
+            *p = c;
+        }
+    }
     let mut reachable = Vec::new();
     let mut conns: Vec<Arc<ReplicaConn>> = Vec::new();
     let mut problems = Vec::new();
     for (addr, p) in cfg.replicas.iter().zip(probes) {
         match p {
+            Ok((conn, reply)) if reply.encryption != params => {
+                let e = format!(
+                    "replica {addr}: holds the volume with other encryption parameters than the other replicas; remove it from --replica"
+                );
+                problems.push(e.clone());
+                conn.mark_failed(e);
+                conns.push(conn);
+            }
             Ok((conn, reply)) => reachable.push((conn, reply)),
-            Err(e) => {
+            Err((e, _)) => {
                 problems.push(e.clone());
                 conns.push(ReplicaConn::failed(addr, &cfg.volume, None, e));
             }
@@ -206,6 +226,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
                 epoch,
                 engine_id,
                 rebuild: false,
+                encryption: String::new(),
             };
             let res = match c.open(req).await {
                 Ok(_) => c.start(epoch).await,
@@ -233,12 +254,107 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
     }
     tracing::info!(volume = %cfg.volume, epoch, revision = newest, healthy, total = conns.len(), size, "volume open");
     Ok(Arc::new(
-        Volume::new(&cfg.volume, size, epoch, conns, newest, cfg.timeout).with_policy(
-            cfg.min_replicas,
-            cfg.desired_replicas,
-            engine_id,
-        ),
+        Volume::new(&cfg.volume, size, epoch, conns, newest, cfg.timeout)
+            .with_policy(cfg.min_replicas, cfg.desired_replicas, engine_id)
+            .with_cipher(cipher, params)
+            .with_tls(cfg.replica_tls.clone()),
     ))
+}
+
+/// Opens the volume on the replica at `addr` without taking an epoch (a probe), creating
+/// it when `create` is set.
+async fn probe(
+    cfg: &EngineConfig,
+    addr: &str,
+    create: bool,
+    encryption: String,
+    connect_timeout: Duration,
+) -> Probe {
+    let req = OpenRequest {
+        volume: cfg.volume.clone(),
+        size: cfg.size.unwrap_or(0),
+        create,
+        epoch: 0,
+        engine_id: 0,
+        rebuild: false,
+        encryption,
+    };
+    let client = replica_client::connect(addr, connect_timeout, cfg.replica_tls.as_ref())
+        .await
+        .map_err(|e| (e, false))?;
+    let conn = ReplicaConn::new(addr, &req.volume.clone(), client);
+    let reply = tokio::time::timeout(cfg.timeout, conn.open(req))
+        .await
+        .map_err(|_| {
+            (
+                format!("replica {addr}: no answer to open within {:?}", cfg.timeout),
+                false,
+            )
+        })?
+        .map_err(|s| {
+            (
+                format!("replica {addr}: {}", s.message()),
+                s.code() == tonic::Code::NotFound,
+            )
+        })?;
+    Ok((conn, reply))
+}
+
+type Probe = Result<(Arc<ReplicaConn>, tether_proto::replica::OpenReply), (String, bool)>;
+
+/// Decides the volume's encryption from what the replicas hold and the key given:
+/// the mode is fixed at creation, and a missing or wrong key is refused here.
+fn encryption_for(
+    cfg: &EngineConfig,
+    addrs: &[String],
+    probes: &[Probe],
+) -> Result<(String, Option<crypt::Cipher>), EngineError> {
+    let err = |msg: String| EngineError::Config {
+        volume: cfg.volume.clone(),
+        msg,
+    };
+    let existing: Vec<(&String, &str)> = addrs
+        .iter()
+        .zip(probes)
+        .filter_map(|(a, p)| p.as_ref().ok().map(|(_, r)| (a, r.encryption.as_str())))
+        .collect();
+    let Some(&(first_addr, first)) = existing.first() else {
+        // New everywhere (or unreachable everywhere): created encrypted with a key.
+        return match &cfg.encryption_key {
+            None => Ok((String::new(), None)),
+            Some(key) => {
+                let p = crypt::Params::create(key).map_err(|e| err(e.to_string()))?;
+                let c = p.unlock(key, &cfg.volume).map_err(|e| err(e.to_string()))?;
+                tracing::info!(volume = %cfg.volume, kdf = %p.kdf, "creating an encrypted volume (AES-256-GCM)");
+                Ok((p.encode(), Some(c)))
+            }
+        };
+    };
+    // An encrypted copy wins over an unencrypted one: never fall back to plaintext.
+    let (src_addr, params) = existing
+        .iter()
+        .find(|(_, e)| !e.is_empty())
+        .copied()
+        .unwrap_or((first_addr, first));
+    if params.is_empty() {
+        if cfg.encryption_key.is_some() {
+            return Err(err(format!(
+                "the volume exists unencrypted (on {src_addr}) and an encryption key was given; the mode is fixed at creation: start without --encryption-key-file and {}",
+                crypt::KEY_ENV
+            )));
+        }
+        return Ok((String::new(), None));
+    }
+    let Some(key) = &cfg.encryption_key else {
+        return Err(err(format!(
+            "the volume is encrypted (per {src_addr}); give its key with --encryption-key-file PATH or {}",
+            crypt::KEY_ENV
+        )));
+    };
+    let p = crypt::Params::parse(params, &cfg.volume).map_err(|e| err(e.to_string()))?;
+    let c = p.unlock(key, &cfg.volume).map_err(|e| err(e.to_string()))?;
+    tracing::info!(volume = %cfg.volume, "encryption key checked");
+    Ok((params.to_string(), Some(c)))
 }
 
 /// Serves every NBD client that `conns` yields, each on its own task.
@@ -246,15 +362,16 @@ async fn accept_loop<S>(
     volume: String,
     exports: Arc<volume::VolumeExports>,
     mut conns: impl futures::Stream<Item = std::io::Result<S>> + Unpin,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     while let Some(conn) = futures::StreamExt::next(&mut conns).await {
         match conn {
             Ok(s) => {
-                let (exports, volume) = (exports.clone(), volume.clone());
+                let (exports, volume, tls) = (exports.clone(), volume.clone(), tls.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = nbd::serve_connection(s, exports).await {
+                    if let Err(e) = nbd::serve_connection(s, exports, tls).await {
                         tracing::info!(volume = %volume, error = %e, "NBD client dropped");
                     }
                 });
@@ -314,6 +431,7 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
     }
     let exports = Arc::new(volume::VolumeExports(volume.clone()));
     let nbd_address = match (&cfg.nbd_listen, &cfg.nbd_socket) {
+        (Some(a), _) if cfg.nbd_tls.is_some() => format!("nbds://{a}/{}", cfg.volume),
         (Some(a), _) => format!("nbd://{a}/{}", cfg.volume),
         (None, Some(p)) => format!("nbd+unix:///{}?socket={}", cfg.volume, p.display()),
         (None, None) => String::new(),
@@ -340,11 +458,18 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
                     let _ = s.set_nodelay(true);
                 })
             });
-        tasks.spawn(accept_loop(cfg.volume.clone(), exports.clone(), conns));
+        // TLS guards the network; the local Unix socket stays plaintext.
+        let tls = cfg.nbd_tls.as_ref().map(|t| t.0.clone());
+        tasks.spawn(accept_loop(cfg.volume.clone(), exports.clone(), conns, tls));
     }
     if let Some(l) = unix {
         let conns = tokio_stream::wrappers::UnixListenerStream::new(l);
-        tasks.spawn(accept_loop(cfg.volume.clone(), exports.clone(), conns));
+        tasks.spawn(accept_loop(
+            cfg.volume.clone(),
+            exports.clone(),
+            conns,
+            None,
+        ));
     }
     tracing::info!(volume = %cfg.volume, nbd = %nbd_address, control = %cfg.control_socket.display(), "engine serving");
     shutdown.await;

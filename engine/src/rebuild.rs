@@ -89,7 +89,12 @@ fn step<T>(
     }
 }
 
-async fn wait(vol: &Volume, r: &ReplicaConn, op: Op, what: &str) -> Result<bytes::Bytes, String> {
+async fn wait(
+    vol: &Volume,
+    r: &ReplicaConn,
+    op: Op,
+    what: &str,
+) -> Result<crate::replica_client::Payload, String> {
     let rx = r.submit(op);
     match tokio::time::timeout(vol.timeout().max(Duration::from_secs(30)), rx).await {
         Ok(Ok(Ok(d))) => Ok(d),
@@ -162,14 +167,16 @@ async fn copy(
                 i += 1;
             }
             let (blk, cnt) = (b + start as u64, (i - start) as u32);
-            let data = vol
-                .read_view_from(source, snapshot, blk, cnt)
+            // Verbatim: ciphertext and seals as stored, so a rebuild never encrypts.
+            let copy = vol
+                .read_raw_from(source, snapshot, blk, cnt)
                 .await
                 .map_err(|e| format!("reading blocks {blk}+{cnt} from {}: {e}", source.addr))?;
             let w = Op::Write(Write {
                 seq: 0,
                 block: blk,
-                data,
+                data: copy.data,
+                tags: copy.tags,
             });
             wait(vol, target, w, "copying blocks").await?;
             progress
@@ -227,7 +234,8 @@ pub async fn rebuild(vol: Arc<Volume>, addr: String) -> Result<(), String> {
 
 async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), String> {
     let source = vol.first_healthy().map_err(|e| e.to_string())?;
-    let client = replica_client::connect(addr, vol.timeout().min(Duration::from_secs(5))).await?;
+    let client =
+        replica_client::connect(addr, vol.timeout().min(Duration::from_secs(5)), vol.tls()).await?;
     let target = ReplicaConn::new(addr, vol.name(), client);
     let size = vol.size();
     let open = OpenRequest {
@@ -237,12 +245,20 @@ async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), S
         epoch: vol.epoch(),
         engine_id: vol.engine_id,
         rebuild: true,
+        encryption: vol.encryption().to_string(),
     };
     let reply = step(
         "opening the volume",
         addr,
         tokio::time::timeout(vol.timeout(), target.open(open)).await,
     )?;
+    if reply.encryption != vol.encryption() {
+        return Err(format!(
+            "replica {addr} holds volume {} with other encryption parameters ({}); remove that copy on the replica before adding it",
+            vol.name(),
+            if reply.encryption.is_empty() { "unencrypted" } else { "another key or volume id" }
+        ));
+    }
     if reply.size > size {
         return Err(format!(
             "replica {addr} holds the volume with {} bytes, more than its {size}",

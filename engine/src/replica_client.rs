@@ -13,7 +13,7 @@ use tether_proto::replica::{
     io_request::Op, ErrorCode, IoBatch, IoReplyBatch, IoRequest, OpenReply, OpenRequest,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Streaming;
 
 /// Largest gRPC message either side accepts.
@@ -43,7 +43,17 @@ pub enum ReplicaError {
     Gone(String),
 }
 
-type Pending = oneshot::Sender<Result<Bytes, ReplicaError>>;
+/// What a replica returns for a request: block data and, on encrypted volumes, the
+/// blocks' seals.
+#[derive(Debug, Clone, Default)]
+pub struct Payload {
+    /// Whole blocks (ciphertext on encrypted volumes).
+    pub data: Bytes,
+    /// `crypt::SEAL` bytes per block on encrypted volumes, else empty.
+    pub tags: Bytes,
+}
+
+type Pending = oneshot::Sender<Result<Payload, ReplicaError>>;
 
 /// One replica of the volume, as the engine sees it.
 pub struct ReplicaConn {
@@ -62,14 +72,24 @@ pub struct ReplicaConn {
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// Connects a gRPC channel to a replica daemon.
-pub async fn connect(addr: &str, timeout: Duration) -> Result<ReplicaClient<Channel>, String> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+/// Connects a gRPC channel to a replica daemon; with `tls`, over mutual TLS (the
+/// replica must present a certificate from the CA, for the address's host name or IP).
+pub async fn connect(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&crate::tls::Identity>,
+) -> Result<ReplicaClient<Channel>, String> {
+    let uri = match (addr.contains("://"), tls) {
+        (true, _) => addr.to_string(),
+        (false, Some(_)) => format!("https://{addr}"),
+        (false, None) => format!("http://{addr}"),
     };
-    let endpoint = Endpoint::from_shared(uri)
+    if tls.is_some() && uri.starts_with("http://") {
+        return Err(format!(
+            "replica {addr}: an http:// address cannot use TLS; give host:port or https://"
+        ));
+    }
+    let mut endpoint = Endpoint::from_shared(uri)
         .map_err(|e| format!("bad replica address {addr:?}: {e}"))?
         .tcp_nodelay(true)
         .connect_timeout(timeout)
@@ -77,10 +97,21 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<ReplicaClient<Chan
         .initial_connection_window_size(Some(32 << 20))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(timeout);
+    if let Some(id) = tls {
+        crate::tls::install_provider();
+        endpoint = endpoint
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&id.ca))
+                    .identity(Identity::from_pem(&id.cert, &id.key))
+                    .timeout(timeout),
+            )
+            .map_err(|e| format!("replica {addr}: TLS configuration refused: {e}"))?;
+    }
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
         .map_err(|_| format!("replica {addr}: no connection within {timeout:?}"))?
-        .map_err(|e| format!("replica {addr}: cannot connect: {e}"))?;
+        .map_err(|e| format!("replica {addr}: cannot connect: {}", error_chain(&e)))?;
     Ok(ReplicaClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))
@@ -197,7 +228,10 @@ impl ReplicaConn {
                 Ok(Some(batch)) => {
                     for r in batch.replies {
                         let result = match ErrorCode::try_from(r.error) {
-                            Ok(ErrorCode::Ok) => Ok(r.data),
+                            Ok(ErrorCode::Ok) => Ok(Payload {
+                                data: r.data,
+                                tags: r.tags,
+                            }),
                             Ok(ErrorCode::NoSpace) => Err(ReplicaError::NoSpace(r.message)),
                             Ok(ErrorCode::Fenced) => Err(ReplicaError::Fenced(r.message)),
                             Ok(ErrorCode::Checksum) => Err(ReplicaError::Checksum(r.message)),
@@ -218,7 +252,7 @@ impl ReplicaConn {
     }
 
     /// Queues `op`; the receiver resolves with the replica's answer.
-    pub fn submit(&self, op: Op) -> oneshot::Receiver<Result<Bytes, ReplicaError>> {
+    pub fn submit(&self, op: Op) -> oneshot::Receiver<Result<Payload, ReplicaError>> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending.lock().insert(id, tx);
@@ -305,9 +339,21 @@ impl ReplicaConn {
     }
 }
 
+/// An error with its causes, so a TLS failure says why (unknown CA, bad name...).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 fn payload_len(r: &IoRequest) -> usize {
     match &r.op {
-        Some(Op::Write(w)) => w.data.len(),
+        Some(Op::Write(w)) => w.data.len() + w.tags.len(),
         _ => 64,
     }
 }

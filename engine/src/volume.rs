@@ -15,9 +15,10 @@ use tether_proto::replica::{
 };
 use tokio::sync::oneshot;
 
+use crate::crypt::Cipher;
 use crate::nbd::{BlockDevice, DeviceError};
 use crate::range_lock::RangeLock;
-use crate::replica_client::{ReplicaConn, ReplicaError};
+use crate::replica_client::{Payload, ReplicaConn, ReplicaError};
 
 /// Block size inside the engine and on the replicas.
 pub const BLOCK: u64 = 4096;
@@ -76,11 +77,17 @@ pub struct Volume {
     timeout: Duration,
     /// Counters shown by `tether volume status`.
     pub counters: Counters,
+    /// Seals every block before it leaves the engine (encrypted volumes).
+    cipher: Option<Arc<Cipher>>,
+    /// The encryption parameters, given to replicas created for this volume.
+    encryption: String,
+    /// Mutual TLS towards replicas, for replicas joining later.
+    tls: Option<crate::tls::Identity>,
 }
 
 type Waiting = Vec<(
     Arc<ReplicaConn>,
-    oneshot::Receiver<Result<Bytes, ReplicaError>>,
+    oneshot::Receiver<Result<Payload, ReplicaError>>,
 )>;
 
 impl Volume {
@@ -111,7 +118,38 @@ impl Volume {
             next_reader: AtomicUsize::new(0),
             timeout,
             counters: Counters::default(),
+            cipher: None,
+            encryption: String::new(),
+            tls: None,
         }
+    }
+
+    /// Encrypts the volume's blocks with `cipher`; `params` are its stored parameters.
+    pub fn with_cipher(mut self, cipher: Option<Cipher>, params: String) -> Volume {
+        self.cipher = cipher.map(Arc::new);
+        self.encryption = params;
+        self
+    }
+
+    /// Connects to replicas over mutual TLS with `tls`.
+    pub fn with_tls(mut self, tls: Option<crate::tls::Identity>) -> Volume {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS identity for replica connections, if any.
+    pub fn tls(&self) -> Option<&crate::tls::Identity> {
+        self.tls.as_ref()
+    }
+
+    /// The encryption parameters (empty when the volume is not encrypted).
+    pub fn encryption(&self) -> &str {
+        &self.encryption
+    }
+
+    /// Whether blocks are encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.cipher.is_some()
     }
 
     /// The volume's name.
@@ -336,11 +374,18 @@ impl Volume {
     }
 
     /// Rewrites blocks that failed their checksum on `bad` replicas with a good copy
-    /// from `good`, under the range lock so no client write can interleave.
+    /// from `good`, under the range lock so no client write can interleave. The copy
+    /// is verbatim (still sealed): repairs never encrypt anything.
     async fn repair(&self, good: &ReplicaConn, bad: &[Arc<ReplicaConn>], block: u64, count: u32) {
         let _held = self.hold(block, block + u64::from(count)).await;
-        let data = match self.read_from(good, block, count).await {
-            Ok(d) => d,
+        let copy = match self.read_raw_from(good, "", block, count).await {
+            Ok(p) => match self.check_sealed(good, block, &p) {
+                Ok(()) => p,
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, block, error = %e, "repair skipped: the good copy no longer opens");
+                    return;
+                }
+            },
             Err(e) => {
                 tracing::warn!(volume = %self.name, block, error = %e, "repair skipped: re-reading the good copy failed");
                 return;
@@ -350,7 +395,8 @@ impl Volume {
             let rx = r.submit(Op::Write(Write {
                 seq: 0,
                 block,
-                data: data.clone(),
+                data: copy.data.clone(),
+                tags: copy.tags.clone(),
             }));
             match tokio::time::timeout(self.timeout, rx).await {
                 Ok(Ok(Ok(_))) => {
@@ -370,14 +416,31 @@ impl Volume {
         let _guard = self.locks.lock(block, block + u64::from(count)).await;
         let reps = self.replicas();
         let healthy: Vec<&Arc<ReplicaConn>> = reps.iter().filter(|r| r.is_healthy()).collect();
-        let reads =
-            futures::future::join_all(healthy.iter().map(|r| self.read_from(r, block, count)))
-                .await;
+        // Raw copies: replicas hold the same ciphertext, and each must also open.
+        let reads = futures::future::join_all(
+            healthy
+                .iter()
+                .map(|r| self.read_raw_from(r, "", block, count)),
+        )
+        .await;
         let mut problems = Vec::new();
         let mut copies: Vec<(&str, Bytes)> = Vec::new();
         for (r, res) in healthy.iter().zip(reads) {
+            let res = res.and_then(|p| self.check_sealed(r, block, &p).map(|_| p));
             match res {
-                Ok(d) => copies.push((&r.addr, d)),
+                Ok(p) if p.tags.is_empty() => copies.push((&r.addr, p.data)),
+                Ok(p) => {
+                    // Compare data and seal together, block by block.
+                    let mut joined = BytesMut::with_capacity(p.data.len() + p.tags.len());
+                    let t = p.tags.len() / count as usize;
+                    for i in 0..count as usize {
+                        joined.extend_from_slice(
+                            &p.data[i * BLOCK as usize..(i + 1) * BLOCK as usize],
+                        );
+                        joined.extend_from_slice(&p.tags[i * t..(i + 1) * t]);
+                    }
+                    copies.push((&r.addr, joined.freeze()));
+                }
                 // Find the bad blocks one by one.
                 Err(ReplicaError::Checksum(_)) => {
                     for b in block..block + u64::from(count) {
@@ -389,7 +452,9 @@ impl Volume {
                 Err(e) => problems.push((block, r.addr.clone(), format!("read failed: {e}"))),
             }
         }
-        let bs = BLOCK as usize;
+        let bs = copies
+            .first()
+            .map_or(BLOCK as usize, |(_, d)| d.len() / count as usize);
         for i in 0..count as usize {
             let blk = |d: &Bytes| d.slice(i * bs..(i + 1) * bs);
             let Some((_, first)) = copies.first() else {
@@ -499,7 +564,8 @@ impl Volume {
         (gate, range)
     }
 
-    /// Reads verified blocks of snapshot `snapshot` (the head when empty) from `r`.
+    /// Reads verified blocks of snapshot `snapshot` (the head when empty) from `r`,
+    /// decrypted; a block that fails to open is a checksum error naming it.
     pub async fn read_view_from(
         &self,
         r: &ReplicaConn,
@@ -507,6 +573,42 @@ impl Volume {
         block: u64,
         count: u32,
     ) -> Result<Bytes, ReplicaError> {
+        let p = self.read_raw_from(r, snapshot, block, count).await?;
+        match &self.cipher {
+            None => Ok(p.data),
+            Some(c) => c
+                .open(block, &p.data, &p.tags)
+                .map_err(|b| self.auth_failed(r, b)),
+        }
+    }
+
+    fn auth_failed(&self, r: &ReplicaConn, b: u64) -> ReplicaError {
+        tracing::error!(volume = %self.name, replica = %r.addr, block = b,
+            "block failed authentication (tampered, moved or damaged): not returned");
+        ReplicaError::Checksum(format!(
+            "volume {}: block {b} on replica {} failed authentication (tampered, moved or damaged); read it from another replica",
+            self.name, r.addr
+        ))
+    }
+
+    /// Checks that a raw copy opens under this volume's key (always true unencrypted).
+    fn check_sealed(&self, r: &ReplicaConn, block: u64, p: &Payload) -> Result<(), ReplicaError> {
+        match &self.cipher {
+            None => Ok(()),
+            Some(c) => c
+                .verify(block, &p.data, &p.tags)
+                .map_err(|b| self.auth_failed(r, b)),
+        }
+    }
+
+    /// Reads blocks as stored (ciphertext and seals) from replica `r`.
+    pub async fn read_raw_from(
+        &self,
+        r: &ReplicaConn,
+        snapshot: &str,
+        block: u64,
+        count: u32,
+    ) -> Result<Payload, ReplicaError> {
         let rx = r.submit(Op::Read(Read {
             block,
             count,
@@ -744,11 +846,18 @@ impl Volume {
             buf.freeze()
         };
         self.check_quorum()?;
+        let (payload, tags) = match &self.cipher {
+            None => (payload, Bytes::new()),
+            Some(c) => c
+                .seal(first, &payload)
+                .map_err(|e| DeviceError::Io(format!("volume {}: {e}", self.name)))?,
+        };
         let waiting = self.submit_ordered(|seq| {
             Op::Write(Write {
                 seq,
                 block: first,
                 data: payload.clone(),
+                tags: tags.clone(),
             })
         });
         self.wait_all(waiting).await

@@ -78,21 +78,26 @@ fn code(e: &StoreError) -> ErrorCode {
     }
 }
 
-fn reply(id: u64, r: Result<Bytes, StoreError>) -> IoReply {
+fn reply(id: u64, r: Result<(Bytes, Bytes), StoreError>) -> IoReply {
     match r {
-        Ok(data) => IoReply {
+        Ok((data, tags)) => IoReply {
             id,
             error: ErrorCode::Ok as i32,
             message: String::new(),
             data,
+            tags,
         },
         Err(e) => IoReply {
             id,
             error: code(&e) as i32,
             message: e.to_string(),
-            data: Bytes::new(),
+            ..Default::default()
         },
     }
+}
+
+fn done(r: Result<(), StoreError>) -> Result<(Bytes, Bytes), StoreError> {
+    r.map(|_| (Bytes::new(), Bytes::new()))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -119,7 +124,8 @@ impl Replica for ReplicaService {
         let r = blocking(
             move || {
                 let (vol, created) = if req.create {
-                    volumes.get_or_create(&req.volume, req.size)?
+                    let enc = (!req.encryption.is_empty()).then_some(req.encryption.as_str());
+                    volumes.get_or_create_with(&req.volume, req.size, enc)?
                 } else {
                     (volumes.get(&req.volume)?, false)
                 };
@@ -140,6 +146,7 @@ impl Replica for ReplicaService {
                     created,
                     clean,
                     rebuilding: vol.rebuilding(),
+                    encryption: vol.encryption().unwrap_or_default(),
                 })
             },
             &name,
@@ -149,6 +156,11 @@ impl Replica for ReplicaService {
             Ok(reply) => {
                 tracing::info!(volume = %name, epoch = req.epoch, revision = reply.revision, "volume opened");
                 Ok(Response::new(reply))
+            }
+            // A probe for a volume that does not exist yet is routine.
+            Err(e @ StoreError::NotFound { .. }) => {
+                tracing::info!(volume = %name, "open: volume not on this replica yet");
+                Err(status(e))
             }
             Err(e) => {
                 tracing::warn!(volume = %name, error = %e, "open refused");
@@ -356,7 +368,7 @@ impl IoStreamState {
                 id: r.id,
                 error: ErrorCode::Fenced as i32,
                 message: e.to_string(),
-                data: Bytes::new(),
+                ..Default::default()
             });
             let _ = self
                 .tx
@@ -371,45 +383,37 @@ impl IoStreamState {
         for req in batch {
             let id = req.id;
             let r = match req.op {
-                Some(Op::Write(w)) => self
-                    .check_seq(w.seq)
-                    .and_then(|_| self.vol.write_blocks(w.seq, w.block, &w.data))
-                    .map(|_| Bytes::new()),
+                Some(Op::Write(w)) => done(
+                    self.check_seq(w.seq)
+                        .and_then(|_| self.vol.write_sealed(w.seq, w.block, &w.data, &w.tags)),
+                ),
                 Some(Op::Read(r)) if r.snapshot.is_empty() => {
-                    self.vol.read_blocks(r.block, r.count)
+                    self.vol.read_sealed(r.block, r.count)
                 }
-                Some(Op::Read(r)) => self.vol.read_snapshot(&r.snapshot, r.block, r.count),
+                Some(Op::Read(r)) => self.vol.read_snapshot_sealed(&r.snapshot, r.block, r.count),
                 Some(Op::Snapshot(sn)) => match self.check_seq(sn.seq) {
                     Ok(()) => {
                         let v = self.vol.clone();
-                        blocking(move || v.snapshot(&sn.name), self.vol.name())
-                            .await
-                            .map(|_| Bytes::new())
+                        done(blocking(move || v.snapshot(&sn.name), self.vol.name()).await)
                     }
                     Err(e) => Err(e),
                 },
                 Some(Op::Revert(rv)) => {
                     let v = self.vol.clone();
-                    blocking(move || v.revert(&rv.name), self.vol.name())
-                        .await
-                        .map(|_| Bytes::new())
+                    done(blocking(move || v.revert(&rv.name), self.vol.name()).await)
                 }
                 Some(Op::RebuildDone(_)) => {
                     let v = self.vol.clone();
-                    blocking(move || v.set_rebuilding(false), self.vol.name())
-                        .await
-                        .map(|_| Bytes::new())
+                    done(blocking(move || v.set_rebuilding(false), self.vol.name()).await)
                 }
                 Some(Op::Expand(x)) => {
                     let v = self.vol.clone();
-                    blocking(move || v.expand(x.size), self.vol.name())
-                        .await
-                        .map(|_| Bytes::new())
+                    done(blocking(move || v.expand(x.size), self.vol.name()).await)
                 }
-                Some(Op::Zero(z)) => self
-                    .check_seq(z.seq)
-                    .and_then(|_| self.vol.zero_blocks(z.seq, z.block, u64::from(z.count)))
-                    .map(|_| Bytes::new()),
+                Some(Op::Zero(z)) => done(
+                    self.check_seq(z.seq)
+                        .and_then(|_| self.vol.zero_blocks(z.seq, z.block, u64::from(z.count))),
+                ),
                 Some(Op::Flush(f)) => {
                     // fdatasync runs off the stream so later writes keep flowing; it
                     // covers every write applied before this point.
@@ -421,7 +425,7 @@ impl IoStreamState {
                         let _ = f.seq;
                         let r = blocking(move || v.sync(), &name).await;
                         let batch = IoReplyBatch {
-                            replies: vec![reply(id, r.map(|_| Bytes::new()))],
+                            replies: vec![reply(id, done(r))],
                         };
                         let _ = tx.send(Ok(batch)).await;
                     }));
@@ -441,11 +445,24 @@ impl IoStreamState {
     }
 }
 
+/// The replica's TLS material (PEM): its certificate and key, and the CA whose
+/// client certificates it accepts (without a CA, any client may connect over TLS).
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Certificate chain.
+    pub cert: Vec<u8>,
+    /// Private key.
+    pub key: Vec<u8>,
+    /// CA that must have signed every client's certificate.
+    pub ca: Option<Vec<u8>>,
+}
+
 /// Runs the replica daemon on `listen` until `shutdown` resolves, then syncs.
 pub async fn serve(
     listen: SocketAddr,
     data_dir: &Path,
     opts: StoreOptions,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let svc = ReplicaService::new(data_dir, opts).map_err(|e| {
@@ -469,7 +486,21 @@ pub async fn serve(
             conn
         },
     );
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        let mut cfg = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&t.cert, &t.key))
+            .timeout(std::time::Duration::from_secs(10));
+        if let Some(ca) = &t.ca {
+            cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder
+            .tls_config(cfg)
+            .map_err(|e| format!("TLS configuration refused: {e}"))?;
+        tracing::info!(%listen, client_ca = t.ca.is_some(), "replica requires TLS{}",
+            if t.ca.is_some() { " with client certificates from its CA" } else { "" });
+    }
+    let server = builder
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .add_service(

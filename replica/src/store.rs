@@ -5,7 +5,8 @@
 //! <data>/volumes/<volume>/
 //!   meta             JSON: size, epoch, layers (id, parent, snapshot name), head
 //!   layers/<id>.data block i at offset i × 4096 (sparse)
-//!   layers/<id>.rec  8 bytes per block: crc32c, state (1 data, 2 zero)
+//!   layers/<id>.rec  8 bytes per block: crc32c, state (1 data, 2 zero); 64 bytes
+//!                    with the engine's 32-byte seal on encrypted volumes
 //!   wal              the log (or <wal-dir>/<volume>.wal)
 //! ```
 //!
@@ -40,7 +41,8 @@ const META_FORMAT: u32 = 2;
 /// The hash reported for a block that failed its checksum (it matches nothing real
 /// with overwhelming odds, so a rebuild copies over it).
 pub const BAD_BLOCK_HASH: u64 = 0xbad0_b10c_bad0_b10c;
-const REC: usize = 8;
+/// Bytes of engine seal per block on encrypted volumes (nonce source and AEAD tag).
+pub const SEAL_BYTES: usize = 32;
 const STATE_DATA: u8 = 1;
 const STATE_ZERO: u8 = 2;
 
@@ -151,6 +153,12 @@ struct Meta {
     #[serde(default)]
     rebuilding: bool,
     clean: bool,
+    /// Bytes of engine seal stored with every block (0: unencrypted volume).
+    #[serde(default)]
+    tag_bytes: u32,
+    /// The engine's encryption parameters (no key), kept verbatim for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    encryption: Option<String>,
     head: u64,
     next_layer: u64,
     layers: Vec<LayerMeta>,
@@ -174,16 +182,26 @@ impl Meta {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Recent {
     Zero,
-    Data { data_off: u64, crc_off: u64 },
+    /// `side` is the length of each block's side entry (crc and tag) at `side_off`.
+    Data {
+        data_off: u64,
+        side_off: u64,
+        side: u8,
+    },
 }
 
 impl Shift for Recent {
     fn shift(&self, by: u64) -> Self {
         match *self {
             Recent::Zero => Recent::Zero,
-            Recent::Data { data_off, crc_off } => Recent::Data {
+            Recent::Data {
+                data_off,
+                side_off,
+                side,
+            } => Recent::Data {
                 data_off: data_off + by * BLOCK as u64,
-                crc_off: crc_off + by * 4,
+                side_off: side_off + by * u64::from(side),
+                side,
             },
         }
     }
@@ -239,6 +257,9 @@ pub struct Volume {
     disk: Arc<dyn Disk>,
     wal_path: PathBuf,
     wal_size: u64,
+    /// Seal bytes per block, and the size of a block record (fixed at creation).
+    tag: usize,
+    rec: usize,
     size: AtomicU64,
     blocks: AtomicU64,
     epoch: AtomicU64,
@@ -289,11 +310,24 @@ fn layer_paths(dir: &Path, id: u64) -> (PathBuf, PathBuf) {
     (l.join(format!("{id}.data")), l.join(format!("{id}.rec")))
 }
 
-fn rec_entry(crc: u32, state: u8) -> [u8; REC] {
-    let mut e = [0u8; REC];
-    e[..4].copy_from_slice(&crc.to_le_bytes());
-    e[4] = state;
-    e
+/// Size of a block record: 8 bytes, or 64 with a seal (a power of two, so no entry
+/// straddles a 512-byte sector and a torn write cannot tear one).
+fn rec_len(tag: usize) -> usize {
+    if tag == 0 {
+        8
+    } else {
+        (8 + tag).next_power_of_two()
+    }
+}
+
+/// Appends a block record to `out`.
+fn push_rec(out: &mut Vec<u8>, len: usize, crc: u32, state: u8, tag: &[u8]) {
+    let at = out.len();
+    out.resize(at + len, 0);
+    out[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+    out[at + 4] = state;
+    let t = tag.len().min(len - 8);
+    out[at + 8..at + 8 + t].copy_from_slice(&tag[..t]);
 }
 
 impl Volume {
@@ -316,6 +350,7 @@ impl Volume {
         name: &str,
         size: u64,
         wal_size: u64,
+        encryption: Option<&str>,
     ) -> Result<Volume, StoreError> {
         if size == 0 || !size.is_multiple_of(BLOCK as u64) {
             return Err(StoreError::Invalid {
@@ -366,6 +401,12 @@ impl Volume {
             engine_id: 0,
             rebuilding: false,
             clean: true,
+            tag_bytes: if encryption.is_some() {
+                SEAL_BYTES as u32
+            } else {
+                0
+            },
+            encryption: encryption.map(str::to_string),
             head: 1,
             next_layer: 2,
             layers: vec![LayerMeta {
@@ -410,21 +451,28 @@ impl Volume {
         };
         let meta: Meta = serde_json::from_slice(&raw)
             .map_err(|err| invalid(format!("{} is not valid: {err}", meta_path.display())))?;
-        if meta.format != META_FORMAT || meta.block_size != BLOCK_SIZE {
+        if meta.format != META_FORMAT
+            || meta.block_size != BLOCK_SIZE
+            || (meta.tag_bytes != 0 && meta.tag_bytes as usize != SEAL_BYTES)
+        {
             return Err(invalid(format!(
-                "{}: format {} / block size {} is not supported by this version",
+                "{}: format {} / block size {} / seal {} is not supported by this version",
                 meta_path.display(),
                 meta.format,
-                meta.block_size
+                meta.block_size,
+                meta.tag_bytes
             )));
         }
+        let tag = meta.tag_bytes as usize;
+        let rec_size = rec_len(tag);
         let blocks = meta.size / BLOCK as u64;
         let mut layers = HashMap::new();
         for l in &meta.layers {
             let (dp, rp) = layer_paths(&dir, l.id);
             let data = disk.open(&dp, false).map_err(e("opening a layer", &dp))?;
             let rec = disk.open(&rp, false).map_err(e("opening a layer", &rp))?;
-            let present = scan_records(&*rec, blocks).map_err(e("reading block records", &rp))?;
+            let present =
+                scan_records(&*rec, blocks, rec_size).map_err(e("reading block records", &rp))?;
             layers.insert(l.id, Layer { data, rec, present });
         }
         let chain = chain_of(&meta, meta.head).map_err(invalid)?;
@@ -471,6 +519,8 @@ impl Volume {
             disk,
             wal_path,
             wal_size,
+            tag,
+            rec: rec_size,
             size: AtomicU64::new(meta.size),
             blocks: AtomicU64::new(blocks),
             epoch: AtomicU64::new(meta.epoch),
@@ -581,29 +631,37 @@ impl Volume {
             {
                 break;
             }
-            let mut head = vec![0u8; wal::RECORD_HEADER + h.crcs_len()];
+            if h.kind == RecordKind::Write && usize::from(h.tag) != self.tag {
+                break;
+            }
+            let mut head = vec![0u8; wal::RECORD_HEADER + h.sides_len()];
             wal.read_at(&mut head, off).map_err(rerr)?;
             if !wal::verify_record(&head) {
                 break;
             }
             let end = h.block + u64::from(h.count);
-            let crc_off = off + wal::RECORD_HEADER as u64;
-            let data_off = crc_off + h.crcs_len() as u64;
+            let side_off = off + wal::RECORD_HEADER as u64;
+            let data_off = side_off + h.sides_len() as u64;
             if h.kind == RecordKind::Write {
                 // A torn payload marks the end of what was written before the crash.
-                let crcs = wal::block_crcs(&head[wal::RECORD_HEADER..]);
                 let mut data = vec![0u8; h.data_len()];
                 wal.read_at(&mut data, data_off).map_err(rerr)?;
                 let intact = data
                     .chunks_exact(BLOCK)
-                    .zip(&crcs)
-                    .all(|(b, &c)| crc32c::crc32c(b) == c);
+                    .zip(wal::sides(&head[wal::RECORD_HEADER..], h.side_len()))
+                    .all(|(b, (c, t))| wal::block_crc(b, t) == c);
                 if !intact {
                     break;
                 }
-                inner
-                    .recent
-                    .insert(h.block, end, Recent::Data { data_off, crc_off });
+                inner.recent.insert(
+                    h.block,
+                    end,
+                    Recent::Data {
+                        data_off,
+                        side_off,
+                        side: h.side_len() as u8,
+                    },
+                );
             } else {
                 inner.recent.insert(h.block, end, Recent::Zero);
             }
@@ -632,7 +690,7 @@ impl Volume {
                 Recent::Zero if single => {
                     // Nothing below the head to hide: the blocks just become absent.
                     data.punch(s * BLOCK as u64, (e - s) * BLOCK as u64)
-                        .and_then(|_| rec.punch(s * REC as u64, (e - s) * REC as u64))
+                        .and_then(|_| rec.punch(s * self.rec as u64, (e - s) * self.rec as u64))
                         .map_err(self.err("punching a hole", &dp))?;
                     changes.push((s, e, false));
                     continue;
@@ -642,9 +700,12 @@ impl Volume {
                         .map_err(self.err("punching a hole", &dp))?;
                     let mut b = s;
                     while b < e {
-                        let n = (e - b).min(1 << 17);
-                        let recs: Vec<u8> = (0..n).flat_map(|_| rec_entry(0, STATE_ZERO)).collect();
-                        rec.write_at(&recs, b * REC as u64)
+                        let n = (e - b).min(1 << 14);
+                        let mut recs = Vec::with_capacity(n as usize * self.rec);
+                        for _ in 0..n {
+                            push_rec(&mut recs, self.rec, 0, STATE_ZERO, &[]);
+                        }
+                        rec.write_at(&recs, b * self.rec as u64)
                             .map_err(self.err("writing block records", &rp))?;
                         b += n;
                     }
@@ -653,21 +714,26 @@ impl Volume {
                     let mut b = s;
                     while b < e {
                         let n = (e - b).min(256);
-                        let Recent::Data { data_off, crc_off } = v.shift(b - s) else {
+                        let Recent::Data {
+                            data_off,
+                            side_off,
+                            side,
+                        } = v.shift(b - s)
+                        else {
                             break;
                         };
-                        let mut crcs = vec![0u8; n as usize * 4];
+                        let mut sides = vec![0u8; n as usize * usize::from(side)];
                         let mut buf = vec![0u8; n as usize * BLOCK];
-                        wal.read_at(&mut crcs, crc_off)
+                        wal.read_at(&mut sides, side_off)
                             .and_then(|_| wal.read_at(&mut buf, data_off))
                             .map_err(self.err("reading the log", &self.wal_path))?;
-                        let recs: Vec<u8> = wal::block_crcs(&crcs)
-                            .into_iter()
-                            .flat_map(|c| rec_entry(c, STATE_DATA))
-                            .collect();
+                        let mut recs = Vec::with_capacity(n as usize * self.rec);
+                        for (c, t) in wal::sides(&sides, usize::from(side)) {
+                            push_rec(&mut recs, self.rec, c, STATE_DATA, t);
+                        }
                         data.write_at(&buf, b * BLOCK as u64)
                             .map_err(self.err("writing a layer", &dp))?;
-                        rec.write_at(&recs, b * REC as u64)
+                        rec.write_at(&recs, b * self.rec as u64)
                             .map_err(self.err("writing block records", &rp))?;
                         b += n;
                     }
@@ -882,6 +948,11 @@ impl Volume {
         Ok(())
     }
 
+    /// The engine's encryption parameters, if the volume was created encrypted.
+    pub fn encryption(&self) -> Option<String> {
+        self.inner.read().meta.encryption.clone()
+    }
+
     /// Whether a rebuild into this replica is unfinished.
     pub fn rebuilding(&self) -> bool {
         self.inner.read().meta.rebuilding
@@ -945,7 +1016,7 @@ impl Volume {
         &self,
         inner: &mut Inner,
         h: RecordHeader,
-        crcs: &[u32],
+        sides: &[u8],
         data: &[u8],
     ) -> Result<bool, StoreError> {
         let len = h.total_len();
@@ -974,10 +1045,10 @@ impl Volume {
             gen: inner.gen_cur,
             ..h
         };
-        let head = wal::encode_record(&h, crcs);
+        let head = wal::encode_record(&h, sides);
         let off = inner.wal_off;
-        let crc_off = off + wal::RECORD_HEADER as u64;
-        let data_off = crc_off + h.crcs_len() as u64;
+        let side_off = off + wal::RECORD_HEADER as u64;
+        let data_off = side_off + h.sides_len() as u64;
         let wrote = if data.len() <= 64 << 10 {
             let mut one = head;
             one.extend_from_slice(data);
@@ -991,7 +1062,11 @@ impl Volume {
         wrote.map_err(self.err("appending to the log", &self.wal_path))?;
         let end = h.block + u64::from(h.count);
         let v = match h.kind {
-            RecordKind::Write => Recent::Data { data_off, crc_off },
+            RecordKind::Write => Recent::Data {
+                data_off,
+                side_off,
+                side: h.side_len() as u8,
+            },
             RecordKind::Zero => Recent::Zero,
         };
         inner.recent.insert(h.block, end, v);
@@ -1002,9 +1077,9 @@ impl Volume {
     }
 
     /// Appends, waiting for the background checkpoint when both halves are busy.
-    fn append_waiting(&self, h: RecordHeader, crcs: &[u32], data: &[u8]) -> Result<(), StoreError> {
+    fn append_waiting(&self, h: RecordHeader, sides: &[u8], data: &[u8]) -> Result<(), StoreError> {
         loop {
-            if self.append(&mut self.inner.write(), h, crcs, data)? {
+            if self.append(&mut self.inner.write(), h, sides, data)? {
                 return Ok(());
             }
             self.finish_checkpoint()?;
@@ -1031,8 +1106,21 @@ impl Volume {
         }
     }
 
-    /// Writes whole blocks starting at `block` as write sequence `seq`.
+    /// Writes whole blocks starting at `block` as write sequence `seq` (unencrypted
+    /// volumes).
     pub fn write_blocks(&self, seq: u64, block: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.write_sealed(seq, block, data, &[])
+    }
+
+    /// Writes whole blocks with their seals (`SEAL_BYTES` per block on encrypted
+    /// volumes, none otherwise).
+    pub fn write_sealed(
+        &self,
+        seq: u64,
+        block: u64,
+        data: &[u8],
+        tags: &[u8],
+    ) -> Result<(), StoreError> {
         if data.is_empty() || !data.len().is_multiple_of(BLOCK) {
             return Err(self.invalid(format!(
                 "write of {} bytes is not a whole number of blocks",
@@ -1040,11 +1128,23 @@ impl Volume {
             )));
         }
         let count = (data.len() / BLOCK) as u64;
+        if tags.len() as u64 != count * self.tag as u64 {
+            return Err(self.invalid(if self.tag == 0 {
+                "the volume is not encrypted but the write carries seals; check the engine's --encryption-key-file".to_string()
+            } else {
+                format!(
+                    "the volume is encrypted: a write of {count} block(s) needs {} seal bytes, got {}; is the engine running without a key?",
+                    count * self.tag as u64,
+                    tags.len()
+                )
+            }));
+        }
         self.check_range(block, count, true)?;
         self.check_writable()?;
-        let crcs: Vec<u32> = data.chunks_exact(BLOCK).map(crc32c::crc32c).collect();
+        let side = 4 + self.tag;
+        let sides = wal::make_sides(data, tags, self.tag);
         // Big writes go in pieces that fit a quarter of the log.
-        let per = ((self.wal_size / 4) / (BLOCK as u64 + 4)).max(1);
+        let per = ((self.wal_size / 4) / (BLOCK + side) as u64).max(1);
         let mut b = 0;
         while b < count {
             let n = per.min(count - b);
@@ -1054,9 +1154,10 @@ impl Volume {
                 seq,
                 block: block + b,
                 count: n as u32,
+                tag: self.tag as u8,
             };
             let bytes = &data[(b as usize * BLOCK)..((b + n) as usize * BLOCK)];
-            self.append_waiting(h, &crcs[b as usize..(b + n) as usize], bytes)?;
+            self.append_waiting(h, &sides[b as usize * side..(b + n) as usize * side], bytes)?;
             b += n;
         }
         Ok(())
@@ -1075,6 +1176,7 @@ impl Volume {
                 seq,
                 block: block + b,
                 count: n as u32,
+                tag: 0,
             };
             self.append_waiting(h, &[], &[])?;
             b += n;
@@ -1111,6 +1213,11 @@ impl Volume {
 
     /// Reads `count` whole blocks starting at `block`, verifying every checksum.
     pub fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, StoreError> {
+        Ok(self.read_sealed(block, count)?.0)
+    }
+
+    /// Reads whole blocks and their seals (all-zero seals for blocks never written).
+    pub fn read_sealed(&self, block: u64, count: u32) -> Result<(Bytes, Bytes), StoreError> {
         self.check_range(block, u64::from(count), true)?;
         let inner = self.inner.read();
         self.read_chain(&inner, &inner.chain, block, count)
@@ -1122,9 +1229,11 @@ impl Volume {
         chain: &[u64],
         block: u64,
         count: u32,
-    ) -> Result<Bytes, StoreError> {
+    ) -> Result<(Bytes, Bytes), StoreError> {
         let end = block + u64::from(count);
         let mut out = BytesMut::zeroed(count as usize * BLOCK);
+        let mut tags = BytesMut::zeroed(count as usize * self.tag);
+        let tag = self.tag;
         let with_log = chain.first() == Some(&inner.meta.head);
         let mut p = block;
         while p < end {
@@ -1132,19 +1241,28 @@ impl Volume {
             let n = (run_end - p) as usize;
             let at = (p - block) as usize * BLOCK;
             let buf = &mut out[at..at + n * BLOCK];
+            let tat = (p - block) as usize * tag;
+            let tbuf = &mut tags[tat..tat + n * tag];
             match src {
                 Source::Zeros | Source::Log(Recent::Zero) => {}
-                Source::Log(Recent::Data { data_off, crc_off }) => {
-                    let mut crcs = vec![0u8; n * 4];
+                Source::Log(Recent::Data {
+                    data_off,
+                    side_off,
+                    side,
+                }) => {
+                    let mut sides = vec![0u8; n * usize::from(side)];
                     inner
                         .wal
-                        .read_at(&mut crcs, crc_off)
+                        .read_at(&mut sides, side_off)
                         .and_then(|_| inner.wal.read_at(buf, data_off))
                         .map_err(self.err("reading the log", &self.wal_path))?;
-                    for (i, c) in wal::block_crcs(&crcs).into_iter().enumerate() {
-                        if crc32c::crc32c(&buf[i * BLOCK..(i + 1) * BLOCK]) != c {
+                    for (i, (c, t)) in wal::sides(&sides, usize::from(side)).enumerate() {
+                        if wal::block_crc(&buf[i * BLOCK..(i + 1) * BLOCK], t) != c
+                            || t.len() != tag
+                        {
                             return Err(self.checksum(p + i as u64, "the write-ahead log".into()));
                         }
+                        tbuf[i * tag..(i + 1) * tag].copy_from_slice(t);
                     }
                 }
                 Source::Layer(id) => {
@@ -1152,21 +1270,24 @@ impl Volume {
                     let Some(layer) = inner.layers.get(&id) else {
                         return Err(self.invalid(format!("layer {id} is not open")));
                     };
-                    let mut recs = vec![0u8; n * REC];
+                    let mut recs = vec![0u8; n * self.rec];
                     layer
                         .rec
-                        .read_at(&mut recs, p * REC as u64)
+                        .read_at(&mut recs, p * self.rec as u64)
                         .map_err(self.err("reading block records", &rp))?;
                     layer
                         .data
                         .read_at(buf, p * BLOCK as u64)
                         .map_err(self.err("reading a layer", &dp))?;
-                    for (i, r) in recs.chunks_exact(REC).enumerate() {
+                    for (i, r) in recs.chunks_exact(self.rec).enumerate() {
                         let blk = &mut buf[i * BLOCK..(i + 1) * BLOCK];
                         let crc = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+                        let t = &r[8..8 + tag];
                         match r[4] {
                             STATE_ZERO => blk.fill(0),
-                            STATE_DATA if crc32c::crc32c(blk) == crc => {}
+                            STATE_DATA if wal::block_crc(blk, t) == crc => {
+                                tbuf[i * tag..(i + 1) * tag].copy_from_slice(t);
+                            }
                             _ => {
                                 return Err(self.checksum(
                                     p + i as u64,
@@ -1179,7 +1300,7 @@ impl Volume {
             }
             p = run_end;
         }
-        Ok(out.freeze())
+        Ok((out.freeze(), tags.freeze()))
     }
 
     fn checksum(&self, block: u64, place: String) -> StoreError {
@@ -1269,6 +1390,16 @@ impl Volume {
 
     /// Reads blocks as they were in snapshot `name`.
     pub fn read_snapshot(&self, name: &str, block: u64, count: u32) -> Result<Bytes, StoreError> {
+        Ok(self.read_snapshot_sealed(name, block, count)?.0)
+    }
+
+    /// Reads blocks and their seals as they were in snapshot `name`.
+    pub fn read_snapshot_sealed(
+        &self,
+        name: &str,
+        block: u64,
+        count: u32,
+    ) -> Result<(Bytes, Bytes), StoreError> {
         self.check_range(block, u64::from(count), true)?;
         let inner = self.inner.read();
         let Some(l) = inner
@@ -1371,9 +1502,9 @@ impl Volume {
         let mut recs = Vec::with_capacity(missing.len());
         let mut block = vec![0u8; BLOCK];
         for &b in &missing {
-            let mut r = [0u8; REC];
+            let mut r = vec![0u8; self.rec];
             src.rec
-                .read_at(&mut r, b * REC as u64)
+                .read_at(&mut r, b * self.rec as u64)
                 .map_err(self.err("reading block records", &srp))?;
             if r[4] == STATE_DATA {
                 src.data
@@ -1391,7 +1522,7 @@ impl Volume {
         dst.data.sync().map_err(self.err("syncing a layer", &ddp))?;
         for (b, r) in &recs {
             dst.rec
-                .write_at(r, b * REC as u64)
+                .write_at(r, b * self.rec as u64)
                 .map_err(self.err("writing block records", &drp))?;
         }
         drop(inner);
@@ -1472,13 +1603,20 @@ impl Volume {
         count: u32,
     ) -> Result<Vec<u64>, StoreError> {
         let data = match snapshot {
-            None => self.read_blocks(block, count),
-            Some(s) => self.read_snapshot(s, block, count),
+            None => self.read_sealed(block, count),
+            Some(s) => self.read_snapshot_sealed(s, block, count),
         };
         match data {
-            Ok(d) => Ok(d
+            // The seal is part of the block: a copy with another seal is another block.
+            Ok((d, t)) => Ok(d
                 .chunks_exact(BLOCK)
-                .map(xxhash_rust::xxh3::xxh3_64)
+                .enumerate()
+                .map(|(i, b)| {
+                    let mut h = xxhash_rust::xxh3::Xxh3::new();
+                    h.update(b);
+                    h.update(t.get(i * self.tag..(i + 1) * self.tag).unwrap_or(&[]));
+                    h.digest()
+                })
                 .collect()),
             Err(StoreError::Checksum { .. }) if count > 1 => (0..count)
                 .map(|i| {
@@ -1581,17 +1719,17 @@ fn source(inner: &Inner, chain: &[u64], with_log: bool, p: u64, end: u64) -> (So
 }
 
 /// Builds a layer's present-block map from its record file.
-fn scan_records(rec: &dyn DiskFile, blocks: u64) -> io::Result<ExtentMap<()>> {
+fn scan_records(rec: &dyn DiskFile, blocks: u64, rec_size: usize) -> io::Result<ExtentMap<()>> {
     let mut present = ExtentMap::new();
-    let len = rec.len()?.min(blocks * REC as u64);
+    let len = rec.len()?.min(blocks * rec_size as u64);
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0;
     let mut run: Option<u64> = None;
     while off < len {
         let n = (len - off).min(buf.len() as u64) as usize;
         rec.read_at(&mut buf[..n], off)?;
-        for (i, e) in buf[..n].chunks_exact(REC).enumerate() {
-            let b = off / REC as u64 + i as u64;
+        for (i, e) in buf[..n].chunks_exact(rec_size).enumerate() {
+            let b = off / rec_size as u64 + i as u64;
             // Anything but an all-zero entry counts as present, so a damaged entry
             // fails its checksum instead of silently showing an older layer.
             let here = e.iter().any(|&x| x != 0);
@@ -1607,7 +1745,7 @@ fn scan_records(rec: &dyn DiskFile, blocks: u64) -> io::Result<ExtentMap<()>> {
         off += n as u64;
     }
     if let Some(s) = run {
-        present.insert(s, len / REC as u64, ());
+        present.insert(s, len / rec_size as u64, ());
     }
     Ok(present)
 }
@@ -1660,6 +1798,17 @@ impl VolumeSet {
 
     /// Opens `name`, creating it with `size` bytes when missing; says whether it created.
     pub fn get_or_create(&self, name: &str, size: u64) -> Result<(Arc<Volume>, bool), StoreError> {
+        self.get_or_create_with(name, size, None)
+    }
+
+    /// Like `get_or_create`; a volume created here is encrypted when `encryption`
+    /// holds the engine's parameters (its blocks then carry seals).
+    pub fn get_or_create_with(
+        &self,
+        name: &str,
+        size: u64,
+        encryption: Option<&str>,
+    ) -> Result<(Arc<Volume>, bool), StoreError> {
         match self.get(name) {
             Ok(v) => Ok((v, false)),
             Err(StoreError::NotFound { .. }) => {
@@ -1674,6 +1823,7 @@ impl VolumeSet {
                     name,
                     size,
                     self.opts.wal_size,
+                    encryption,
                 )?);
                 let _ = v.me.set(Arc::downgrade(&v));
                 open.insert(name.to_string(), v.clone());

@@ -4,14 +4,16 @@
 //! ```text
 //! offset 0, 512: header slots  magic "TTHRWAL1" | gen u64 | revision u64 | half u8 |
 //!                              0 0 0 | crc32c u32
-//! offset 4096:   records       magic u32 | kind u8 | 0 0 0 | gen u64 | seq u64 |
+//! offset 4096:   records       magic u32 | kind u8 | tag u8 | 0 0 | gen u64 | seq u64 |
 //!                              block u64 | count u32 | crc32c u32      (40 bytes)
-//!                              then for a write: count × crc32c u32 of each block,
-//!                              then count × 4096 bytes of data
+//!                              then for a write: count × side entry (crc32c u32 of the
+//!                              block's data and tag, then `tag` bytes of the engine's
+//!                              seal), then count × 4096 bytes of data
 //! ```
 //!
-//! The record crc covers the header (crc field zeroed) and the block crcs; each block's
-//! data is covered by its own crc so one block can be read and verified alone.
+//! The record crc covers the header (crc field zeroed) and the side entries; each
+//! block's data and tag are covered by its own crc so one block can be read and
+//! verified alone.
 
 /// Block size of every volume.
 pub const BLOCK: usize = 4096;
@@ -95,13 +97,20 @@ pub struct RecordHeader {
     pub block: u64,
     /// Number of blocks.
     pub count: u32,
+    /// Bytes of engine seal (encryption nonce and tag) per block; 0 if unencrypted.
+    pub tag: u8,
 }
 
 impl RecordHeader {
-    /// Bytes of block crcs after the header.
-    pub fn crcs_len(&self) -> usize {
+    /// Bytes of one block's side entry: its crc, then its tag.
+    pub fn side_len(&self) -> usize {
+        4 + self.tag as usize
+    }
+
+    /// Bytes of side entries after the header.
+    pub fn sides_len(&self) -> usize {
         match self.kind {
-            RecordKind::Write => self.count as usize * 4,
+            RecordKind::Write => self.count as usize * self.side_len(),
             RecordKind::Zero => 0,
         }
     }
@@ -116,7 +125,7 @@ impl RecordHeader {
 
     /// Total length of the record on disk.
     pub fn total_len(&self) -> u64 {
-        (RECORD_HEADER + self.crcs_len() + self.data_len()) as u64
+        (RECORD_HEADER + self.sides_len() + self.data_len()) as u64
     }
 }
 
@@ -132,23 +141,26 @@ fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Encodes a record's header and block crcs (the data is written after them).
-pub fn encode_record(h: &RecordHeader, block_crcs: &[u32]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(RECORD_HEADER + block_crcs.len() * 4);
+/// The checksum of one block: its data, then its tag.
+pub fn block_crc(data: &[u8], tag: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(data), tag)
+}
+
+/// Encodes a record's header and side entries (the data is written after them).
+pub fn encode_record(h: &RecordHeader, sides: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(RECORD_HEADER + sides.len());
     b.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
     b.push(match h.kind {
         RecordKind::Write => 1,
         RecordKind::Zero => 2,
     });
-    b.extend_from_slice(&[0, 0, 0]);
+    b.extend_from_slice(&[h.tag, 0, 0]);
     b.extend_from_slice(&h.gen.to_le_bytes());
     b.extend_from_slice(&h.seq.to_le_bytes());
     b.extend_from_slice(&h.block.to_le_bytes());
     b.extend_from_slice(&h.count.to_le_bytes());
     b.extend_from_slice(&[0, 0, 0, 0]);
-    for c in block_crcs {
-        b.extend_from_slice(&c.to_le_bytes());
-    }
+    b.extend_from_slice(sides);
     let crc = crc32c::crc32c(&b);
     b[36..40].copy_from_slice(&crc.to_le_bytes());
     b
@@ -171,11 +183,12 @@ pub fn decode_header(b: &[u8], gen: u64) -> Option<RecordHeader> {
         seq: le64(&b[16..24]),
         block: le64(&b[24..32]),
         count: le32(&b[32..36]),
+        tag: b[5],
     };
     (h.gen == gen && h.count > 0).then_some(h)
 }
 
-/// Checks a record's crc over its header and block crcs (`b` holds both).
+/// Checks a record's crc over its header and side entries (`b` holds both).
 pub fn verify_record(b: &[u8]) -> bool {
     if b.len() < RECORD_HEADER {
         return false;
@@ -187,9 +200,21 @@ pub fn verify_record(b: &[u8]) -> bool {
     h == stored
 }
 
-/// Reads the block crcs that follow a record header.
-pub fn block_crcs(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4).map(le32).collect()
+/// Splits side entries of `side_len` bytes into (crc, tag) per block.
+pub fn sides(b: &[u8], side_len: usize) -> impl Iterator<Item = (u32, &[u8])> {
+    b.chunks_exact(side_len.max(4))
+        .map(|e| (le32(&e[..4]), &e[4..]))
+}
+
+/// Builds the side entries of `data` (whole blocks) and `tags` (`tag` bytes each).
+pub fn make_sides(data: &[u8], tags: &[u8], tag: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() / BLOCK * (4 + tag));
+    for (i, d) in data.chunks_exact(BLOCK).enumerate() {
+        let t = tags.get(i * tag..(i + 1) * tag).unwrap_or(&[]);
+        out.extend_from_slice(&block_crc(d, t).to_le_bytes());
+        out.extend_from_slice(t);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -199,22 +224,24 @@ mod tests {
 
     proptest! {
         #[test]
-        fn record_roundtrip(seq: u64, block: u64, count in 1u32..64, zero: bool, gen: u64) {
+        fn record_roundtrip(seq: u64, block: u64, count in 1u32..64, zero: bool, gen: u64, sealed: bool) {
             let kind = if zero { RecordKind::Zero } else { RecordKind::Write };
-            let h = RecordHeader { kind, gen, seq, block, count };
-            let crcs: Vec<u32> = if zero { vec![] } else { (0..count).map(|i| i * 7).collect() };
-            let b = encode_record(&h, &crcs);
+            let tag = if sealed { 32 } else { 0 };
+            let h = RecordHeader { kind, gen, seq, block, count, tag };
+            let side: Vec<u8> = if zero { vec![] } else { (0..h.sides_len()).map(|i| i as u8).collect() };
+            let b = encode_record(&h, &side);
             prop_assert_eq!(decode_header(&b, gen), Some(h));
             prop_assert!(verify_record(&b));
-            prop_assert_eq!(block_crcs(&b[RECORD_HEADER..]), crcs);
+            prop_assert_eq!(&b[RECORD_HEADER..], &side[..]);
+            prop_assert_eq!(sides(&b[RECORD_HEADER..], h.side_len()).count(), side.len() / h.side_len());
             prop_assert_eq!(decode_header(&b, gen.wrapping_add(1)), None);
         }
 
         #[test]
         fn any_flipped_bit_is_caught(seq: u64, count in 1u32..8, bit in 0usize..(40 + 8) * 8) {
-            let h = RecordHeader { kind: RecordKind::Write, gen: 3, seq, block: 9, count };
-            let crcs: Vec<u32> = (0..count).collect();
-            let mut b = encode_record(&h, &crcs);
+            let h = RecordHeader { kind: RecordKind::Write, gen: 3, seq, block: 9, count, tag: 0 };
+            let side: Vec<u8> = (0..count * 4).map(|i| i as u8).collect();
+            let mut b = encode_record(&h, &side);
             let bit = bit % (b.len() * 8);
             b[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(decode_header(&b, 3).is_none() || !verify_record(&b));

@@ -62,6 +62,8 @@ struct Model {
     maybe_snapshots: Vec<(String, Vec<u32>)>,
     next_tag: u32,
     next_snapshot: u32,
+    /// The volume is encrypted: writes carry seals.
+    sealed: bool,
 }
 
 impl Model {
@@ -72,6 +74,7 @@ impl Model {
             maybe_snapshots: Vec::new(),
             next_tag: 1,
             next_snapshot: 0,
+            sealed: false,
         }
     }
     fn durable_point(&mut self) {
@@ -85,23 +88,52 @@ impl Model {
     }
 }
 
-fn open(disk: &SimDisk) -> Result<Arc<Volume>, StoreError> {
+/// Opens the volume; `sealed` creates it as an encrypted volume (blocks carry seals).
+fn open_with(disk: &SimDisk, sealed: bool) -> Result<Arc<Volume>, StoreError> {
     let opts = StoreOptions {
         wal_dir: None,
         wal_size: 48 << 10,
     };
     let set = VolumeSet::new(Path::new("/sim"), Arc::new(disk.clone()), opts).unwrap();
-    set.get_or_create("v", BLOCKS * B as u64).map(|(v, _)| v)
+    let enc = sealed.then_some("{}");
+    set.get_or_create_with("v", BLOCKS * B as u64, enc)
+        .map(|(v, _)| v)
+}
+
+fn open(disk: &SimDisk) -> Result<Arc<Volume>, StoreError> {
+    open_with(disk, false)
+}
+
+const SEAL: usize = tether_replica::store::SEAL_BYTES;
+
+/// The seal a test write gives a block: derived from its data, so a seal that does not
+/// travel with its block (through log, checkpoint, merge, crash) is caught.
+fn seal_of(data: &[u8]) -> Vec<u8> {
+    data[..SEAL].iter().map(|b| b ^ 0x5a).collect()
 }
 
 fn read_all(v: &Volume, snapshot: Option<&str>) -> Result<Vec<u32>, String> {
-    let data = match snapshot {
-        None => v.read_blocks(0, BLOCKS as u32),
-        Some(s) => v.read_snapshot(s, 0, BLOCKS as u32),
+    let (data, seals) = match snapshot {
+        None => v.read_sealed(0, BLOCKS as u32),
+        Some(s) => v.read_snapshot_sealed(s, 0, BLOCKS as u32),
     }
     .map_err(|e| e.to_string())?;
     (0..BLOCKS)
-        .map(|b| decode(&data[b as usize * B..(b as usize + 1) * B], b))
+        .map(|b| {
+            let blk = &data[b as usize * B..(b as usize + 1) * B];
+            if !seals.is_empty() {
+                let seal = &seals[b as usize * SEAL..(b as usize + 1) * SEAL];
+                let want = if blk.iter().all(|&x| x == 0) {
+                    vec![0; SEAL]
+                } else {
+                    seal_of(blk)
+                };
+                if seal != want {
+                    return Err(format!("block {b}: its seal does not belong to its data"));
+                }
+            }
+            decode(blk, b)
+        })
         .collect()
 }
 
@@ -117,7 +149,12 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
                 let data: Vec<u8> = (block..block + count)
                     .flat_map(|b| block_data(tag, b))
                     .collect();
-                let r = v.write_blocks(*seq, block, &data);
+                let seals: Vec<u8> = if m.sealed {
+                    data.chunks(B).flat_map(seal_of).collect()
+                } else {
+                    Vec::new()
+                };
+                let r = v.write_sealed(*seq, block, &data, &seals);
                 for b in block..block + count {
                     m.versions[b as usize].push(tag);
                 }
@@ -247,13 +284,15 @@ proptest! {
     fn power_cuts_lose_nothing_flushed(
         phases in proptest::collection::vec(proptest::collection::vec(op(), 0..40), 1..4),
         seed: u64,
+        sealed: bool,
     ) {
         let disk = SimDisk::new();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut m = Model::new();
+        m.sealed = sealed;
         let mut seq = 0;
         for ops in &phases {
-            let v = open(&disk).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let v = open_with(&disk, sealed).map_err(|e| TestCaseError::fail(e.to_string()))?;
             // Half the phases end with the disk dying in the middle of an operation.
             let countdown = rng.random_bool(0.5).then(|| rng.random_range(0..120u64));
             disk.fail_after(countdown);
@@ -263,7 +302,7 @@ proptest! {
             disk.fail_after(None);
             let keep: f64 = rng.random();
             disk.crash(|| rng.random_bool(keep));
-            let v = open(&disk).map_err(|e| TestCaseError::fail(format!("recovery failed: {e}")))?;
+            let v = open_with(&disk, sealed).map_err(|e| TestCaseError::fail(format!("recovery failed: {e}")))?;
             check_recovered(&v, &mut m).map_err(TestCaseError::fail)?;
         }
     }

@@ -50,15 +50,22 @@ pub struct Replica {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     pub child: Option<Child>,
+    /// Extra arguments (TLS), kept for restarts.
+    pub args: Vec<String>,
 }
 
 impl Replica {
     pub fn start(dir: &Path, port: u16) -> Replica {
+        Self::start_with(dir, port, &[])
+    }
+
+    pub fn start_with(dir: &Path, port: u16, args: &[String]) -> Replica {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = std::fs::File::create(dir.with_extension("log")).unwrap();
         let mut child = Command::new(BIN)
             .args(["replica", "--listen", &addr.to_string(), "--data"])
             .arg(dir)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -68,6 +75,7 @@ impl Replica {
             addr,
             dir: dir.to_path_buf(),
             child: Some(child),
+            args: args.to_vec(),
         }
     }
 
@@ -197,6 +205,17 @@ pub struct Cluster {
     pub extra_engine_args: Vec<String>,
     /// When set, the engine reaches replica i through proxies[i].
     pub proxies: Vec<Proxy>,
+    /// Environment for engines (keys, nonce audit).
+    pub engine_env: Vec<(String, String)>,
+}
+
+/// How to set up a test cluster beyond the defaults.
+#[derive(Default)]
+pub struct Setup<'a> {
+    pub engine_args: &'a [&'a str],
+    pub replica_args: &'a [String],
+    pub engine_env: &'a [(&'a str, &'a str)],
+    pub proxied: bool,
 }
 
 impl Cluster {
@@ -206,21 +225,44 @@ impl Cluster {
     }
 
     pub fn start_with(n: usize, size: &str, engine_args: &[&str]) -> Cluster {
-        Self::build(n, size, engine_args, false)
+        Self::build(
+            n,
+            size,
+            Setup {
+                engine_args,
+                ..Setup::default()
+            },
+        )
     }
 
     /// Like `start_with`, with a TCP proxy between the engine and each replica.
     pub fn start_proxied(n: usize, size: &str, engine_args: &[&str]) -> Cluster {
-        Self::build(n, size, engine_args, true)
+        Self::build(
+            n,
+            size,
+            Setup {
+                engine_args,
+                proxied: true,
+                ..Setup::default()
+            },
+        )
     }
 
-    fn build(n: usize, size: &str, engine_args: &[&str], proxied: bool) -> Cluster {
+    pub fn build(n: usize, size: &str, setup: Setup) -> Cluster {
+        let Setup {
+            engine_args,
+            replica_args,
+            engine_env,
+            proxied,
+        } = setup;
         let dir = tempfile::Builder::new()
             .prefix("tether-e2e")
             .tempdir_in(test_root())
             .unwrap();
         let replicas: Vec<Replica> = (0..n)
-            .map(|i| Replica::start(&dir.path().join(format!("r{i}")), free_port()))
+            .map(|i| {
+                Replica::start_with(&dir.path().join(format!("r{i}")), free_port(), replica_args)
+            })
             .collect();
         let proxies = if proxied {
             replicas.iter().map(|r| Proxy::start(r.addr)).collect()
@@ -234,6 +276,10 @@ impl Cluster {
             engine: None,
             extra_engine_args: engine_args.iter().map(|s| s.to_string()).collect(),
             proxies,
+            engine_env: engine_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         c.start_engine(Some(size));
         c
@@ -264,6 +310,8 @@ impl Cluster {
             cmd.args(["--replica", &self.replica_addr(i).to_string()]);
         }
         cmd.args(&self.extra_engine_args);
+        cmd.env_remove("TETHER_ENCRYPTION_KEY");
+        cmd.envs(self.engine_env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -328,7 +376,7 @@ impl Cluster {
     pub fn restart_all(&mut self) {
         for r in &mut self.replicas {
             if r.child.is_none() {
-                *r = Replica::start(&r.dir.clone(), r.addr.port());
+                *r = Replica::start_with(&r.dir.clone(), r.addr.port(), &r.args.clone());
             }
         }
         self.start_engine(None);
@@ -504,6 +552,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     mode: std::sync::Arc<std::sync::Mutex<ProxyMode>>,
     epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Every byte forwarded in either direction, once `capture` is on.
+    pub captured: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
 }
 
 impl Proxy {
@@ -513,7 +563,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let mode = std::sync::Arc::new(std::sync::Mutex::new(ProxyMode::Pass));
         let epoch = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (m, ep) = (mode.clone(), epoch.clone());
+        let captured = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (m, ep, cap) = (mode.clone(), epoch.clone(), captured.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(client) = conn else { continue };
@@ -527,12 +578,22 @@ impl Proxy {
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
-                    let (m, ep) = (m.clone(), ep.clone());
-                    std::thread::spawn(move || pump(from, to, m, ep, born));
+                    let (m, ep, cap) = (m.clone(), ep.clone(), cap.clone());
+                    std::thread::spawn(move || pump(from, to, m, ep, born, cap));
                 }
             }
         });
-        Proxy { addr, mode, epoch }
+        Proxy {
+            addr,
+            mode,
+            epoch,
+            captured,
+        }
+    }
+
+    /// Starts recording the traffic.
+    pub fn capture(&self) {
+        *self.captured.lock().unwrap() = Some(Vec::new());
     }
 
     pub fn set(&self, mode: ProxyMode) {
@@ -551,6 +612,7 @@ fn pump(
     mode: std::sync::Arc<std::sync::Mutex<ProxyMode>>,
     epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
     born: u64,
+    captured: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
 ) {
     use std::io::{Read, Write};
     let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
@@ -584,6 +646,9 @@ fn pump(
                 ProxyMode::Blackhole if cut() => break,
                 ProxyMode::Blackhole => std::thread::sleep(Duration::from_millis(20)),
             }
+        }
+        if let Some(c) = captured.lock().unwrap().as_mut() {
+            c.extend_from_slice(&buf[..n]);
         }
         if cut() || to.write_all(&buf[..n]).is_err() {
             break;

@@ -164,20 +164,66 @@ pub enum ConnError {
     Protocol(String),
 }
 
-/// Serves one client connection from handshake to disconnect.
-pub async fn serve_connection<S, T>(stream: S, exports: Arc<T>) -> Result<(), ConnError>
+/// Serves one client connection from handshake to disconnect. With `tls`, the client
+/// must upgrade with `NBD_OPT_STARTTLS` before anything else (the spec's FORCEDTLS).
+pub async fn serve_connection<S, T>(
+    stream: S,
+    exports: Arc<T>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: ExportTable,
 {
     let mut stream = stream;
-    let Some((export, mode)) = negotiate(&mut stream, &*exports).await? else {
-        return Ok(());
+    let no_zeroes = greet(&mut stream).await?;
+    let Some(acceptor) = tls else {
+        return match negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Off).await? {
+            Negotiated::Go(export, mode) => serve_export(stream, export, mode).await,
+            Negotiated::Abort | Negotiated::StartTls => Ok(()),
+        };
     };
+    match negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Required).await? {
+        Negotiated::StartTls => {}
+        Negotiated::Abort | Negotiated::Go(..) => return Ok(()),
+    }
+    let mut stream = acceptor
+        .accept(stream)
+        .await
+        .map_err(|e| ConnError::Protocol(format!("TLS handshake failed: {e}")))?;
+    match negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Active).await? {
+        Negotiated::Go(export, mode) => serve_export(stream, export, mode).await,
+        Negotiated::Abort | Negotiated::StartTls => Ok(()),
+    }
+}
+
+async fn serve_export<S, D>(stream: S, export: Export<D>, mode: Mode) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: BlockDevice,
+{
     export.device.connection_opened();
     let r = transmission(stream, export.device.clone(), mode, export.read_only).await;
     export.device.connection_closed();
     r
+}
+
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsPhase {
+    /// Not configured: STARTTLS is refused.
+    Off,
+    /// Configured, not started: only STARTTLS and ABORT are allowed.
+    Required,
+    /// Running.
+    Active,
+}
+
+/// How option haggling ended.
+enum Negotiated<D> {
+    Go(Export<D>, Mode),
+    Abort,
+    StartTls,
 }
 
 fn flags(read_only: bool) -> u16 {
@@ -212,15 +258,10 @@ struct Mode {
     allocation: bool,
 }
 
-async fn negotiate<S, T>(
-    stream: &mut S,
-    exports: &T,
-) -> Result<Option<(Export<T::Device>, Mode)>, ConnError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    T: ExportTable,
-{
-    let mut out = BytesMut::with_capacity(256);
+/// Sends the greeting and reads the client's flags; returns whether it asked for no
+/// zero padding.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<bool, ConnError> {
+    let mut out = BytesMut::with_capacity(32);
     out.put_u64(NBDMAGIC);
     out.put_u64(IHAVEOPT);
     out.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
@@ -231,7 +272,20 @@ where
             "client flags {client_flags:#x}: only fixed newstyle clients are served"
         )));
     }
-    let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
+    Ok(client_flags & u32::from(FLAG_NO_ZEROES) != 0)
+}
+
+async fn negotiate<S, T>(
+    stream: &mut S,
+    exports: &T,
+    no_zeroes: bool,
+    tls: TlsPhase,
+) -> Result<Negotiated<T::Device>, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: ExportTable,
+{
+    let mut out = BytesMut::with_capacity(256);
     let mut structured = false;
     let mut allocation = false;
     loop {
@@ -250,6 +304,37 @@ where
         }
         let mut data = vec![0u8; len as usize];
         stream.read_exact(&mut data).await?;
+        if tls == TlsPhase::Required {
+            match option {
+                OPT_STARTTLS if data.is_empty() => {
+                    put_option_reply(&mut out, option, REP_ACK, &[]);
+                    send(stream, &mut out).await?;
+                    return Ok(Negotiated::StartTls);
+                }
+                OPT_STARTTLS => {
+                    put_option_reply(&mut out, option, REP_ERR_INVALID, b"STARTTLS takes no data")
+                }
+                OPT_ABORT => {
+                    put_option_reply(&mut out, option, REP_ACK, &[]);
+                    let _ = send(stream, &mut out).await;
+                    return Ok(Negotiated::Abort);
+                }
+                // No error reply exists for the old option: hang up.
+                OPT_EXPORT_NAME => {
+                    return Err(ConnError::Protocol(
+                        "NBD_OPT_EXPORT_NAME before TLS; this server requires TLS".into(),
+                    ))
+                }
+                _ => put_option_reply(
+                    &mut out,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    b"this server requires TLS: use NBD_OPT_STARTTLS (nbds:// URIs)",
+                ),
+            }
+            send(stream, &mut out).await?;
+            continue;
+        }
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
@@ -267,13 +352,13 @@ where
                     structured,
                     allocation,
                 };
-                return Ok(Some((export, mode)));
+                return Ok(Negotiated::Go(export, mode));
             }
             OPT_ABORT => {
                 put_option_reply(&mut out, option, REP_ACK, &[]);
                 // The client may already be gone; that is fine.
                 let _ = send(stream, &mut out).await;
-                return Ok(None);
+                return Ok(Negotiated::Abort);
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -344,7 +429,7 @@ where
                         structured,
                         allocation,
                     };
-                    return Ok(Some((export, mode)));
+                    return Ok(Negotiated::Go(export, mode));
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -382,6 +467,9 @@ where
                         put_option_reply(&mut out, option, REP_ACK, &[]);
                     }
                 }
+            }
+            OPT_STARTTLS if tls == TlsPhase::Active => {
+                put_option_reply(&mut out, option, REP_ERR_INVALID, b"TLS is already active");
             }
             OPT_STARTTLS => {
                 put_option_reply(&mut out, option, REP_ERR_POLICY, b"TLS is not configured");

@@ -66,6 +66,8 @@ pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
 /// The export is not known.
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+/// Option reply: the server requires TLS first.
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 /// The option data is too big.
 pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
 
