@@ -119,7 +119,8 @@ fn nbdcopy_roundtrip_survives_restart_and_replicas_match() {
 fn fio_verify_crc32c() {
     need("fio");
     let c = Cluster::start(3, "128M");
-    let out = run(Command::new("fio").args([
+    // fio writes its verify state into the working directory: keep it in the test's.
+    let out = run(Command::new("fio").current_dir(c.dir.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", c.uri()),
