@@ -13,8 +13,10 @@
 #   --runtime S       seconds measured per run, after a 3 s ramp (default 20)
 #   --size SIZE       volume / file size, e.g. 64m, 1g (default 1g)
 #   --profiles LIST   comma-separated, from P1..P6 (default all)
-#   --systems LIST    comma-separated, from tether1,tether3,qemu-nbd,nbdkit,nbd-server
-#                     (default all)
+#   --systems LIST    comma-separated, from tether1,tether3,qemu-nbd,nbdkit,nbd-server,
+#                     and tether1-enc (encrypted), tether1-tls (mutual TLS to the replica),
+#                     tether3-sec (3 replicas, encrypted and mutual TLS: what `tether up`
+#                     runs) (default: tether1,tether3,qemu-nbd,nbdkit,nbd-server)
 #   --tether BIN      tether binary (default target/release/tether, relative to the repo)
 #   --out FILE        also write the markdown report to FILE
 #   --keep DIR        keep raw fio JSONs, fill JSONs and server logs in DIR (must not
@@ -41,14 +43,15 @@ quote_args() {
 COMMAND_LINE=$(quote_args "$0" "$@")
 
 ALL_PROFILES=(P1 P2 P3 P4 P5 P6)
-ALL_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server)
+ALL_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server tether1-enc tether1-tls tether3-sec)
+DEFAULT_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server)
 
 ROUNDS=3
 RUNTIME=20
 RAMP=3
 SIZE=1g
 PROFILES=$(IFS=,; echo "${ALL_PROFILES[*]}")
-SYSTEMS=$(IFS=,; echo "${ALL_SYSTEMS[*]}")
+SYSTEMS=$(IFS=,; echo "${DEFAULT_SYSTEMS[*]}")
 TETHER=target/release/tether
 OUT=
 KEEP=
@@ -247,20 +250,29 @@ wait_nbd() {
 URI=
 QEMU_AIO=io_uring
 
-start_tether() {   # $1 dir, $2 number of replicas
-    local dir=$1 n=$2 ports i rport logf replica_args=()
+start_tether() {   # $1 dir, $2 number of replicas, $3 "enc", "tls" or "enc,tls" (optional)
+    local dir=$1 n=$2 security=${3:-} ports i rport logf replica_args=() tls_replica=() tls_engine=() enc=()
+    if [[ $security == *tls* ]]; then
+        "$TETHER" tls init "$dir/pki" >/dev/null || return 1
+        tls_replica=(--tls-cert "$dir/pki/server-cert.pem" --tls-key "$dir/pki/server-key.pem" --tls-ca "$dir/pki/ca-cert.pem")
+        tls_engine=(--tls-cert "$dir/pki/client-cert.pem" --tls-key "$dir/pki/client-key.pem" --tls-ca "$dir/pki/ca-cert.pem")
+    fi
+    if [[ $security == *enc* ]]; then
+        head -c 32 /dev/urandom >"$dir/key" || return 1
+        enc=(--encryption-key-file "$dir/key")
+    fi
     read -r -a ports <<<"$(free_ports $((n + 1)))"
     for ((i = 1; i <= n; i++)); do
         rport=${ports[i]}
         logf=$dir/replica$i.log
         mkdir -p "$dir/r$i"
-        "$TETHER" replica --listen "127.0.0.1:$rport" --data "$dir/r$i" >"$logf" 2>&1 &
+        "$TETHER" replica --listen "127.0.0.1:$rport" --data "$dir/r$i" "${tls_replica[@]}" >"$logf" 2>&1 &
         PIDS+=($!)
         wait_tcp "$rport" "$!" "$logf" "tether replica $i" || return 1
         replica_args+=(--replica "127.0.0.1:$rport")
     done
     logf=$dir/engine.log
-    "$TETHER" engine --volume bench --size "$SIZE" "${replica_args[@]}" \
+    "$TETHER" engine --volume bench --size "$SIZE" "${replica_args[@]}" "${tls_engine[@]}" "${enc[@]}" \
         --nbd-listen "127.0.0.1:${ports[0]}" --control-socket "$dir/bench.sock" >"$logf" 2>&1 &
     PIDS+=($!)
     URI=nbd://127.0.0.1:${ports[0]}/bench
@@ -327,6 +339,9 @@ start_system() {   # $1 system, $2 dir
     case $1 in
         tether1)    start_tether "$2" 1 ;;
         tether3)    start_tether "$2" 3 ;;
+        tether1-enc) start_tether "$2" 1 enc ;;
+        tether1-tls) start_tether "$2" 1 tls ;;
+        tether3-sec) start_tether "$2" 3 enc,tls ;;
         qemu-nbd)   start_qemu_nbd "$2" ;;
         nbdkit)     start_nbdkit "$2" ;;
         nbd-server) start_nbd_server "$2" ;;
@@ -335,14 +350,14 @@ start_system() {   # $1 system, $2 dir
 
 system_available() {   # prints why not, on failure
     case $1 in
-        tether1|tether3) [[ -x $TETHER ]] || { echo "tether binary $TETHER not found (build it, or --tether BIN)"; return 1; } ;;
+        tether*) [[ -x $TETHER ]] || { echo "tether binary $TETHER not found (build it, or --tether BIN)"; return 1; } ;;
         *) command -v "$1" >/dev/null || { echo "$1 not installed"; return 1; } ;;
     esac
 }
 
 system_version() {
     case $1 in
-        tether1|tether3) "$TETHER" --version 2>/dev/null | head -n1 ;;
+        tether*) "$TETHER" --version 2>/dev/null | head -n1 ;;
         qemu-nbd)        qemu-nbd --version 2>/dev/null | head -n1 ;;
         nbdkit)          nbdkit --version 2>/dev/null | head -n1 ;;
         nbd-server)      nbd-server -V 2>&1 | grep -m1 -i version ;;
