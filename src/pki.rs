@@ -20,9 +20,8 @@ fn write(path: &Path, body: &str, secret: bool) -> Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = std::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .write(true)
-        .truncate(true)
         .mode(if secret { 0o600 } else { 0o644 })
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
@@ -46,6 +45,12 @@ fn san(name: &str) -> Result<SanType> {
 /// is valid for localhost, 127.0.0.1, ::1 and `hosts`.
 pub fn init(dir: &Path, hosts: &[String]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if dir.join("ca-cert.pem").exists() || dir.join("ca-key.pem").exists() {
+        anyhow::bail!(
+            "{} already holds a CA: replacing it would break every certificate it signed; use another directory or remove it first",
+            dir.display()
+        );
+    }
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name

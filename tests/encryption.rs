@@ -539,3 +539,48 @@ fn nonces_never_repeat_across_restarts_and_rebuilds() {
         assert!(!seen.is_empty());
     }
 }
+
+#[test]
+fn a_rebuild_never_touches_a_copy_under_other_parameters() {
+    let dir = tempfile::tempdir_in(test_root()).unwrap();
+    let key = key_file(dir.path(), "k", 6);
+    let c = Cluster::start_with(2, "16M", &["--encryption-key-file", key.to_str().unwrap()]);
+    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    assert_eq!(cl.write(0, &[1; 4096]).unwrap(), 0);
+    // Another replica daemon holds a volume of the same name, unencrypted.
+    let other = Cluster::start(1, "16M");
+    let mut ocl = NbdClient::connect(other.engine().nbd, "vol").unwrap();
+    assert_eq!(ocl.write(0, &[2; 4096]).unwrap(), 0);
+    assert_eq!(ocl.flush().unwrap(), 0);
+    drop(ocl);
+    let mut other = other;
+    other.engine.take().unwrap().stop();
+    let target = &other.replicas[0];
+    let meta = std::fs::read(target.dir.join("volumes/vol/meta")).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "replica",
+            "add",
+            "vol",
+            &target.addr.to_string(),
+            "--control-socket",
+        ])
+        .arg(&c.engine().control)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let log = c.engine().log_text();
+    assert!(log.contains("left unchanged"), "{log}");
+    assert_eq!(
+        std::fs::read(target.dir.join("volumes/vol/meta")).unwrap(),
+        meta,
+        "the rebuild changed the other copy"
+    );
+    assert_eq!(c.engine().healthy("vol"), 2);
+    assert_eq!(cl.read(0, 4096).unwrap().unwrap(), vec![1; 4096]);
+}

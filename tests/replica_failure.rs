@@ -133,3 +133,38 @@ fn engine_refuses_unknown_volume_without_size() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("exists with"), "{err}");
 }
+
+/// A new volume is never created while a replica that may already hold it is down:
+/// an empty copy beside it would later rebuild the real data away.
+#[test]
+fn no_new_volume_while_a_replica_is_unreachable() {
+    let dir = tempfile::tempdir_in(test_root()).unwrap();
+    let r = Replica::start(&dir.path().join("r0"), free_port());
+    let down = format!("127.0.0.1:{}", free_port());
+    let out = Command::new(BIN)
+        .args([
+            "engine",
+            "--volume",
+            "vol",
+            "--size",
+            "16M",
+            "--timeout",
+            "2",
+        ])
+        .args(["--replica", &r.addr.to_string(), "--replica", &down])
+        .args(["--nbd-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--control-socket")
+        .arg(dir.path().join("c.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&down) && err.contains("did not answer"),
+        "{err}"
+    );
+    assert!(
+        !r.dir.join("volumes/vol/meta").exists(),
+        "a volume was created"
+    );
+}

@@ -60,6 +60,25 @@ fn up_serves_stops_on_ctrl_c_and_keeps_data() {
         "{log}"
     );
     assert!(!log.contains("WARN"), "{log}");
+    // Secure by default: mutual TLS with a local CA, and an encrypted volume.
+    let data = dir.path().join("data");
+    assert!(data.join("tls/ca-cert.pem").exists() && data.join("keys/demo.key").exists());
+    assert!(
+        log.contains("replica requires TLS with client certificates"),
+        "{log}"
+    );
+    assert!(log.contains("creating an encrypted volume"), "{log}");
+    let plain = vec![0x5a; 4096];
+    for i in 1..=3 {
+        let vol = data.join(format!("replica-{i}/volumes/demo"));
+        for f in ["wal", "layers/1.data"] {
+            let bytes = std::fs::read(vol.join(f)).unwrap();
+            assert!(
+                !bytes.windows(4096).any(|w| w == plain.as_slice()),
+                "plaintext in replica-{i}/{f}"
+            );
+        }
+    }
 
     let mut child = up(dir.path(), nbd, base);
     let mut c = NbdClient::connect(addr, "demo").unwrap();

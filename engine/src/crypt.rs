@@ -74,7 +74,7 @@ pub enum CryptError {
     #[error("{0}")]
     BadKey(String),
     /// The key does not match the one the volume was created with.
-    #[error("volume {volume}: the encryption key does not match the one the volume was created with (key check failed); nothing was changed on the replicas")]
+    #[error("volume {volume}: the encryption key does not match the one the volume was created with (key check failed); nothing was changed on the replicas. Check --encryption-key-file or TETHER_ENCRYPTION_KEY")]
     WrongKey { volume: String },
     /// The stored parameters cannot be used.
     #[error("volume {volume}: its encryption parameters are not readable: {what}")]
@@ -189,6 +189,10 @@ pub struct Params {
     pub volume_id: String,
     /// Key check value, hex.
     pub check: String,
+    /// Argon2id memory (KiB), passes and lanes, kept so a new crate default cannot
+    /// lock a volume out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argon2: Option<[u32; 3]>,
 }
 
 impl Params {
@@ -204,6 +208,14 @@ impl Params {
             salt: hex(&random::<16>()?),
             volume_id: hex(&random::<16>()?),
             check: String::new(),
+            argon2: match key {
+                KeyMaterial::Raw(_) => None,
+                KeyMaterial::Passphrase(_) => Some([
+                    argon2::Params::DEFAULT_M_COST,
+                    argon2::Params::DEFAULT_T_COST,
+                    argon2::Params::DEFAULT_P_COST,
+                ]),
+            },
         };
         let master = p.master(key, "")?;
         p.check = hex(&check_value(&master, &p.volume_id_bytes("")?));
@@ -250,8 +262,18 @@ impl Params {
                     volume: volume.into(),
                     what: "salt is not hex".into(),
                 })?;
+                let [m, t, l] = self.argon2.unwrap_or([
+                    argon2::Params::DEFAULT_M_COST,
+                    argon2::Params::DEFAULT_T_COST,
+                    argon2::Params::DEFAULT_P_COST,
+                ]);
+                let params =
+                    argon2::Params::new(m, t, l, Some(32)).map_err(|e| CryptError::Params {
+                        volume: volume.into(),
+                        what: format!("argon2 parameters {m}/{t}/{l}: {e}"),
+                    })?;
                 let mut out = [0u8; 32];
-                argon2::Argon2::default()
+                argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
                     .hash_password_into(p.as_bytes(), &salt, &mut out)
                     .map_err(|e| CryptError::BadKey(format!("argon2: {e}")))?;
                 Ok(out)
@@ -384,7 +406,10 @@ impl Cipher {
     /// Encrypts whole blocks starting at `block`; returns (ciphertext, seals).
     pub fn seal(&self, block: u64, plain: &[u8]) -> Result<(Bytes, Bytes), CryptError> {
         let count = plain.len() / BLOCK;
-        let (id, first, aead) = self.reserve(count as u32)?;
+        let n = u32::try_from(count).map_err(|_| {
+            CryptError::BadKey(format!("a write of {count} blocks is too large to seal"))
+        })?;
+        let (id, first, aead) = self.reserve(n)?;
         let mut data = BytesMut::from(plain);
         let mut seals = BytesMut::zeroed(count * SEAL);
         for (i, (blk, seal)) in data

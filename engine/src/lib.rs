@@ -107,6 +107,23 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             .map(|a| probe(cfg, a, false, String::new(), connect_timeout)),
     )
     .await;
+    // A brand-new volume is created only when every replica answered: an unreachable
+    // one may hold the volume already, and creating an empty one beside it would
+    // later rebuild the real data away (or seal it under other parameters).
+    let found = probes.iter().any(|p| p.is_ok());
+    let unreachable: Vec<&str> = cfg
+        .replicas
+        .iter()
+        .zip(&probes)
+        .filter(|(_, p)| matches!(p, Err((_, false))))
+        .map(|(a, _)| a.as_str())
+        .collect();
+    if cfg.size.is_some() && !found && !unreachable.is_empty() {
+        return Err(cfg_err(format!(
+            "no reachable replica holds the volume and {} did not answer; it may hold the volume, so none is created. Start again when every replica is reachable, or leave the unreachable ones out of --replica to create a new volume",
+            unreachable.join(", ")
+        )));
+    }
     let (params, cipher) = encryption_for(cfg, &cfg.replicas, &probes)?;
     // Create the volume where it is missing, with the volume's encryption parameters.
     if cfg.size.is_some() {
@@ -130,7 +147,10 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
         match p {
             Ok((conn, reply)) if reply.encryption != params => {
                 let e = format!(
-                    "replica {addr}: holds the volume with other encryption parameters than the other replicas; remove it from --replica"
+                    "replica {addr}: its copy of volume {} is {}, but the volume is {}; it is left out and unchanged: check which copy is right before removing either",
+                    cfg.volume,
+                    if reply.encryption.is_empty() { "unencrypted" } else { "encrypted under other parameters" },
+                    if params.is_empty() { "unencrypted" } else { "encrypted" }
                 );
                 problems.push(e.clone());
                 conn.mark_failed(e);

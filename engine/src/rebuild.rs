@@ -172,6 +172,9 @@ async fn copy(
                 .read_raw_from(source, snapshot, blk, cnt)
                 .await
                 .map_err(|e| format!("reading blocks {blk}+{cnt} from {}: {e}", source.addr))?;
+            // Never spread a tampered block: it must open before it is copied.
+            vol.check_sealed(source, blk, &copy)
+                .map_err(|e| format!("source {} holds a bad copy: {e}", source.addr))?;
             let w = Op::Write(Write {
                 seq: 0,
                 block: blk,

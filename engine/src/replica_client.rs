@@ -111,7 +111,14 @@ pub async fn connect(
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
         .map_err(|_| format!("replica {addr}: no connection within {timeout:?}"))?
-        .map_err(|e| format!("replica {addr}: cannot connect: {}", error_chain(&e)))?;
+        .map_err(|e| {
+            let hint = if tls.is_some() {
+                "check that the replica serves TLS, trusts this engine's CA, and has a certificate for this address"
+            } else {
+                "if the replica requires TLS, give the engine --tls-cert, --tls-key and --tls-ca"
+            };
+            format!("replica {addr}: cannot connect: {} ({hint})", error_chain(&e))
+        })?;
     Ok(ReplicaClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))

@@ -592,7 +592,12 @@ impl Volume {
     }
 
     /// Checks that a raw copy opens under this volume's key (always true unencrypted).
-    fn check_sealed(&self, r: &ReplicaConn, block: u64, p: &Payload) -> Result<(), ReplicaError> {
+    pub(crate) fn check_sealed(
+        &self,
+        r: &ReplicaConn,
+        block: u64,
+        p: &Payload,
+    ) -> Result<(), ReplicaError> {
         match &self.cipher {
             None => Ok(()),
             Some(c) => c
@@ -603,6 +608,34 @@ impl Volume {
 
     /// Reads blocks as stored (ciphertext and seals) from replica `r`.
     pub async fn read_raw_from(
+        &self,
+        r: &ReplicaConn,
+        snapshot: &str,
+        block: u64,
+        count: u32,
+    ) -> Result<Payload, ReplicaError> {
+        let p = self.read_raw_unchecked(r, snapshot, block, count).await?;
+        let seal = if self.cipher.is_some() {
+            crate::crypt::SEAL
+        } else {
+            0
+        };
+        let n = count as usize;
+        if p.data.len() != n * BLOCK as usize || p.tags.len() != n * seal {
+            return Err(ReplicaError::Replica(format!(
+                "volume {}: replica {} answered a read of {count} block(s) with {} bytes and {} seal bytes; expected {} and {}",
+                self.name,
+                r.addr,
+                p.data.len(),
+                p.tags.len(),
+                n * BLOCK as usize,
+                n * seal
+            )));
+        }
+        Ok(p)
+    }
+
+    async fn read_raw_unchecked(
         &self,
         r: &ReplicaConn,
         snapshot: &str,

@@ -129,6 +129,19 @@ impl Replica for ReplicaService {
                 } else {
                     (volumes.get(&req.volume)?, false)
                 };
+                // A rebuild or an encrypted create must not touch a copy sealed under
+                // other parameters (or none): it may be the only good one.
+                if (req.rebuild || !req.encryption.is_empty())
+                    && vol.encryption().unwrap_or_default() != req.encryption
+                {
+                    return Err(StoreError::Invalid {
+                        volume: req.volume.clone(),
+                        what: format!(
+                            "this replica holds the volume {}, unlike the engine's; it was left unchanged. If it is not needed, delete its directory on this replica and add it again",
+                            if vol.encryption().is_some() { "encrypted under other parameters" } else { "unencrypted" }
+                        ),
+                    });
+                }
                 let previous_epoch = if req.epoch == 0 {
                     vol.epoch()
                 } else {

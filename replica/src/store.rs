@@ -38,6 +38,8 @@ pub const MAX_IO_BLOCKS: u64 = 8192;
 /// Default size of a volume's write-ahead log.
 pub const DEFAULT_WAL_SIZE: u64 = 64 << 20;
 const META_FORMAT: u32 = 2;
+/// Encrypted volumes (64-byte block records): older versions must refuse them.
+const META_FORMAT_SEALED: u32 = 3;
 /// The hash reported for a block that failed its checksum (it matches nothing real
 /// with overwhelming odds, so a rebuild copies over it).
 pub const BAD_BLOCK_HASH: u64 = 0xbad0_b10c_bad0_b10c;
@@ -394,7 +396,11 @@ impl Volume {
             .and_then(|_| wal.sync())
             .map_err(e("writing the log header", &wal_path))?;
         let meta = Meta {
-            format: META_FORMAT,
+            format: if encryption.is_some() {
+                META_FORMAT_SEALED
+            } else {
+                META_FORMAT
+            },
             size,
             block_size: BLOCK_SIZE,
             epoch: 0,
@@ -451,10 +457,10 @@ impl Volume {
         };
         let meta: Meta = serde_json::from_slice(&raw)
             .map_err(|err| invalid(format!("{} is not valid: {err}", meta_path.display())))?;
-        if meta.format != META_FORMAT
-            || meta.block_size != BLOCK_SIZE
-            || (meta.tag_bytes != 0 && meta.tag_bytes as usize != SEAL_BYTES)
-        {
+        let sealed = meta.tag_bytes != 0;
+        let format_ok = (meta.format == META_FORMAT && !sealed)
+            || (meta.format == META_FORMAT_SEALED && meta.tag_bytes as usize == SEAL_BYTES);
+        if !format_ok || meta.block_size != BLOCK_SIZE {
             return Err(invalid(format!(
                 "{}: format {} / block size {} / seal {} is not supported by this version",
                 meta_path.display(),
@@ -631,13 +637,18 @@ impl Volume {
             {
                 break;
             }
-            if h.kind == RecordKind::Write && usize::from(h.tag) != self.tag {
-                break;
-            }
             let mut head = vec![0u8; wal::RECORD_HEADER + h.sides_len()];
             wal.read_at(&mut head, off).map_err(rerr)?;
             if !wal::verify_record(&head) {
                 break;
+            }
+            if h.kind == RecordKind::Write && usize::from(h.tag) != self.tag {
+                // The header passed its crc: this is not a torn write but a record
+                // of another format, and what follows may be flushed data.
+                return Err(self.invalid(format!(
+                    "log record at offset {off} carries {}-byte seals, the volume {}; the log does not belong to this volume",
+                    h.tag, self.tag
+                )));
             }
             let end = h.block + u64::from(h.count);
             let side_off = off + wal::RECORD_HEADER as u64;

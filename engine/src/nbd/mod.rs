@@ -187,10 +187,12 @@ where
         Negotiated::StartTls => {}
         Negotiated::Abort | Negotiated::Go(..) => return Ok(()),
     }
-    let mut stream = acceptor
-        .accept(stream)
-        .await
-        .map_err(|e| ConnError::Protocol(format!("TLS handshake failed: {e}")))?;
+    // A client that stalls in the handshake must not hold a task forever.
+    let mut stream =
+        tokio::time::timeout(std::time::Duration::from_secs(30), acceptor.accept(stream))
+            .await
+            .map_err(|_| ConnError::Protocol("TLS handshake took over 30 s".into()))?
+            .map_err(|e| ConnError::Protocol(format!("TLS handshake failed: {e}")))?;
     match negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Active).await? {
         Negotiated::Go(export, mode) => serve_export(stream, export, mode).await,
         Negotiated::Abort | Negotiated::StartTls => Ok(()),
