@@ -51,29 +51,7 @@ enum Cmd {
     /// Run the engine of one volume: NBD frontend and synchronous replication.
     Engine(EngineArgs),
     /// Start three local replicas and an engine for a demo volume, on loopback.
-    Up {
-        /// Directory for all data.
-        #[arg(long, default_value = "./tether-data")]
-        data: PathBuf,
-        /// Volume name.
-        #[arg(long, default_value = "demo")]
-        volume: String,
-        /// Volume size when first created (1G, 512M, bytes).
-        #[arg(long, default_value = "1G", value_parser = parse_size)]
-        size: u64,
-        /// NBD address.
-        #[arg(long, default_value = "127.0.0.1:10809")]
-        nbd_listen: SocketAddr,
-        /// First of three consecutive ports for the replicas.
-        #[arg(long, default_value_t = 17001)]
-        replica_port: u16,
-        /// Control socket (default: /run/tether/VOLUME.sock, or DATA/VOLUME.sock if /run is not writable).
-        #[arg(long)]
-        control_socket: Option<PathBuf>,
-        /// No encryption and no TLS between engine and replicas (for comparisons).
-        #[arg(long)]
-        plain: bool,
-    },
+    Up(UpOptions),
     /// Inspect and manage volumes.
     Volume {
         #[command(subcommand)]
@@ -316,26 +294,7 @@ fn main() -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("{e}"))
             }
             Cmd::Engine(args) => run_engine(args).await,
-            Cmd::Up {
-                data,
-                volume,
-                size,
-                nbd_listen,
-                replica_port,
-                control_socket,
-                plain,
-            } => {
-                let opts = UpOptions {
-                    data,
-                    volume,
-                    size,
-                    nbd_listen,
-                    replica_port,
-                    control_socket,
-                    plain,
-                };
-                up(opts).await
-            }
+            Cmd::Up(opts) => up(opts).await,
             Cmd::Tls {
                 cmd: TlsCmd::Init { dir, hosts },
             } => {
@@ -435,13 +394,29 @@ fn engine_tls(a: &TlsArgs) -> Result<Option<tls::Identity>> {
     }
 }
 
+/// What `tether up` runs.
+#[derive(clap::Args)]
 struct UpOptions {
+    /// Directory for all data.
+    #[arg(long, default_value = "./tether-data")]
     data: PathBuf,
+    /// Volume name.
+    #[arg(long, default_value = "demo")]
     volume: String,
+    /// Volume size when first created (1G, 512M, bytes).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
     size: u64,
+    /// NBD address.
+    #[arg(long, default_value = "127.0.0.1:10809")]
     nbd_listen: SocketAddr,
+    /// First of three consecutive ports for the replicas.
+    #[arg(long, default_value_t = 17001)]
     replica_port: u16,
+    /// Control socket (default: /run/tether/VOLUME.sock, or DATA/VOLUME.sock if /run is not writable).
+    #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// No encryption and no TLS between engine and replicas (for comparisons).
+    #[arg(long)]
     plain: bool,
 }
 

@@ -75,10 +75,7 @@ fn run_pattern(encrypted: bool) -> (bool, bool) {
     for i in 0..128 {
         assert_eq!(cl.write(i * BLK, &pattern_block(i)).unwrap(), 0);
     }
-    let ctl = c.engine().control.clone();
-    run(Command::new(BIN)
-        .args(["snapshot", "create", "vol", "s1", "--control-socket"])
-        .arg(&ctl));
+    c.engine().ctl_ok(&["snapshot", "create", "vol", "s1"]);
     for i in 128..256 {
         assert_eq!(cl.write(i * BLK, &pattern_block(i)).unwrap(), 0);
     }
@@ -170,9 +167,7 @@ fn tampered_blocks_are_never_returned() {
         assert_eq!(cl.write(i * BLK, &block(i)).unwrap(), 0);
     }
     // A snapshot checkpoints the log: the blocks now live in layer 1 everywhere.
-    run(Command::new(BIN)
-        .args(["snapshot", "create", "vol", "base", "--control-socket"])
-        .arg(&c.engine().control));
+    c.engine().ctl_ok(&["snapshot", "create", "vol", "base"]);
     flip(&c.replicas[0], 3);
     swap(&c.replicas[1], 7, 8);
     // Every read is right, whichever replica serves it (reads rotate over the
@@ -196,9 +191,7 @@ fn tampered_blocks_are_never_returned() {
         "a bad block does not drop a replica"
     );
     // The bad copies were repaired verbatim from a good one: verify is clean.
-    run(Command::new(BIN)
-        .args(["volume", "verify", "vol", "--control-socket"])
-        .arg(&c.engine().control));
+    c.engine().ctl_ok(&["volume", "verify", "vol"]);
     // The same damage everywhere: the read fails with EIO, never returns garbage.
     for r in &c.replicas {
         swap(r, 10, 11);
@@ -493,9 +486,7 @@ fn nonces_never_repeat_across_restarts_and_rebuilds() {
     c.engine.as_mut().unwrap().kill9();
     c.start_engine(None);
     write_round(&c, 5);
-    run(Command::new(BIN)
-        .args(["volume", "verify", "vol", "--control-socket"])
-        .arg(&c.engine().control));
+    c.engine().ctl_ok(&["volume", "verify", "vol"]);
     c.stop_all();
 
     let batches = audit(&audit_path);
@@ -557,22 +548,8 @@ fn a_rebuild_never_touches_a_copy_under_other_parameters() {
     other.engine.take().unwrap().stop();
     let target = &other.replicas[0];
     let meta = std::fs::read(target.dir.join("volumes/vol/meta")).unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "replica",
-            "add",
-            "vol",
-            &target.addr.to_string(),
-            "--control-socket",
-        ])
-        .arg(&c.engine().control)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.engine()
+        .ctl_ok(&["replica", "add", "vol", &target.addr.to_string()]);
     std::thread::sleep(Duration::from_secs(3));
     let log = c.engine().log_text();
     assert!(log.contains("left unchanged"), "{log}");

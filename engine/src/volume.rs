@@ -614,7 +614,21 @@ impl Volume {
         block: u64,
         count: u32,
     ) -> Result<Payload, ReplicaError> {
-        let p = self.read_raw_unchecked(r, snapshot, block, count).await?;
+        let rx = r.submit(Op::Read(Read {
+            block,
+            count,
+            snapshot: snapshot.to_string(),
+        }));
+        let p = match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(res)) => res?,
+            Ok(Err(_)) => return Err(ReplicaError::Gone("connection lost".into())),
+            Err(_) => {
+                return Err(ReplicaError::Gone(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                )))
+            }
+        };
         let seal = if self.cipher.is_some() {
             crate::crypt::SEAL
         } else {
@@ -633,28 +647,6 @@ impl Volume {
             )));
         }
         Ok(p)
-    }
-
-    async fn read_raw_unchecked(
-        &self,
-        r: &ReplicaConn,
-        snapshot: &str,
-        block: u64,
-        count: u32,
-    ) -> Result<Payload, ReplicaError> {
-        let rx = r.submit(Op::Read(Read {
-            block,
-            count,
-            snapshot: snapshot.to_string(),
-        }));
-        match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(res)) => res,
-            Ok(Err(_)) => Err(ReplicaError::Gone("connection lost".into())),
-            Err(_) => Err(ReplicaError::Gone(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
-        }
     }
 
     fn fail(&self, r: &ReplicaConn, reason: String) {

@@ -126,6 +126,14 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Runs `tether ARGS --control-socket <this engine's>` and checks that it succeeds.
+    pub fn ctl_ok(&self, args: &[&str]) -> Output {
+        run(Command::new(BIN)
+            .args(args)
+            .arg("--control-socket")
+            .arg(&self.control))
+    }
+
     pub fn uri(&self, volume: &str) -> String {
         format!("nbd://{}/{volume}", self.nbd)
     }
