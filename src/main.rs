@@ -818,9 +818,9 @@ async fn status(target: &Target, json: bool) -> Result<()> {
             })
             .collect();
         println!(
-            "{{\"volume\":{:?},\"size\":{},\"block_size\":{},\"epoch\":{},\"nbd\":{:?},\"head_allocated\":{},\"wal_allocated\":{},\"attached\":{},\"degraded\":{},\"snapshots\":[{}],\"replicas\":[{}],\
+            "{{\"volume\":{:?},\"size\":{},\"block_size\":{},\"epoch\":{},\"nbd\":{:?},\"head_allocated\":{},\"wal_allocated\":{},\"attached\":{},\"degraded\":{},\"encryption\":{:?},\"replica_tls\":{},\"snapshots\":[{}],\"replicas\":[{}],\
              \"counters\":{{\"reads\":{},\"writes\":{},\"flushes\":{},\"trims\":{},\"errors\":{},\"bytes_read\":{},\"bytes_written\":{},\"nbd_connections\":{},\"checksum_errors\":{}}}}}",
-            s.volume, s.size, s.block_size, s.epoch, s.nbd_address, s.head_allocated, s.wal_allocated, s.attached_clients, s.degraded,
+            s.volume, s.size, s.block_size, s.epoch, s.nbd_address, s.head_allocated, s.wal_allocated, s.attached_clients, s.degraded, s.encryption, s.replica_tls,
             s.snapshots.iter().map(|x| format!("{{\"name\":{:?},\"seq\":{},\"allocated\":{}}}", x.name, x.seq, x.allocated)).collect::<Vec<_>>().join(","),
             replicas.join(","),
             c.reads, c.writes, c.flushes, c.trims, c.errors, c.bytes_read, c.bytes_written, c.nbd_connections, c.checksum_errors
@@ -837,6 +837,15 @@ async fn status(target: &Target, json: bool) -> Result<()> {
     );
     println!("nbd       {}", s.nbd_address);
     println!("epoch     {}", s.epoch);
+    println!(
+        "security  encryption {}, replicas over {}",
+        s.encryption,
+        if s.replica_tls {
+            "mutual TLS"
+        } else {
+            "plaintext gRPC"
+        }
+    );
     println!(
         "space     head {}, log {}, {} snapshot(s) {}  (on one replica)",
         human(s.head_allocated),

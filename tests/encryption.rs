@@ -182,6 +182,7 @@ fn tampered_blocks_are_never_returned() {
         st["counters"]["checksum_errors"].as_u64().unwrap() >= 2,
         "{st}"
     );
+    assert_eq!(st["encryption"], "aes-256-gcm (32-byte key)", "{st}");
     let log = c.engine().log_text();
     assert!(log.contains("failed authentication"), "{log}");
     assert!(log.contains("block=3") && log.contains("block=7"), "{log}");

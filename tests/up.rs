@@ -48,7 +48,12 @@ fn up_serves_stops_on_ctrl_c_and_keeps_data() {
     let st = run(Command::new(BIN)
         .args(["volume", "status", "demo", "--control-socket"])
         .arg(dir.path().join("demo.sock")));
-    assert!(String::from_utf8_lossy(&st.stdout).contains("3 of 3 healthy"));
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(text.contains("3 of 3 healthy"), "{text}");
+    assert!(
+        text.contains("encryption aes-256-gcm (32-byte key), replicas over mutual TLS"),
+        "{text}"
+    );
 
     run(Command::new("kill").args(["-INT", &child.id().to_string()]));
     let status = child.wait().unwrap();

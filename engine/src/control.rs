@@ -121,6 +121,8 @@ impl Engine for ControlService {
             min_replicas: v.min_replicas() as u64,
             desired_replicas: v.desired() as u64,
             degraded: healthy < v.desired(),
+            encryption: v.encryption_summary(),
+            replica_tls: v.tls().is_some(),
         }))
     }
 

@@ -147,6 +147,22 @@ impl Volume {
         &self.encryption
     }
 
+    /// How blocks are encrypted, for status output.
+    pub fn encryption_summary(&self) -> String {
+        match crate::crypt::Params::parse(&self.encryption, &self.name) {
+            Ok(p) if self.cipher.is_some() => format!(
+                "{} ({})",
+                p.cipher,
+                if p.kdf == "raw" {
+                    "32-byte key"
+                } else {
+                    "passphrase, argon2id"
+                }
+            ),
+            _ => "none".to_string(),
+        }
+    }
+
     /// Whether blocks are encrypted.
     pub fn encrypted(&self) -> bool {
         self.cipher.is_some()
