@@ -6,6 +6,7 @@ use common::*;
 use rand::{Rng, RngCore, SeedableRng};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,4 +208,48 @@ fn hundreds_of_malformed_sessions_while_a_good_client_works() {
     assert_eq!(cl.write(0, &[3u8; 4096]).unwrap(), 0);
     assert_eq!(cl.read(0, 4096).unwrap().unwrap(), vec![3u8; 4096]);
     assert_eq!(c.engine().healthy("vol"), 3);
+}
+
+/// The same abuse against a server that requires TLS, plus clients that ask for
+/// STARTTLS and then send garbage instead of a TLS handshake: nothing is served in
+/// plaintext, and TLS clients keep working.
+#[test]
+fn hostile_sessions_against_a_tls_only_server() {
+    need("nbdinfo");
+    let dir = tempfile::tempdir_in(test_root()).unwrap();
+    let pki = dir.path().join("pki");
+    run(Command::new(BIN).args(["tls", "init"]).arg(&pki));
+    let cert = pki.join("server-cert.pem").to_string_lossy().to_string();
+    let key = pki.join("server-key.pem").to_string_lossy().to_string();
+    let c = Cluster::start_with(1, "16M", &["--nbd-tls-cert", &cert, "--nbd-tls-key", &key]);
+    let addr = c.engine().nbd;
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(100 + w);
+                for i in 0..60 {
+                    let mut g = garbage(&mut rng, i);
+                    if i % 3 == 0 {
+                        // STARTTLS, then bytes that are not a TLS handshake.
+                        let mut v = 3u32.to_be_bytes().to_vec();
+                        v.extend_from_slice(b"IHAVEOPT");
+                        v.extend_from_slice(&5u32.to_be_bytes());
+                        v.extend_from_slice(&0u32.to_be_bytes());
+                        v.append(&mut g);
+                        g = v;
+                    }
+                    hostile_session(addr, &g);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    // A plaintext client gets nowhere; a TLS client is served.
+    assert!(NbdClient::connect(addr, "vol").is_err());
+    let uri = format!("nbds://{addr}/vol?tls-certificates={}", pki.display());
+    let info = run(Command::new("nbdinfo").arg(&uri));
+    assert!(String::from_utf8_lossy(&info.stdout).contains("16777216"));
+    assert_eq!(c.engine().healthy("vol"), 1);
 }
