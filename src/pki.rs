@@ -44,10 +44,17 @@ fn san(name: &str) -> Result<SanType> {
 /// Creates a CA and server and client certificates in `dir`; the server certificate
 /// is valid for localhost, 127.0.0.1, ::1 and `hosts`.
 pub fn init(dir: &Path, hosts: &[String]) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    if dir.join("ca-cert.pem").exists() || dir.join("ca-key.pem").exists() {
+    let names_of = [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "server-cert.pem",
+        "server-key.pem",
+        "client-cert.pem",
+        "client-key.pem",
+    ];
+    if let Some(f) = names_of.iter().find(|f| dir.join(f).exists()) {
         anyhow::bail!(
-            "{} already holds a CA: replacing it would break every certificate it signed; use another directory or remove it first",
+            "{} already holds {f}: replacing a CA would break every certificate it signed; use another directory or remove it first",
             dir.display()
         );
     }
@@ -62,44 +69,46 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<()> {
     ];
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca.self_signed(&ca_key)?;
-    write(&dir.join("ca-cert.pem"), &ca_cert.pem(), false)?;
-    write(&dir.join("ca-key.pem"), &ca_key.serialize_pem(), true)?;
+    // Everything is made in memory first: a bad host name leaves no half-made directory.
+    let mut files = vec![
+        ("ca-cert.pem".to_string(), ca_cert.pem(), false),
+        ("ca-key.pem".to_string(), ca_key.serialize_pem(), true),
+    ];
     let issuer = Issuer::new(ca, ca_key);
-
     let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
     names.extend(hosts.iter().cloned());
-    let leaf =
-        |cn: &str, sans: &[String], usage: ExtendedKeyUsagePurpose, base: &str| -> Result<()> {
-            let mut p = CertificateParams::new(Vec::<String>::new())?;
-            p.distinguished_name.push(DnType::CommonName, cn);
-            p.subject_alt_names = sans.iter().map(|n| san(n)).collect::<Result<_>>()?;
-            p.extended_key_usages = vec![usage];
-            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            p.use_authority_key_identifier_extension = true;
-            let k = KeyPair::generate()?;
-            let cert = p.signed_by(&k, &issuer)?;
-            write(&dir.join(format!("{base}-cert.pem")), &cert.pem(), false)?;
-            write(
-                &dir.join(format!("{base}-key.pem")),
-                &k.serialize_pem(),
-                true,
-            )
-        };
-    leaf(
-        "tether server",
-        &names,
+    let server = (
+        names,
         ExtendedKeyUsagePurpose::ServerAuth,
         "server",
-    )?;
-    leaf(
-        "tether engine",
-        &["tether-engine".to_string()],
+        "tether server",
+    );
+    let client = (
+        vec!["tether-engine".to_string()],
         ExtendedKeyUsagePurpose::ClientAuth,
         "client",
-    )?;
+        "tether engine",
+    );
+    for (sans, usage, base, cn) in [server, client] {
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.subject_alt_names = sans.iter().map(|n| san(n)).collect::<Result<_>>()?;
+        p.extended_key_usages = vec![usage];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        let k = KeyPair::generate()?;
+        let cert = p.signed_by(&k, &issuer)?;
+        files.push((format!("{base}-cert.pem"), cert.pem(), false));
+        files.push((format!("{base}-key.pem"), k.serialize_pem(), true));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // The CA goes last, so an interrupted run is not mistaken for a finished one.
+    for (name, body, secret) in files.iter().rev() {
+        write(&dir.join(name), body, *secret)?;
+    }
     Ok(())
 }

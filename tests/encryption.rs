@@ -170,10 +170,16 @@ fn tampered_blocks_are_never_returned() {
     c.engine().ctl_ok(&["snapshot", "create", "vol", "base"]);
     flip(&c.replicas[0], 3);
     swap(&c.replicas[1], 7, 8);
+    // A new, empty replica rebuilds from replica 0, whose block 3 is tampered: it
+    // must get a good copy from another replica, never the bad one.
+    let new = Replica::start(&c.dir.path().join("new"), free_port());
+    c.engine()
+        .ctl_ok(&["replica", "add", "vol", &new.addr.to_string()]);
+    c.engine().wait_healthy("vol", 4, Duration::from_secs(60));
     // Every read is right, whichever replica serves it (reads rotate over the
-    // replicas, so three in a row reach every copy).
+    // replicas, so four in a row reach every copy).
     for i in [3, 7, 8] {
-        for _ in 0..3 {
+        for _ in 0..4 {
             assert_eq!(cl.read(i * BLK, BLK as u32).unwrap().unwrap(), block(i));
         }
     }
@@ -188,18 +194,18 @@ fn tampered_blocks_are_never_returned() {
     assert!(log.contains("block=3") && log.contains("block=7"), "{log}");
     assert_eq!(
         c.engine().healthy("vol"),
-        3,
+        4,
         "a bad block does not drop a replica"
     );
     // The bad copies were repaired verbatim from a good one: verify is clean.
     c.engine().ctl_ok(&["volume", "verify", "vol"]);
     // The same damage everywhere: the read fails with EIO, never returns garbage.
-    for r in &c.replicas {
+    for r in c.replicas.iter().chain([&new]) {
         swap(r, 10, 11);
     }
     assert_eq!(cl.read(10 * BLK, BLK as u32).unwrap(), Err(5));
     assert_eq!(cl.read(12 * BLK, BLK as u32).unwrap().unwrap(), block(12));
-    assert_eq!(c.engine().healthy("vol"), 3);
+    assert_eq!(c.engine().healthy("vol"), 4);
 }
 
 fn metas(c: &Cluster) -> Vec<Vec<u8>> {

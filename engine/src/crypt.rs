@@ -267,6 +267,16 @@ impl Params {
                     argon2::Params::DEFAULT_T_COST,
                     argon2::Params::DEFAULT_P_COST,
                 ]);
+                // The numbers come from replicas: bound them, so a bad one cannot make
+                // the engine allocate without limit or hash forever.
+                if m > 2 << 20 || !(1..=16).contains(&t) || !(1..=16).contains(&l) {
+                    return Err(CryptError::Params {
+                        volume: volume.into(),
+                        what: format!(
+                            "argon2 parameters {m} KiB / {t} passes / {l} lanes are out of range"
+                        ),
+                    });
+                }
                 let params =
                     argon2::Params::new(m, t, l, Some(32)).map_err(|e| CryptError::Params {
                         volume: volume.into(),
@@ -396,6 +406,7 @@ impl Cipher {
         Ok((w.id, first, w.aead.clone()))
     }
 
+    /// `block` wraps rather than overflows: a nonsense index just fails to open.
     fn aad(&self, block: u64) -> [u8; 24] {
         let mut a = [0u8; 24];
         a[..16].copy_from_slice(&self.volume_id);
@@ -426,7 +437,11 @@ impl Cipher {
         {
             let ctr = first + i as u32;
             let tag = aead
-                .seal_in_place_separate_tag(nonce(ctr), Aad::from(self.aad(block + i as u64)), blk)
+                .seal_in_place_separate_tag(
+                    nonce(ctr),
+                    Aad::from(self.aad(block.wrapping_add(i as u64))),
+                    blk,
+                )
                 .map_err(|_| CryptError::BadKey("AES-GCM refused to encrypt".into()))?;
             seal[..ID].copy_from_slice(&id);
             seal[ID..ID + 4].copy_from_slice(&ctr.to_le_bytes());
@@ -463,7 +478,7 @@ impl Cipher {
             .zip(seals.chunks_exact(SEAL))
             .enumerate()
         {
-            let b = block + i as u64;
+            let b = block.wrapping_add(i as u64);
             if seal.iter().all(|&x| x == 0) {
                 // A hole: never written, or trimmed.
                 if blk.iter().any(|&x| x != 0) {

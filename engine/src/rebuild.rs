@@ -167,14 +167,9 @@ async fn copy(
                 i += 1;
             }
             let (blk, cnt) = (b + start as u64, (i - start) as u32);
-            // Verbatim: ciphertext and seals as stored, so a rebuild never encrypts.
-            let copy = vol
-                .read_raw_from(source, snapshot, blk, cnt)
-                .await
-                .map_err(|e| format!("reading blocks {blk}+{cnt} from {}: {e}", source.addr))?;
-            // Never spread a tampered block: it must open before it is copied.
-            vol.check_sealed(source, blk, &copy)
-                .map_err(|e| format!("source {} holds a bad copy: {e}", source.addr))?;
+            // Verbatim: ciphertext and seals as stored, so a rebuild never encrypts;
+            // and only a copy that opens, from whichever healthy replica has one.
+            let copy = vol.read_good_raw(source, snapshot, blk, cnt).await?;
             let w = Op::Write(Write {
                 seq: 0,
                 block: blk,

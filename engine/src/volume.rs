@@ -622,6 +622,44 @@ impl Volume {
         }
     }
 
+    /// Reads blocks as stored from `preferred`, or from another healthy replica when
+    /// its copy fails its checksum or does not open; never returns a bad copy.
+    pub async fn read_good_raw(
+        &self,
+        preferred: &ReplicaConn,
+        snapshot: &str,
+        block: u64,
+        count: u32,
+    ) -> Result<Payload, String> {
+        let mut problems = Vec::new();
+        let others: Vec<Arc<ReplicaConn>> = self
+            .replicas()
+            .into_iter()
+            .filter(|r| r.is_healthy() && r.addr != preferred.addr)
+            .collect();
+        let candidates = std::iter::once(preferred).chain(others.iter().map(|r| &**r));
+        for r in candidates {
+            let got = self.read_raw_from(r, snapshot, block, count).await;
+            match got.and_then(|p| self.check_sealed(r, block, &p).map(|_| p)) {
+                Ok(p) => return Ok(p),
+                Err(e) => {
+                    if matches!(e, ReplicaError::Checksum(_)) {
+                        self.counters
+                            .checksum_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    problems.push(format!("{}: {e}", r.addr))
+                }
+            }
+        }
+        Err(format!(
+            "volume {}: no healthy replica has a good copy of blocks {block}..{}: {}",
+            self.name,
+            block + u64::from(count),
+            problems.join("; ")
+        ))
+    }
+
     /// Reads blocks as stored (ciphertext and seals) from replica `r`.
     pub async fn read_raw_from(
         &self,

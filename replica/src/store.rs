@@ -462,7 +462,7 @@ impl Volume {
             || (meta.format == META_FORMAT_SEALED && meta.tag_bytes as usize == SEAL_BYTES);
         if !format_ok || meta.block_size != BLOCK_SIZE {
             return Err(invalid(format!(
-                "{}: format {} / block size {} / seal {} is not supported by this version",
+                "{}: format {} / block size {} / seal {} is not supported by this version (encrypted volumes made before format 3 must be recreated)",
                 meta_path.display(),
                 meta.format,
                 meta.block_size,

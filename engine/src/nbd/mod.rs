@@ -175,29 +175,53 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: ExportTable,
 {
+    // A client that stalls before transmission must not hold a task forever.
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIME;
+    let late = || ConnError::Protocol(format!("handshake not done within {HANDSHAKE_TIME:?}"));
     let mut stream = stream;
-    let no_zeroes = greet(&mut stream).await?;
+    let no_zeroes = tokio::time::timeout_at(deadline, greet(&mut stream))
+        .await
+        .map_err(|_| late())??;
     let Some(acceptor) = tls else {
-        return match negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Off).await? {
+        let n = tokio::time::timeout_at(
+            deadline,
+            negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Off),
+        )
+        .await
+        .map_err(|_| late())??;
+        return match n {
             Negotiated::Go(export, mode) => serve_export(stream, export, mode).await,
             Negotiated::Abort | Negotiated::StartTls => Ok(()),
         };
     };
-    match negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Required).await? {
+    let n = tokio::time::timeout_at(
+        deadline,
+        negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Required),
+    )
+    .await
+    .map_err(|_| late())??;
+    match n {
         Negotiated::StartTls => {}
         Negotiated::Abort | Negotiated::Go(..) => return Ok(()),
     }
-    // A client that stalls in the handshake must not hold a task forever.
-    let mut stream =
-        tokio::time::timeout(std::time::Duration::from_secs(30), acceptor.accept(stream))
-            .await
-            .map_err(|_| ConnError::Protocol("TLS handshake took over 30 s".into()))?
-            .map_err(|e| ConnError::Protocol(format!("TLS handshake failed: {e}")))?;
-    match negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Active).await? {
+    let mut stream = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+        .await
+        .map_err(|_| late())?
+        .map_err(|e| ConnError::Protocol(format!("TLS handshake failed: {e}")))?;
+    let n = tokio::time::timeout_at(
+        deadline,
+        negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Active),
+    )
+    .await
+    .map_err(|_| late())??;
+    match n {
         Negotiated::Go(export, mode) => serve_export(stream, export, mode).await,
         Negotiated::Abort | Negotiated::StartTls => Ok(()),
     }
 }
+
+/// How long a client may take from connecting to transmission.
+const HANDSHAKE_TIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 async fn serve_export<S, D>(stream: S, export: Export<D>, mode: Mode) -> Result<(), ConnError>
 where
