@@ -177,47 +177,42 @@ where
 {
     // A client that stalls before transmission must not hold a task forever.
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIME;
-    let late = || ConnError::Protocol(format!("handshake not done within {HANDSHAKE_TIME:?}"));
     let mut stream = stream;
-    let no_zeroes = tokio::time::timeout_at(deadline, greet(&mut stream))
-        .await
-        .map_err(|_| late())??;
+    let no_zeroes = within(deadline, greet(&mut stream)).await?;
     let Some(acceptor) = tls else {
-        let n = tokio::time::timeout_at(
-            deadline,
-            negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Off),
-        )
-        .await
-        .map_err(|_| late())??;
-        return match n {
+        let n = negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Off);
+        return match within(deadline, n).await? {
             Negotiated::Go(export, mode) => serve_export(stream, export, mode).await,
             Negotiated::Abort | Negotiated::StartTls => Ok(()),
         };
     };
-    let n = tokio::time::timeout_at(
-        deadline,
-        negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Required),
-    )
-    .await
-    .map_err(|_| late())??;
-    match n {
+    let n = negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Required);
+    match within(deadline, n).await? {
         Negotiated::StartTls => {}
         Negotiated::Abort | Negotiated::Go(..) => return Ok(()),
     }
-    let mut stream = tokio::time::timeout_at(deadline, acceptor.accept(stream))
-        .await
-        .map_err(|_| late())?
-        .map_err(|e| ConnError::Protocol(format!("TLS handshake failed: {e}")))?;
-    let n = tokio::time::timeout_at(
-        deadline,
-        negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Active),
-    )
-    .await
-    .map_err(|_| late())??;
-    match n {
+    let accept = async {
+        acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| ConnError::Protocol(format!("TLS handshake failed: {e}")))
+    };
+    let mut stream = within(deadline, accept).await?;
+    let n = negotiate(&mut stream, &*exports, no_zeroes, TlsPhase::Active);
+    match within(deadline, n).await? {
         Negotiated::Go(export, mode) => serve_export(stream, export, mode).await,
         Negotiated::Abort | Negotiated::StartTls => Ok(()),
     }
+}
+
+/// Runs one handshake step, failing once the handshake's deadline has passed.
+async fn within<T>(
+    deadline: tokio::time::Instant,
+    step: impl Future<Output = Result<T, ConnError>>,
+) -> Result<T, ConnError> {
+    tokio::time::timeout_at(deadline, step)
+        .await
+        .map_err(|_| ConnError::Protocol(format!("handshake not done within {HANDSHAKE_TIME:?}")))?
 }
 
 /// How long a client may take from connecting to transmission.
