@@ -127,7 +127,52 @@ fn reads_see_acknowledged_writes_under_a_nemesis() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let mut c = Cluster::start_proxied(3, "16M", &["--timeout", "2"]);
+    // The volume runs as `tether up` runs it: encrypted, replicas over mutual TLS
+    // (through the proxies), so the nemesis exercises those paths too.
+    let keys = tempfile::tempdir_in(test_root()).unwrap();
+    let pki = keys.path().join("pki");
+    run(std::process::Command::new(BIN)
+        .args(["tls", "init"])
+        .arg(&pki));
+    let key = keys.path().join("key");
+    std::fs::write(&key, "history test passphrase").unwrap();
+    let f = |n: &str| pki.join(n).to_string_lossy().to_string();
+    let replica_args = vec![
+        "--tls-cert".to_string(),
+        f("server-cert.pem"),
+        "--tls-key".into(),
+        f("server-key.pem"),
+        "--tls-ca".into(),
+        f("ca-cert.pem"),
+    ];
+    let (cc, ck, ca, kf) = (
+        f("client-cert.pem"),
+        f("client-key.pem"),
+        f("ca-cert.pem"),
+        key.to_string_lossy().to_string(),
+    );
+    let engine_args = [
+        "--timeout",
+        "2",
+        "--tls-cert",
+        &cc,
+        "--tls-key",
+        &ck,
+        "--tls-ca",
+        &ca,
+        "--encryption-key-file",
+        &kf,
+    ];
+    let mut c = Cluster::build(
+        3,
+        "16M",
+        Setup {
+            engine_args: &engine_args,
+            replica_args: &replica_args,
+            proxied: true,
+            ..Setup::default()
+        },
+    );
     let sh = Arc::new(Shared {
         addr: Mutex::new(c.engine().nbd),
         acked: (0..BLOCKS).map(|_| AtomicU64::new(0)).collect(),
@@ -158,7 +203,7 @@ fn reads_see_acknowledged_writes_under_a_nemesis() {
                 c.replicas[i].kill9();
                 std::thread::sleep(Duration::from_millis(rng.random_range(200..1500)));
                 let (dir, port) = (c.replicas[i].dir.clone(), c.replicas[i].addr.port());
-                c.replicas[i] = Replica::start(&dir, port);
+                c.replicas[i] = Replica::start_with(&dir, port, &replica_args);
             }
             1 => {
                 c.replicas[i].signal("STOP");
