@@ -125,7 +125,7 @@ impl Replica for ReplicaService {
             move || {
                 let (vol, created) = if req.create {
                     let enc = (!req.encryption.is_empty()).then_some(req.encryption.as_str());
-                    volumes.get_or_create_with(&req.volume, req.size, enc)?
+                    volumes.get_or_create(&req.volume, req.size, enc)?
                 } else {
                     (volumes.get(&req.volume)?, false)
                 };
@@ -374,6 +374,15 @@ impl IoStreamState {
         Ok(())
     }
 
+    /// Runs a change to the layer tree off the async runtime (it syncs files).
+    async fn admin(
+        &self,
+        f: impl FnOnce(&Volume) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(Bytes, Bytes), StoreError> {
+        let v = self.vol.clone();
+        done(blocking(move || f(&v), self.vol.name()).await)
+    }
+
     /// Applies one batch in order; returns false when the stream must end.
     async fn process(&mut self, batch: Vec<IoRequest>) -> bool {
         if let Err(e) = self.vol.check_epoch(self.epoch) {
@@ -400,34 +409,22 @@ impl IoStreamState {
                     self.check_seq(w.seq)
                         .and_then(|_| self.vol.write_sealed(w.seq, w.block, &w.data, &w.tags)),
                 ),
-                Some(Op::Read(r)) if r.snapshot.is_empty() => {
-                    self.vol.read_sealed(r.block, r.count)
+                Some(Op::Read(r)) => {
+                    let snapshot = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());
+                    self.vol.read(snapshot, r.block, r.count)
                 }
-                Some(Op::Read(r)) => self.vol.read_snapshot_sealed(&r.snapshot, r.block, r.count),
                 Some(Op::Snapshot(sn)) => match self.check_seq(sn.seq) {
-                    Ok(()) => {
-                        let v = self.vol.clone();
-                        done(blocking(move || v.snapshot(&sn.name), self.vol.name()).await)
-                    }
+                    Ok(()) => self.admin(move |v| v.snapshot(&sn.name)).await,
                     Err(e) => Err(e),
                 },
-                Some(Op::Revert(rv)) => {
-                    let v = self.vol.clone();
-                    done(blocking(move || v.revert(&rv.name), self.vol.name()).await)
-                }
-                Some(Op::RebuildDone(_)) => {
-                    let v = self.vol.clone();
-                    done(blocking(move || v.set_rebuilding(false), self.vol.name()).await)
-                }
-                Some(Op::Expand(x)) => {
-                    let v = self.vol.clone();
-                    done(blocking(move || v.expand(x.size), self.vol.name()).await)
-                }
+                Some(Op::Revert(rv)) => self.admin(move |v| v.revert(&rv.name)).await,
+                Some(Op::RebuildDone(_)) => self.admin(|v| v.set_rebuilding(false)).await,
+                Some(Op::Expand(x)) => self.admin(move |v| v.expand(x.size)).await,
                 Some(Op::Zero(z)) => done(
                     self.check_seq(z.seq)
                         .and_then(|_| self.vol.zero_blocks(z.seq, z.block, u64::from(z.count))),
                 ),
-                Some(Op::Flush(f)) => {
+                Some(Op::Flush(_)) => {
                     // fdatasync runs off the stream so later writes keep flowing; it
                     // covers every write applied before this point.
                     let v = self.vol.clone();
@@ -435,7 +432,6 @@ impl IoStreamState {
                     self.flushes.retain(|h| !h.is_finished());
                     self.flushes.push(tokio::spawn(async move {
                         let name = v.name().to_string();
-                        let _ = f.seq;
                         let r = blocking(move || v.sync(), &name).await;
                         let batch = IoReplyBatch {
                             replies: vec![reply(id, done(r))],

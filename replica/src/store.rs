@@ -167,6 +167,11 @@ struct Meta {
 }
 
 impl Meta {
+    /// The layer frozen as snapshot `name`.
+    fn snapshot(&self, name: &str) -> Option<&LayerMeta> {
+        self.layers.iter().find(|l| l.name.as_deref() == Some(name))
+    }
+
     /// Makes the new layer `id`, a child of `parent`, the head.
     fn push_head(&mut self, id: u64, parent: u64) {
         self.layers.push(LayerMeta {
@@ -214,6 +219,9 @@ struct Layer {
     rec: Arc<dyn DiskFile>,
     /// Blocks this layer holds (data or zero).
     present: ExtentMap<()>,
+    /// The files' paths, for error messages.
+    data_path: PathBuf,
+    rec_path: PathBuf,
 }
 
 struct Inner {
@@ -221,7 +229,6 @@ struct Inner {
     layers: HashMap<u64, Layer>,
     /// Head first, then its ancestors: the read path.
     chain: Vec<u64>,
-    wal: Arc<dyn DiskFile>,
     header: WalHeader,
     wal_off: u64,
     /// Which half of the log takes appends, and the generation written there.
@@ -259,6 +266,8 @@ pub struct Volume {
     disk: Arc<dyn Disk>,
     wal_path: PathBuf,
     wal_size: u64,
+    /// The log file (fixed for the volume's life, so it needs no lock).
+    wal: Arc<dyn DiskFile>,
     /// Seal bytes per block, and the size of a block record (fixed at creation).
     tag: usize,
     rec: usize,
@@ -333,9 +342,13 @@ fn push_rec(out: &mut Vec<u8>, len: usize, crc: u32, state: u8, tag: &[u8]) {
 }
 
 impl Volume {
-    fn err(&self, op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-        let path = path.to_path_buf();
-        move |e| io_err(&self.name, op, &path, e)
+    /// Maps an I/O error on `path`; borrows, so the success path allocates nothing.
+    fn err<'a>(
+        &'a self,
+        op: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(io::Error) -> StoreError + 'a {
+        move |e| io_err(&self.name, op, path, e)
     }
 
     fn invalid(&self, what: String) -> StoreError {
@@ -479,7 +492,16 @@ impl Volume {
             let rec = disk.open(&rp, false).map_err(e("opening a layer", &rp))?;
             let present =
                 scan_records(&*rec, blocks, rec_size).map_err(e("reading block records", &rp))?;
-            layers.insert(l.id, Layer { data, rec, present });
+            layers.insert(
+                l.id,
+                Layer {
+                    data,
+                    rec,
+                    present,
+                    data_path: dp,
+                    rec_path: rp,
+                },
+            );
         }
         let chain = chain_of(&meta, meta.head).map_err(invalid)?;
         let wal = disk.open(&wal_path, false).map_err(|err| {
@@ -525,6 +547,7 @@ impl Volume {
             disk,
             wal_path,
             wal_size,
+            wal,
             tag,
             rec: rec_size,
             size: AtomicU64::new(meta.size),
@@ -534,7 +557,6 @@ impl Volume {
                 meta,
                 layers,
                 chain,
-                wal,
                 header,
                 wal_off: RECORDS_START,
                 half: header.half,
@@ -611,7 +633,7 @@ impl Volume {
         half: u8,
         gen: u64,
     ) -> Result<(usize, u64, bool), StoreError> {
-        let wal = inner.wal.clone();
+        let wal = self.wal.clone();
         let (start, limit) = self.half_range(half);
         let mut off = start;
         let mut records = 0;
@@ -770,7 +792,7 @@ impl Volume {
     fn checkpoint(&self, inner: &mut Inner) -> Result<(), StoreError> {
         self.check_writable()?;
         let head_id = inner.meta.head;
-        let wal = inner.wal.clone();
+        let wal = self.wal.clone();
         // Every record copied below must be replayable if the copy is torn: make the
         // log durable before touching the layer.
         if !inner.recent.is_empty() || inner.frozen.is_some() {
@@ -830,7 +852,7 @@ impl Volume {
             (
                 frozen,
                 inner.frozen_rev,
-                inner.wal.clone(),
+                self.wal.clone(),
                 head_id,
                 head.data.clone(),
                 head.rec.clone(),
@@ -1063,12 +1085,11 @@ impl Volume {
         let wrote = if data.len() <= 64 << 10 {
             let mut one = head;
             one.extend_from_slice(data);
-            inner.wal.write_at(&one, off)
+            self.wal.write_at(&one, off)
         } else {
-            inner
-                .wal
+            self.wal
                 .write_at(&head, off)
-                .and_then(|_| inner.wal.write_at(data, data_off))
+                .and_then(|_| self.wal.write_at(data, data_off))
         };
         wrote.map_err(self.err("appending to the log", &self.wal_path))?;
         let end = h.block + u64::from(h.count);
@@ -1207,11 +1228,8 @@ impl Volume {
         // Another flush may have failed while this one waited: Linux reports a lost
         // writeback only once, so a second fdatasync could wrongly succeed.
         self.check_writable()?;
-        let (wal, upto) = {
-            let inner = self.inner.read();
-            (inner.wal.clone(), self.written.load(Ordering::Acquire))
-        };
-        if let Err(err) = wal.sync() {
+        let upto = self.written.load(Ordering::Acquire);
+        if let Err(err) = self.wal.sync() {
             return Err(self.poison(format!(
                 "fdatasync of {} failed: {err}",
                 self.wal_path.display()
@@ -1222,16 +1240,30 @@ impl Volume {
         Ok(())
     }
 
-    /// Reads `count` whole blocks starting at `block`, verifying every checksum.
+    /// Reads `count` whole blocks of the head starting at `block`, verifying every
+    /// checksum.
     pub fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, StoreError> {
-        Ok(self.read_sealed(block, count)?.0)
+        Ok(self.read(None, block, count)?.0)
     }
 
-    /// Reads whole blocks and their seals (all-zero seals for blocks never written).
-    pub fn read_sealed(&self, block: u64, count: u32) -> Result<(Bytes, Bytes), StoreError> {
+    /// Reads whole blocks and their seals (all-zero seals for blocks never written)
+    /// from the head, or as they were in `snapshot`.
+    pub fn read(
+        &self,
+        snapshot: Option<&str>,
+        block: u64,
+        count: u32,
+    ) -> Result<(Bytes, Bytes), StoreError> {
         self.check_range(block, u64::from(count), true)?;
         let inner = self.inner.read();
-        self.read_chain(&inner, &inner.chain, block, count)
+        match snapshot {
+            None => self.read_chain(&inner, &inner.chain, block, count),
+            Some(name) => {
+                let id = self.snapshot_layer(&inner.meta, name)?.id;
+                let chain = chain_of(&inner.meta, id).map_err(|w| self.invalid(w))?;
+                self.read_chain(&inner, &chain, block, count)
+            }
+        }
     }
 
     fn read_chain(
@@ -1262,10 +1294,9 @@ impl Volume {
                     side,
                 }) => {
                     let mut sides = vec![0u8; n * usize::from(side)];
-                    inner
-                        .wal
+                    self.wal
                         .read_at(&mut sides, side_off)
-                        .and_then(|_| inner.wal.read_at(buf, data_off))
+                        .and_then(|_| self.wal.read_at(buf, data_off))
                         .map_err(self.err("reading the log", &self.wal_path))?;
                     for (i, (c, t)) in wal::sides(&sides, usize::from(side)).enumerate() {
                         if wal::block_crc(&buf[i * BLOCK..(i + 1) * BLOCK], t) != c
@@ -1277,7 +1308,6 @@ impl Volume {
                     }
                 }
                 Source::Layer(id) => {
-                    let (dp, rp) = layer_paths(&self.dir, id);
                     let Some(layer) = inner.layers.get(&id) else {
                         return Err(self.invalid(format!("layer {id} is not open")));
                     };
@@ -1285,11 +1315,11 @@ impl Volume {
                     layer
                         .rec
                         .read_at(&mut recs, p * self.rec as u64)
-                        .map_err(self.err("reading block records", &rp))?;
+                        .map_err(self.err("reading block records", &layer.rec_path))?;
                     layer
                         .data
                         .read_at(buf, p * BLOCK as u64)
-                        .map_err(self.err("reading a layer", &dp))?;
+                        .map_err(self.err("reading a layer", &layer.data_path))?;
                     for (i, r) in recs.chunks_exact(self.rec).enumerate() {
                         let blk = &mut buf[i * BLOCK..(i + 1) * BLOCK];
                         let crc = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
@@ -1302,7 +1332,7 @@ impl Volume {
                             _ => {
                                 return Err(self.checksum(
                                     p + i as u64,
-                                    format!("layer file {}", dp.display()),
+                                    format!("layer file {}", layer.data_path.display()),
                                 ))
                             }
                         }
@@ -1338,6 +1368,8 @@ impl Volume {
             data,
             rec,
             present: ExtentMap::new(),
+            data_path: dp,
+            rec_path: rp,
         })
     }
 
@@ -1352,12 +1384,7 @@ impl Volume {
         let _admin = self.admin.lock();
         let _c = self.ckpt.lock();
         let mut inner = self.inner.write();
-        if inner
-            .meta
-            .layers
-            .iter()
-            .any(|l| l.name.as_deref() == Some(name))
-        {
+        if inner.meta.snapshot(name).is_some() {
             return Err(self.invalid(format!("a snapshot named {name} already exists")));
         }
         self.checkpoint(&mut inner)?;
@@ -1399,30 +1426,9 @@ impl Volume {
             .collect()
     }
 
-    /// Reads blocks as they were in snapshot `name`.
-    pub fn read_snapshot(&self, name: &str, block: u64, count: u32) -> Result<Bytes, StoreError> {
-        Ok(self.read_snapshot_sealed(name, block, count)?.0)
-    }
-
-    /// Reads blocks and their seals as they were in snapshot `name`.
-    pub fn read_snapshot_sealed(
-        &self,
-        name: &str,
-        block: u64,
-        count: u32,
-    ) -> Result<(Bytes, Bytes), StoreError> {
-        self.check_range(block, u64::from(count), true)?;
-        let inner = self.inner.read();
-        let Some(l) = inner
-            .meta
-            .layers
-            .iter()
-            .find(|l| l.name.as_deref() == Some(name))
-        else {
-            return Err(self.invalid(format!("no snapshot named {name}")));
-        };
-        let chain = chain_of(&inner.meta, l.id).map_err(|w| self.invalid(w))?;
-        self.read_chain(&inner, &chain, block, count)
+    fn snapshot_layer<'m>(&self, meta: &'m Meta, name: &str) -> Result<&'m LayerMeta, StoreError> {
+        meta.snapshot(name)
+            .ok_or_else(|| self.invalid(format!("no snapshot named {name}")))
     }
 
     /// Deletes snapshot `name`: its blocks that a child layer lacks are copied into
@@ -1434,14 +1440,7 @@ impl Volume {
         let _admin = self.admin.lock();
         let (lid, parent, children, extents) = {
             let inner = self.inner.read();
-            let Some(l) = inner
-                .meta
-                .layers
-                .iter()
-                .find(|l| l.name.as_deref() == Some(name))
-            else {
-                return Err(self.invalid(format!("no snapshot named {name}")));
-            };
+            let l = self.snapshot_layer(&inner.meta, name)?;
             let children: Vec<u64> = inner
                 .meta
                 .layers
@@ -1553,15 +1552,7 @@ impl Volume {
         let _admin = self.admin.lock();
         let _c = self.ckpt.lock();
         let mut inner = self.inner.write();
-        let Some(target) = inner
-            .meta
-            .layers
-            .iter()
-            .find(|l| l.name.as_deref() == Some(name))
-            .map(|l| l.id)
-        else {
-            return Err(self.invalid(format!("no snapshot named {name}")));
-        };
+        let target = self.snapshot_layer(&inner.meta, name)?.id;
         self.checkpoint(&mut inner)?;
         let id = inner.meta.next_layer;
         let old = inner.meta.head;
@@ -1613,11 +1604,7 @@ impl Volume {
         block: u64,
         count: u32,
     ) -> Result<Vec<u64>, StoreError> {
-        let data = match snapshot {
-            None => self.read_sealed(block, count),
-            Some(s) => self.read_snapshot_sealed(s, block, count),
-        };
-        match data {
+        match self.read(snapshot, block, count) {
             // The seal is part of the block: a copy with another seal is another block.
             Ok((d, t)) => Ok(d
                 .chunks_exact(BLOCK)
@@ -1665,7 +1652,7 @@ impl Volume {
         let head = inner.layers.get(&inner.meta.head).map_or(0, |x| {
             x.data.allocated().unwrap_or(0) + x.rec.allocated().unwrap_or(0)
         });
-        (head, inner.wal.allocated().unwrap_or(0))
+        (head, self.wal.allocated().unwrap_or(0))
     }
 }
 
@@ -1807,14 +1794,10 @@ impl VolumeSet {
         Ok(v)
     }
 
-    /// Opens `name`, creating it with `size` bytes when missing; says whether it created.
-    pub fn get_or_create(&self, name: &str, size: u64) -> Result<(Arc<Volume>, bool), StoreError> {
-        self.get_or_create_with(name, size, None)
-    }
-
-    /// Like `get_or_create`; a volume created here is encrypted when `encryption`
-    /// holds the engine's parameters (its blocks then carry seals).
-    pub fn get_or_create_with(
+    /// Opens `name`, creating it with `size` bytes when missing (encrypted, with seals
+    /// on every block, when `encryption` holds the engine's parameters); says whether
+    /// it created it.
+    pub fn get_or_create(
         &self,
         name: &str,
         size: u64,

@@ -148,7 +148,8 @@ pub fn block_crc(data: &[u8], tag: &[u8]) -> u32 {
 
 /// Encodes a record's header and side entries (the data is written after them).
 pub fn encode_record(h: &RecordHeader, sides: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(RECORD_HEADER + sides.len());
+    // Room for the data too: small writes append it to this buffer (one pwrite).
+    let mut b = Vec::with_capacity(RECORD_HEADER + sides.len() + h.data_len().min(64 << 10));
     b.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
     b.push(match h.kind {
         RecordKind::Write => 1,

@@ -96,7 +96,7 @@ fn open_with(disk: &SimDisk, sealed: bool) -> Result<Arc<Volume>, StoreError> {
     };
     let set = VolumeSet::new(Path::new("/sim"), Arc::new(disk.clone()), opts).unwrap();
     let enc = sealed.then_some("{}");
-    set.get_or_create_with("v", BLOCKS * B as u64, enc)
+    set.get_or_create("v", BLOCKS * B as u64, enc)
         .map(|(v, _)| v)
 }
 
@@ -113,11 +113,9 @@ fn seal_of(data: &[u8]) -> Vec<u8> {
 }
 
 fn read_all(v: &Volume, snapshot: Option<&str>) -> Result<Vec<u32>, String> {
-    let (data, seals) = match snapshot {
-        None => v.read_sealed(0, BLOCKS as u32),
-        Some(s) => v.read_snapshot_sealed(s, 0, BLOCKS as u32),
-    }
-    .map_err(|e| e.to_string())?;
+    let (data, seals) = v
+        .read(snapshot, 0, BLOCKS as u32)
+        .map_err(|e| e.to_string())?;
     (0..BLOCKS)
         .map(|b| {
             let blk = &data[b as usize * B..(b as usize + 1) * B];
