@@ -170,6 +170,13 @@ struct Target {
     control_socket: Option<PathBuf>,
 }
 
+impl Target {
+    /// Maps an engine's error for `what` to a message naming the volume.
+    fn failed<'a>(&'a self, what: &'a str) -> impl Fn(tonic::Status) -> anyhow::Error + Copy + 'a {
+        move |e| anyhow::anyhow!("volume {}: {what} failed: {}", self.volume, e.message())
+    }
+}
+
 #[derive(Subcommand)]
 enum ReplicaCmd {
     /// Add a replica to a running volume: it rebuilds online, then serves.
@@ -627,13 +634,7 @@ async fn replica_cmd(cmd: ReplicaCmd) -> Result<()> {
                     address: address.clone(),
                 })
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "volume {}: replica add failed: {}",
-                        target.volume,
-                        e.message()
-                    )
-                })?;
+                .map_err(target.failed("replica add"))?;
             println!(
                 "replica {address} joins volume {} and rebuilds online; follow it with `tether volume status {}`",
                 target.volume, target.volume
@@ -646,13 +647,7 @@ async fn replica_cmd(cmd: ReplicaCmd) -> Result<()> {
                     address: address.clone(),
                 })
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "volume {}: replica rm failed: {}",
-                        target.volume,
-                        e.message()
-                    )
-                })?;
+                .map_err(target.failed("replica rm"))?;
             println!("replica {address} removed from volume {}", target.volume);
         }
     }
@@ -661,9 +656,6 @@ async fn replica_cmd(cmd: ReplicaCmd) -> Result<()> {
 
 async fn snapshot_cmd(cmd: SnapshotCmd) -> Result<()> {
     use tether_proto::engine::SnapshotRequest;
-    let fail = |v: &str, what: &str, e: tonic::Status| {
-        anyhow::anyhow!("volume {v}: {what} failed: {}", e.message())
-    };
     match cmd {
         SnapshotCmd::Create { target, name } => {
             let t = std::time::Instant::now();
@@ -671,7 +663,7 @@ async fn snapshot_cmd(cmd: SnapshotCmd) -> Result<()> {
                 .await?
                 .create_snapshot(SnapshotRequest { name: name.clone() })
                 .await
-                .map_err(|e| fail(&target.volume, "snapshot create", e))?;
+                .map_err(target.failed("snapshot create"))?;
             println!(
                 "snapshot {name} of {} taken in {} ms; read it at export {}@{name}",
                 target.volume,
@@ -686,7 +678,7 @@ async fn snapshot_cmd(cmd: SnapshotCmd) -> Result<()> {
                     name: String::new(),
                 })
                 .await
-                .map_err(|e| fail(&target.volume, "snapshot ls", e))?
+                .map_err(target.failed("snapshot ls"))?
                 .into_inner();
             println!(
                 "{:<24} {:>12} {:>12}  export",
@@ -708,7 +700,7 @@ async fn snapshot_cmd(cmd: SnapshotCmd) -> Result<()> {
                 .await?
                 .delete_snapshot(SnapshotRequest { name: name.clone() })
                 .await
-                .map_err(|e| fail(&target.volume, "snapshot rm", e))?;
+                .map_err(target.failed("snapshot rm"))?;
             println!("snapshot {name} of {} deleted", target.volume);
         }
         SnapshotCmd::Revert { target, name } => {
@@ -716,7 +708,7 @@ async fn snapshot_cmd(cmd: SnapshotCmd) -> Result<()> {
                 .await?
                 .revert_snapshot(SnapshotRequest { name: name.clone() })
                 .await
-                .map_err(|e| fail(&target.volume, "snapshot revert", e))?;
+                .map_err(target.failed("snapshot revert"))?;
             println!(
                 "volume {} now holds snapshot {name}'s contents",
                 target.volume
@@ -734,9 +726,7 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
                 .await?
                 .expand(tether_proto::engine::ExpandRequest { size })
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!("volume {}: expand failed: {}", target.volume, e.message())
-                })?
+                .map_err(target.failed("expand"))?
                 .into_inner();
             println!(
                 "volume {} is now {} bytes; NBD clients see the new size when they reconnect",
@@ -749,9 +739,7 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
 }
 
 async fn verify(target: &Target) -> Result<()> {
-    let fail = |e: tonic::Status| {
-        anyhow::anyhow!("volume {}: verify failed: {}", target.volume, e.message())
-    };
+    let fail = target.failed("verify");
     let mut stream = engine(target)
         .await?
         .verify(tether_proto::engine::VerifyRequest {})
@@ -798,12 +786,11 @@ async fn verify(target: &Target) -> Result<()> {
 }
 
 async fn status(target: &Target, json: bool) -> Result<()> {
-    let volume = target.volume.as_str();
     let mut client = engine(target).await?;
     let s = client
         .status(tether_proto::engine::StatusRequest {})
         .await
-        .map_err(|e| anyhow::anyhow!("volume {volume}: status failed: {}", e.message()))?
+        .map_err(target.failed("status"))?
         .into_inner();
     let c = s.counters.unwrap_or_default();
     if json {

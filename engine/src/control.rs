@@ -51,6 +51,19 @@ impl ControlService {
     }
 }
 
+/// The snapshots a replica reported, as the control API shows them.
+fn snapshot_list(space: &tether_proto::replica::SnapshotsReply) -> Vec<Snapshot> {
+    space
+        .snapshots
+        .iter()
+        .map(|x| Snapshot {
+            name: x.name.clone(),
+            seq: x.seq,
+            allocated: x.allocated,
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl Engine for ControlService {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
@@ -58,19 +71,7 @@ impl Engine for ControlService {
         let c = &v.counters;
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let space = v.space().await.ok();
-        let snapshots = space
-            .as_ref()
-            .map(|s| {
-                s.snapshots
-                    .iter()
-                    .map(|x| Snapshot {
-                        name: x.name.clone(),
-                        seq: x.seq,
-                        allocated: x.allocated,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let snapshots = space.as_ref().map(snapshot_list).unwrap_or_default();
         let replicas = v
             .replicas()
             .iter()
@@ -95,7 +96,6 @@ impl Engine for ControlService {
                 st
             })
             .collect::<Vec<_>>();
-        let healthy = replicas.iter().filter(|r| r.state == "healthy").count();
         Ok(Response::new(StatusReply {
             volume: v.name().to_string(),
             size: crate::nbd::BlockDevice::size(&**v),
@@ -120,7 +120,7 @@ impl Engine for ControlService {
             attached_clients: v.attached(),
             min_replicas: v.min_replicas() as u64,
             desired_replicas: v.desired() as u64,
-            degraded: healthy < v.desired(),
+            degraded: v.degraded(),
             encryption: v.encryption_summary(),
             replica_tls: v.tls().is_some(),
         }))
@@ -190,15 +190,7 @@ impl Engine for ControlService {
     ) -> Result<Response<SnapshotList>, Status> {
         let space = self.volume.space().await.map_err(status_of)?;
         Ok(Response::new(SnapshotList {
-            snapshots: space
-                .snapshots
-                .into_iter()
-                .map(|x| Snapshot {
-                    name: x.name,
-                    seq: x.seq,
-                    allocated: x.allocated,
-                })
-                .collect(),
+            snapshots: snapshot_list(&space),
         }))
     }
 

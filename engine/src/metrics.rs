@@ -33,7 +33,7 @@ pub fn render(v: &Volume) -> String {
             "tether_volume_degraded",
             "gauge",
             "1 when fewer replicas are healthy than desired.",
-            u64::from(healthy < desired),
+            u64::from(v.degraded()),
         ),
         (
             "tether_volume_rebuilds_running",

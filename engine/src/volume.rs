@@ -23,6 +23,14 @@ use crate::replica_client::{Payload, ReplicaConn, ReplicaError};
 /// Block size inside the engine and on the replicas.
 pub const BLOCK: u64 = 4096;
 
+/// Zeroes for WRITE_ZEROES without allocating per request.
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+
+/// `n` (at most 1 MiB) zero bytes.
+fn zeroes(n: u64) -> Bytes {
+    Bytes::from_static(&ZEROES[..n as usize])
+}
+
 /// The engine's I/O counters.
 #[derive(Default, Debug)]
 pub struct Counters {
@@ -199,6 +207,11 @@ impl Volume {
     /// The wanted number of replicas.
     pub fn desired(&self) -> usize {
         self.desired.max(self.replicas.read().len())
+    }
+
+    /// Fewer replicas are healthy than wanted.
+    pub fn degraded(&self) -> bool {
+        self.healthy_count() < self.desired()
     }
 
     /// The operation timeout.
@@ -379,29 +392,13 @@ impl Volume {
         Ok(size)
     }
 
-    /// Reads whole blocks of snapshot `name` (or the head when empty) from replica `r`.
-    pub async fn read_from(
-        &self,
-        r: &ReplicaConn,
-        block: u64,
-        count: u32,
-    ) -> Result<Bytes, ReplicaError> {
-        self.read_view_from(r, "", block, count).await
-    }
-
     /// Rewrites blocks that failed their checksum on `bad` replicas with a good copy
     /// from `good`, under the range lock so no client write can interleave. The copy
     /// is verbatim (still sealed): repairs never encrypt anything.
     async fn repair(&self, good: &ReplicaConn, bad: &[Arc<ReplicaConn>], block: u64, count: u32) {
         let _held = self.hold(block, block + u64::from(count)).await;
-        let copy = match self.read_raw_from(good, "", block, count).await {
-            Ok(p) => match self.check_sealed(good, block, &p) {
-                Ok(()) => p,
-                Err(e) => {
-                    tracing::warn!(volume = %self.name, block, error = %e, "repair skipped: the good copy no longer opens");
-                    return;
-                }
-            },
+        let copy = match self.read_checked_from(good, "", block, count).await {
+            Ok(p) => p,
             Err(e) => {
                 tracing::warn!(volume = %self.name, block, error = %e, "repair skipped: re-reading the good copy failed");
                 return;
@@ -436,31 +433,18 @@ impl Volume {
         let reads = futures::future::join_all(
             healthy
                 .iter()
-                .map(|r| self.read_raw_from(r, "", block, count)),
+                .map(|r| self.read_checked_from(r, "", block, count)),
         )
         .await;
         let mut problems = Vec::new();
-        let mut copies: Vec<(&str, Bytes)> = Vec::new();
+        let mut copies: Vec<(&str, Payload)> = Vec::new();
         for (r, res) in healthy.iter().zip(reads) {
-            let res = res.and_then(|p| self.check_sealed(r, block, &p).map(|_| p));
             match res {
-                Ok(p) if p.tags.is_empty() => copies.push((&r.addr, p.data)),
-                Ok(p) => {
-                    // Compare data and seal together, block by block.
-                    let mut joined = BytesMut::with_capacity(p.data.len() + p.tags.len());
-                    let t = p.tags.len() / count as usize;
-                    for i in 0..count as usize {
-                        joined.extend_from_slice(
-                            &p.data[i * BLOCK as usize..(i + 1) * BLOCK as usize],
-                        );
-                        joined.extend_from_slice(&p.tags[i * t..(i + 1) * t]);
-                    }
-                    copies.push((&r.addr, joined.freeze()));
-                }
+                Ok(p) => copies.push((&r.addr, p)),
                 // Find the bad blocks one by one.
                 Err(ReplicaError::Checksum(_)) => {
                     for b in block..block + u64::from(count) {
-                        if let Err(e) = self.read_from(r, b, 1).await {
+                        if let Err(e) = self.read_checked_from(r, "", b, 1).await {
                             problems.push((b, r.addr.clone(), e.to_string()));
                         }
                     }
@@ -468,11 +452,18 @@ impl Volume {
                 Err(e) => problems.push((block, r.addr.clone(), format!("read failed: {e}"))),
             }
         }
-        let bs = copies
+        // Replicas hold identical copies: the same data and the same seal per block.
+        let seal = copies
             .first()
-            .map_or(BLOCK as usize, |(_, d)| d.len() / count as usize);
+            .map_or(0, |(_, p)| p.tags.len() / count as usize);
         for i in 0..count as usize {
-            let blk = |d: &Bytes| d.slice(i * bs..(i + 1) * bs);
+            let bs = BLOCK as usize;
+            let blk = |p: &Payload| {
+                (
+                    p.data.slice(i * bs..(i + 1) * bs),
+                    p.tags.slice(i * seal..(i + 1) * seal),
+                )
+            };
             let Some((_, first)) = copies.first() else {
                 break;
             };
@@ -608,18 +599,28 @@ impl Volume {
     }
 
     /// Checks that a raw copy opens under this volume's key (always true unencrypted).
-    pub(crate) fn check_sealed(
-        &self,
-        r: &ReplicaConn,
-        block: u64,
-        p: &Payload,
-    ) -> Result<(), ReplicaError> {
+    fn check_sealed(&self, r: &ReplicaConn, block: u64, p: &Payload) -> Result<(), ReplicaError> {
         match &self.cipher {
             None => Ok(()),
             Some(c) => c
-                .verify(block, &p.data, &p.tags)
+                .open(block, &p.data, &p.tags)
+                .map(drop)
                 .map_err(|b| self.auth_failed(r, b)),
         }
+    }
+
+    /// Reads blocks as stored from `r` and checks that they open under this volume's
+    /// key (a copy that does not is a checksum error naming the block).
+    async fn read_checked_from(
+        &self,
+        r: &ReplicaConn,
+        snapshot: &str,
+        block: u64,
+        count: u32,
+    ) -> Result<Payload, ReplicaError> {
+        let p = self.read_raw_from(r, snapshot, block, count).await?;
+        self.check_sealed(r, block, &p)?;
+        Ok(p)
     }
 
     /// Reads blocks as stored from `preferred`, or from another healthy replica when
@@ -639,8 +640,7 @@ impl Volume {
             .collect();
         let candidates = std::iter::once(preferred).chain(others.iter().map(|r| &**r));
         for r in candidates {
-            let got = self.read_raw_from(r, snapshot, block, count).await;
-            match got.and_then(|p| self.check_sealed(r, block, &p).map(|_| p)) {
+            match self.read_checked_from(r, snapshot, block, count).await {
                 Ok(p) => return Ok(p),
                 Err(e) => {
                     if matches!(e, ReplicaError::Checksum(_)) {
@@ -818,7 +818,7 @@ impl Volume {
                 continue;
             }
             match self.read_view_from(&r, snapshot, block, count).await {
-                Ok(data) if data.len() == count as usize * BLOCK as usize => {
+                Ok(data) => {
                     if !bad.is_empty() {
                         tracing::info!(volume = %self.name, replica = %r.addr, block, count,
                             "served a good copy from another replica");
@@ -828,14 +828,6 @@ impl Volume {
                     }
                     return Ok(data);
                 }
-                Ok(data) => self.fail(
-                    &r,
-                    format!(
-                        "read returned {} bytes, not {}",
-                        data.len(),
-                        count as u64 * BLOCK
-                    ),
-                ),
                 Err(ReplicaError::Checksum(msg)) => {
                     self.counters
                         .checksum_errors
@@ -928,7 +920,7 @@ impl Volume {
         let (payload, tags) = match &self.cipher {
             None => (payload, Bytes::new()),
             Some(c) => c
-                .seal(first, &payload)
+                .seal(first, payload)
                 .map_err(|e| DeviceError::Io(format!("volume {}: {e}", self.name)))?,
         };
         let waiting = self.submit_ordered(|seq| {
@@ -1028,32 +1020,21 @@ impl BlockDevice for Volume {
         let r = async {
             if may_trim {
                 // Partial edge blocks get real zeroes; whole blocks are deallocated.
-                let first_whole = offset.div_ceil(BLOCK) * BLOCK;
                 let end = offset + len;
-                let end_whole = (end / BLOCK) * BLOCK;
-                if end_whole <= first_whole {
-                    self.write_inner(offset, Bytes::from(vec![0u8; len as usize]))
-                        .await?;
-                } else {
-                    if first_whole > offset {
-                        let n = (first_whole - offset) as usize;
-                        self.write_inner(offset, Bytes::from(vec![0u8; n])).await?;
-                    }
-                    self.zero_whole_blocks(first_whole, end_whole - first_whole)
-                        .await?;
-                    if end > end_whole {
-                        let n = (end - end_whole) as usize;
-                        self.write_inner(end_whole, Bytes::from(vec![0u8; n]))
-                            .await?;
-                    }
+                let head_end = (offset.div_ceil(BLOCK) * BLOCK).min(end);
+                if head_end > offset {
+                    self.write_inner(offset, zeroes(head_end - offset)).await?;
+                }
+                self.zero_whole_blocks(offset, len).await?;
+                let tail = (end / BLOCK * BLOCK).max(head_end);
+                if end > tail {
+                    self.write_inner(tail, zeroes(end - tail)).await?;
                 }
             } else {
-                const CHUNK: u64 = 1 << 20;
-                let zeroes = Bytes::from(vec![0u8; CHUNK as usize]);
                 let mut at = offset;
                 while at < offset + len {
-                    let n = CHUNK.min(offset + len - at);
-                    self.write_inner(at, zeroes.slice(..n as usize)).await?;
+                    let n = (ZEROES.len() as u64).min(offset + len - at);
+                    self.write_inner(at, zeroes(n)).await?;
                     at += n;
                 }
             }
@@ -1131,6 +1112,16 @@ pub enum View {
     Snapshot(Arc<Volume>, String),
 }
 
+impl View {
+    /// The volume, if this view may change it (snapshots are read-only).
+    fn writable(&self) -> Result<&Arc<Volume>, DeviceError> {
+        match self {
+            View::Head(v) => Ok(v),
+            View::Snapshot(..) => Err(DeviceError::ReadOnly("snapshots are read-only".into())),
+        }
+    }
+}
+
 impl BlockDevice for View {
     fn size(&self) -> u64 {
         match self {
@@ -1146,10 +1137,7 @@ impl BlockDevice for View {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
-        match self {
-            View::Head(v) => v.write(offset, data, fua).await,
-            View::Snapshot(..) => Err(DeviceError::ReadOnly("snapshots are read-only".into())),
-        }
+        self.writable()?.write(offset, data, fua).await
     }
 
     async fn write_zeroes(
@@ -1159,17 +1147,13 @@ impl BlockDevice for View {
         may_trim: bool,
         fua: bool,
     ) -> Result<(), DeviceError> {
-        match self {
-            View::Head(v) => v.write_zeroes(offset, len, may_trim, fua).await,
-            View::Snapshot(..) => Err(DeviceError::ReadOnly("snapshots are read-only".into())),
-        }
+        self.writable()?
+            .write_zeroes(offset, len, may_trim, fua)
+            .await
     }
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
-        match self {
-            View::Head(v) => v.trim(offset, len).await,
-            View::Snapshot(..) => Err(DeviceError::ReadOnly("snapshots are read-only".into())),
-        }
+        self.writable()?.trim(offset, len).await
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {

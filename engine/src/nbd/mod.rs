@@ -271,7 +271,6 @@ async fn skip(stream: &mut (impl AsyncRead + Unpin), len: u64) -> std::io::Resul
     Ok(())
 }
 
-/// Runs option negotiation; `None` when the client ended it without transmission.
 /// What the client negotiated for transmission.
 #[derive(Debug, Clone, Copy, Default)]
 struct Mode {
