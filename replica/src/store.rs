@@ -1496,53 +1496,61 @@ impl Volume {
 
     /// Copies the blocks of `[s, e)` that layer `from` has and `to` lacks.
     fn merge_chunk(&self, from: u64, to: u64, s: u64, e: u64) -> Result<u64, StoreError> {
+        // `ckpt` (and the caller's `admin`) keep every other writer of layer files
+        // away, so the copy runs without `inner`: client I/O goes on meanwhile.
         let _c = self.ckpt.lock();
-        let inner = self.inner.write();
-        let (Some(src), Some(dst)) = (inner.layers.get(&from), inner.layers.get(&to)) else {
-            return Err(self.invalid(format!("layer {from} or {to} is not open")));
+        let (src, dst, missing) = {
+            let inner = self.inner.read();
+            let (Some(src), Some(dst)) = (inner.layers.get(&from), inner.layers.get(&to)) else {
+                return Err(self.invalid(format!("layer {from} or {to} is not open")));
+            };
+            // Blocks in the head's log still get the copy: the log may be lost in a
+            // crash before its next flush, and then the snapshot's version must remain.
+            let missing: Vec<u64> = (s..e).filter(|&b| dst.present.get(b).is_none()).collect();
+            let files = |l: &Layer| {
+                (
+                    l.data.clone(),
+                    l.rec.clone(),
+                    l.data_path.clone(),
+                    l.rec_path.clone(),
+                )
+            };
+            (files(src), files(dst), missing)
         };
-        let (sdp, srp) = layer_paths(&self.dir, from);
-        let (ddp, drp) = layer_paths(&self.dir, to);
-        // Blocks in the head's log still get the copy: the log may be lost in a
-        // crash before its next flush, and then the snapshot's version must remain.
-        let missing: Vec<u64> = (s..e).filter(|&b| dst.present.get(b).is_none()).collect();
         if missing.is_empty() {
             return Ok(0);
         }
-        let mut recs = Vec::with_capacity(missing.len());
+        let (sdata, srec, sdp, srp) = src;
+        let (ddata, drec, ddp, drp) = dst;
+        let mut recs = vec![0u8; missing.len() * self.rec];
         let mut block = vec![0u8; BLOCK];
-        for &b in &missing {
-            let mut r = vec![0u8; self.rec];
-            src.rec
-                .read_at(&mut r, b * self.rec as u64)
+        for (&b, r) in missing.iter().zip(recs.chunks_exact_mut(self.rec)) {
+            srec.read_at(r, b * self.rec as u64)
                 .map_err(self.err("reading block records", &srp))?;
             if r[4] == STATE_DATA {
-                src.data
+                sdata
                     .read_at(&mut block, b * BLOCK as u64)
                     .map_err(self.err("reading a layer", &sdp))?;
-                dst.data
+                ddata
                     .write_at(&block, b * BLOCK as u64)
                     .map_err(self.err("writing a layer", &ddp))?;
             }
-            recs.push((b, r));
         }
         // Data durable before the records that point at it: a crash can leave a
         // record missing (the block still reads through the old layer), never a
         // record over torn data.
-        dst.data.sync().map_err(self.err("syncing a layer", &ddp))?;
-        for (b, r) in &recs {
-            dst.rec
-                .write_at(r, b * self.rec as u64)
+        ddata.sync().map_err(self.err("syncing a layer", &ddp))?;
+        for (&b, r) in missing.iter().zip(recs.chunks_exact(self.rec)) {
+            drec.write_at(r, b * self.rec as u64)
                 .map_err(self.err("writing block records", &drp))?;
         }
-        drop(inner);
         let mut inner = self.inner.write();
         if let Some(dst) = inner.layers.get_mut(&to) {
-            for (b, _) in &recs {
-                dst.present.insert(*b, b + 1, ());
+            for &b in &missing {
+                dst.present.insert(b, b + 1, ());
             }
         }
-        Ok(recs.len() as u64)
+        Ok(missing.len() as u64)
     }
 
     /// Makes the volume's contents those of snapshot `name`: a new empty head on top
