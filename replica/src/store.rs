@@ -214,6 +214,13 @@ impl Shift for Recent {
     }
 }
 
+impl Layer {
+    /// Bytes the layer's files occupy on disk.
+    fn allocated(&self) -> u64 {
+        self.data.allocated().unwrap_or(0) + self.rec.allocated().unwrap_or(0)
+    }
+}
+
 struct Layer {
     data: Arc<dyn DiskFile>,
     rec: Arc<dyn DiskFile>,
@@ -272,7 +279,6 @@ pub struct Volume {
     tag: usize,
     rec: usize,
     size: AtomicU64,
-    blocks: AtomicU64,
     epoch: AtomicU64,
     inner: RwLock<Inner>,
     sync_lock: Mutex<()>,
@@ -551,7 +557,6 @@ impl Volume {
             tag,
             rec: rec_size,
             size: AtomicU64::new(meta.size),
-            blocks: AtomicU64::new(blocks),
             epoch: AtomicU64::new(meta.epoch),
             inner: RwLock::new(Inner {
                 meta,
@@ -916,7 +921,7 @@ impl Volume {
     }
 
     fn blocks(&self) -> u64 {
-        self.blocks.load(Ordering::Acquire)
+        self.size() / BLOCK as u64
     }
 
     /// The current epoch: requests from older epochs are refused.
@@ -1414,9 +1419,7 @@ impl Volume {
             .iter()
             .filter_map(|l| {
                 let name = l.name.clone()?;
-                let allocated = inner.layers.get(&l.id).map_or(0, |x| {
-                    x.data.allocated().unwrap_or(0) + x.rec.allocated().unwrap_or(0)
-                });
+                let allocated = inner.layers.get(&l.id).map_or(0, |x| x.allocated());
                 Some(SnapshotInfo {
                     name,
                     seq: l.frozen_at.unwrap_or(0),
@@ -1599,7 +1602,6 @@ impl Volume {
         }
         self.save_meta(&mut inner, |m| m.size = size)?;
         self.size.store(size, Ordering::Release);
-        self.blocks.store(size / BLOCK as u64, Ordering::Release);
         tracing::info!(volume = %self.name, from = cur, to = size, "volume expanded");
         Ok(())
     }
@@ -1657,9 +1659,10 @@ impl Volume {
     /// Bytes on disk: the head layer, and the log.
     pub fn allocated(&self) -> (u64, u64) {
         let inner = self.inner.read();
-        let head = inner.layers.get(&inner.meta.head).map_or(0, |x| {
-            x.data.allocated().unwrap_or(0) + x.rec.allocated().unwrap_or(0)
-        });
+        let head = inner
+            .layers
+            .get(&inner.meta.head)
+            .map_or(0, |x| x.allocated());
         (head, self.wal.allocated().unwrap_or(0))
     }
 }
@@ -1785,21 +1788,7 @@ impl VolumeSet {
 
     /// Returns the open volume `name`, opening (and recovering) it from disk if needed.
     pub fn get(&self, name: &str) -> Result<Arc<Volume>, StoreError> {
-        validate_name(name)?;
-        let mut open = self.open.lock();
-        if let Some(v) = open.get(name) {
-            return Ok(v.clone());
-        }
-        let v = Arc::new(Volume::open(
-            self.disk.clone(),
-            self.root.join(name),
-            self.wal_path(name),
-            name,
-            self.opts.wal_size,
-        )?);
-        let _ = v.me.set(Arc::downgrade(&v));
-        open.insert(name.to_string(), v.clone());
-        Ok(v)
+        self.load(name, None).map(|(v, _)| v)
     }
 
     /// Opens `name`, creating it with `size` bytes when missing (encrypted, with seals
@@ -1811,28 +1800,36 @@ impl VolumeSet {
         size: u64,
         encryption: Option<&str>,
     ) -> Result<(Arc<Volume>, bool), StoreError> {
-        match self.get(name) {
-            Ok(v) => Ok((v, false)),
-            Err(StoreError::NotFound { .. }) => {
-                let mut open = self.open.lock();
-                if let Some(v) = open.get(name) {
-                    return Ok((v.clone(), false));
-                }
-                let v = Arc::new(Volume::create(
-                    self.disk.clone(),
-                    self.root.join(name),
-                    self.wal_path(name),
-                    name,
-                    size,
-                    self.opts.wal_size,
-                    encryption,
-                )?);
-                let _ = v.me.set(Arc::downgrade(&v));
-                open.insert(name.to_string(), v.clone());
-                Ok((v, true))
-            }
-            Err(e) => Err(e),
+        self.load(name, Some((size, encryption)))
+    }
+
+    /// Opens (and with `create`, creates) `name` once, under the set's lock.
+    fn load(
+        &self,
+        name: &str,
+        create: Option<(u64, Option<&str>)>,
+    ) -> Result<(Arc<Volume>, bool), StoreError> {
+        validate_name(name)?;
+        let mut open = self.open.lock();
+        if let Some(v) = open.get(name) {
+            return Ok((v.clone(), false));
         }
+        let (dir, wal, disk) = (self.root.join(name), self.wal_path(name), self.disk.clone());
+        let wal_size = self.opts.wal_size;
+        let (vol, created) = match (
+            Volume::open(disk.clone(), dir.clone(), wal.clone(), name, wal_size),
+            create,
+        ) {
+            (Err(StoreError::NotFound { .. }), Some((size, enc))) => (
+                Volume::create(disk, dir, wal, name, size, wal_size, enc)?,
+                true,
+            ),
+            (r, _) => (r?, false),
+        };
+        let v = Arc::new(vol);
+        let _ = v.me.set(Arc::downgrade(&v));
+        open.insert(name.to_string(), v.clone());
+        Ok((v, created))
     }
 
     /// Names of all volumes on disk.
