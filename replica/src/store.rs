@@ -710,14 +710,14 @@ impl Volume {
         Ok((records, off, full))
     }
 
-    /// Copies log extents into the head layer's files (no lock held, no sync); returns
-    /// the changes to the head's presence map: (start, end, present).
+    /// Copies log extents into the head layer's files and makes them durable there
+    /// (no lock held; a failed sync poisons the volume); returns the changes to the
+    /// head's presence map: (start, end, present).
     fn copy_to_head(
         &self,
         head_id: u64,
         data: &dyn DiskFile,
         rec: &dyn DiskFile,
-        wal: &dyn DiskFile,
         single: bool,
         extents: &[(u64, u64, Recent)],
     ) -> Result<Vec<(u64, u64, bool)>, StoreError> {
@@ -762,8 +762,9 @@ impl Volume {
                         };
                         let mut sides = vec![0u8; n as usize * usize::from(side)];
                         let mut buf = vec![0u8; n as usize * BLOCK];
-                        wal.read_at(&mut sides, side_off)
-                            .and_then(|_| wal.read_at(&mut buf, data_off))
+                        self.wal
+                            .read_at(&mut sides, side_off)
+                            .and_then(|_| self.wal.read_at(&mut buf, data_off))
                             .map_err(self.err("reading the log", &self.wal_path))?;
                         let mut recs = Vec::with_capacity(n as usize * self.rec);
                         for (c, t) in wal::sides(&sides, usize::from(side)) {
@@ -779,11 +780,14 @@ impl Volume {
             }
             changes.push((s, e, true));
         }
+        if let Err(err) = data.sync().and_then(|_| rec.sync()) {
+            return Err(self.poison(format!("fdatasync of layer {head_id} failed: {err}")));
+        }
         Ok(changes)
     }
 
-    fn sync_log(&self, wal: &dyn DiskFile) -> Result<(), StoreError> {
-        wal.sync().map_err(|err| {
+    fn sync_log(&self) -> Result<(), StoreError> {
+        self.wal.sync().map_err(|err| {
             self.poison(format!(
                 "fdatasync of {} failed: {err}",
                 self.wal_path.display()
@@ -797,11 +801,10 @@ impl Volume {
     fn checkpoint(&self, inner: &mut Inner) -> Result<(), StoreError> {
         self.check_writable()?;
         let head_id = inner.meta.head;
-        let wal = self.wal.clone();
         // Every record copied below must be replayable if the copy is torn: make the
         // log durable before touching the layer.
         if !inner.recent.is_empty() || inner.frozen.is_some() {
-            self.sync_log(&*wal)?;
+            self.sync_log()?;
         }
         let mut extents: Vec<(u64, u64, Recent)> = Vec::new();
         if let Some(f) = &inner.frozen {
@@ -813,16 +816,13 @@ impl Volume {
             return Err(self.invalid(format!("head layer {head_id} is not open")));
         };
         let (data, rec) = (head.data.clone(), head.rec.clone());
-        let changes = self.copy_to_head(head_id, &*data, &*rec, &*wal, single, &extents)?;
-        if let Err(err) = data.sync().and_then(|_| rec.sync()) {
-            return Err(self.poison(format!("fdatasync of layer {head_id} failed: {err}")));
-        }
+        let changes = self.copy_to_head(head_id, &*data, &*rec, single, &extents)?;
         let next = WalHeader {
             gen: inner.gen_cur + 1,
             revision: inner.revision,
             half: inner.half,
         };
-        self.write_header(&*wal, &next)?;
+        self.write_header(&next)?;
         if let Some(head) = inner.layers.get_mut(&head_id) {
             apply_changes(&mut head.present, &changes);
         }
@@ -836,16 +836,17 @@ impl Volume {
         Ok(())
     }
 
-    fn write_header(&self, wal: &dyn DiskFile, h: &WalHeader) -> Result<(), StoreError> {
-        wal.write_at(&h.encode(), h.slot_offset())
-            .and_then(|_| wal.sync())
+    fn write_header(&self, h: &WalHeader) -> Result<(), StoreError> {
+        self.wal
+            .write_at(&h.encode(), h.slot_offset())
+            .and_then(|_| self.wal.sync())
             .map_err(|err| self.poison(format!("writing the log header failed: {err}")))
     }
 
     /// Copies the frozen half into the head layer, without blocking appends to the
     /// live half, then frees the frozen half. The caller holds `ckpt`.
     fn checkpoint_frozen(&self) -> Result<(), StoreError> {
-        let (frozen, frozen_rev, wal, head_id, data, rec, single) = {
+        let (frozen, frozen_rev, head_id, data, rec, single) = {
             let inner = self.inner.read();
             let Some(frozen) = inner.frozen.clone() else {
                 return Ok(());
@@ -857,7 +858,6 @@ impl Volume {
             (
                 frozen,
                 inner.frozen_rev,
-                self.wal.clone(),
                 head_id,
                 head.data.clone(),
                 head.rec.clone(),
@@ -865,12 +865,9 @@ impl Volume {
             )
         };
         self.check_writable()?;
-        self.sync_log(&*wal)?;
+        self.sync_log()?;
         let extents: Vec<(u64, u64, Recent)> = frozen.iter().map(|(s, e, v)| (s, e, *v)).collect();
-        let changes = self.copy_to_head(head_id, &*data, &*rec, &*wal, single, &extents)?;
-        if let Err(err) = data.sync().and_then(|_| rec.sync()) {
-            return Err(self.poison(format!("fdatasync of layer {head_id} failed: {err}")));
-        }
+        let changes = self.copy_to_head(head_id, &*data, &*rec, single, &extents)?;
         let mut inner = self.inner.write();
         // Snapshots and reverts take `ckpt` first, so the head is still `head_id`.
         let next = WalHeader {
@@ -878,7 +875,7 @@ impl Volume {
             revision: frozen_rev.max(inner.header.revision),
             half: inner.half,
         };
-        self.write_header(&*wal, &next)?;
+        self.write_header(&next)?;
         if let Some(head) = inner.layers.get_mut(&head_id) {
             apply_changes(&mut head.present, &changes);
         }
