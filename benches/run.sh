@@ -18,6 +18,8 @@
 #                     tether3-sec (3 replicas, encrypted and mutual TLS: what `tether up`
 #                     runs) (default: tether1,tether3,qemu-nbd,nbdkit,nbd-server)
 #   --tether BIN      tether binary (default target/release/tether, relative to the repo)
+#   --tether-prev BIN an older tether binary, run as the systems tether1-prev and
+#                     tether3-prev (e.g. the previous store, to compare in one run)
 #   --out FILE        also write the markdown report to FILE
 #   --keep DIR        keep raw fio JSONs, fill JSONs and server logs in DIR (must not
 #                     already hold results); rerun the table with benches/summarize.py DIR
@@ -43,7 +45,7 @@ quote_args() {
 COMMAND_LINE=$(quote_args "$0" "$@")
 
 ALL_PROFILES=(P1 P2 P3 P4 P5 P6)
-ALL_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server tether1-enc tether1-tls tether3-sec)
+ALL_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server tether1-enc tether1-tls tether3-sec tether1-prev tether3-prev)
 DEFAULT_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server)
 
 ROUNDS=3
@@ -53,6 +55,7 @@ SIZE=1g
 PROFILES=$(IFS=,; echo "${ALL_PROFILES[*]}")
 SYSTEMS=$(IFS=,; echo "${DEFAULT_SYSTEMS[*]}")
 TETHER=target/release/tether
+TETHER_PREV=
 OUT=
 KEEP=
 TMP_PARENT=${TMPDIR:-/var/tmp}
@@ -71,6 +74,7 @@ while [[ $# -gt 0 ]]; do
         --profiles)      PROFILES=$2; shift 2 ;;
         --systems)       SYSTEMS=$2; shift 2 ;;
         --tether)        TETHER=$2; shift 2 ;;
+        --tether-prev)   TETHER_PREV=$2; shift 2 ;;
         --out)           OUT=$2; shift 2 ;;
         --keep)          KEEP=$2; shift 2 ;;
         --tmpdir)        TMP_PARENT=$2; shift 2 ;;
@@ -93,6 +97,7 @@ for s in "${SYSTEM_LIST[@]}"; do
 done
 # A relative --tether is taken from the repo root, so the script works from any cwd.
 [[ $TETHER == /* ]] || TETHER=$REPO/$TETHER
+[[ -z ${TETHER_PREV:-} || $TETHER_PREV == /* ]] || TETHER_PREV=$REPO/$TETHER_PREV
 
 command -v python3 >/dev/null || die "python3 is required (fio JSON parsing, free ports)"
 command -v fio >/dev/null     || die "fio is required (apt-get install fio)"
@@ -250,8 +255,8 @@ wait_nbd() {
 URI=
 QEMU_AIO=io_uring
 
-start_tether() {   # $1 dir, $2 number of replicas, $3 "enc", "tls" or "enc,tls" (optional)
-    local dir=$1 n=$2 security=${3:-} ports i rport logf replica_args=() tls_replica=() tls_engine=() enc=()
+start_tether() {   # $1 dir, $2 number of replicas, $3 "enc", "tls" or "enc,tls" (optional), $4 binary
+    local dir=$1 n=$2 security=${3:-} TETHER=${4:-$TETHER} ports i rport logf replica_args=() tls_replica=() tls_engine=() enc=()
     if [[ $security == *tls* ]]; then
         "$TETHER" tls init "$dir/pki" >/dev/null || return 1
         tls_replica=(--tls-cert "$dir/pki/server-cert.pem" --tls-key "$dir/pki/server-key.pem" --tls-ca "$dir/pki/ca-cert.pem")
@@ -342,6 +347,8 @@ start_system() {   # $1 system, $2 dir
         tether1-enc) start_tether "$2" 1 enc ;;
         tether1-tls) start_tether "$2" 1 tls ;;
         tether3-sec) start_tether "$2" 3 enc,tls ;;
+        tether1-prev) start_tether "$2" 1 "" "$TETHER_PREV" ;;
+        tether3-prev) start_tether "$2" 3 "" "$TETHER_PREV" ;;
         qemu-nbd)   start_qemu_nbd "$2" ;;
         nbdkit)     start_nbdkit "$2" ;;
         nbd-server) start_nbd_server "$2" ;;
@@ -350,6 +357,7 @@ start_system() {   # $1 system, $2 dir
 
 system_available() {   # prints why not, on failure
     case $1 in
+        tether*-prev) [[ -n ${TETHER_PREV:-} && -x $TETHER_PREV ]] || { echo "no --tether-prev binary given"; return 1; } ;;
         tether*) [[ -x $TETHER ]] || { echo "tether binary $TETHER not found (build it, or --tether BIN)"; return 1; } ;;
         *) command -v "$1" >/dev/null || { echo "$1 not installed"; return 1; } ;;
     esac

@@ -31,8 +31,8 @@ PROFILES = {
     "P5": ("read", "MiB/s"),
     "P6": ("write", "IOPS"),
 }
-SYSTEM_ORDER = ["tether1", "tether1-enc", "tether1-tls", "tether3", "tether3-sec",
-                "qemu-nbd", "nbdkit", "nbd-server"]
+SYSTEM_ORDER = ["tether1", "tether1-enc", "tether1-tls", "tether1-prev", "tether3", "tether3-sec",
+                "tether3-prev", "qemu-nbd", "nbdkit", "nbd-server"]
 TETHERS = ["tether1", "tether3"]
 PEERS = ["qemu-nbd", "nbdkit", "nbd-server"]
 NAME_RE = re.compile(r"^(\d+)-(P\d+)-([A-Za-z0-9_.-]+)\.json$")
@@ -145,10 +145,12 @@ def table(runs, attempted, n_rounds):
     if "tether1" in present and "tether3" in present:
         ratios.append(("tether3", "tether1"))  # what 3-way replication costs
     # What encryption and TLS cost, against the same topology without them.
-    for secure, base in [("tether1-enc", "tether1"), ("tether1-tls", "tether1"),
-                         ("tether3-sec", "tether3")]:
-        if secure in present and base in present:
-            ratios.append((secure, base))
+    # And this build against an older one (--tether-prev), in the same run.
+    for a, b in [("tether1-enc", "tether1"), ("tether1-tls", "tether1"),
+                 ("tether3-sec", "tether3"),
+                 ("tether1", "tether1-prev"), ("tether3", "tether3-prev")]:
+        if a in present and b in present:
+            ratios.append((a, b))
 
     header = ["profile", "unit"]
     for s in systems:

@@ -294,7 +294,11 @@ fn main() -> Result<()> {
                 if wal_size < 1 << 20 {
                     bail!("--wal-size must be at least 1M");
                 }
-                let opts = tether_replica::StoreOptions { wal_dir, wal_size };
+                let opts = tether_replica::StoreOptions {
+                    wal_dir,
+                    wal_size,
+                    ..Default::default()
+                };
                 let tls = replica_tls(&tls)?;
                 tether_replica::serve(listen, &data, opts, tls, shutdown_signal())
                     .await

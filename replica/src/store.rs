@@ -4,22 +4,28 @@
 //! ```text
 //! <data>/volumes/<volume>/
 //!   meta             JSON: size, epoch, layers (id, parent, snapshot name), head
-//!   layers/<id>.data block i at offset i × 4096 (sparse)
-//!   layers/<id>.rec  8 bytes per block: crc32c, state (1 data, 2 zero); 64 bytes
-//!                    with the engine's 32-byte seal on encrypted volumes
+//!   layers/<id>.data block i at offset i × 4096 (sparse): slot 0
+//!   layers/<id>.alt  the same: slot 1
+//!   layers/<id>.rec  8 bytes per block: crc32c, state (1 data in slot 0, 2 zero,
+//!                    3 data in slot 1); 64 bytes with the engine's 32-byte seal on
+//!                    encrypted volumes
 //!   wal              the log (or <wal-dir>/<volume>.wal)
 //! ```
 //!
-//! A write is appended to the log and acknowledged; a flush fdatasyncs the log only
-//! (group commit). Blocks written since the last checkpoint are served from the log
-//! through an in-memory extent map; a checkpoint copies them into the head layer,
-//! syncs it and starts a new log generation. The log is the only truth about what
-//! happened since the last checkpoint, so a crash can tear nothing it cannot redo.
+//! A small write that a flush may soon wait for is appended to the log and
+//! acknowledged; a flush fdatasyncs the log only (group commit). Blocks written since
+//! the last checkpoint are served from the log through an in-memory extent map; a
+//! checkpoint copies them into the head layer, syncs it and starts a new log
+//! generation. Large writes, and small ones that come without flushes, skip the copy:
+//! their data goes straight into the slot of the head layer that does not hold the
+//! block's last durable version, and only their checksums go to the log. Replay takes
+//! such a record only where the slot still matches it, and never overwriting the other
+//! slot keeps a version to fall back to.
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,9 +43,13 @@ pub const BLOCK_SIZE: u32 = BLOCK as u32;
 pub const MAX_IO_BLOCKS: u64 = 8192;
 /// Default size of a volume's write-ahead log.
 pub const DEFAULT_WAL_SIZE: u64 = 64 << 20;
-const META_FORMAT: u32 = 2;
+/// Two slots per block (format 2 had one; such volumes are upgraded on open).
+const META_FORMAT: u32 = 4;
 /// Encrypted volumes (64-byte block records): older versions must refuse them.
-const META_FORMAT_SEALED: u32 = 3;
+const META_FORMAT_SEALED: u32 = 5;
+/// Formats before the second slot, opened and upgraded.
+const OLD_FORMAT: u32 = 2;
+const OLD_FORMAT_SEALED: u32 = 3;
 /// The hash reported for a block that failed its checksum (it matches nothing real
 /// with overwhelming odds, so a rebuild copies over it).
 pub const BAD_BLOCK_HASH: u64 = 0xbad0_b10c_bad0_b10c;
@@ -47,6 +57,8 @@ pub const BAD_BLOCK_HASH: u64 = 0xbad0_b10c_bad0_b10c;
 pub const SEAL_BYTES: usize = 32;
 const STATE_DATA: u8 = 1;
 const STATE_ZERO: u8 = 2;
+/// Data in the layer's second slot (`.alt`).
+const STATE_ALT: u8 = 3;
 
 /// What can go wrong in the store; each variant names the volume.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +134,14 @@ pub struct StoreOptions {
     pub wal_dir: Option<PathBuf>,
     /// Size of each volume's log.
     pub wal_size: u64,
+    /// Writes of at least this many blocks skip the log's data copy.
+    pub direct_min_blocks: u64,
+    /// Smaller writes skip it too once this many writes came without a flush (nobody
+    /// is waiting on the log's cheap fdatasync); 0: never.
+    pub direct_after_writes: u64,
+    /// Bytes written that way per half of the log before it is checkpointed: bounds
+    /// what recovery reads to check them.
+    pub direct_limit: u64,
 }
 
 impl Default for StoreOptions {
@@ -129,6 +149,9 @@ impl Default for StoreOptions {
         StoreOptions {
             wal_dir: None,
             wal_size: DEFAULT_WAL_SIZE,
+            direct_min_blocks: 16,
+            direct_after_writes: 64,
+            direct_limit: 512 << 20,
         }
     }
 }
@@ -195,6 +218,14 @@ enum Recent {
         side_off: u64,
         side: u8,
     },
+    /// The data is in `slot` of the head layer; its checksums are in the log. `at` is
+    /// the log's byte count after the record: it is durable once `synced` reaches it.
+    Direct {
+        side_off: u64,
+        side: u8,
+        slot: u8,
+        at: u64,
+    },
 }
 
 impl Shift for Recent {
@@ -210,6 +241,17 @@ impl Shift for Recent {
                 side_off: side_off + by * u64::from(side),
                 side,
             },
+            Recent::Direct {
+                side_off,
+                side,
+                slot,
+                at,
+            } => Recent::Direct {
+                side_off: side_off + by * u64::from(side),
+                side,
+                slot,
+                at,
+            },
         }
     }
 }
@@ -217,18 +259,63 @@ impl Shift for Recent {
 impl Layer {
     /// Bytes the layer's files occupy on disk.
     fn allocated(&self) -> u64 {
-        self.data.allocated().unwrap_or(0) + self.rec.allocated().unwrap_or(0)
+        self.data.allocated().unwrap_or(0)
+            + self.alt.allocated().unwrap_or(0)
+            + self.rec.allocated().unwrap_or(0)
+    }
+
+    fn files(&self) -> Files {
+        Files {
+            data: self.data.clone(),
+            alt: self.alt.clone(),
+            rec: self.rec.clone(),
+        }
+    }
+
+    /// The file of slot `slot` (0 `.data`, 1 `.alt`) and its path.
+    fn slot(&self, slot: u8) -> (&dyn DiskFile, &Path) {
+        if slot == 1 {
+            (&*self.alt, &self.alt_path)
+        } else {
+            (&*self.data, &self.data_path)
+        }
     }
 }
 
 struct Layer {
     data: Arc<dyn DiskFile>,
+    alt: Arc<dyn DiskFile>,
     rec: Arc<dyn DiskFile>,
     /// Blocks this layer holds (data or zero).
     present: ExtentMap<()>,
     /// The files' paths, for error messages.
     data_path: PathBuf,
+    alt_path: PathBuf,
     rec_path: PathBuf,
+}
+
+/// A layer's open files, held without the volume's lock.
+#[derive(Clone)]
+struct Files {
+    data: Arc<dyn DiskFile>,
+    alt: Arc<dyn DiskFile>,
+    rec: Arc<dyn DiskFile>,
+}
+
+impl Files {
+    fn slot(&self, slot: u8) -> &dyn DiskFile {
+        if slot == 1 {
+            &*self.alt
+        } else {
+            &*self.data
+        }
+    }
+}
+
+/// Which slot a direct write to a block goes to: the one not holding its last durable
+/// version. `stable` is that version's slot.
+fn other(stable: u8) -> u8 {
+    1 - (stable & 1)
 }
 
 struct Inner {
@@ -247,6 +334,11 @@ struct Inner {
     /// Highest write sequence in `frozen`.
     frozen_rev: u64,
     revision: u64,
+    /// Bytes written directly into the head since the live half began.
+    direct_in_half: u64,
+    /// A snapshot is being merged into the head: every write goes through the log,
+    /// so the merge's copies and direct writes never meet in a slot.
+    log_only: bool,
 }
 
 enum Source {
@@ -295,6 +387,16 @@ pub struct Volume {
     written: AtomicU64,
     synced: AtomicU64,
     poisoned: Mutex<Option<String>>,
+    /// When writes skip the log's data copy (see `StoreOptions`).
+    direct_min_blocks: u64,
+    direct_after_writes: u64,
+    direct_limit: u64,
+    /// Writes since the last flush.
+    since_flush: AtomicU64,
+    /// Data went into the head layer since its files were last synced.
+    direct_dirty: AtomicBool,
+    /// The head layer's files, for flushes (a leaf lock, taken after `sync_lock`).
+    head_files: Mutex<Files>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -322,9 +424,14 @@ fn io_err(volume: &str, op: &'static str, path: &Path, source: io::Error) -> Sto
     }
 }
 
-fn layer_paths(dir: &Path, id: u64) -> (PathBuf, PathBuf) {
+/// A layer's files: slot 0, slot 1, block records.
+fn layer_paths(dir: &Path, id: u64) -> [PathBuf; 3] {
     let l = dir.join("layers");
-    (l.join(format!("{id}.data")), l.join(format!("{id}.rec")))
+    [
+        l.join(format!("{id}.data")),
+        l.join(format!("{id}.alt")),
+        l.join(format!("{id}.rec")),
+    ]
 }
 
 /// Size of a block record: 8 bytes, or 64 with a seal (a power of two, so no entry
@@ -370,9 +477,10 @@ impl Volume {
         wal_path: PathBuf,
         name: &str,
         size: u64,
-        wal_size: u64,
+        opts: &StoreOptions,
         encryption: Option<&str>,
     ) -> Result<Volume, StoreError> {
+        let wal_size = opts.wal_size;
         if size == 0 || !size.is_multiple_of(BLOCK as u64) {
             return Err(StoreError::Invalid {
                 volume: name.to_string(),
@@ -384,12 +492,13 @@ impl Volume {
             move |s| io_err(name, op, &p, s)
         };
         // Leftovers of an unfinished create must not leak into the new volume.
-        let (d, r) = layer_paths(&dir, 1);
-        for p in [&d, &r, &wal_path] {
+        let layer = layer_paths(&dir, 1);
+        for p in layer.iter().chain([&wal_path]) {
             disk.remove(p).map_err(e("removing leftovers", p))?;
         }
-        disk.open(&d, true).map_err(e("creating a layer", &d))?;
-        disk.open(&r, true).map_err(e("creating a layer", &r))?;
+        for p in &layer {
+            disk.open(p, true).map_err(e("creating a layer", p))?;
+        }
         let wal = disk
             .open(&wal_path, true)
             .map_err(e("creating the log", &wal_path))?;
@@ -446,7 +555,7 @@ impl Volume {
         disk.replace(&meta_path, &meta_bytes(&meta))
             .map_err(e("writing meta", &meta_path))?;
         tracing::info!(volume = name, size, wal = %wal_path.display(), "created volume");
-        Self::open(disk, dir, wal_path, name, wal_size)
+        Self::open(disk, dir, wal_path, name, opts)
     }
 
     fn open(
@@ -454,8 +563,9 @@ impl Volume {
         dir: PathBuf,
         wal_path: PathBuf,
         name: &str,
-        wal_size: u64,
+        opts: &StoreOptions,
     ) -> Result<Volume, StoreError> {
+        let wal_size = opts.wal_size;
         let started = Instant::now();
         let meta_path = dir.join("meta");
         let e = |op, p: &Path| {
@@ -477,8 +587,10 @@ impl Volume {
         let meta: Meta = serde_json::from_slice(&raw)
             .map_err(|err| invalid(format!("{} is not valid: {err}", meta_path.display())))?;
         let sealed = meta.tag_bytes != 0;
-        let format_ok = (meta.format == META_FORMAT && !sealed)
-            || (meta.format == META_FORMAT_SEALED && meta.tag_bytes as usize == SEAL_BYTES);
+        let format_ok = ([OLD_FORMAT, META_FORMAT].contains(&meta.format) && !sealed)
+            || ([OLD_FORMAT_SEALED, META_FORMAT_SEALED].contains(&meta.format)
+                && meta.tag_bytes as usize == SEAL_BYTES);
+        let upgrade = [OLD_FORMAT, OLD_FORMAT_SEALED].contains(&meta.format);
         if !format_ok || meta.block_size != BLOCK_SIZE {
             return Err(invalid(format!(
                 "{}: format {} / block size {} / seal {} is not supported by this version (encrypted volumes made before format 3 must be recreated)",
@@ -493,8 +605,10 @@ impl Volume {
         let blocks = meta.size / BLOCK as u64;
         let mut layers = HashMap::new();
         for l in &meta.layers {
-            let (dp, rp) = layer_paths(&dir, l.id);
+            let [dp, ap, rp] = layer_paths(&dir, l.id);
             let data = disk.open(&dp, false).map_err(e("opening a layer", &dp))?;
+            // Volumes of the one-slot formats have no second slot yet.
+            let alt = disk.open(&ap, true).map_err(e("opening a layer", &ap))?;
             let rec = disk.open(&rp, false).map_err(e("opening a layer", &rp))?;
             let present =
                 scan_records(&*rec, blocks, rec_size).map_err(e("reading block records", &rp))?;
@@ -502,13 +616,19 @@ impl Volume {
                 l.id,
                 Layer {
                     data,
+                    alt,
                     rec,
                     present,
                     data_path: dp,
+                    alt_path: ap,
                     rec_path: rp,
                 },
             );
         }
+        let head_files = layers
+            .get(&meta.head)
+            .map(Layer::files)
+            .ok_or_else(|| invalid(format!("head layer {} is not in meta", meta.head)))?;
         let chain = chain_of(&meta, meta.head).map_err(invalid)?;
         let wal = disk.open(&wal_path, false).map_err(|err| {
             if err.kind() == io::ErrorKind::NotFound {
@@ -570,6 +690,8 @@ impl Volume {
                 frozen: None,
                 frozen_rev: 0,
                 revision: header.revision,
+                direct_in_half: 0,
+                log_only: false,
             }),
             sync_lock: Mutex::new(()),
             admin: Mutex::new(()),
@@ -579,7 +701,22 @@ impl Volume {
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             poisoned: Mutex::new(None),
+            direct_min_blocks: opts.direct_min_blocks.max(1),
+            direct_after_writes: opts.direct_after_writes,
+            direct_limit: opts.direct_limit,
+            since_flush: AtomicU64::new(0),
+            direct_dirty: AtomicBool::new(false),
+            head_files: Mutex::new(head_files),
         };
+        if upgrade {
+            // Older versions would misread blocks in the second slot: they must refuse.
+            let format = if sealed {
+                META_FORMAT_SEALED
+            } else {
+                META_FORMAT
+            };
+            vol.save_meta(&mut vol.inner.write(), |m| m.format = format)?;
+        }
         let (records, bytes) = vol.replay()?;
         // A new generation: leftovers past the replayed prefix can never be replayed
         // later, after newer records.
@@ -669,7 +806,7 @@ impl Volume {
             if !wal::verify_record(&head) {
                 break;
             }
-            if h.kind == RecordKind::Write && usize::from(h.tag) != self.tag {
+            if h.kind != RecordKind::Zero && usize::from(h.tag) != self.tag {
                 // The header passed its crc: this is not a torn write but a record
                 // of another format, and what follows may be flushed data.
                 return Err(self.invalid(format!(
@@ -680,7 +817,48 @@ impl Volume {
             let end = h.block + u64::from(h.count);
             let side_off = off + wal::RECORD_HEADER as u64;
             let data_off = side_off + h.sides_len() as u64;
-            if h.kind == RecordKind::Write {
+            if h.kind == RecordKind::Direct {
+                // The data went to the head layer without waiting for the log. Where
+                // the slot no longer matches, this version never became durable or was
+                // overwritten after a newer one did: the block keeps what it had.
+                // Either way the replay goes on.
+                let head_id = inner.meta.head;
+                let Some(layer) = inner.layers.get(&head_id) else {
+                    return Err(self.invalid(format!("head layer {head_id} is not open")));
+                };
+                let (file, path) = layer.slot(h.slot);
+                let mut data = vec![0u8; h.count as usize * BLOCK];
+                file.read_at(&mut data, h.block * BLOCK as u64)
+                    .map_err(self.err("reading a layer", path))?;
+                let sides = &head[wal::RECORD_HEADER..];
+                let side = h.side_len();
+                let mut run: Option<u64> = None;
+                let intact = data
+                    .chunks_exact(BLOCK)
+                    .zip(wal::sides(sides, side))
+                    .map(|(b, (c, t))| wal::block_crc(b, t) == c)
+                    .chain([false]);
+                for (i, ok) in intact.enumerate() {
+                    let i = i as u64;
+                    match (ok, run) {
+                        (true, None) => run = Some(i),
+                        (false, Some(r)) => {
+                            inner.recent.insert(
+                                h.block + r,
+                                h.block + i,
+                                Recent::Direct {
+                                    side_off: side_off + r * side as u64,
+                                    side: side as u8,
+                                    slot: h.slot,
+                                    at: 0,
+                                },
+                            );
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                }
+            } else if h.kind == RecordKind::Write {
                 // A torn payload marks the end of what was written before the crash.
                 let mut data = vec![0u8; h.data_len()];
                 wal.read_at(&mut data, data_off).map_err(rerr)?;
@@ -712,34 +890,41 @@ impl Volume {
 
     /// Copies log extents into the head layer's files and makes them durable there
     /// (no lock held; a failed sync poisons the volume); returns the changes to the
-    /// head's presence map: (start, end, present).
+    /// head's presence map: (start, end, present). Direct extents only get their
+    /// block records: the data is already in its slot, synced by the caller.
     fn copy_to_head(
         &self,
         head_id: u64,
-        data: &dyn DiskFile,
-        rec: &dyn DiskFile,
+        files: &Files,
         single: bool,
         extents: &[(u64, u64, Recent)],
     ) -> Result<Vec<(u64, u64, bool)>, StoreError> {
-        let (dp, rp) = layer_paths(&self.dir, head_id);
+        let [dp, _, rp] = layer_paths(&self.dir, head_id);
+        let (data, rec) = (&*files.data, &*files.rec);
         let mut changes = Vec::with_capacity(extents.len());
+        let mut recs = Vec::new();
+        let mut buf = Vec::new();
+        let mut sides = Vec::new();
         for &(s, e, v) in extents {
+            let (off, len) = (s * BLOCK as u64, (e - s) * BLOCK as u64);
             match v {
-                Recent::Zero if single => {
-                    // Nothing below the head to hide: the blocks just become absent.
-                    data.punch(s * BLOCK as u64, (e - s) * BLOCK as u64)
-                        .and_then(|_| rec.punch(s * self.rec as u64, (e - s) * self.rec as u64))
-                        .map_err(self.err("punching a hole", &dp))?;
-                    changes.push((s, e, false));
-                    continue;
-                }
                 Recent::Zero => {
-                    data.punch(s * BLOCK as u64, (e - s) * BLOCK as u64)
+                    // Nothing direct is pending for a block whose latest write is a
+                    // zero (such blocks go through the log), so both slots are free.
+                    data.punch(off, len)
+                        .and_then(|_| files.alt.punch(off, len))
                         .map_err(self.err("punching a hole", &dp))?;
+                    if single {
+                        // Nothing below the head to hide: the blocks just become absent.
+                        rec.punch(s * self.rec as u64, (e - s) * self.rec as u64)
+                            .map_err(self.err("punching a hole", &rp))?;
+                        changes.push((s, e, false));
+                        continue;
+                    }
                     let mut b = s;
                     while b < e {
                         let n = (e - b).min(1 << 14);
-                        let mut recs = Vec::with_capacity(n as usize * self.rec);
+                        recs.clear();
                         for _ in 0..n {
                             push_rec(&mut recs, self.rec, 0, STATE_ZERO, &[]);
                         }
@@ -748,30 +933,42 @@ impl Volume {
                         b += n;
                     }
                 }
-                Recent::Data { .. } => {
+                Recent::Data { .. } | Recent::Direct { .. } => {
                     let mut b = s;
                     while b < e {
                         let n = (e - b).min(256);
-                        let Recent::Data {
-                            data_off,
-                            side_off,
-                            side,
-                        } = v.shift(b - s)
-                        else {
-                            break;
+                        let (side_off, side, copy) = match v.shift(b - s) {
+                            Recent::Data {
+                                data_off,
+                                side_off,
+                                side,
+                                ..
+                            } => (side_off, side, Some(data_off)),
+                            Recent::Direct { side_off, side, .. } => (side_off, side, None),
+                            Recent::Zero => break,
                         };
-                        let mut sides = vec![0u8; n as usize * usize::from(side)];
-                        let mut buf = vec![0u8; n as usize * BLOCK];
+                        let state = match v {
+                            Recent::Direct { slot: 1, .. } => STATE_ALT,
+                            _ => STATE_DATA,
+                        };
+                        sides.resize(n as usize * usize::from(side), 0);
                         self.wal
                             .read_at(&mut sides, side_off)
-                            .and_then(|_| self.wal.read_at(&mut buf, data_off))
                             .map_err(self.err("reading the log", &self.wal_path))?;
-                        let mut recs = Vec::with_capacity(n as usize * self.rec);
-                        for (c, t) in wal::sides(&sides, usize::from(side)) {
-                            push_rec(&mut recs, self.rec, c, STATE_DATA, t);
+                        if let Some(data_off) = copy {
+                            // From the log into slot 0: no direct write is pending for a
+                            // block whose latest write went through the log.
+                            buf.resize(n as usize * BLOCK, 0);
+                            self.wal
+                                .read_at(&mut buf, data_off)
+                                .map_err(self.err("reading the log", &self.wal_path))?;
+                            data.write_at(&buf, b * BLOCK as u64)
+                                .map_err(self.err("writing a layer", &dp))?;
                         }
-                        data.write_at(&buf, b * BLOCK as u64)
-                            .map_err(self.err("writing a layer", &dp))?;
+                        recs.clear();
+                        for (c, t) in wal::sides(&sides, usize::from(side)) {
+                            push_rec(&mut recs, self.rec, c, state, t);
+                        }
                         rec.write_at(&recs, b * self.rec as u64)
                             .map_err(self.err("writing block records", &rp))?;
                         b += n;
@@ -795,16 +992,37 @@ impl Volume {
         })
     }
 
+    /// Makes every write appended so far durable: the head layer's slots if data went
+    /// there directly, then the log. The caller holds `sync_lock`.
+    fn sync_locked(&self, head: &Files) -> Result<(), StoreError> {
+        // Direct writes mark the head dirty before their record counts in `written`,
+        // so everything counted here has its data covered by this sync.
+        let upto = self.written.load(Ordering::SeqCst);
+        if self.direct_dirty.swap(false, Ordering::SeqCst) {
+            if let Err(err) = head.data.sync().and_then(|_| head.alt.sync()) {
+                return Err(self.poison(format!("fdatasync of the head layer failed: {err}")));
+            }
+        }
+        self.sync_log()?;
+        self.synced.fetch_max(upto, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Copies everything in the log (the frozen half, then the live one) into the head
     /// layer, syncs it, and starts a new generation in the live half. The caller holds
     /// `ckpt`. Leaves everything as it was if any step fails.
     fn checkpoint(&self, inner: &mut Inner) -> Result<(), StoreError> {
         self.check_writable()?;
         let head_id = inner.meta.head;
+        let Some(head) = inner.layers.get(&head_id) else {
+            return Err(self.invalid(format!("head layer {head_id} is not open")));
+        };
+        let files = head.files();
         // Every record copied below must be replayable if the copy is torn: make the
-        // log durable before touching the layer.
+        // log (and direct data) durable before touching the layer.
         if !inner.recent.is_empty() || inner.frozen.is_some() {
-            self.sync_log()?;
+            let _s = self.sync_lock.lock();
+            self.sync_locked(&files)?;
         }
         let mut extents: Vec<(u64, u64, Recent)> = Vec::new();
         if let Some(f) = &inner.frozen {
@@ -812,11 +1030,7 @@ impl Volume {
         }
         extents.extend(inner.recent.iter().map(|(s, e, v)| (s, e, *v)));
         let single = inner.chain.len() == 1;
-        let Some(head) = inner.layers.get(&head_id) else {
-            return Err(self.invalid(format!("head layer {head_id} is not open")));
-        };
-        let (data, rec) = (head.data.clone(), head.rec.clone());
-        let changes = self.copy_to_head(head_id, &*data, &*rec, single, &extents)?;
+        let changes = self.copy_to_head(head_id, &files, single, &extents)?;
         let next = WalHeader {
             gen: inner.gen_cur + 1,
             revision: inner.revision,
@@ -830,6 +1044,7 @@ impl Volume {
         inner.gen_cur = next.gen;
         inner.recent.clear();
         inner.frozen = None;
+        inner.direct_in_half = 0;
         inner.wal_off = self.half_range(inner.half).0;
         self.synced
             .store(self.written.load(Ordering::Acquire), Ordering::Release);
@@ -846,7 +1061,7 @@ impl Volume {
     /// Copies the frozen half into the head layer, without blocking appends to the
     /// live half, then frees the frozen half. The caller holds `ckpt`.
     fn checkpoint_frozen(&self) -> Result<(), StoreError> {
-        let (frozen, frozen_rev, head_id, data, rec, single) = {
+        let (frozen, frozen_rev, head_id, files, single) = {
             let inner = self.inner.read();
             let Some(frozen) = inner.frozen.clone() else {
                 return Ok(());
@@ -859,15 +1074,21 @@ impl Volume {
                 frozen,
                 inner.frozen_rev,
                 head_id,
-                head.data.clone(),
-                head.rec.clone(),
+                head.files(),
                 inner.chain.len() == 1,
             )
         };
         self.check_writable()?;
-        self.sync_log()?;
+        // Twice: until the first sync counts a frozen direct write as durable, a new
+        // direct write to that block may reuse its slot (then the block records written
+        // below are stale for it), and the second sync makes every such write durable,
+        // so replaying the live half always corrects those records.
+        for _ in 0..2 {
+            let _s = self.sync_lock.lock();
+            self.sync_locked(&files)?;
+        }
         let extents: Vec<(u64, u64, Recent)> = frozen.iter().map(|(s, e, v)| (s, e, *v)).collect();
-        let changes = self.copy_to_head(head_id, &*data, &*rec, single, &extents)?;
+        let changes = self.copy_to_head(head_id, &files, single, &extents)?;
         let mut inner = self.inner.write();
         // Snapshots and reverts take `ckpt` first, so the head is still `head_id`.
         let next = WalHeader {
@@ -1044,18 +1265,15 @@ impl Volume {
         }
     }
 
-    /// Appends one record, checkpointing first if the log is full.
-    /// Appends one record; returns false when the live half is full and the other
-    /// half is still being checkpointed (the caller waits and retries).
-    fn append(
-        &self,
-        inner: &mut Inner,
-        h: RecordHeader,
-        sides: &[u8],
-        data: &[u8],
-    ) -> Result<bool, StoreError> {
-        let len = h.total_len();
-        if inner.wal_off + len > self.half_range(inner.half).1 {
+    /// Makes room in the live half for a record of `len` bytes that comes with
+    /// `direct` bytes written straight into the head; false when the live half is full
+    /// and the other half is still being checkpointed (the caller waits and retries).
+    fn make_room(&self, inner: &mut Inner, len: u64, direct: u64) -> Result<bool, StoreError> {
+        let full = inner.wal_off + len > self.half_range(inner.half).1
+            || (direct > 0
+                && inner.direct_in_half > 0
+                && inner.direct_in_half + direct > self.direct_limit);
+        if full {
             if inner.frozen.is_some() {
                 return Ok(false);
             }
@@ -1068,6 +1286,7 @@ impl Volume {
             inner.half = 1 - inner.half;
             inner.gen_cur += 1;
             inner.wal_off = self.half_range(inner.half).0;
+            inner.direct_in_half = 0;
             self.spawn_checkpoint();
         }
         if inner.wal_off + len > self.half_range(inner.half).1 {
@@ -1076,6 +1295,18 @@ impl Volume {
                 self.wal_size
             )));
         }
+        Ok(true)
+    }
+
+    /// Appends one record where `make_room` made room, and maps its blocks.
+    fn push_record(
+        &self,
+        inner: &mut Inner,
+        h: RecordHeader,
+        sides: &[u8],
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        let len = h.total_len();
         let h = RecordHeader {
             gen: inner.gen_cur,
             ..h
@@ -1094,30 +1325,129 @@ impl Volume {
                 .and_then(|_| self.wal.write_at(data, data_off))
         };
         wrote.map_err(self.err("appending to the log", &self.wal_path))?;
+        let at = self.written.fetch_add(len, Ordering::SeqCst) + len;
         let end = h.block + u64::from(h.count);
+        let side = h.side_len() as u8;
         let v = match h.kind {
             RecordKind::Write => Recent::Data {
                 data_off,
                 side_off,
-                side: h.side_len() as u8,
+                side,
+            },
+            RecordKind::Direct => Recent::Direct {
+                side_off,
+                side,
+                slot: h.slot,
+                at,
             },
             RecordKind::Zero => Recent::Zero,
         };
         inner.recent.insert(h.block, end, v);
         inner.wal_off += len;
         inner.revision = inner.revision.max(h.seq);
-        self.written.fetch_add(len, Ordering::AcqRel);
-        Ok(true)
+        Ok(())
     }
 
     /// Appends, waiting for the background checkpoint when both halves are busy.
     fn append_waiting(&self, h: RecordHeader, sides: &[u8], data: &[u8]) -> Result<(), StoreError> {
         loop {
-            if self.append(&mut self.inner.write(), h, sides, data)? {
-                return Ok(());
+            {
+                let mut inner = self.inner.write();
+                if self.make_room(&mut inner, h.total_len(), 0)? {
+                    return self.push_record(&mut inner, h, sides, data);
+                }
             }
             self.finish_checkpoint()?;
         }
+    }
+
+    /// Writes the first run of blocks at `block` (at most `max`) that goes one way:
+    /// through the log, or straight into one slot of the head. Returns how many blocks
+    /// it wrote, or `None` when the log has no room until the checkpoint finishes.
+    #[allow(clippy::too_many_arguments)]
+    fn write_run(
+        &self,
+        inner: &mut Inner,
+        seq: u64,
+        block: u64,
+        max: u64,
+        data: &[u8],
+        sides: &[u8],
+        direct_ok: bool,
+    ) -> Result<Option<u64>, StoreError> {
+        let (latest, mut run_end) = window_at(inner, block, block + max);
+        let head_id = inner.meta.head;
+        let Some(head) = inner.layers.get(&head_id) else {
+            return Err(self.invalid(format!("head layer {head_id} is not open")));
+        };
+        // A block's writes since the last checkpoint all go one way, so only direct
+        // writes ever choose slots and only log copies and zeroes touch slot 0 or
+        // punch: the two never meet in a slot.
+        let slot = match latest {
+            Some(Recent::Direct { slot, at, .. }) => {
+                // Its last durable version is this one once synced, else the one in the
+                // other slot (a direct write never goes where that version is).
+                let stable = if at <= self.synced.load(Ordering::SeqCst) {
+                    slot
+                } else {
+                    other(slot)
+                };
+                Some(other(stable))
+            }
+            Some(_) => None,
+            None if direct_ok && !inner.log_only => {
+                // Nothing since the checkpoint: the block record says where the block's
+                // durable version is (absent or zero: anywhere, so slot 0 is free).
+                let n = (run_end - block) as usize;
+                let mut recs = vec![0u8; n * self.rec];
+                head.rec
+                    .read_at(&mut recs, block * self.rec as u64)
+                    .map_err(self.err("reading block records", &head.rec_path))?;
+                let stable = |r: &[u8]| u8::from(r[4] != STATE_DATA);
+                let mut entries = recs.chunks_exact(self.rec);
+                let first = entries.next().map_or(1, stable);
+                let same = 1 + entries.take_while(|r| stable(r) == first).count();
+                run_end = block + same as u64;
+                Some(other(first))
+            }
+            None => None,
+        };
+        let n = run_end - block;
+        let side = 4 + self.tag;
+        let sides = &sides[..n as usize * side];
+        let data = &data[..n as usize * BLOCK];
+        let mut h = RecordHeader {
+            kind: RecordKind::Write,
+            gen: 0,
+            seq,
+            block,
+            count: n as u32,
+            tag: self.tag as u8,
+            slot: 0,
+        };
+        let Some(slot) = slot else {
+            if !self.make_room(inner, h.total_len(), 0)? {
+                return Ok(None);
+            }
+            self.push_record(inner, h, sides, data)?;
+            return Ok(Some(n));
+        };
+        h.kind = RecordKind::Direct;
+        h.slot = slot;
+        if !self.make_room(inner, h.total_len(), data.len() as u64)? {
+            return Ok(None);
+        }
+        let Some(head) = inner.layers.get(&head_id) else {
+            return Err(self.invalid(format!("head layer {head_id} is not open")));
+        };
+        let (file, path) = head.slot(slot);
+        file.write_at(data, block * BLOCK as u64)
+            .map_err(self.err("writing a layer", path))?;
+        // Before the record counts in `written`: see `sync_locked`.
+        self.direct_dirty.store(true, Ordering::SeqCst);
+        self.push_record(inner, h, sides, &[])?;
+        inner.direct_in_half += data.len() as u64;
+        Ok(Some(n))
     }
 
     fn spawn_checkpoint(&self) {
@@ -1175,24 +1505,31 @@ impl Volume {
         }
         self.check_range(block, count, true)?;
         self.check_writable()?;
+        let writes = self.since_flush.fetch_add(1, Ordering::Relaxed) + 1;
+        // Large writes skip the log's copy; so do small ones while nobody flushes (no
+        // one waits on the log's one cheap fdatasync then).
+        let direct = count >= self.direct_min_blocks
+            || (self.direct_after_writes > 0 && writes > self.direct_after_writes);
         let side = 4 + self.tag;
         let sides = wal::make_sides(data, tags, self.tag);
         // Big writes go in pieces that fit a quarter of the log.
         let per = ((self.wal_size / 4) / (BLOCK + side) as u64).max(1);
         let mut b = 0;
         while b < count {
-            let n = per.min(count - b);
-            let h = RecordHeader {
-                kind: RecordKind::Write,
-                gen: 0,
+            let (at, sat) = (b as usize * BLOCK, b as usize * side);
+            let wrote = self.write_run(
+                &mut self.inner.write(),
                 seq,
-                block: block + b,
-                count: n as u32,
-                tag: self.tag as u8,
-            };
-            let bytes = &data[(b as usize * BLOCK)..((b + n) as usize * BLOCK)];
-            self.append_waiting(h, &sides[b as usize * side..(b + n) as usize * side], bytes)?;
-            b += n;
+                block + b,
+                per.min(count - b),
+                &data[at..],
+                &sides[sat..],
+                direct,
+            )?;
+            match wrote {
+                Some(n) => b += n,
+                None => self.finish_checkpoint()?,
+            }
         }
         Ok(())
     }
@@ -1211,6 +1548,7 @@ impl Volume {
                 block: block + b,
                 count: n as u32,
                 tag: 0,
+                slot: 0,
             };
             self.append_waiting(h, &[], &[])?;
             b += n;
@@ -1218,28 +1556,23 @@ impl Volume {
         Ok(())
     }
 
-    /// Makes every completed write durable: one fdatasync of the log, shared by all
-    /// flushes that arrive while it runs (group commit).
+    /// Makes every completed write durable: one fdatasync of the log (and of the head
+    /// layer if data went there directly), shared by all flushes that arrive while it
+    /// runs (group commit).
     pub fn sync(&self) -> Result<(), StoreError> {
+        self.since_flush.store(0, Ordering::Relaxed);
         self.check_writable()?;
-        let target = self.written.load(Ordering::Acquire);
+        let target = self.written.load(Ordering::SeqCst);
         let _g = self.sync_lock.lock();
-        if self.synced.load(Ordering::Acquire) >= target {
+        if self.synced.load(Ordering::SeqCst) >= target {
             return Ok(());
         }
         // Another flush may have failed while this one waited: Linux reports a lost
         // writeback only once, so a second fdatasync could wrongly succeed.
         self.check_writable()?;
-        let upto = self.written.load(Ordering::Acquire);
-        if let Err(err) = self.wal.sync() {
-            return Err(self.poison(format!(
-                "fdatasync of {} failed: {err}",
-                self.wal_path.display()
-            )));
-        }
-        self.check_writable()?;
-        self.synced.fetch_max(upto, Ordering::AcqRel);
-        Ok(())
+        let head = self.head_files.lock().clone();
+        self.sync_locked(&head)?;
+        self.check_writable()
     }
 
     /// Reads `count` whole blocks of the head starting at `block`, verifying every
@@ -1290,16 +1623,30 @@ impl Volume {
             let tbuf = &mut tags[tat..tat + n * tag];
             match src {
                 Source::Zeros | Source::Log(Recent::Zero) => {}
-                Source::Log(Recent::Data {
-                    data_off,
-                    side_off,
-                    side,
-                }) => {
+                Source::Log(
+                    v @ (Recent::Data { side_off, side, .. }
+                    | Recent::Direct { side_off, side, .. }),
+                ) => {
                     let mut sides = vec![0u8; n * usize::from(side)];
                     self.wal
                         .read_at(&mut sides, side_off)
-                        .and_then(|_| self.wal.read_at(buf, data_off))
                         .map_err(self.err("reading the log", &self.wal_path))?;
+                    match v {
+                        Recent::Direct { slot, .. } => {
+                            let head_id = inner.meta.head;
+                            let Some(head) = inner.layers.get(&head_id) else {
+                                return Err(self.invalid(format!("layer {head_id} is not open")));
+                            };
+                            let (file, path) = head.slot(slot);
+                            file.read_at(buf, p * BLOCK as u64)
+                                .map_err(self.err("reading a layer", path))?;
+                        }
+                        Recent::Data { data_off, .. } => self
+                            .wal
+                            .read_at(buf, data_off)
+                            .map_err(self.err("reading the log", &self.wal_path))?,
+                        Recent::Zero => {}
+                    }
                     for (i, (c, t)) in wal::sides(&sides, usize::from(side)).enumerate() {
                         if wal::block_crc(&buf[i * BLOCK..(i + 1) * BLOCK], t) != c
                             || t.len() != tag
@@ -1318,17 +1665,27 @@ impl Volume {
                         .rec
                         .read_at(&mut recs, p * self.rec as u64)
                         .map_err(self.err("reading block records", &layer.rec_path))?;
-                    layer
-                        .data
-                        .read_at(buf, p * BLOCK as u64)
-                        .map_err(self.err("reading a layer", &layer.data_path))?;
+                    // Each run of blocks in the same slot in one read.
+                    let slot_of = |i: usize| u8::from(recs[i * self.rec + 4] == STATE_ALT);
+                    let mut i = 0;
+                    while i < n {
+                        let slot = slot_of(i);
+                        let j = (i + 1..n).find(|&j| slot_of(j) != slot).unwrap_or(n);
+                        let (file, path) = layer.slot(slot);
+                        file.read_at(
+                            &mut buf[i * BLOCK..j * BLOCK],
+                            (p + i as u64) * BLOCK as u64,
+                        )
+                        .map_err(self.err("reading a layer", path))?;
+                        i = j;
+                    }
                     for (i, r) in recs.chunks_exact(self.rec).enumerate() {
                         let blk = &mut buf[i * BLOCK..(i + 1) * BLOCK];
                         let crc = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
                         let t = &r[8..8 + tag];
                         match r[4] {
                             STATE_ZERO => blk.fill(0),
-                            STATE_DATA if wal::block_crc(blk, t) == crc => {
+                            STATE_DATA | STATE_ALT if wal::block_crc(blk, t) == crc => {
                                 tbuf[i * tag..(i + 1) * tag].copy_from_slice(t);
                             }
                             _ => {
@@ -1357,22 +1714,35 @@ impl Volume {
 
     /// Creates the (empty) files of layer `id`.
     fn create_layer(&self, id: u64) -> Result<Layer, StoreError> {
-        let (dp, rp) = layer_paths(&self.dir, id);
-        let data = self
-            .disk
-            .open(&dp, true)
-            .map_err(self.err("creating a layer", &dp))?;
-        let rec = self
-            .disk
-            .open(&rp, true)
-            .map_err(self.err("creating a layer", &rp))?;
+        let [dp, ap, rp] = layer_paths(&self.dir, id);
+        let create = |p: &Path| {
+            self.disk
+                .open(p, true)
+                .map_err(self.err("creating a layer", p))
+        };
         Ok(Layer {
-            data,
-            rec,
+            data: create(&dp)?,
+            alt: create(&ap)?,
+            rec: create(&rp)?,
             present: ExtentMap::new(),
             data_path: dp,
+            alt_path: ap,
             rec_path: rp,
         })
+    }
+
+    /// Makes layer `id` (just created) the head's files for flushes.
+    fn set_head_files(&self, layer: &Layer) {
+        *self.head_files.lock() = layer.files();
+    }
+
+    /// Removes a dropped layer's files (a leftover only wastes space).
+    fn remove_layer_files(&self, id: u64) {
+        for p in layer_paths(&self.dir, id) {
+            if let Err(e) = self.disk.remove(&p) {
+                tracing::warn!(volume = %self.name, path = %p.display(), error = %e, "could not remove a dropped layer file");
+            }
+        }
     }
 
     /// Freezes the head as snapshot `name` and starts a new empty head.
@@ -1401,6 +1771,7 @@ impl Volume {
             }
             m.push_head(id, old);
         })?;
+        self.set_head_files(&layer);
         inner.layers.insert(id, layer);
         inner.chain.insert(0, id);
         tracing::info!(volume = %self.name, snapshot = name, seq, "snapshot created");
@@ -1457,23 +1828,24 @@ impl Volume {
         };
         let started = Instant::now();
         let mut copied = 0u64;
-        for &child in &children {
-            for &(s, e) in &extents {
-                let mut b = s;
-                while b < e {
-                    let n = (e - b).min(1024);
-                    copied += self.merge_chunk(lid, child, b, b + n)?;
-                    b += n;
-                }
+        // Into the head, the merge copies into slot 0 while writes go on: from here to
+        // the end every write goes through the log, and nothing written directly
+        // before is left in the log, so no direct write and no copy meet in a slot.
+        let into_head = {
+            let _c = self.ckpt.lock();
+            let mut inner = self.inner.write();
+            let into_head = children.contains(&inner.meta.head);
+            if into_head {
+                self.checkpoint(&mut inner)?;
+                inner.log_only = true;
             }
-            let inner = self.inner.read();
-            if let Some(c) = inner.layers.get(&child) {
-                let (_, rp) = layer_paths(&self.dir, child);
-                c.rec
-                    .sync()
-                    .map_err(self.err("syncing block records", &rp))?;
-            }
+            into_head
+        };
+        let merged = self.merge_into(lid, &children, &extents, &mut copied);
+        if into_head {
+            self.inner.write().log_only = false;
         }
+        merged?;
         let mut inner = self.inner.write();
         self.save_meta(&mut inner, |m| {
             m.layers.retain(|l| l.id != lid);
@@ -1483,14 +1855,37 @@ impl Volume {
         })?;
         inner.layers.remove(&lid);
         inner.chain = chain_of(&inner.meta, inner.meta.head).map_err(|w| self.invalid(w))?;
-        let (dp, rp) = layer_paths(&self.dir, lid);
-        for p in [dp, rp] {
-            if let Err(e) = self.disk.remove(&p) {
-                tracing::warn!(volume = %self.name, path = %p.display(), error = %e, "could not remove a merged layer file");
-            }
-        }
+        self.remove_layer_files(lid);
         tracing::info!(volume = %self.name, snapshot = name, blocks = copied,
             ms = started.elapsed().as_millis() as u64, "snapshot deleted and merged");
+        Ok(())
+    }
+
+    /// Copies the blocks of layer `lid` (its `extents`) that each child lacks into it,
+    /// and makes the children's records durable.
+    fn merge_into(
+        &self,
+        lid: u64,
+        children: &[u64],
+        extents: &[(u64, u64)],
+        copied: &mut u64,
+    ) -> Result<(), StoreError> {
+        for &child in children {
+            for &(s, e) in extents {
+                let mut b = s;
+                while b < e {
+                    let n = (e - b).min(1024);
+                    *copied += self.merge_chunk(lid, child, b, b + n)?;
+                    b += n;
+                }
+            }
+            let inner = self.inner.read();
+            if let Some(c) = inner.layers.get(&child) {
+                c.rec
+                    .sync()
+                    .map_err(self.err("syncing block records", &c.rec_path))?;
+            }
+        }
         Ok(())
     }
 
@@ -1509,10 +1904,8 @@ impl Volume {
             let missing: Vec<u64> = (s..e).filter(|&b| dst.present.get(b).is_none()).collect();
             let files = |l: &Layer| {
                 (
-                    l.data.clone(),
-                    l.rec.clone(),
-                    l.data_path.clone(),
-                    l.rec_path.clone(),
+                    l.files(),
+                    [l.data_path.clone(), l.alt_path.clone(), l.rec_path.clone()],
                 )
             };
             (files(src), files(dst), missing)
@@ -1520,17 +1913,23 @@ impl Volume {
         if missing.is_empty() {
             return Ok(0);
         }
-        let (sdata, srec, sdp, srp) = src;
-        let (ddata, drec, ddp, drp) = dst;
+        let (sf, [sdp, sap, srp]) = src;
+        let (df, [ddp, _, drp]) = dst;
+        let (ddata, drec) = (df.data, df.rec);
         let mut recs = vec![0u8; missing.len() * self.rec];
         let mut block = vec![0u8; BLOCK];
         for (&b, r) in missing.iter().zip(recs.chunks_exact_mut(self.rec)) {
-            srec.read_at(r, b * self.rec as u64)
+            sf.rec
+                .read_at(r, b * self.rec as u64)
                 .map_err(self.err("reading block records", &srp))?;
-            if r[4] == STATE_DATA {
-                sdata
+            if r[4] == STATE_DATA || r[4] == STATE_ALT {
+                let slot = u8::from(r[4] == STATE_ALT);
+                sf.slot(slot)
                     .read_at(&mut block, b * BLOCK as u64)
-                    .map_err(self.err("reading a layer", &sdp))?;
+                    .map_err(self.err("reading a layer", if slot == 1 { &sap } else { &sdp }))?;
+                // The copy goes to slot 0 (nothing direct is pending in the head
+                // during a merge, and a snapshot layer has no writers).
+                r[4] = STATE_DATA;
                 ddata
                     .write_at(&block, b * BLOCK as u64)
                     .map_err(self.err("writing a layer", &ddp))?;
@@ -1569,13 +1968,11 @@ impl Volume {
             m.layers.retain(|l| l.id != old);
             m.push_head(id, target);
         })?;
+        self.set_head_files(&layer);
         inner.layers.remove(&old);
         inner.layers.insert(id, layer);
         inner.chain = chain_of(&inner.meta, id).map_err(|w| self.invalid(w))?;
-        let (odp, orp) = layer_paths(&self.dir, old);
-        for p in [odp, orp] {
-            let _ = self.disk.remove(&p);
-        }
+        self.remove_layer_files(old);
         tracing::info!(volume = %self.name, snapshot = name, "reverted to snapshot");
         Ok(())
     }
@@ -1643,7 +2040,10 @@ impl Volume {
         let mut p = block;
         while p < end {
             let (src, run_end) = source(&inner, &inner.chain, true, p, end);
-            let allocated = matches!(src, Source::Layer(_) | Source::Log(Recent::Data { .. }));
+            let allocated = matches!(
+                src,
+                Source::Layer(_) | Source::Log(Recent::Data { .. } | Recent::Direct { .. })
+            );
             match out.last_mut() {
                 Some(last) if last.2 == allocated && last.1 == p => last.1 = run_end,
                 _ => out.push((p, run_end, allocated)),
@@ -1701,13 +2101,9 @@ fn chain_of(meta: &Meta, id: u64) -> Result<Vec<u64>, String> {
 fn source(inner: &Inner, chain: &[u64], with_log: bool, p: u64, end: u64) -> (Source, u64) {
     let mut bound = end;
     if with_log {
-        for map in std::iter::once(&inner.recent).chain(inner.frozen.as_deref()) {
-            if let Some((v, e)) = map.get(p) {
-                return (Source::Log(v), e.min(bound));
-            }
-            if let Some(ns) = map.next_start(p) {
-                bound = bound.min(ns);
-            }
+        match window_at(inner, p, end) {
+            (Some(v), e) => return (Source::Log(v), e),
+            (None, e) => bound = e,
         }
     }
     for id in chain {
@@ -1722,6 +2118,21 @@ fn source(inner: &Inner, chain: &[u64], with_log: bool, p: u64, end: u64) -> (So
         }
     }
     (Source::Zeros, bound)
+}
+
+/// What the log holds for block `p` (the live half first), and how far that runs
+/// (< `end`); `None` while the log holds nothing.
+fn window_at(inner: &Inner, p: u64, end: u64) -> (Option<Recent>, u64) {
+    let mut bound = end;
+    for map in std::iter::once(&inner.recent).chain(inner.frozen.as_deref()) {
+        if let Some((v, e)) = map.get(p) {
+            return (Some(v), e.min(bound));
+        }
+        if let Some(ns) = map.next_start(p) {
+            bound = bound.min(ns);
+        }
+    }
+    (None, bound)
 }
 
 /// Builds a layer's present-block map from its record file.
@@ -1812,15 +2223,14 @@ impl VolumeSet {
             return Ok((v.clone(), false));
         }
         let (dir, wal, disk) = (self.root.join(name), self.wal_path(name), self.disk.clone());
-        let wal_size = self.opts.wal_size;
+        let opts = &self.opts;
         let (vol, created) = match (
-            Volume::open(disk.clone(), dir.clone(), wal.clone(), name, wal_size),
+            Volume::open(disk.clone(), dir.clone(), wal.clone(), name, opts),
             create,
         ) {
-            (Err(StoreError::NotFound { .. }), Some((size, enc))) => (
-                Volume::create(disk, dir, wal, name, size, wal_size, enc)?,
-                true,
-            ),
+            (Err(StoreError::NotFound { .. }), Some((size, enc))) => {
+                (Volume::create(disk, dir, wal, name, size, opts, enc)?, true)
+            }
             (r, _) => (r?, false),
         };
         let v = Arc::new(vol);

@@ -8,7 +8,9 @@
 //!                              block u64 | count u32 | crc32c u32      (40 bytes)
 //!                              then for a write: count × side entry (crc32c u32 of the
 //!                              block's data and tag, then `tag` bytes of the engine's
-//!                              seal), then count × 4096 bytes of data
+//!                              seal), then count × 4096 bytes of data; for a direct
+//!                              write (kind 3, slot in byte 6) only the side entries:
+//!                              the data went straight into that slot of the head layer
 //! ```
 //!
 //! The record crc covers the header (crc field zeroed) and the side entries; each
@@ -82,6 +84,9 @@ pub enum RecordKind {
     Write,
     /// The blocks read as zeroes from now on.
     Zero,
+    /// The data went straight into one slot of the head layer; the record holds only
+    /// the blocks' checksums (and seals).
+    Direct,
 }
 
 /// A decoded record header.
@@ -99,6 +104,8 @@ pub struct RecordHeader {
     pub count: u32,
     /// Bytes of engine seal (encryption nonce and tag) per block; 0 if unencrypted.
     pub tag: u8,
+    /// For a direct write: which slot of the head layer holds the data (0 or 1).
+    pub slot: u8,
 }
 
 impl RecordHeader {
@@ -110,7 +117,7 @@ impl RecordHeader {
     /// Bytes of side entries after the header.
     pub fn sides_len(&self) -> usize {
         match self.kind {
-            RecordKind::Write => self.count as usize * self.side_len(),
+            RecordKind::Write | RecordKind::Direct => self.count as usize * self.side_len(),
             RecordKind::Zero => 0,
         }
     }
@@ -119,7 +126,7 @@ impl RecordHeader {
     pub fn data_len(&self) -> usize {
         match self.kind {
             RecordKind::Write => self.count as usize * BLOCK,
-            RecordKind::Zero => 0,
+            RecordKind::Zero | RecordKind::Direct => 0,
         }
     }
 
@@ -154,8 +161,9 @@ pub fn encode_record(h: &RecordHeader, sides: &[u8]) -> Vec<u8> {
     b.push(match h.kind {
         RecordKind::Write => 1,
         RecordKind::Zero => 2,
+        RecordKind::Direct => 3,
     });
-    b.extend_from_slice(&[h.tag, 0, 0]);
+    b.extend_from_slice(&[h.tag, h.slot, 0]);
     b.extend_from_slice(&h.gen.to_le_bytes());
     b.extend_from_slice(&h.seq.to_le_bytes());
     b.extend_from_slice(&h.block.to_le_bytes());
@@ -176,8 +184,12 @@ pub fn decode_header(b: &[u8], gen: u64) -> Option<RecordHeader> {
     let kind = match b[4] {
         1 => RecordKind::Write,
         2 => RecordKind::Zero,
+        3 => RecordKind::Direct,
         _ => return None,
     };
+    if b[6] > 1 || (b[6] != 0 && kind != RecordKind::Direct) {
+        return None;
+    }
     let h = RecordHeader {
         kind,
         gen: le64(&b[8..16]),
@@ -185,6 +197,7 @@ pub fn decode_header(b: &[u8], gen: u64) -> Option<RecordHeader> {
         block: le64(&b[24..32]),
         count: le32(&b[32..36]),
         tag: b[5],
+        slot: b[6],
     };
     (h.gen == gen && h.count > 0).then_some(h)
 }
@@ -225,11 +238,15 @@ mod tests {
 
     proptest! {
         #[test]
-        fn record_roundtrip(seq: u64, block: u64, count in 1u32..64, zero: bool, gen: u64, sealed: bool) {
-            let kind = if zero { RecordKind::Zero } else { RecordKind::Write };
+        fn record_roundtrip(seq: u64, block: u64, count in 1u32..64, kind in 0u8..4, gen: u64, sealed: bool) {
+            let (kind, slot) = match kind {
+                0 => (RecordKind::Zero, 0),
+                1 => (RecordKind::Write, 0),
+                k => (RecordKind::Direct, k - 2),
+            };
             let tag = if sealed { 32 } else { 0 };
-            let h = RecordHeader { kind, gen, seq, block, count, tag };
-            let side: Vec<u8> = if zero { vec![] } else { (0..h.sides_len()).map(|i| i as u8).collect() };
+            let h = RecordHeader { kind, gen, seq, block, count, tag, slot };
+            let side: Vec<u8> = (0..h.sides_len()).map(|i| i as u8).collect();
             let b = encode_record(&h, &side);
             prop_assert_eq!(decode_header(&b, gen), Some(h));
             prop_assert!(verify_record(&b));
@@ -240,7 +257,7 @@ mod tests {
 
         #[test]
         fn any_flipped_bit_is_caught(seq: u64, count in 1u32..8, bit in 0usize..(40 + 8) * 8) {
-            let h = RecordHeader { kind: RecordKind::Write, gen: 3, seq, block: 9, count, tag: 0 };
+            let h = RecordHeader { kind: RecordKind::Write, gen: 3, seq, block: 9, count, tag: 0, slot: 0 };
             let side: Vec<u8> = (0..count * 4).map(|i| i as u8).collect();
             let mut b = encode_record(&h, &side);
             let bit = bit % (b.len() * 8);

@@ -89,10 +89,21 @@ impl Model {
 }
 
 /// Opens the volume; `sealed` creates it as an encrypted volume (blocks carry seals).
-fn open_with(disk: &SimDisk, sealed: bool) -> Result<Arc<Volume>, StoreError> {
+/// `direct`: 0 every write goes through the log, 1 every write goes straight into the
+/// head's slots, 2 a mix (writes of 3+ blocks, and all after 4 writes without a flush).
+fn open_with(disk: &SimDisk, sealed: bool, direct: u8) -> Result<Arc<Volume>, StoreError> {
+    let (direct_min_blocks, direct_after_writes) = match direct {
+        0 => (u64::MAX, 0),
+        1 => (1, 0),
+        _ => (3, 4),
+    };
     let opts = StoreOptions {
         wal_dir: None,
         wal_size: 48 << 10,
+        direct_min_blocks,
+        direct_after_writes,
+        // Small, so the log also changes halves for direct data.
+        direct_limit: 40 << 10,
     };
     let set = VolumeSet::new(Path::new("/sim"), Arc::new(disk.clone()), opts).unwrap();
     let enc = sealed.then_some("{}");
@@ -101,7 +112,7 @@ fn open_with(disk: &SimDisk, sealed: bool) -> Result<Arc<Volume>, StoreError> {
 }
 
 fn open(disk: &SimDisk) -> Result<Arc<Volume>, StoreError> {
-    open_with(disk, false)
+    open_with(disk, false, 2)
 }
 
 const SEAL: usize = tether_replica::store::SEAL_BYTES;
@@ -283,6 +294,7 @@ proptest! {
         phases in proptest::collection::vec(proptest::collection::vec(op(), 0..40), 1..4),
         seed: u64,
         sealed: bool,
+        direct in 0u8..3,
     ) {
         let disk = SimDisk::new();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -290,7 +302,7 @@ proptest! {
         m.sealed = sealed;
         let mut seq = 0;
         for ops in &phases {
-            let v = open_with(&disk, sealed).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let v = open_with(&disk, sealed, direct).map_err(|e| TestCaseError::fail(e.to_string()))?;
             // Half the phases end with the disk dying in the middle of an operation.
             let countdown = rng.random_bool(0.5).then(|| rng.random_range(0..120u64));
             disk.fail_after(countdown);
@@ -300,7 +312,7 @@ proptest! {
             disk.fail_after(None);
             let keep: f64 = rng.random();
             disk.crash(|| rng.random_bool(keep));
-            let v = open_with(&disk, sealed).map_err(|e| TestCaseError::fail(format!("recovery failed: {e}")))?;
+            let v = open_with(&disk, sealed, direct).map_err(|e| TestCaseError::fail(format!("recovery failed: {e}")))?;
             check_recovered(&v, &mut m).map_err(TestCaseError::fail)?;
         }
     }
