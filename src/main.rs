@@ -40,6 +40,11 @@ enum Cmd {
         /// Size of each new volume's write-ahead log (preallocated).
         #[arg(long, default_value = "64M", value_parser = parse_size)]
         wal_size: u64,
+        /// Distinct data written straight into a volume's layer (large writes, and
+        /// small ones while no flush comes) before it is checkpointed; recovery after
+        /// a crash reads up to twice this much from disk to check it.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        direct_limit: u64,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -286,6 +291,7 @@ fn main() -> Result<()> {
                 data,
                 wal_dir,
                 wal_size,
+                direct_limit,
                 tls,
             } => {
                 let (Some(listen), Some(data)) = (listen, data) else {
@@ -297,6 +303,7 @@ fn main() -> Result<()> {
                 let opts = tether_replica::StoreOptions {
                     wal_dir,
                     wal_size,
+                    direct_limit,
                     ..Default::default()
                 };
                 let tls = replica_tls(&tls)?;

@@ -17,6 +17,8 @@ impl Shift for () {
 #[derive(Debug, Clone, Default)]
 pub struct ExtentMap<V> {
     map: BTreeMap<u64, (u64, V)>,
+    /// Blocks mapped, kept up to date (the store bounds its log's window by it).
+    mapped: u64,
 }
 
 impl<V: Shift + PartialEq> ExtentMap<V> {
@@ -24,6 +26,7 @@ impl<V: Shift + PartialEq> ExtentMap<V> {
     pub fn new() -> Self {
         ExtentMap {
             map: BTreeMap::new(),
+            mapped: 0,
         }
     }
 
@@ -40,6 +43,7 @@ impl<V: Shift + PartialEq> ExtentMap<V> {
     /// Removes all extents.
     pub fn clear(&mut self) {
         self.map.clear();
+        self.mapped = 0;
     }
 
     /// Unmaps `[start, end)`, splitting extents that straddle its edges.
@@ -55,14 +59,15 @@ impl<V: Shift + PartialEq> ExtentMap<V> {
                 if e > end {
                     self.map.insert(end, (e, v.shift(end - s)));
                 }
+                self.mapped -= e.min(end) - start;
             }
         }
-        let inside: Vec<u64> = self.map.range(start..end).map(|(&s, _)| s).collect();
-        for s in inside {
+        while let Some((&s, _)) = self.map.range(start..end).next() {
             if let Some((e, v)) = self.map.remove(&s) {
                 if e > end {
                     self.map.insert(end, (e, v.shift(end - s)));
                 }
+                self.mapped -= e.min(end) - s;
             }
         }
     }
@@ -75,6 +80,7 @@ impl<V: Shift + PartialEq> ExtentMap<V> {
             return;
         }
         self.remove(start, end);
+        self.mapped += end - start;
         let (mut start, mut end, mut v) = (start, end, v);
         if let Some((&ls, &(le, ref lv))) = self.map.range(..start).next_back() {
             if le == start && lv.shift(le - ls) == v {
@@ -111,7 +117,7 @@ impl<V: Shift + PartialEq> ExtentMap<V> {
 
     /// Number of blocks mapped.
     pub fn blocks(&self) -> u64 {
-        self.map.iter().map(|(s, (e, _))| e - s).sum()
+        self.mapped
     }
 }
 

@@ -59,6 +59,9 @@ const STATE_DATA: u8 = 1;
 const STATE_ZERO: u8 = 2;
 /// Data in the layer's second slot (`.alt`).
 const STATE_ALT: u8 = 3;
+/// Direct data per half of the log, rewrites included, in multiples of the limit on
+/// distinct blocks.
+const DIRECT_REWRITES: u64 = 8;
 
 /// What can go wrong in the store; each variant names the volume.
 #[derive(Debug, thiserror::Error)]
@@ -139,8 +142,9 @@ pub struct StoreOptions {
     /// Smaller writes skip it too once this many writes came without a flush (nobody
     /// is waiting on the log's cheap fdatasync); 0: never.
     pub direct_after_writes: u64,
-    /// Bytes written that way per half of the log before it is checkpointed: bounds
-    /// what recovery reads to check them.
+    /// Distinct bytes written that way per half of the log before it is
+    /// checkpointed (and 8 times as much with rewrites): bounds what recovery reads
+    /// to check them.
     pub direct_limit: u64,
 }
 
@@ -151,7 +155,7 @@ impl Default for StoreOptions {
             wal_size: DEFAULT_WAL_SIZE,
             direct_min_blocks: 16,
             direct_after_writes: 64,
-            direct_limit: 512 << 20,
+            direct_limit: 1 << 30,
         }
     }
 }
@@ -1269,10 +1273,15 @@ impl Volume {
     /// `direct` bytes written straight into the head; false when the live half is full
     /// and the other half is still being checkpointed (the caller waits and retries).
     fn make_room(&self, inner: &mut Inner, len: u64, direct: u64) -> Result<bool, StoreError> {
+        // Recovery reads every block written directly in the log's window from the
+        // layer to check it, and every direct record's data: bound both (rewrites of
+        // the same blocks cost it memory reads, not disk reads).
+        let window = inner.recent.blocks() * BLOCK as u64;
         let full = inner.wal_off + len > self.half_range(inner.half).1
             || (direct > 0
                 && inner.direct_in_half > 0
-                && inner.direct_in_half + direct > self.direct_limit);
+                && (window > self.direct_limit
+                    || inner.direct_in_half + direct > DIRECT_REWRITES * self.direct_limit));
         if full {
             if inner.frozen.is_some() {
                 return Ok(false);
@@ -1395,9 +1404,19 @@ impl Volume {
                 Some(other(stable))
             }
             Some(_) => None,
+            None if direct_ok && !inner.log_only && head.present.get(block).is_none() => {
+                // Absent from the head: no slot holds anything of it.
+                if let Some(ns) = head.present.next_start(block) {
+                    run_end = run_end.min(ns);
+                }
+                Some(0)
+            }
             None if direct_ok && !inner.log_only => {
                 // Nothing since the checkpoint: the block record says where the block's
                 // durable version is (absent or zero: anywhere, so slot 0 is free).
+                if let Some((_, e)) = head.present.get(block) {
+                    run_end = run_end.min(e);
+                }
                 let n = (run_end - block) as usize;
                 let mut recs = vec![0u8; n * self.rec];
                 head.rec
