@@ -1044,6 +1044,12 @@ impl Volume {
         if let Some(head) = inner.layers.get_mut(&head_id) {
             apply_changes(&mut head.present, &changes);
         }
+        if let Some(f) = &inner.frozen {
+            let frozen: Vec<_> = f.iter().map(|(s, e, v)| (s, e, *v)).collect();
+            self.reclaim(inner, &frozen, Some(&inner.recent));
+        }
+        let live: Vec<_> = inner.recent.iter().map(|(s, e, v)| (s, e, *v)).collect();
+        self.reclaim(inner, &live, None);
         inner.header = next;
         inner.gen_cur = next.gen;
         inner.recent.clear();
@@ -1104,9 +1110,51 @@ impl Volume {
         if let Some(head) = inner.layers.get_mut(&head_id) {
             apply_changes(&mut head.present, &changes);
         }
+        self.reclaim(&inner, &extents, Some(&inner.recent));
         inner.header = next;
         inner.frozen = None;
         Ok(())
+    }
+
+    /// Punches the other slot of large direct extents whose version the head's block
+    /// records now name durably, except where `newer` (the live half) holds a newer
+    /// write: that slot holds only a stale copy. The caller holds `inner` for writing
+    /// (a write after it may reuse the slot). Small extents keep their stale copy
+    /// (one punch per block would cost more than the space) until rewritten or trimmed.
+    fn reclaim(
+        &self,
+        inner: &Inner,
+        extents: &[(u64, u64, Recent)],
+        newer: Option<&ExtentMap<Recent>>,
+    ) {
+        let Some(head) = inner.layers.get(&inner.meta.head) else {
+            return;
+        };
+        for &(s, e, v) in extents {
+            let Recent::Direct { slot, .. } = v else {
+                continue;
+            };
+            if e - s < self.direct_min_blocks {
+                continue;
+            }
+            let (file, path) = head.slot(other(slot));
+            let mut p = s;
+            while p < e {
+                let (skip, end) = match newer.map(|m| (m.get(p), m.next_start(p))) {
+                    Some((Some((_, end)), _)) => (true, end.min(e)),
+                    Some((None, Some(next))) => (false, next.min(e)),
+                    _ => (false, e),
+                };
+                if !skip {
+                    let (off, len) = (p * BLOCK as u64, (end - p) * BLOCK as u64);
+                    if let Err(err) = file.punch(off, len) {
+                        tracing::warn!(volume = %self.name, path = %path.display(), error = %err,
+                            "could not free a stale slot; the space stays used until the blocks are rewritten");
+                    }
+                }
+                p = end;
+            }
+        }
     }
 
     /// Stops background work on this volume and waits for what is running; the
