@@ -52,6 +52,9 @@ struct SimState {
     capacity: Option<u64>,
     /// Mutating operations left before the disk dies (every one after fails).
     countdown: Option<u64>,
+    /// How long a sync takes after it made the file durable (other threads run then,
+    /// as they do while a real fdatasync waits for the device).
+    sync_delay: Option<std::time::Duration>,
 }
 
 impl SimState {
@@ -124,6 +127,11 @@ impl SimDisk {
     /// Makes every later sync fail (as a dying disk does).
     pub fn fail_syncs(&self, fail: bool) {
         self.state.lock().fail_syncs = fail;
+    }
+
+    /// Makes every later sync take `d` after it made its file durable.
+    pub fn slow_syncs(&self, d: Option<std::time::Duration>) {
+        self.state.lock().sync_delay = d;
     }
 
     /// Limits the bytes the disk holds; writes past it fail with ENOSPC.
@@ -214,6 +222,11 @@ impl DiskFile for SimFile {
             .ok_or(io::ErrorKind::NotFound)?;
         f.durable = f.live.clone();
         f.pending.clear();
+        let delay = st.sync_delay;
+        drop(st);
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         Ok(())
     }
 

@@ -345,6 +345,60 @@ struct Inner {
     log_only: bool,
 }
 
+/// What one step of a write did.
+enum Step {
+    /// Wrote this many blocks.
+    Wrote(u64),
+    /// Both halves of the log are busy: wait for the checkpoint, then retry.
+    WaitCheckpoint,
+    /// A sync may promise the version in the slot this write would reuse: let it
+    /// finish (or run one up to this point), then retry.
+    WaitSync(u64),
+}
+
+/// A valid record found by replay, before it is applied.
+struct Replayed {
+    seq: u64,
+    block: u64,
+    end: u64,
+    value: Recent,
+    /// Direct records: block ranges whose slot no longer matches the record.
+    unmatched: Vec<(u64, u64)>,
+}
+
+/// How many of the records replay found to apply. A direct record's block whose slot
+/// no longer matches is fine if a later applied record covers the block (its slot was
+/// reused after a newer version, or overwritten before it was ever synced). If none
+/// does, no sync completed after that record (a sync would have left a matching
+/// version at or after it), so it and everything after it were never flushed: drop
+/// them, as a torn log record ends the log. Stopping there leaves every write up to
+/// the revision present, so replicas with equal revisions hold the same data.
+fn applicable_prefix(found: &[Replayed]) -> usize {
+    let mut limit = found.len();
+    loop {
+        // Blocks whose last record so far did not reach its slot, with that record.
+        let mut pending: std::collections::BTreeMap<u64, usize> = Default::default();
+        for (i, r) in found[..limit].iter().enumerate() {
+            // The blocks this record did set resolve earlier holes there.
+            let mut p = r.block;
+            for &(s, e) in r.unmatched.iter().chain([&(r.end, r.end)]) {
+                let covered: Vec<u64> = pending.range(p..s).map(|(&b, _)| b).collect();
+                for b in covered {
+                    pending.remove(&b);
+                }
+                for b in s..e {
+                    pending.entry(b).or_insert(i);
+                }
+                p = e;
+            }
+        }
+        match pending.values().min() {
+            Some(&first) if first < limit => limit = first,
+            _ => return limit,
+        }
+    }
+}
+
 enum Source {
     Zeros,
     Log(Recent),
@@ -390,6 +444,9 @@ pub struct Volume {
     /// Log bytes appended and made durable, counted across generations.
     written: AtomicU64,
     synced: AtomicU64,
+    /// How far a running sync may reach: a version below this may be promised any
+    /// moment, so a direct write must not reuse its slot (it waits for the sync).
+    syncing: AtomicU64,
     poisoned: Mutex<Option<String>>,
     /// When writes skip the log's data copy (see `StoreOptions`).
     direct_min_blocks: u64,
@@ -704,12 +761,15 @@ impl Volume {
             closed: std::sync::atomic::AtomicBool::new(false),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
+            syncing: AtomicU64::new(0),
             poisoned: Mutex::new(None),
             direct_min_blocks: opts.direct_min_blocks.max(1),
             direct_after_writes: opts.direct_after_writes,
             direct_limit: opts.direct_limit,
             since_flush: AtomicU64::new(0),
-            direct_dirty: AtomicBool::new(false),
+            // Replay may map direct data that is only in the page cache (after a
+            // kill, not a power cut): the recovery checkpoint must sync the slots.
+            direct_dirty: AtomicBool::new(true),
             head_files: Mutex::new(head_files),
         };
         if upgrade {
@@ -754,35 +814,51 @@ impl Volume {
     fn replay(&self) -> Result<(usize, u64), StoreError> {
         let mut inner = self.inner.write();
         let (first_half, gen) = (inner.header.half, inner.header.gen);
-        let mut records = 0;
+        let mut found = Vec::new();
         let mut bytes = 0;
         for (h, g) in [(first_half, gen), (1 - first_half, gen + 1)] {
-            let (n, end, complete) = self.replay_half(&mut inner, h, g)?;
-            records += n;
+            let before = found.len();
+            let (end, complete) = self.replay_half(&inner, h, g, &mut found)?;
             let (start, _) = self.half_range(h);
             bytes += end - start;
             inner.half = h;
             inner.gen_cur = g;
             inner.wal_off = end;
             // The next half can only hold live records if this one filled up.
-            if n == 0 || !complete {
+            if found.len() == before || !complete {
                 break;
             }
         }
-        Ok((records, bytes))
+        let applied = applicable_prefix(&found);
+        if applied < found.len() {
+            tracing::info!(volume = %self.name, records = found.len() - applied,
+                "dropping unflushed records after a direct write that did not reach its slot");
+        }
+        for r in &found[..applied] {
+            let mut p = r.block;
+            for &(s, e) in r.unmatched.iter().chain([&(r.end, r.end)]) {
+                if p < s {
+                    inner.recent.insert(p, s, r.value.shift(p - r.block));
+                }
+                p = e;
+            }
+            inner.revision = inner.revision.max(r.seq);
+        }
+        Ok((applied, bytes))
     }
 
-    /// Replays one half; returns (records, end offset, whether it ended for lack of room).
+    /// Reads the valid records of one half into `found`; returns (end offset, whether
+    /// it ended for lack of room).
     fn replay_half(
         &self,
-        inner: &mut Inner,
+        inner: &Inner,
         half: u8,
         gen: u64,
-    ) -> Result<(usize, u64, bool), StoreError> {
+        found: &mut Vec<Replayed>,
+    ) -> Result<(u64, bool), StoreError> {
         let wal = self.wal.clone();
         let (start, limit) = self.half_range(half);
         let mut off = start;
-        let mut records = 0;
         let rerr = |e| io_err(&self.name, "replaying the log", &self.wal_path, e);
         let mut hdr = [0u8; wal::RECORD_HEADER];
         let mut full = false;
@@ -831,37 +907,38 @@ impl Volume {
                     return Err(self.invalid(format!("head layer {head_id} is not open")));
                 };
                 let (file, path) = layer.slot(h.slot);
-                let mut data = vec![0u8; h.count as usize * BLOCK];
-                file.read_at(&mut data, h.block * BLOCK as u64)
-                    .map_err(self.err("reading a layer", path))?;
-                let sides = &head[wal::RECORD_HEADER..];
                 let side = h.side_len();
-                let mut run: Option<u64> = None;
-                let intact = data
-                    .chunks_exact(BLOCK)
-                    .zip(wal::sides(sides, side))
-                    .map(|(b, (c, t))| wal::block_crc(b, t) == c)
-                    .chain([false]);
-                for (i, ok) in intact.enumerate() {
-                    let i = i as u64;
-                    match (ok, run) {
-                        (true, None) => run = Some(i),
-                        (false, Some(r)) => {
-                            inner.recent.insert(
-                                h.block + r,
-                                h.block + i,
-                                Recent::Direct {
-                                    side_off: side_off + r * side as u64,
-                                    side: side as u8,
-                                    slot: h.slot,
-                                    at: 0,
-                                },
-                            );
-                            run = None;
+                let mut unmatched: Vec<(u64, u64)> = Vec::new();
+                let mut data = vec![0u8; (h.count as usize).min(256) * BLOCK];
+                let mut sides = wal::sides(&head[wal::RECORD_HEADER..], side);
+                // In chunks: a record's size is bounded by the log, not by memory.
+                let mut b = h.block;
+                while b < end {
+                    let n = (end - b).min(256) as usize;
+                    file.read_at(&mut data[..n * BLOCK], b * BLOCK as u64)
+                        .map_err(self.err("reading a layer", path))?;
+                    for (blk, (c, t)) in data[..n * BLOCK].chunks_exact(BLOCK).zip(&mut sides) {
+                        if wal::block_crc(blk, t) != c {
+                            match unmatched.last_mut() {
+                                Some(last) if last.1 == b => last.1 = b + 1,
+                                _ => unmatched.push((b, b + 1)),
+                            }
                         }
-                        _ => {}
+                        b += 1;
                     }
                 }
+                found.push(Replayed {
+                    seq: h.seq,
+                    block: h.block,
+                    end,
+                    value: Recent::Direct {
+                        side_off,
+                        side: side as u8,
+                        slot: h.slot,
+                        at: 0,
+                    },
+                    unmatched,
+                });
             } else if h.kind == RecordKind::Write {
                 // A torn payload marks the end of what was written before the crash.
                 let mut data = vec![0u8; h.data_len()];
@@ -873,23 +950,29 @@ impl Volume {
                 if !intact {
                     break;
                 }
-                inner.recent.insert(
-                    h.block,
+                found.push(Replayed {
+                    seq: h.seq,
+                    block: h.block,
                     end,
-                    Recent::Data {
+                    value: Recent::Data {
                         data_off,
                         side_off,
                         side: h.side_len() as u8,
                     },
-                );
+                    unmatched: Vec::new(),
+                });
             } else {
-                inner.recent.insert(h.block, end, Recent::Zero);
+                found.push(Replayed {
+                    seq: h.seq,
+                    block: h.block,
+                    end,
+                    value: Recent::Zero,
+                    unmatched: Vec::new(),
+                });
             }
-            inner.revision = inner.revision.max(h.seq);
             off += h.total_len();
-            records += 1;
         }
-        Ok((records, off, full))
+        Ok((off, full))
     }
 
     /// Copies log extents into the head layer's files and makes them durable there
@@ -996,12 +1079,22 @@ impl Volume {
         })
     }
 
-    /// Makes every write appended so far durable: the head layer's slots if data went
-    /// there directly, then the log. The caller holds `sync_lock`.
-    fn sync_locked(&self, head: &Files) -> Result<(), StoreError> {
-        // Direct writes mark the head dirty before their record counts in `written`,
-        // so everything counted here has its data covered by this sync.
+    /// Starts a sync and returns how far it will reach: everything appended so far.
+    /// Taken under `inner`, so no writer is between choosing a slot and logging its
+    /// record; from here until the sync ends, no direct write reuses the slot of a
+    /// version it may promise (see `write_run`).
+    fn begin_sync(&self) -> u64 {
+        let _i = self.inner.read();
         let upto = self.written.load(Ordering::SeqCst);
+        self.syncing.fetch_max(upto, Ordering::SeqCst);
+        upto
+    }
+
+    /// Makes every write up to `upto` (from `begin_sync`) durable: the head layer's
+    /// slots if data went there directly, then the log. The caller holds `sync_lock`.
+    fn sync_locked(&self, head: &Files, upto: u64) -> Result<(), StoreError> {
+        // Direct writes mark the head dirty before their record counts in `written`,
+        // so everything counted in `upto` has its data covered by this sync.
         if self.direct_dirty.swap(false, Ordering::SeqCst) {
             if let Err(err) = head.data.sync().and_then(|_| head.alt.sync()) {
                 return Err(self.poison(format!("fdatasync of the head layer failed: {err}")));
@@ -1025,8 +1118,11 @@ impl Volume {
         // Every record copied below must be replayable if the copy is torn: make the
         // log (and direct data) durable before touching the layer.
         if !inner.recent.is_empty() || inner.frozen.is_some() {
+            // `inner` is held for writing: nobody appends meanwhile.
+            let upto = self.written.load(Ordering::SeqCst);
+            self.syncing.fetch_max(upto, Ordering::SeqCst);
             let _s = self.sync_lock.lock();
-            self.sync_locked(&files)?;
+            self.sync_locked(&files, upto)?;
         }
         let mut extents: Vec<(u64, u64, Recent)> = Vec::new();
         if let Some(f) = &inner.frozen {
@@ -1089,13 +1185,13 @@ impl Volume {
             )
         };
         self.check_writable()?;
-        // Twice: until the first sync counts a frozen direct write as durable, a new
-        // direct write to that block may reuse its slot (then the block records written
-        // below are stale for it), and the second sync makes every such write durable,
-        // so replaying the live half always corrects those records.
-        for _ in 0..2 {
+        // A direct write that reused a frozen version's slot before this sync began
+        // is covered by it, so the live half's record (replayed after the frozen
+        // block records written below) corrects them; once it began, none reuses one.
+        let upto = self.begin_sync();
+        {
             let _s = self.sync_lock.lock();
-            self.sync_locked(&files)?;
+            self.sync_locked(&files, upto)?;
         }
         let extents: Vec<(u64, u64, Recent)> = frozen.iter().map(|(s, e, v)| (s, e, *v)).collect();
         let changes = self.copy_to_head(head_id, &files, single, &extents)?;
@@ -1419,8 +1515,7 @@ impl Volume {
     }
 
     /// Writes the first run of blocks at `block` (at most `max`) that goes one way:
-    /// through the log, or straight into one slot of the head. Returns how many blocks
-    /// it wrote, or `None` when the log has no room until the checkpoint finishes.
+    /// through the log, or straight into one slot of the head.
     #[allow(clippy::too_many_arguments)]
     fn write_run(
         &self,
@@ -1431,7 +1526,7 @@ impl Volume {
         data: &[u8],
         sides: &[u8],
         direct_ok: bool,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Step, StoreError> {
         let (latest, mut run_end) = window_at(inner, block, block + max);
         let head_id = inner.meta.head;
         let Some(head) = inner.layers.get(&head_id) else {
@@ -1444,11 +1539,12 @@ impl Volume {
             Some(Recent::Direct { slot, at, .. }) => {
                 // Its last durable version is this one once synced, else the one in the
                 // other slot (a direct write never goes where that version is).
-                let stable = if at <= self.synced.load(Ordering::SeqCst) {
-                    slot
-                } else {
-                    other(slot)
-                };
+                let synced = self.synced.load(Ordering::SeqCst);
+                if at > synced && at <= self.syncing.load(Ordering::SeqCst) {
+                    // A running sync may promise this version any moment.
+                    return Ok(Step::WaitSync(at));
+                }
+                let stable = if at <= synced { slot } else { other(slot) };
                 Some(other(stable))
             }
             Some(_) => None,
@@ -1494,27 +1590,37 @@ impl Volume {
         };
         let Some(slot) = slot else {
             if !self.make_room(inner, h.total_len(), 0)? {
-                return Ok(None);
+                return Ok(Step::WaitCheckpoint);
             }
             self.push_record(inner, h, sides, data)?;
-            return Ok(Some(n));
+            return Ok(Step::Wrote(n));
         };
         h.kind = RecordKind::Direct;
         h.slot = slot;
         if !self.make_room(inner, h.total_len(), data.len() as u64)? {
-            return Ok(None);
+            return Ok(Step::WaitCheckpoint);
         }
         let Some(head) = inner.layers.get(&head_id) else {
             return Err(self.invalid(format!("head layer {head_id} is not open")));
         };
         let (file, path) = head.slot(slot);
-        file.write_at(data, block * BLOCK as u64)
-            .map_err(self.err("writing a layer", path))?;
+        if let Err(e) = file.write_at(data, block * BLOCK as u64) {
+            let in_place = matches!(latest, Some(Recent::Direct { slot: s, .. }) if s == slot);
+            if in_place {
+                // The slot held the latest completed write, not yet synced: it is
+                // gone, and a flush must not promise it now.
+                return Err(self.poison(format!(
+                    "a write over blocks {block}..{run_end} in {} failed: {e}",
+                    path.display()
+                )));
+            }
+            return Err(io_err(&self.name, "writing a layer", path, e));
+        }
         // Before the record counts in `written`: see `sync_locked`.
         self.direct_dirty.store(true, Ordering::SeqCst);
         self.push_record(inner, h, sides, &[])?;
         inner.direct_in_half += data.len() as u64;
-        Ok(Some(n))
+        Ok(Step::Wrote(n))
     }
 
     fn spawn_checkpoint(&self) {
@@ -1594,8 +1700,9 @@ impl Volume {
                 direct,
             )?;
             match wrote {
-                Some(n) => b += n,
-                None => self.finish_checkpoint()?,
+                Step::Wrote(n) => b += n,
+                Step::WaitCheckpoint => self.finish_checkpoint()?,
+                Step::WaitSync(at) => self.sync_to(at)?,
             }
         }
         Ok(())
@@ -1629,7 +1736,15 @@ impl Volume {
     pub fn sync(&self) -> Result<(), StoreError> {
         self.since_flush.store(0, Ordering::Relaxed);
         self.check_writable()?;
-        let target = self.written.load(Ordering::SeqCst);
+        self.sync_to(self.written.load(Ordering::SeqCst))
+    }
+
+    /// Makes the log durable at least up to `target`.
+    fn sync_to(&self, target: u64) -> Result<(), StoreError> {
+        if self.synced.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        let upto = self.begin_sync();
         let _g = self.sync_lock.lock();
         if self.synced.load(Ordering::SeqCst) >= target {
             return Ok(());
@@ -1638,7 +1753,7 @@ impl Volume {
         // writeback only once, so a second fdatasync could wrongly succeed.
         self.check_writable()?;
         let head = self.head_files.lock().clone();
-        self.sync_locked(&head)?;
+        self.sync_locked(&head, upto)?;
         self.check_writable()
     }
 
