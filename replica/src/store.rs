@@ -61,7 +61,7 @@ const STATE_ZERO: u8 = 2;
 const STATE_ALT: u8 = 3;
 /// Direct data per half of the log, rewrites included, in multiples of the limit on
 /// distinct blocks.
-const DIRECT_REWRITES: u64 = 8;
+const DIRECT_REWRITES: u64 = 16;
 
 /// What can go wrong in the store; each variant names the volume.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +143,7 @@ pub struct StoreOptions {
     /// is waiting on the log's cheap fdatasync); 0: never.
     pub direct_after_writes: u64,
     /// Distinct bytes written that way per half of the log before it is
-    /// checkpointed (and 8 times as much with rewrites): bounds what recovery reads
+    /// checkpointed (and 16 times as much with rewrites): bounds what recovery reads
     /// to check them.
     pub direct_limit: u64,
 }
@@ -351,9 +351,6 @@ enum Step {
     Wrote(u64),
     /// Both halves of the log are busy: wait for the checkpoint, then retry.
     WaitCheckpoint,
-    /// A sync may promise the version in the slot this write would reuse: let it
-    /// finish (or run one up to this point), then retry.
-    WaitSync(u64),
 }
 
 /// A valid record found by replay, before it is applied.
@@ -1532,20 +1529,24 @@ impl Volume {
         let Some(head) = inner.layers.get(&head_id) else {
             return Err(self.invalid(format!("head layer {head_id} is not open")));
         };
-        // A block's writes since the last checkpoint all go one way, so only direct
-        // writes ever choose slots and only log copies and zeroes touch slot 0 or
-        // punch: the two never meet in a slot.
+        // Once a block's write since the last checkpoint went through the log, its
+        // later ones do too, so log copies (into slot 0) and zeroes (punches) never
+        // meet a direct write newer than them in a slot.
         let slot = match latest {
             Some(Recent::Direct { slot, at, .. }) => {
                 // Its last durable version is this one once synced, else the one in the
                 // other slot (a direct write never goes where that version is).
                 let synced = self.synced.load(Ordering::SeqCst);
                 if at > synced && at <= self.syncing.load(Ordering::SeqCst) {
-                    // A running sync may promise this version any moment.
-                    return Ok(Step::WaitSync(at));
+                    // A running sync may promise this version any moment, and the
+                    // other slot holds the last one it promised: neither is free, so
+                    // this write goes through the log (as the block's later writes do
+                    // until the checkpoint).
+                    None
+                } else {
+                    let stable = if at <= synced { slot } else { other(slot) };
+                    Some(other(stable))
                 }
-                let stable = if at <= synced { slot } else { other(slot) };
-                Some(other(stable))
             }
             Some(_) => None,
             None if direct_ok && !inner.log_only && head.present.get(block).is_none() => {
@@ -1702,7 +1703,6 @@ impl Volume {
             match wrote {
                 Step::Wrote(n) => b += n,
                 Step::WaitCheckpoint => self.finish_checkpoint()?,
-                Step::WaitSync(at) => self.sync_to(at)?,
             }
         }
         Ok(())
