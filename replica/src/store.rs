@@ -345,14 +345,6 @@ struct Inner {
     log_only: bool,
 }
 
-/// What one step of a write did.
-enum Step {
-    /// Wrote this many blocks.
-    Wrote(u64),
-    /// Both halves of the log are busy: wait for the checkpoint, then retry.
-    WaitCheckpoint,
-}
-
 /// A valid record found by replay, before it is applied.
 struct Replayed {
     seq: u64,
@@ -361,6 +353,22 @@ struct Replayed {
     value: Recent,
     /// Direct records: block ranges whose slot no longer matches the record.
     unmatched: Vec<(u64, u64)>,
+}
+
+impl Replayed {
+    /// The record's block ranges that it did set (all but `unmatched`).
+    fn matched(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut p = self.block;
+        self.unmatched
+            .iter()
+            .copied()
+            .chain([(self.end, self.end)])
+            .filter_map(move |(s, e)| {
+                let run = (p < s).then_some((p, s));
+                p = e;
+                run
+            })
+    }
 }
 
 /// How many of the records replay found to apply. A direct record's block whose slot
@@ -377,16 +385,16 @@ fn applicable_prefix(found: &[Replayed]) -> usize {
         let mut pending: std::collections::BTreeMap<u64, usize> = Default::default();
         for (i, r) in found[..limit].iter().enumerate() {
             // The blocks this record did set resolve earlier holes there.
-            let mut p = r.block;
-            for &(s, e) in r.unmatched.iter().chain([&(r.end, r.end)]) {
-                let covered: Vec<u64> = pending.range(p..s).map(|(&b, _)| b).collect();
+            for (s, e) in r.matched() {
+                let covered: Vec<u64> = pending.range(s..e).map(|(&b, _)| b).collect();
                 for b in covered {
                     pending.remove(&b);
                 }
+            }
+            for &(s, e) in &r.unmatched {
                 for b in s..e {
                     pending.entry(b).or_insert(i);
                 }
-                p = e;
             }
         }
         match pending.values().min() {
@@ -442,7 +450,7 @@ pub struct Volume {
     written: AtomicU64,
     synced: AtomicU64,
     /// How far a running sync may reach: a version below this may be promised any
-    /// moment, so a direct write must not reuse its slot (it waits for the sync).
+    /// moment, so a direct write must not reuse its slot (it goes through the log).
     syncing: AtomicU64,
     poisoned: Mutex<Option<String>>,
     /// When writes skip the log's data copy (see `StoreOptions`).
@@ -832,12 +840,8 @@ impl Volume {
                 "dropping unflushed records after a direct write that did not reach its slot");
         }
         for r in &found[..applied] {
-            let mut p = r.block;
-            for &(s, e) in r.unmatched.iter().chain([&(r.end, r.end)]) {
-                if p < s {
-                    inner.recent.insert(p, s, r.value.shift(p - r.block));
-                }
-                p = e;
+            for (s, e) in r.matched() {
+                inner.recent.insert(s, e, r.value.shift(s - r.block));
             }
             inner.revision = inner.revision.max(r.seq);
         }
@@ -894,79 +898,70 @@ impl Volume {
             let end = h.block + u64::from(h.count);
             let side_off = off + wal::RECORD_HEADER as u64;
             let data_off = side_off + h.sides_len() as u64;
-            if h.kind == RecordKind::Direct {
-                // The data went to the head layer without waiting for the log. Where
-                // the slot no longer matches, this version never became durable or was
-                // overwritten after a newer one did: the block keeps what it had.
-                // Either way the replay goes on.
-                let head_id = inner.meta.head;
-                let Some(layer) = inner.layers.get(&head_id) else {
-                    return Err(self.invalid(format!("head layer {head_id} is not open")));
-                };
-                let (file, path) = layer.slot(h.slot);
-                let side = h.side_len();
-                let mut unmatched: Vec<(u64, u64)> = Vec::new();
-                let mut data = vec![0u8; (h.count as usize).min(256) * BLOCK];
-                let mut sides = wal::sides(&head[wal::RECORD_HEADER..], side);
-                // In chunks: a record's size is bounded by the log, not by memory.
-                let mut b = h.block;
-                while b < end {
-                    let n = (end - b).min(256) as usize;
-                    file.read_at(&mut data[..n * BLOCK], b * BLOCK as u64)
-                        .map_err(self.err("reading a layer", path))?;
-                    for (blk, (c, t)) in data[..n * BLOCK].chunks_exact(BLOCK).zip(&mut sides) {
-                        if wal::block_crc(blk, t) != c {
-                            match unmatched.last_mut() {
-                                Some(last) if last.1 == b => last.1 = b + 1,
-                                _ => unmatched.push((b, b + 1)),
+            let side = h.side_len();
+            let mut unmatched: Vec<(u64, u64)> = Vec::new();
+            let value = match h.kind {
+                RecordKind::Direct => {
+                    // The data went to the head layer without waiting for the log. Where
+                    // the slot no longer matches, this version never became durable or was
+                    // overwritten after a newer one did: the block keeps what it had.
+                    // Either way the replay goes on.
+                    let head_id = inner.meta.head;
+                    let Some(layer) = inner.layers.get(&head_id) else {
+                        return Err(self.invalid(format!("head layer {head_id} is not open")));
+                    };
+                    let (file, path) = layer.slot(h.slot);
+                    let mut data = vec![0u8; (h.count as usize).min(256) * BLOCK];
+                    let mut sides = wal::sides(&head[wal::RECORD_HEADER..], side);
+                    // In chunks: a record's size is bounded by the log, not by memory.
+                    let mut b = h.block;
+                    while b < end {
+                        let n = (end - b).min(256) as usize;
+                        file.read_at(&mut data[..n * BLOCK], b * BLOCK as u64)
+                            .map_err(self.err("reading a layer", path))?;
+                        for (blk, (c, t)) in data[..n * BLOCK].chunks_exact(BLOCK).zip(&mut sides) {
+                            if wal::block_crc(blk, t) != c {
+                                match unmatched.last_mut() {
+                                    Some(last) if last.1 == b => last.1 = b + 1,
+                                    _ => unmatched.push((b, b + 1)),
+                                }
                             }
+                            b += 1;
                         }
-                        b += 1;
                     }
-                }
-                found.push(Replayed {
-                    seq: h.seq,
-                    block: h.block,
-                    end,
-                    value: Recent::Direct {
+                    Recent::Direct {
                         side_off,
                         side: side as u8,
                         slot: h.slot,
                         at: 0,
-                    },
-                    unmatched,
-                });
-            } else if h.kind == RecordKind::Write {
-                // A torn payload marks the end of what was written before the crash.
-                let mut data = vec![0u8; h.data_len()];
-                wal.read_at(&mut data, data_off).map_err(rerr)?;
-                let intact = data
-                    .chunks_exact(BLOCK)
-                    .zip(wal::sides(&head[wal::RECORD_HEADER..], h.side_len()))
-                    .all(|(b, (c, t))| wal::block_crc(b, t) == c);
-                if !intact {
-                    break;
+                    }
                 }
-                found.push(Replayed {
-                    seq: h.seq,
-                    block: h.block,
-                    end,
-                    value: Recent::Data {
+                RecordKind::Write => {
+                    // A torn payload marks the end of what was written before the crash.
+                    let mut data = vec![0u8; h.data_len()];
+                    wal.read_at(&mut data, data_off).map_err(rerr)?;
+                    let intact = data
+                        .chunks_exact(BLOCK)
+                        .zip(wal::sides(&head[wal::RECORD_HEADER..], side))
+                        .all(|(b, (c, t))| wal::block_crc(b, t) == c);
+                    if !intact {
+                        break;
+                    }
+                    Recent::Data {
                         data_off,
                         side_off,
-                        side: h.side_len() as u8,
-                    },
-                    unmatched: Vec::new(),
-                });
-            } else {
-                found.push(Replayed {
-                    seq: h.seq,
-                    block: h.block,
-                    end,
-                    value: Recent::Zero,
-                    unmatched: Vec::new(),
-                });
-            }
+                        side: side as u8,
+                    }
+                }
+                RecordKind::Zero => Recent::Zero,
+            };
+            found.push(Replayed {
+                seq: h.seq,
+                block: h.block,
+                end,
+                value,
+                unmatched,
+            });
             off += h.total_len();
         }
         Ok((off, full))
@@ -1018,6 +1013,10 @@ impl Volume {
                     }
                 }
                 Recent::Data { .. } | Recent::Direct { .. } => {
+                    let state = match v {
+                        Recent::Direct { slot: 1, .. } => STATE_ALT,
+                        _ => STATE_DATA,
+                    };
                     let mut b = s;
                     while b < e {
                         let n = (e - b).min(256);
@@ -1030,10 +1029,6 @@ impl Volume {
                             } => (side_off, side, Some(data_off)),
                             Recent::Direct { side_off, side, .. } => (side_off, side, None),
                             Recent::Zero => break,
-                        };
-                        let state = match v {
-                            Recent::Direct { slot: 1, .. } => STATE_ALT,
-                            _ => STATE_DATA,
                         };
                         sides.resize(n as usize * usize::from(side), 0);
                         self.wal
@@ -1125,6 +1120,7 @@ impl Volume {
         if let Some(f) = &inner.frozen {
             extents.extend(f.iter().map(|(s, e, v)| (s, e, *v)));
         }
+        let frozen = extents.len();
         extents.extend(inner.recent.iter().map(|(s, e, v)| (s, e, *v)));
         let single = inner.chain.len() == 1;
         let changes = self.copy_to_head(head_id, &files, single, &extents)?;
@@ -1137,12 +1133,9 @@ impl Volume {
         if let Some(head) = inner.layers.get_mut(&head_id) {
             apply_changes(&mut head.present, &changes);
         }
-        if let Some(f) = &inner.frozen {
-            let frozen: Vec<_> = f.iter().map(|(s, e, v)| (s, e, *v)).collect();
-            self.reclaim(inner, &frozen, Some(&inner.recent));
-        }
-        let live: Vec<_> = inner.recent.iter().map(|(s, e, v)| (s, e, *v)).collect();
-        self.reclaim(inner, &live, None);
+        let (older, live) = extents.split_at(frozen);
+        self.reclaim(inner, older, Some(&inner.recent));
+        self.reclaim(inner, live, None);
         inner.header = next;
         inner.gen_cur = next.gen;
         inner.recent.clear();
@@ -1512,7 +1505,9 @@ impl Volume {
     }
 
     /// Writes the first run of blocks at `block` (at most `max`) that goes one way:
-    /// through the log, or straight into one slot of the head.
+    /// through the log, or straight into one slot of the head. Returns how many
+    /// blocks, or `None` when both halves of the log are busy (wait for the
+    /// checkpoint, then retry).
     #[allow(clippy::too_many_arguments)]
     fn write_run(
         &self,
@@ -1523,7 +1518,7 @@ impl Volume {
         data: &[u8],
         sides: &[u8],
         direct_ok: bool,
-    ) -> Result<Step, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let (latest, mut run_end) = window_at(inner, block, block + max);
         let head_id = inner.meta.head;
         let Some(head) = inner.layers.get(&head_id) else {
@@ -1549,31 +1544,31 @@ impl Volume {
                 }
             }
             Some(_) => None,
-            None if direct_ok && !inner.log_only && head.present.get(block).is_none() => {
-                // Absent from the head: no slot holds anything of it.
-                if let Some(ns) = head.present.next_start(block) {
-                    run_end = run_end.min(ns);
+            None if direct_ok && !inner.log_only => match head.present.get(block) {
+                None => {
+                    // Absent from the head: no slot holds anything of it.
+                    if let Some(ns) = head.present.next_start(block) {
+                        run_end = run_end.min(ns);
+                    }
+                    Some(0)
                 }
-                Some(0)
-            }
-            None if direct_ok && !inner.log_only => {
-                // Nothing since the checkpoint: the block record says where the block's
-                // durable version is (absent or zero: anywhere, so slot 0 is free).
-                if let Some((_, e)) = head.present.get(block) {
+                Some((_, e)) => {
+                    // Nothing since the checkpoint: the block record says where the
+                    // block's durable version is (zero: anywhere, so slot 0 is free).
                     run_end = run_end.min(e);
+                    let n = (run_end - block) as usize;
+                    let mut recs = vec![0u8; n * self.rec];
+                    head.rec
+                        .read_at(&mut recs, block * self.rec as u64)
+                        .map_err(self.err("reading block records", &head.rec_path))?;
+                    let stable = |r: &[u8]| u8::from(r[4] != STATE_DATA);
+                    let mut entries = recs.chunks_exact(self.rec);
+                    let first = entries.next().map_or(1, stable);
+                    let same = 1 + entries.take_while(|r| stable(r) == first).count();
+                    run_end = block + same as u64;
+                    Some(other(first))
                 }
-                let n = (run_end - block) as usize;
-                let mut recs = vec![0u8; n * self.rec];
-                head.rec
-                    .read_at(&mut recs, block * self.rec as u64)
-                    .map_err(self.err("reading block records", &head.rec_path))?;
-                let stable = |r: &[u8]| u8::from(r[4] != STATE_DATA);
-                let mut entries = recs.chunks_exact(self.rec);
-                let first = entries.next().map_or(1, stable);
-                let same = 1 + entries.take_while(|r| stable(r) == first).count();
-                run_end = block + same as u64;
-                Some(other(first))
-            }
+            },
             None => None,
         };
         let n = run_end - block;
@@ -1591,15 +1586,15 @@ impl Volume {
         };
         let Some(slot) = slot else {
             if !self.make_room(inner, h.total_len(), 0)? {
-                return Ok(Step::WaitCheckpoint);
+                return Ok(None);
             }
             self.push_record(inner, h, sides, data)?;
-            return Ok(Step::Wrote(n));
+            return Ok(Some(n));
         };
         h.kind = RecordKind::Direct;
         h.slot = slot;
         if !self.make_room(inner, h.total_len(), data.len() as u64)? {
-            return Ok(Step::WaitCheckpoint);
+            return Ok(None);
         }
         let Some(head) = inner.layers.get(&head_id) else {
             return Err(self.invalid(format!("head layer {head_id} is not open")));
@@ -1621,7 +1616,7 @@ impl Volume {
         self.direct_dirty.store(true, Ordering::SeqCst);
         self.push_record(inner, h, sides, &[])?;
         inner.direct_in_half += data.len() as u64;
-        Ok(Step::Wrote(n))
+        Ok(Some(n))
     }
 
     fn spawn_checkpoint(&self) {
@@ -1690,19 +1685,18 @@ impl Volume {
         let per = ((self.wal_size / 4) / (BLOCK + side) as u64).max(1);
         let mut b = 0;
         while b < count {
-            let (at, sat) = (b as usize * BLOCK, b as usize * side);
             let wrote = self.write_run(
                 &mut self.inner.write(),
                 seq,
                 block + b,
                 per.min(count - b),
-                &data[at..],
-                &sides[sat..],
+                &data[b as usize * BLOCK..],
+                &sides[b as usize * side..],
                 direct,
             )?;
             match wrote {
-                Step::Wrote(n) => b += n,
-                Step::WaitCheckpoint => self.finish_checkpoint()?,
+                Some(n) => b += n,
+                None => self.finish_checkpoint()?,
             }
         }
         Ok(())
@@ -1736,11 +1730,7 @@ impl Volume {
     pub fn sync(&self) -> Result<(), StoreError> {
         self.since_flush.store(0, Ordering::Relaxed);
         self.check_writable()?;
-        self.sync_to(self.written.load(Ordering::SeqCst))
-    }
-
-    /// Makes the log durable at least up to `target`.
-    fn sync_to(&self, target: u64) -> Result<(), StoreError> {
+        let target = self.written.load(Ordering::SeqCst);
         if self.synced.load(Ordering::SeqCst) >= target {
             return Ok(());
         }
