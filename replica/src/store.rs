@@ -263,33 +263,30 @@ impl Shift for Recent {
 impl Layer {
     /// Bytes the layer's files occupy on disk.
     fn allocated(&self) -> u64 {
-        self.data.allocated().unwrap_or(0)
-            + self.alt.allocated().unwrap_or(0)
-            + self.rec.allocated().unwrap_or(0)
+        let f = &self.files;
+        [&f.data, &f.alt, &f.rec]
+            .iter()
+            .map(|x| x.allocated().unwrap_or(0))
+            .sum()
     }
 
     fn files(&self) -> Files {
-        Files {
-            data: self.data.clone(),
-            alt: self.alt.clone(),
-            rec: self.rec.clone(),
-        }
+        self.files.clone()
     }
 
     /// The file of slot `slot` (0 `.data`, 1 `.alt`) and its path.
     fn slot(&self, slot: u8) -> (&dyn DiskFile, &Path) {
-        if slot == 1 {
-            (&*self.alt, &self.alt_path)
+        let path = if slot == 1 {
+            &self.alt_path
         } else {
-            (&*self.data, &self.data_path)
-        }
+            &self.data_path
+        };
+        (self.files.slot(slot), path)
     }
 }
 
 struct Layer {
-    data: Arc<dyn DiskFile>,
-    alt: Arc<dyn DiskFile>,
-    rec: Arc<dyn DiskFile>,
+    files: Files,
     /// Blocks this layer holds (data or zero).
     present: ExtentMap<()>,
     /// The files' paths, for error messages.
@@ -681,9 +678,7 @@ impl Volume {
             layers.insert(
                 l.id,
                 Layer {
-                    data,
-                    alt,
-                    rec,
+                    files: Files { data, alt, rec },
                     present,
                     data_path: dp,
                     alt_path: ap,
@@ -1558,7 +1553,8 @@ impl Volume {
                     run_end = run_end.min(e);
                     let n = (run_end - block) as usize;
                     let mut recs = vec![0u8; n * self.rec];
-                    head.rec
+                    head.files
+                        .rec
                         .read_at(&mut recs, block * self.rec as u64)
                         .map_err(self.err("reading block records", &head.rec_path))?;
                     let stable = |r: &[u8]| u8::from(r[4] != STATE_DATA);
@@ -1834,6 +1830,7 @@ impl Volume {
                     };
                     let mut recs = vec![0u8; n * self.rec];
                     layer
+                        .files
                         .rec
                         .read_at(&mut recs, p * self.rec as u64)
                         .map_err(self.err("reading block records", &layer.rec_path))?;
@@ -1893,9 +1890,11 @@ impl Volume {
                 .map_err(self.err("creating a layer", p))
         };
         Ok(Layer {
-            data: create(&dp)?,
-            alt: create(&ap)?,
-            rec: create(&rp)?,
+            files: Files {
+                data: create(&dp)?,
+                alt: create(&ap)?,
+                rec: create(&rp)?,
+            },
             present: ExtentMap::new(),
             data_path: dp,
             alt_path: ap,
@@ -2053,7 +2052,8 @@ impl Volume {
             }
             let inner = self.inner.read();
             if let Some(c) = inner.layers.get(&child) {
-                c.rec
+                c.files
+                    .rec
                     .sync()
                     .map_err(self.err("syncing block records", &c.rec_path))?;
             }
