@@ -340,7 +340,15 @@ struct Inner {
     /// A snapshot is being merged into the head: every write goes through the log,
     /// so the merge's copies and direct writes never meet in a slot.
     log_only: bool,
+    /// Direct records not yet written to the log file, which holds everything before
+    /// `tail_off`: a direct write then costs one `pwrite` (its data), not two. Only
+    /// syncs promise anything, and every sync writes the tail first, in order.
+    tail: Vec<u8>,
+    tail_off: u64,
 }
+
+/// Direct records gathered in memory before one `pwrite` to the log.
+const TAIL_BYTES: usize = 64 << 10;
 
 /// A valid record found by replay, before it is applied.
 struct Replayed {
@@ -745,6 +753,8 @@ impl Volume {
                 chain,
                 header,
                 wal_off: RECORDS_START,
+                tail: Vec::with_capacity(TAIL_BYTES + 4096),
+                tail_off: RECORDS_START,
                 half: header.half,
                 gen_cur: header.gen,
                 recent: ExtentMap::new(),
@@ -1070,11 +1080,40 @@ impl Volume {
     /// Taken under `inner`, so no writer is between choosing a slot and logging its
     /// record; from here until the sync ends, no direct write reuses the slot of a
     /// version it may promise (see `write_run`).
-    fn begin_sync(&self) -> u64 {
-        let _i = self.inner.read();
+    fn begin_sync(&self) -> Result<u64, StoreError> {
+        let mut inner = self.inner.write();
+        self.write_tail(&mut inner)?;
         let upto = self.written.load(Ordering::SeqCst);
         self.syncing.fetch_max(upto, Ordering::SeqCst);
-        upto
+        Ok(upto)
+    }
+
+    /// Writes the gathered direct records to the log file. They belong to completed
+    /// writes, so if they cannot be written, no later sync may promise anything.
+    fn write_tail(&self, inner: &mut Inner) -> Result<(), StoreError> {
+        if inner.tail.is_empty() {
+            return Ok(());
+        }
+        if let Err(err) = self.wal.write_at(&inner.tail, inner.tail_off) {
+            return Err(self.poison(format!(
+                "appending to {} failed: {err}",
+                self.wal_path.display()
+            )));
+        }
+        inner.tail.clear();
+        Ok(())
+    }
+
+    /// Reads log bytes at `off`, from the gathered tail when they are still there.
+    fn read_log(&self, inner: &Inner, buf: &mut [u8], off: u64) -> Result<(), StoreError> {
+        let from = off.wrapping_sub(inner.tail_off) as usize;
+        if off >= inner.tail_off && from + buf.len() <= inner.tail.len() {
+            buf.copy_from_slice(&inner.tail[from..from + buf.len()]);
+            return Ok(());
+        }
+        self.wal
+            .read_at(buf, off)
+            .map_err(self.err("reading the log", &self.wal_path))
     }
 
     /// Makes every write up to `upto` (from `begin_sync`) durable: the head layer's
@@ -1106,6 +1145,7 @@ impl Volume {
         // log (and direct data) durable before touching the layer.
         if !inner.recent.is_empty() || inner.frozen.is_some() {
             // `inner` is held for writing: nobody appends meanwhile.
+            self.write_tail(inner)?;
             let upto = self.written.load(Ordering::SeqCst);
             self.syncing.fetch_max(upto, Ordering::SeqCst);
             let _s = self.sync_lock.lock();
@@ -1173,7 +1213,7 @@ impl Volume {
         // A direct write that reused a frozen version's slot before this sync began
         // is covered by it, so the live half's record (replayed after the frozen
         // block records written below) corrects them; once it began, none reuses one.
-        let upto = self.begin_sync();
+        let upto = self.begin_sync()?;
         {
             let _s = self.sync_lock.lock();
             self.sync_locked(&files, upto)?;
@@ -1415,6 +1455,8 @@ impl Volume {
             if inner.frozen.is_some() {
                 return Ok(false);
             }
+            // The checkpoint reads the frozen half from the file.
+            self.write_tail(inner)?;
             // Freeze this half for a background checkpoint; append to the other.
             inner.frozen = Some(Arc::new(std::mem::replace(
                 &mut inner.recent,
@@ -1453,16 +1495,28 @@ impl Volume {
         let off = inner.wal_off;
         let side_off = off + wal::RECORD_HEADER as u64;
         let data_off = side_off + h.sides_len() as u64;
-        let wrote = if data.len() <= 64 << 10 {
-            let mut one = head;
-            one.extend_from_slice(data);
-            self.wal.write_at(&one, off)
+        if h.kind == RecordKind::Direct {
+            if inner.tail.is_empty() {
+                inner.tail_off = off;
+            }
+            inner.tail.extend_from_slice(&head);
+            if inner.tail.len() >= TAIL_BYTES {
+                self.write_tail(inner)?;
+            }
         } else {
-            self.wal
-                .write_at(&head, off)
-                .and_then(|_| self.wal.write_at(data, data_off))
-        };
-        wrote.map_err(self.err("appending to the log", &self.wal_path))?;
+            // Records reach the file in order.
+            self.write_tail(inner)?;
+            let wrote = if data.len() <= 64 << 10 {
+                let mut one = head;
+                one.extend_from_slice(data);
+                self.wal.write_at(&one, off)
+            } else {
+                self.wal
+                    .write_at(&head, off)
+                    .and_then(|_| self.wal.write_at(data, data_off))
+            };
+            wrote.map_err(self.err("appending to the log", &self.wal_path))?;
+        }
         let at = self.written.fetch_add(len, Ordering::SeqCst) + len;
         let end = h.block + u64::from(h.count);
         let side = h.side_len() as u8;
@@ -1730,7 +1784,7 @@ impl Volume {
         if self.synced.load(Ordering::SeqCst) >= target {
             return Ok(());
         }
-        let upto = self.begin_sync();
+        let upto = self.begin_sync()?;
         let _g = self.sync_lock.lock();
         if self.synced.load(Ordering::SeqCst) >= target {
             return Ok(());
@@ -1796,9 +1850,7 @@ impl Volume {
                     | Recent::Direct { side_off, side, .. }),
                 ) => {
                     let mut sides = vec![0u8; n * usize::from(side)];
-                    self.wal
-                        .read_at(&mut sides, side_off)
-                        .map_err(self.err("reading the log", &self.wal_path))?;
+                    self.read_log(inner, &mut sides, side_off)?;
                     match v {
                         Recent::Direct { slot, .. } => {
                             let head_id = inner.meta.head;

@@ -153,6 +153,9 @@ pub const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
 /// Requests in flight per connection; bounds memory per client.
 const MAX_IN_FLIGHT: usize = 128;
 
+/// Bytes of client requests read ahead in one receive.
+const READ_BUFFER: usize = 256 * 1024;
+
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -527,7 +530,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: BlockDevice,
 {
-    let (mut rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
+    // One receive takes every request the client has queued, not one header and
+    // then one payload per syscall.
+    let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(write_replies(wr, rx, mode.structured));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
