@@ -175,7 +175,6 @@ async fn copy(
                 block: blk,
                 data: copy.data,
                 tags: copy.tags,
-                shallow: false,
             });
             wait(vol, target, w, "copying blocks").await?;
             progress

@@ -410,7 +410,6 @@ impl Volume {
                 block,
                 data: copy.data.clone(),
                 tags: copy.tags.clone(),
-                shallow: false,
             }));
             match tokio::time::timeout(self.timeout, rx).await {
                 Ok(Ok(Ok(_))) => {
@@ -872,7 +871,7 @@ impl Volume {
         (offset / BLOCK, (offset + len).div_ceil(BLOCK))
     }
 
-    async fn write_inner(&self, offset: u64, data: Bytes, queued: bool) -> Result<(), DeviceError> {
+    async fn write_inner(&self, offset: u64, data: Bytes) -> Result<(), DeviceError> {
         if data.is_empty() {
             return Ok(());
         }
@@ -930,7 +929,6 @@ impl Volume {
                 block: first,
                 data: payload.clone(),
                 tags: tags.clone(),
-                shallow: !queued,
             })
         });
         self.wait_all(waiting).await
@@ -998,18 +996,12 @@ impl BlockDevice for Volume {
         self.count(r)
     }
 
-    async fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-        queued: bool,
-    ) -> Result<(), DeviceError> {
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let mut r = self.write_inner(offset, data, queued).await;
+        let mut r = self.write_inner(offset, data).await;
         if r.is_ok() && fua {
             r = self.flush_inner().await;
         }
@@ -1031,18 +1023,18 @@ impl BlockDevice for Volume {
                 let end = offset + len;
                 let head_end = (offset.div_ceil(BLOCK) * BLOCK).min(end);
                 if head_end > offset {
-                    self.write_inner(offset, zeroes(head_end - offset), true).await?;
+                    self.write_inner(offset, zeroes(head_end - offset)).await?;
                 }
                 self.zero_whole_blocks(offset, len).await?;
                 let tail = (end / BLOCK * BLOCK).max(head_end);
                 if end > tail {
-                    self.write_inner(tail, zeroes(end - tail), true).await?;
+                    self.write_inner(tail, zeroes(end - tail)).await?;
                 }
             } else {
                 let mut at = offset;
                 while at < offset + len {
                     let n = (ZEROES.len() as u64).min(offset + len - at);
-                    self.write_inner(at, zeroes(n), true).await?;
+                    self.write_inner(at, zeroes(n)).await?;
                     at += n;
                 }
             }
@@ -1144,14 +1136,8 @@ impl BlockDevice for View {
         }
     }
 
-    async fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-        queued: bool,
-    ) -> Result<(), DeviceError> {
-        self.writable()?.write(offset, data, fua, queued).await
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        self.writable()?.write(offset, data, fua).await
     }
 
     async fn write_zeroes(

@@ -407,7 +407,7 @@ impl IoStreamState {
             let r = match req.op {
                 Some(Op::Write(w)) => done(
                     self.check_seq(w.seq)
-                        .and_then(|_| self.vol.write_hinted(w.seq, w.block, &w.data, &w.tags, w.shallow)),
+                        .and_then(|_| self.vol.write_sealed(w.seq, w.block, &w.data, &w.tags)),
                 ),
                 Some(Op::Read(r)) => {
                     let snapshot = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());

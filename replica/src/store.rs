@@ -1704,20 +1704,6 @@ impl Volume {
         data: &[u8],
         tags: &[u8],
     ) -> Result<(), StoreError> {
-        self.write_hinted(seq, block, data, tags, false)
-    }
-
-    /// Like [`Volume::write_sealed`]; `shallow`: the client waits for each write, so
-    /// a small one stays on the log (one append to a preallocated file costs it less
-    /// latency than a write into a layer) however long since the last flush.
-    pub fn write_hinted(
-        &self,
-        seq: u64,
-        block: u64,
-        data: &[u8],
-        tags: &[u8],
-        shallow: bool,
-    ) -> Result<(), StoreError> {
         if data.is_empty() || !data.len().is_multiple_of(BLOCK) {
             return Err(self.invalid(format!(
                 "write of {} bytes is not a whole number of blocks",
@@ -1742,7 +1728,7 @@ impl Volume {
         // Large writes skip the log's copy; so do small ones while nobody flushes (no
         // one waits on the log's one cheap fdatasync then).
         let direct = count >= self.direct_min_blocks
-            || (!shallow && self.direct_after_writes > 0 && writes > self.direct_after_writes);
+            || (self.direct_after_writes > 0 && writes > self.direct_after_writes);
         let side = 4 + self.tag;
         let sides = wal::make_sides(data, tags, self.tag);
         // Big writes go in pieces that fit a quarter of the log.

@@ -47,27 +47,3 @@ fn rewriting_without_flushes_stays_in_one_slot() {
         "the head holds {head} bytes for 4 MiB of data"
     );
 }
-
-/// Small writes go into the head only while nobody waits on each one: a client that
-/// waits for every write keeps them on the log.
-#[test]
-fn small_writes_skip_the_log_only_when_the_client_queues_them() {
-    for shallow in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let set = VolumeSet::new(dir.path(), Arc::new(OsDisk), StoreOptions::default()).unwrap();
-        let (v, _) = set.get_or_create("v", 16 << 20, None).unwrap();
-        // 200 unflushed 4 KiB writes: past the 64 after which queued ones go direct.
-        for seq in 1..=200u64 {
-            let b = seq * 7 % 4096;
-            v.write_hinted(seq, b, &vec![seq as u8; 4096], &[], shallow)
-                .unwrap();
-        }
-        let (head, _) = v.allocated();
-        if shallow {
-            assert_eq!(head, 0, "writes the client waited on went into the head");
-        } else {
-            assert!(head >= 100 * 4096, "queued writes stayed on the log: head {head}");
-        }
-        assert_eq!(v.read_blocks(7, 1).unwrap()[0], 1);
-    }
-}

@@ -60,14 +60,12 @@ pub trait BlockDevice: Send + Sync + 'static {
         offset: u64,
         len: u32,
     ) -> impl Future<Output = Result<Vec<Bytes>, DeviceError>> + Send;
-    /// Writes `data` at `offset`; with `fua`, durably. `queued`: the client had
-    /// more requests waiting behind this one (it does not wait for each write).
+    /// Writes `data` at `offset`; with `fua`, durably.
     fn write(
         &self,
         offset: u64,
         data: Bytes,
         fua: bool,
-        queued: bool,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Writes zeroes; `may_trim` lets the device deallocate instead.
     fn write_zeroes(
@@ -548,7 +546,7 @@ where
 }
 
 async fn read_requests<R, D>(
-    rd: &mut tokio::io::BufReader<R>,
+    rd: &mut R,
     device: &Arc<D>,
     tx: &mpsc::UnboundedSender<Reply>,
     permits: &Arc<Semaphore>,
@@ -581,9 +579,6 @@ where
             rd.read_exact(&mut buf).await?;
             payload = Some(buf.freeze());
         }
-        // A client that waits for each reply has nothing buffered and nothing of
-        // ours unanswered when its next request arrives.
-        let queued = !rd.buffer().is_empty() || permits.available_permits() < MAX_IN_FLIGHT;
         if req.kind == CMD_DISC {
             return Ok(());
         }
@@ -621,7 +616,7 @@ where
                     .await
                     .map(|d| ReplyData::Data(d, req.length)),
                 CMD_WRITE => device
-                    .write(req.offset, payload.unwrap_or_default(), fua, queued)
+                    .write(req.offset, payload.unwrap_or_default(), fua)
                     .await
                     .map(|_| ReplyData::None),
                 CMD_FLUSH => device.flush().await.map(|_| ReplyData::None),
