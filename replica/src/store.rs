@@ -1220,14 +1220,20 @@ impl Volume {
         }
         let extents: Vec<(u64, u64, Recent)> = frozen.iter().map(|(s, e, v)| (s, e, *v)).collect();
         let changes = self.copy_to_head(head_id, &files, single, &extents)?;
-        let mut inner = self.inner.write();
-        // Snapshots and reverts take `ckpt` first, so the head is still `head_id`.
-        let next = WalHeader {
-            gen: inner.gen_cur,
-            revision: frozen_rev.max(inner.header.revision),
-            half: inner.half,
+        // While a half is frozen nothing else moves the generation, the half or the
+        // header (that takes `ckpt`), so the header is written without holding up
+        // writers for its fdatasync; appends to the live half are not its business.
+        let next = {
+            let inner = self.inner.read();
+            WalHeader {
+                gen: inner.gen_cur,
+                revision: frozen_rev.max(inner.header.revision),
+                half: inner.half,
+            }
         };
         self.write_header(&next)?;
+        let mut inner = self.inner.write();
+        // Snapshots and reverts take `ckpt` first, so the head is still `head_id`.
         if let Some(head) = inner.layers.get_mut(&head_id) {
             apply_changes(&mut head.present, &changes);
         }
