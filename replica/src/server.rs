@@ -311,6 +311,10 @@ impl Replica for ReplicaService {
     }
 }
 
+/// How long a stream waits for its next batch before its volume's gathered log
+/// records are written out.
+const IDLE: std::time::Duration = std::time::Duration::from_millis(200);
+
 struct IoStreamState {
     vol: Arc<Volume>,
     epoch: u64,
@@ -326,7 +330,18 @@ impl IoStreamState {
             if !self.process(batch).await {
                 return;
             }
-            batch = match inbound.message().await {
+            let next = match tokio::time::timeout(IDLE, inbound.message()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    // Idle: the page cache then holds every acknowledged write's
+                    // record, so a killed process (not a power cut) keeps them.
+                    if let Err(e) = self.vol.settle() {
+                        tracing::error!(volume = self.vol.name(), error = %e, "writing the log's tail failed");
+                    }
+                    inbound.message().await
+                }
+            };
+            batch = match next {
                 Ok(Some(b)) => b.requests,
                 Ok(None) => break,
                 Err(e) => {

@@ -1803,6 +1803,13 @@ impl Volume {
         self.check_writable()
     }
 
+    /// Writes the gathered direct records to the log file (no sync), so a killed
+    /// process keeps what it acknowledged; the server calls it when a stream goes idle.
+    pub fn settle(&self) -> Result<(), StoreError> {
+        let mut inner = self.inner.write();
+        self.write_tail(&mut inner)
+    }
+
     /// Reads `count` whole blocks of the head starting at `block`, verifying every
     /// checksum.
     pub fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, StoreError> {
