@@ -1081,8 +1081,12 @@ impl Volume {
     /// record; from here until the sync ends, no direct write reuses the slot of a
     /// version it may promise (see `write_run`).
     fn begin_sync(&self) -> Result<u64, StoreError> {
-        let mut inner = self.inner.write();
-        self.write_tail(&mut inner)?;
+        self.mark_sync(&mut self.inner.write())
+    }
+
+    /// `begin_sync` for a caller that holds `inner` for writing.
+    fn mark_sync(&self, inner: &mut Inner) -> Result<u64, StoreError> {
+        self.write_tail(inner)?;
         let upto = self.written.load(Ordering::SeqCst);
         self.syncing.fetch_max(upto, Ordering::SeqCst);
         Ok(upto)
@@ -1145,9 +1149,7 @@ impl Volume {
         // log (and direct data) durable before touching the layer.
         if !inner.recent.is_empty() || inner.frozen.is_some() {
             // `inner` is held for writing: nobody appends meanwhile.
-            self.write_tail(inner)?;
-            let upto = self.written.load(Ordering::SeqCst);
-            self.syncing.fetch_max(upto, Ordering::SeqCst);
+            let upto = self.mark_sync(inner)?;
             let _s = self.sync_lock.lock();
             self.sync_locked(&files, upto)?;
         }
