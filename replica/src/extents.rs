@@ -110,6 +110,20 @@ impl<V: Shift + PartialEq> ExtentMap<V> {
         self.map.range(block + 1..).next().map(|(&s, _)| s)
     }
 
+    /// The run at `block`, cut at `end` (> `block`): its value and where it ends if
+    /// `block` is mapped, else where the next extent (or `end`) begins.
+    pub fn run(&self, block: u64, end: u64) -> Result<(V, u64), u64> {
+        if let Some((v, e)) = self.get(block) {
+            return Ok((v, e.min(end)));
+        }
+        // A one-block run cannot get shorter: skip the second walk (a 4 KiB read
+        // through a chain of snapshots does this once per layer).
+        if end <= block + 1 {
+            return Err(end);
+        }
+        Err(self.next_start(block).map_or(end, |n| n.min(end)))
+    }
+
     /// All extents in order, as (start, end, value).
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64, &V)> {
         self.map.iter().map(|(&s, (e, v))| (s, *e, v))
@@ -152,6 +166,21 @@ mod tests {
             }
             for (b, want) in flat.iter().enumerate() {
                 prop_assert_eq!(m.get(b as u64).map(|(v, _)| v.0), *want);
+                // `run` ends where the flat model stops being the same kind of run.
+                let end = (b as u64 + 8).min(80);
+                let same = |x: &Option<u64>, i: u64| match (want, x) {
+                    (Some(w), Some(v)) => *v == w + i,
+                    (None, None) => true,
+                    _ => false,
+                };
+                let flat_end = (b as u64..end)
+                    .take_while(|&i| same(&flat[i as usize], i - b as u64))
+                    .last()
+                    .map_or(b as u64, |i| i + 1);
+                let got = match m.run(b as u64, end) {
+                    Ok((_, e)) | Err(e) => e,
+                };
+                prop_assert_eq!(got, flat_end);
             }
             // Adjacent extents that continue each other are always merged.
             let ext: Vec<(u64, u64, u64)> = m.iter().map(|(s, e, v)| (s, e, v.0)).collect();

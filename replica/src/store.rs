@@ -1601,18 +1601,16 @@ impl Volume {
                 }
             }
             Some(_) => None,
-            None if direct_ok && !inner.log_only => match head.present.get(block) {
-                None => {
+            None if direct_ok && !inner.log_only => match head.present.run(block, run_end) {
+                Err(next) => {
                     // Absent from the head: no slot holds anything of it.
-                    if let Some(ns) = head.present.next_start(block) {
-                        run_end = run_end.min(ns);
-                    }
+                    run_end = next;
                     Some(0)
                 }
-                Some((_, e)) => {
+                Ok(((), e)) => {
                     // Nothing since the checkpoint: the block record says where the
                     // block's durable version is (zero: anywhere, so slot 0 is free).
-                    run_end = run_end.min(e);
+                    run_end = e;
                     let n = (run_end - block) as usize;
                     let mut recs = vec![0u8; n * self.rec];
                     head.files
@@ -2349,15 +2347,9 @@ fn source(inner: &Inner, chain: &[u64], with_log: bool, p: u64, end: u64) -> (So
         let Some(layer) = inner.layers.get(id) else {
             continue;
         };
-        if let Some(((), e)) = layer.present.get(p) {
-            return (Source::Layer(*id), e.min(bound));
-        }
-        // Another extent can only shorten a run longer than one block (a 4 KiB read
-        // through a chain of snapshots saves one tree walk per layer).
-        if bound > p + 1 {
-            if let Some(ns) = layer.present.next_start(p) {
-                bound = bound.min(ns);
-            }
+        match layer.present.run(p, bound) {
+            Ok(((), e)) => return (Source::Layer(*id), e),
+            Err(b) => bound = b,
         }
     }
     (Source::Zeros, bound)
@@ -2368,13 +2360,9 @@ fn source(inner: &Inner, chain: &[u64], with_log: bool, p: u64, end: u64) -> (So
 fn window_at(inner: &Inner, p: u64, end: u64) -> (Option<Recent>, u64) {
     let mut bound = end;
     for map in std::iter::once(&inner.recent).chain(inner.frozen.as_deref()) {
-        if let Some((v, e)) = map.get(p) {
-            return (Some(v), e.min(bound));
-        }
-        if bound > p + 1 {
-            if let Some(ns) = map.next_start(p) {
-                bound = bound.min(ns);
-            }
+        match map.run(p, bound) {
+            Ok((v, e)) => return (Some(v), e),
+            Err(b) => bound = b,
         }
     }
     (None, bound)
