@@ -833,8 +833,8 @@ async fn status(target: &Target, json: bool) -> Result<()> {
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"address\":{:?},\"state\":{:?},\"reason\":{:?},\"rebuild_done\":{},\"rebuild_total\":{},\"rebuild_copied\":{}}}",
-                    r.address, r.state, r.reason, r.rebuild_done_blocks, r.rebuild_total_blocks, r.rebuild_copied_bytes
+                    "{{\"address\":{:?},\"state\":{:?},\"reason\":{:?},\"rebuild_done\":{},\"rebuild_total\":{},\"rebuild_copied\":{},\"retry_in_seconds\":{},\"failed_attempts\":{}}}",
+                    r.address, r.state, r.reason, r.rebuild_done_blocks, r.rebuild_total_blocks, r.rebuild_copied_bytes, r.retry_in_seconds, r.failed_attempts
                 )
             })
             .collect();
@@ -903,6 +903,11 @@ async fn status(target: &Target, json: bool) -> Result<()> {
             );
         } else if r.reason.is_empty() {
             println!("  {:<24} {}", r.address, r.state);
+        } else if r.failed_attempts > 0 {
+            println!(
+                "  {:<24} {}  ({}); {} attempt(s) to bring it back failed, next in {} s",
+                r.address, r.state, r.reason, r.failed_attempts, r.retry_in_seconds
+            );
         } else {
             println!("  {:<24} {}  ({})", r.address, r.state, r.reason);
         }

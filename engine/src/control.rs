@@ -82,6 +82,15 @@ impl Engine for ControlService {
                     reason: r.reason(),
                     ..Default::default()
                 };
+                if let Some(t) = v.retries.lock().get(&r.addr) {
+                    if r.down().is_some_and(|d| d.retried()) {
+                        st.retry_in_seconds = t
+                            .next
+                            .saturating_duration_since(std::time::Instant::now())
+                            .as_secs();
+                        st.failed_attempts = t.attempts;
+                    }
+                }
                 if let Some(p) = v.rebuilds.lock().get(&r.addr) {
                     if st.state == "failed" {
                         st.state = "rebuilding".into();
@@ -154,21 +163,21 @@ impl Engine for ControlService {
     ) -> Result<Response<ReplicaReply>, Status> {
         let addr = req.into_inner().address;
         let v = &self.volume;
-        let Some(r) = v.replicas().into_iter().find(|r| r.addr == addr) else {
-            return Err(Status::not_found(format!(
-                "volume {}: no replica {addr}",
-                v.name()
-            )));
-        };
-        if r.is_healthy() && v.healthy_count() <= v.min_replicas() {
+        let healthy = v.replica(&addr).is_some_and(|r| r.is_healthy());
+        if healthy && v.healthy_count() <= v.min_replicas() {
             return Err(Status::failed_precondition(format!(
                 "volume {}: removing {addr} would leave fewer than --min-replicas {} healthy replicas",
                 v.name(),
                 v.min_replicas()
             )));
         }
-        r.mark_failed("removed by the operator".into());
-        v.remove(&addr);
+        if !v.remove(&addr) {
+            return Err(Status::not_found(format!(
+                "volume {}: no replica {addr}",
+                v.name()
+            )));
+        }
+        tracing::info!(volume = %v.name(), replica = %addr, "replica removed by the operator");
         Ok(Response::new(ReplicaReply {}))
     }
 

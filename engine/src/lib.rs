@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tether_proto::replica::OpenRequest;
 
-use crate::replica_client::ReplicaConn;
+use crate::replica_client::{Fence, ReplicaConn};
 use crate::volume::Volume;
 
 /// How to run one engine.
@@ -63,6 +63,9 @@ pub enum EngineError {
     /// No replica could serve the volume.
     #[error("volume {volume}: no replica can serve it: {details}")]
     NoReplica { volume: String, details: String },
+    /// Another engine took a newer epoch on a replica while this one was opening.
+    #[error("volume {volume}: {details}; another engine took the volume while this one was opening it, so this one does not serve: stop the other engine, or start this one again to take over")]
+    Raced { volume: String, details: String },
     /// A listening socket could not be set up.
     #[error("volume {volume}: cannot listen on {what}: {source}")]
     Listen {
@@ -99,12 +102,13 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             .unwrap_or(0);
         (t ^ (u64::from(std::process::id()) << 40)) | 1
     };
+    let fence = Fence::new(&cfg.volume);
     // Round 1: reach every replica and read its state, changing nothing, so a wrong
     // or missing key is refused before any replica is touched.
     let mut probes = futures::future::join_all(
         cfg.replicas
             .iter()
-            .map(|a| probe(cfg, a, false, String::new(), connect_timeout)),
+            .map(|a| probe(cfg, a, false, String::new(), connect_timeout, &fence)),
     )
     .await;
     // A brand-new volume is created only when every replica answered: an unreachable
@@ -132,7 +136,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
                 .iter()
                 .zip(probes.iter())
                 .filter(|(_, p)| matches!(p, Err((_, true))))
-                .map(|(addr, _)| probe(cfg, addr, true, params.clone(), connect_timeout)),
+                .map(|(addr, _)| probe(cfg, addr, true, params.clone(), connect_timeout, &fence)),
         )
         .await;
         let missing = probes.iter_mut().filter(|p| matches!(p, Err((_, true))));
@@ -159,7 +163,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             Ok((conn, reply)) => reachable.push((conn, reply)),
             Err((e, _)) => {
                 problems.push(e.clone());
-                conns.push(ReplicaConn::failed(addr, &cfg.volume, None, e));
+                conns.push(ReplicaConn::failed(addr, &cfg.volume, fence.clone(), e));
             }
         }
     }
@@ -193,67 +197,106 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             )));
         }
     }
-    // Only the replicas with the highest durable revision may serve: a lower one
-    // missed writes while it was away.
-    // A replica with an unfinished rebuild may have the newest writes but miss older
-    // ones: its revision proves nothing, so it never counts as fresh.
-    let newest = reachable
-        .iter()
-        .filter(|(_, r)| !r.rebuilding)
-        .map(|(_, r)| r.revision)
-        .max()
-        .unwrap_or(0);
-    let best: Vec<&str> = reachable
-        .iter()
-        .filter(|(_, r)| r.revision == newest && !r.rebuilding)
-        .map(|(c, _)| c.addr.as_str())
-        .collect();
-    let all_dirty = reachable.iter().all(|(_, r)| !r.clean);
-    tracing::info!(volume = %cfg.volume, revision = newest, serving = ?best, all_dirty,
-        "serving from the replicas with the highest durable revision{}",
-        if all_dirty { " (none closed cleanly: the highest revision is the freshest that is provable)" } else { "" });
     let epoch = reachable
         .iter()
         .map(|(_, r)| r.previous_epoch)
         .max()
         .unwrap_or(0)
         + 1;
-    for (c, r) in &reachable {
-        tracing::info!(volume = %cfg.volume, replica = %c.addr, revision = r.revision, clean = r.clean,
-            created = r.created, epoch = r.previous_epoch, "replica state");
-    }
-    // Round 2: take the new epoch on every fresh replica and open its stream.
-    let taken = futures::future::join_all(reachable.into_iter().map(|(c, r)| {
-        let volume = cfg.volume.clone();
+    // Round 2: take the new epoch on every replica reached, stale and half-rebuilt
+    // ones included, before deciding anything: an older engine still writing to a
+    // replica this engine will not serve from must be fenced there too, or it could
+    // go on acknowledging writes on that replica alone.
+    let taken = futures::future::join_all(reachable.into_iter().map(|(c, probed)| {
+        let req = OpenRequest {
+            volume: cfg.volume.clone(),
+            size,
+            create: false,
+            epoch,
+            engine_id,
+            rebuild: false,
+            encryption: String::new(),
+        };
         async move {
-            if r.rebuilding {
-                return (
-                    c,
-                    Err("stale: its rebuild did not finish; it rebuilds again".to_string()),
-                );
-            }
-            if r.revision < newest {
-                let why = format!(
-                    "stale: revision {} is behind the newest {newest}; it needs a rebuild",
-                    r.revision
-                );
-                return (c, Err(why));
-            }
-            let req = OpenRequest {
-                volume,
-                size,
-                create: false,
-                epoch,
-                engine_id,
-                rebuild: false,
-                encryption: String::new(),
-            };
-            let res = match c.open(req).await {
-                Ok(_) => c.start(epoch).await,
-                Err(s) => Err(format!("taking epoch {epoch}: {}", s.message())),
-            };
-            (c, res)
+            let r = tokio::time::timeout(cfg.timeout, c.open(req)).await;
+            (c, probed, r)
         }
+    }))
+    .await;
+    let mut fresh = Vec::new();
+    let mut raced = Vec::new();
+    for (c, probed, r) in taken {
+        match r {
+            Ok(Ok(reply)) => {
+                tracing::info!(volume = %cfg.volume, replica = %c.addr, revision = reply.revision,
+                    clean = reply.clean, created = probed.created, rebuilding = reply.rebuilding,
+                    previous_epoch = reply.previous_epoch, epoch, "epoch taken");
+                fresh.push((c, reply));
+            }
+            Ok(Err(s)) => {
+                let why = format!("replica {}: taking epoch {epoch}: {}", c.addr, s.message());
+                if tether_proto::wire::code_of(&s) == Some(tether_proto::replica::ErrorCode::Fenced)
+                {
+                    raced.push(why.clone());
+                }
+                problems.push(why.clone());
+                c.mark_failed(why);
+                conns.push(c);
+            }
+            Err(_) => {
+                let why = format!(
+                    "replica {}: no answer while taking epoch {epoch} within {:?}",
+                    c.addr, cfg.timeout
+                );
+                problems.push(why.clone());
+                c.mark_failed(why);
+                conns.push(c);
+            }
+        }
+    }
+    if !raced.is_empty() {
+        return Err(EngineError::Raced {
+            volume: name,
+            details: raced.join("; "),
+        });
+    }
+    // Only the replicas with the highest durable revision may serve: a lower one
+    // missed writes while it was away. Read after the epoch is taken, so no older
+    // engine moves it any more.
+    // A replica with an unfinished rebuild may have the newest writes but miss older
+    // ones: its revision proves nothing, so it never counts as fresh.
+    let newest = fresh
+        .iter()
+        .filter(|(_, r)| !r.rebuilding)
+        .map(|(_, r)| r.revision)
+        .max()
+        .unwrap_or(0);
+    let best: Vec<&str> = fresh
+        .iter()
+        .filter(|(_, r)| r.revision == newest && !r.rebuilding)
+        .map(|(c, _)| c.addr.as_str())
+        .collect();
+    let all_dirty = fresh.iter().all(|(_, r)| !r.clean);
+    tracing::info!(volume = %cfg.volume, revision = newest, serving = ?best, all_dirty,
+        "serving from the replicas with the highest durable revision{}",
+        if all_dirty { " (none closed cleanly: the highest revision is the freshest that is provable)" } else { "" });
+    // Round 3: open the stream on every fresh replica; the others get rebuilt.
+    let taken = futures::future::join_all(fresh.into_iter().map(|(c, r)| async move {
+        if r.rebuilding {
+            return (
+                c,
+                Err("stale: its rebuild did not finish; it rebuilds again".to_string()),
+            );
+        }
+        if r.revision < newest {
+            let why = format!(
+                "stale: revision {} is behind the newest {newest}; it needs a rebuild",
+                r.revision
+            );
+            return (c, Err(why));
+        }
+        let res = c.start(epoch).await;
+        (c, res)
     }))
     .await;
     for (c, res) in taken {
@@ -274,7 +317,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
     }
     tracing::info!(volume = %cfg.volume, epoch, revision = newest, healthy, total = conns.len(), size, "volume open");
     Ok(Arc::new(
-        Volume::new(&cfg.volume, size, epoch, conns, newest, cfg.timeout)
+        Volume::new(&cfg.volume, size, epoch, conns, newest, cfg.timeout, fence)
             .with_policy(cfg.min_replicas, cfg.desired_replicas, engine_id)
             .with_cipher(cipher, params)
             .with_tls(cfg.replica_tls.clone()),
@@ -289,6 +332,7 @@ async fn probe(
     create: bool,
     encryption: String,
     connect_timeout: Duration,
+    fence: &Arc<Fence>,
 ) -> Probe {
     let req = OpenRequest {
         volume: cfg.volume.clone(),
@@ -302,7 +346,7 @@ async fn probe(
     let client = replica_client::connect(addr, connect_timeout, cfg.replica_tls.as_ref())
         .await
         .map_err(|e| (e, false))?;
-    let conn = ReplicaConn::new(addr, &req.volume.clone(), client);
+    let conn = ReplicaConn::new(addr, &req.volume.clone(), client, fence.clone());
     let reply = tokio::time::timeout(cfg.timeout, conn.open(req))
         .await
         .map_err(|_| {

@@ -25,8 +25,11 @@ use tether_proto::replica::{
 };
 
 use crate::nbd::BlockDevice;
-use crate::replica_client::{self, ReplicaConn};
+use crate::replica_client::{self, Down, ReplicaConn};
 use crate::volume::{Volume, BLOCK};
+
+/// Starts the error of a rebuild that could not even connect to its target.
+const UNREACHABLE: &str = "unreachable: ";
 
 /// Blocks compared and copied per step.
 const CHUNK: u64 = 256;
@@ -43,6 +46,8 @@ pub struct Progress {
     pub phase: Mutex<String>,
     /// When it started.
     pub started: Instant,
+    /// Set when the operator removes the replica: the rebuild stops and never joins it.
+    cancelled: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -53,7 +58,25 @@ impl Progress {
             copied: AtomicU64::new(0),
             phase: Mutex::new("connecting".into()),
             started: Instant::now(),
+            cancelled: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Stops the rebuild at its next step; it will not join the replica.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the operator removed the replica being rebuilt.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn check(&self, addr: &str) -> Result<(), String> {
+        if self.is_cancelled() {
+            return Err(format!("replica {addr} was removed by the operator"));
+        }
+        Ok(())
     }
 
     /// Bytes compared per second so far.
@@ -182,6 +205,7 @@ async fn copy(
                 .fetch_add(u64::from(cnt) * BLOCK, Ordering::Relaxed);
         }
         progress.done.fetch_add(n, Ordering::Relaxed);
+        progress.check(&target.addr)?;
         if !target.is_writable() {
             return Err(format!(
                 "replica {} failed during the rebuild: {}",
@@ -216,13 +240,15 @@ pub async fn rebuild(vol: Arc<Volume>, addr: String) -> Result<(), String> {
         Ok(()) => tracing::info!(volume = %vol.name(), replica = %addr,
             copied = progress.copied.load(Ordering::Relaxed),
             secs = progress.started.elapsed().as_secs(), "rebuild finished: replica is healthy"),
+        Err(e) if progress.is_cancelled() => {
+            tracing::info!(volume = %vol.name(), replica = %addr, error = %e, "rebuild stopped: the replica was removed");
+        }
         Err(e) => {
-            if let Some(r) = vol
-                .replicas()
-                .into_iter()
-                .find(|r| r.addr == addr && r.is_writable())
-            {
-                r.mark_failed(format!("rebuild failed: {e}"));
+            if let Some(r) = vol.replica(&addr) {
+                if !r.mark_failed(format!("rebuild failed: {e}")) {
+                    // Still out: say why the latest attempt failed.
+                    r.note(format!("rebuild failed: {e}"));
+                }
             }
             tracing::warn!(volume = %vol.name(), replica = %addr, error = %e, "rebuild failed; it will be retried");
         }
@@ -233,8 +259,31 @@ pub async fn rebuild(vol: Arc<Volume>, addr: String) -> Result<(), String> {
 async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), String> {
     let source = vol.first_healthy().map_err(|e| e.to_string())?;
     let client =
-        replica_client::connect(addr, vol.timeout().min(Duration::from_secs(5)), vol.tls()).await?;
-    let target = ReplicaConn::new(addr, vol.name(), client);
+        replica_client::connect(addr, vol.timeout().min(Duration::from_secs(5)), vol.tls())
+            .await
+            .map_err(|e| format!("{UNREACHABLE}{e}"))?;
+    let target = ReplicaConn::new(addr, vol.name(), client, vol.fence());
+    let res = fill(vol, &source, &target, progress).await;
+    if let Err(e) = &res {
+        // Ends the target's stream whether or not it joined the write set.
+        let kind = if progress.is_cancelled() {
+            Down::Removed
+        } else {
+            Down::Failed
+        };
+        target.mark_down(kind, format!("rebuild failed: {e}"));
+    }
+    res
+}
+
+/// Opens `target` as a rebuild target and makes it a copy of `source`, online.
+async fn fill(
+    vol: &Arc<Volume>,
+    source: &Arc<ReplicaConn>,
+    target: &Arc<ReplicaConn>,
+    progress: &Progress,
+) -> Result<(), String> {
+    let addr = target.addr.as_str();
     let size = vol.size();
     let open = OpenRequest {
         volume: vol.name().to_string(),
@@ -268,7 +317,7 @@ async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), S
     if reply.size < size {
         wait(
             vol,
-            &target,
+            target,
             Op::Expand(Expand { size }),
             "growing the volume",
         )
@@ -322,60 +371,108 @@ async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), S
         .store(blocks * (theirs.len() - keep + 1) as u64, Ordering::Relaxed);
     for s in &theirs[keep..] {
         *progress.phase.lock() = format!("snapshot {}", s.name);
-        copy(vol, &source, &target, &s.name, false, progress).await?;
+        copy(vol, source, target, &s.name, false, progress).await?;
         let op = Op::Snapshot(Snapshot {
             seq: 0,
             name: s.name.clone(),
         });
-        wait(vol, &target, op, "freezing a snapshot").await?;
+        wait(vol, target, op, "freezing a snapshot").await?;
     }
 
     // Phase 2: join the write set, then copy the head under range locks.
     *progress.phase.lock() = "head".into();
-    vol.join(target.clone());
-    copy(vol, &source, &target, "", true, progress).await?;
+    if !vol.join(target.clone(), progress) {
+        return Err(format!("replica {addr} was removed by the operator"));
+    }
+    copy(vol, source, target, "", true, progress).await?;
     // Durably clear the replica's rebuild mark; only then may a later engine trust
     // its revision.
+    progress.check(addr)?;
     wait(
         vol,
-        &target,
+        target,
         Op::RebuildDone(Default::default()),
         "finishing the rebuild",
     )
     .await?;
-    target.set_rebuilding(false);
+    // Under the set's lock, like a removal: a replica removed meanwhile stays out.
+    if !vol.promote(target, progress) {
+        return Err(format!("replica {addr} was removed by the operator"));
+    }
     Ok(())
 }
 
-/// Why a replica should not be retried automatically.
-pub fn gave_up(reason: &str) -> bool {
-    reason.starts_with("removed") || reason.contains("another engine owns")
+/// The first pause before a failed replica is tried again.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+/// The longest pause between two attempts at a replica that keeps failing.
+const RETRY_MAX: Duration = Duration::from_secs(64);
+
+/// When a failed replica is tried next, for `tether volume status`.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// The next attempt starts at this moment.
+    pub next: Instant,
+    /// The pause after the next failed attempt that reaches the replica.
+    pub delay: Duration,
+    /// Failed attempts in a row.
+    pub attempts: u32,
 }
 
-/// Retries failed replicas every few seconds, rebuilding those that answer.
+/// Retries failed replicas, rebuilding those that answer. A replica that answers but
+/// whose rebuild fails (a disk that keeps failing its syncs, say) is tried after
+/// pauses that double up to about a minute, so a doomed rebuild does not run every
+/// two seconds; a replica that does not answer at all costs nothing to ask again.
 pub async fn watch(vol: Arc<Volume>) {
     let mut quiet = std::collections::HashSet::new();
     loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         if vol.is_fenced() {
             return;
         }
         for r in vol.replicas() {
-            if r.is_writable() || gave_up(&r.reason()) || vol.rebuilds.lock().contains_key(&r.addr)
-            {
+            if !r.down().is_some_and(|d| d.retried()) || vol.rebuilds.lock().contains_key(&r.addr) {
                 continue;
+            }
+            let now = Instant::now();
+            {
+                let mut retries = vol.retries.lock();
+                let retry = retries.entry(r.addr.clone()).or_insert(Retry {
+                    next: now + RETRY_FIRST,
+                    delay: RETRY_FIRST,
+                    attempts: 0,
+                });
+                if retry.next > now {
+                    continue;
+                }
+                // Reserved now; moved further out below if the attempt fails.
+                retry.next = now + RETRY_FIRST;
             }
             let vol = vol.clone();
             let addr = r.addr.clone();
             let first = quiet.insert(addr.clone());
             tokio::spawn(async move {
-                // Connection errors of a replica that is still down are expected.
-                match rebuild(vol.clone(), addr.clone()).await {
-                    Ok(()) => {}
-                    Err(e) if first => {
-                        tracing::debug!(volume = %vol.name(), replica = %addr, error = %e, "replica still unavailable")
+                let res = rebuild(vol.clone(), addr.clone()).await;
+                let mut retries = vol.retries.lock();
+                match res {
+                    Ok(()) => {
+                        retries.remove(&addr);
                     }
-                    Err(_) => {}
+                    Err(e) => {
+                        let reached = !e.starts_with(UNREACHABLE);
+                        if let Some(retry) = retries.get_mut(&addr) {
+                            retry.attempts += 1;
+                            if reached {
+                                retry.next = Instant::now() + retry.delay;
+                                retry.delay = (retry.delay * 2).min(RETRY_MAX);
+                            } else {
+                                retry.next = Instant::now() + RETRY_FIRST;
+                            }
+                        }
+                        // Connection errors of a replica that is still down are expected.
+                        if first || reached {
+                            tracing::debug!(volume = %vol.name(), replica = %addr, error = %e, "replica still unavailable");
+                        }
+                    }
                 }
             });
         }

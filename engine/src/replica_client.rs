@@ -41,6 +41,93 @@ pub enum ReplicaError {
     /// The connection failed or the replica was dropped.
     #[error("{0}")]
     Gone(String),
+    /// An fdatasync failed there: it refuses writes until a rebuild reopens it.
+    #[error("{0}")]
+    Poisoned(String),
+}
+
+impl ReplicaError {
+    /// The error a replica's typed code stands for.
+    pub fn from_code(code: Option<ErrorCode>, message: String) -> ReplicaError {
+        match code {
+            Some(ErrorCode::NoSpace) => ReplicaError::NoSpace(message),
+            Some(ErrorCode::Fenced) => ReplicaError::Fenced(message),
+            Some(ErrorCode::Checksum) => ReplicaError::Checksum(message),
+            Some(ErrorCode::Poisoned) => ReplicaError::Poisoned(message),
+            _ => ReplicaError::Replica(message),
+        }
+    }
+
+    /// The error a unary call's status stands for, by its typed code.
+    pub fn from_status(addr: &str, s: &tonic::Status) -> ReplicaError {
+        match tether_proto::wire::code_of(s) {
+            None => ReplicaError::Gone(format!("replica {addr}: {}", s.message())),
+            code => ReplicaError::from_code(code, format!("replica {addr}: {}", s.message())),
+        }
+    }
+
+    /// What the engine does with the replica that answered this.
+    pub fn down(&self) -> Down {
+        match self {
+            ReplicaError::Fenced(_) => Down::Fenced,
+            ReplicaError::Poisoned(_) => Down::Poisoned,
+            _ => Down::Failed,
+        }
+    }
+}
+
+/// Why a replica is out of the volume; what the engine does next depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Down {
+    /// Errors, timeouts, unreachable or stale: rebuilt once it answers again.
+    Failed,
+    /// Its disk failed a sync: rebuilt (the replica reopens it from disk), with
+    /// growing pauses between attempts while the disk keeps failing.
+    Poisoned,
+    /// A newer engine owns the volume there: never retried by this engine.
+    Fenced,
+    /// The operator removed it: never retried.
+    Removed,
+    /// This engine is stopping.
+    Stopped,
+}
+
+impl Down {
+    /// Whether the engine should try to bring the replica back by itself.
+    pub fn retried(self) -> bool {
+        matches!(self, Down::Failed | Down::Poisoned)
+    }
+}
+
+/// Set by the first reply, from any replica, that says a newer engine owns the
+/// volume. From then on this engine acknowledges nothing: every write, flush and
+/// read that has not been answered fails with EIO.
+pub struct Fence {
+    volume: String,
+    tripped: AtomicBool,
+}
+
+impl Fence {
+    /// A fence for `volume`, not tripped.
+    pub fn new(volume: &str) -> Arc<Fence> {
+        Arc::new(Fence {
+            volume: volume.to_string(),
+            tripped: AtomicBool::new(false),
+        })
+    }
+
+    /// Records that `replica` refused this engine's epoch; logs the first time.
+    pub fn trip(&self, replica: &str, why: &str) {
+        if !self.tripped.swap(true, Ordering::SeqCst) {
+            tracing::error!(volume = %self.volume, %replica, error = %why,
+                "a newer engine has taken over this volume: this engine's I/O now fails with EIO; stop it");
+        }
+    }
+
+    /// Whether a newer engine has fenced this one off.
+    pub fn is_tripped(&self) -> bool {
+        self.tripped.load(Ordering::SeqCst)
+    }
 }
 
 /// What a replica returns for a request: block data and, on encrypted volumes, the
@@ -67,7 +154,9 @@ pub struct ReplicaConn {
     next_id: AtomicU64,
     healthy: AtomicBool,
     rebuilding: AtomicBool,
-    reason: Mutex<String>,
+    /// Why the replica is out, once it is.
+    down: Mutex<(Down, String)>,
+    fence: Arc<Fence>,
     close: Arc<Notify>,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -126,11 +215,18 @@ pub async fn connect(
 
 impl ReplicaConn {
     /// A connection to `addr` for `volume`; the stream opens with [`ReplicaConn::start`].
-    pub fn new(addr: &str, volume: &str, client: ReplicaClient<Channel>) -> Arc<ReplicaConn> {
+    /// A fencing reply on it trips `fence`.
+    pub fn new(
+        addr: &str,
+        volume: &str,
+        client: ReplicaClient<Channel>,
+        fence: Arc<Fence>,
+    ) -> Arc<ReplicaConn> {
         let (tx, rx) = mpsc::unbounded_channel();
         Arc::new(ReplicaConn {
             addr: addr.to_string(),
             volume: volume.to_string(),
+            fence,
             client,
             tx,
             rx: Mutex::new(Some(rx)),
@@ -138,23 +234,16 @@ impl ReplicaConn {
             next_id: AtomicU64::new(1),
             healthy: AtomicBool::new(true),
             rebuilding: AtomicBool::new(false),
-            reason: Mutex::new(String::new()),
+            down: Mutex::new((Down::Failed, String::new())),
             close: Arc::new(Notify::new()),
             reader: Mutex::new(None),
         })
     }
 
     /// A connection that is failed from the start (unreachable, stale, fenced).
-    pub fn failed(
-        addr: &str,
-        volume: &str,
-        client: Option<ReplicaClient<Channel>>,
-        reason: String,
-    ) -> Arc<ReplicaConn> {
-        let client = client.unwrap_or_else(|| {
-            ReplicaClient::new(Endpoint::from_static("http://0.0.0.0:1").connect_lazy())
-        });
-        let c = ReplicaConn::new(addr, volume, client);
+    pub fn failed(addr: &str, volume: &str, fence: Arc<Fence>, reason: String) -> Arc<ReplicaConn> {
+        let client = ReplicaClient::new(Endpoint::from_static("http://0.0.0.0:1").connect_lazy());
+        let c = ReplicaConn::new(addr, volume, client, fence);
         c.mark_failed(reason);
         c
     }
@@ -164,9 +253,21 @@ impl ReplicaConn {
         self.client.clone()
     }
 
-    /// Opens (and with `create`, creates) the volume on this replica.
+    /// Opens (and with `create`, creates) the volume on this replica; a refusal of
+    /// the epoch trips the fence.
     pub async fn open(&self, req: OpenRequest) -> Result<OpenReply, tonic::Status> {
-        self.client.clone().open(req).await.map(|r| r.into_inner())
+        let r = self.client.clone().open(req).await.map(|r| r.into_inner());
+        if let Err(s) = &r {
+            self.check_fenced(s);
+        }
+        r
+    }
+
+    /// Trips the fence when a unary call's status says a newer engine owns the volume.
+    pub fn check_fenced(&self, s: &tonic::Status) {
+        if tether_proto::wire::code_of(s) == Some(ErrorCode::Fenced) {
+            self.fence.trip(&self.addr, s.message());
+        }
     }
 
     /// Opens the ordered I/O stream with `epoch`.
@@ -217,6 +318,7 @@ impl ReplicaConn {
             .io(outbound)
             .await
             .map_err(|s| {
+                self.check_fenced(&s);
                 format!(
                     "replica {}: cannot open the I/O stream: {}",
                     self.addr,
@@ -239,10 +341,14 @@ impl ReplicaConn {
                                 data: r.data,
                                 tags: r.tags,
                             }),
-                            Ok(ErrorCode::NoSpace) => Err(ReplicaError::NoSpace(r.message)),
-                            Ok(ErrorCode::Fenced) => Err(ReplicaError::Fenced(r.message)),
-                            Ok(ErrorCode::Checksum) => Err(ReplicaError::Checksum(r.message)),
-                            _ => Err(ReplicaError::Replica(r.message)),
+                            code => {
+                                // Before anyone hears the answer: no acknowledgement
+                                // may leave this engine after a fencing reply.
+                                if code == Ok(ErrorCode::Fenced) {
+                                    self.fence.trip(&self.addr, &r.message);
+                                }
+                                Err(ReplicaError::from_code(code.ok(), r.message))
+                            }
                         };
                         if let Some(p) = self.pending.lock().remove(&r.id) {
                             let _ = p.send(result);
@@ -250,7 +356,10 @@ impl ReplicaConn {
                     }
                 }
                 Ok(None) => break "the replica closed the I/O stream".to_string(),
-                Err(s) => break format!("I/O stream failed: {}", s.message()),
+                Err(s) => {
+                    self.check_fenced(&s);
+                    break format!("I/O stream failed: {}", s.message());
+                }
             }
         };
         if self.is_writable() {
@@ -290,6 +399,11 @@ impl ReplicaConn {
         self.rebuilding.store(on, Ordering::SeqCst);
     }
 
+    /// Why the replica is out, or `None` while it takes writes.
+    pub fn down(&self) -> Option<Down> {
+        (!self.is_writable()).then(|| self.down.lock().0)
+    }
+
     /// "healthy", "rebuilding" or "failed".
     pub fn state(&self) -> &'static str {
         if !self.healthy.load(Ordering::SeqCst) {
@@ -303,22 +417,35 @@ impl ReplicaConn {
 
     /// Why the replica was dropped (empty while healthy).
     pub fn reason(&self) -> String {
-        self.reason.lock().clone()
+        self.down.lock().1.clone()
     }
 
     /// Takes the replica out of service with `reason`; false if it already was out.
-    fn retire(&self, reason: &str) -> bool {
-        let mut r = self.reason.lock();
+    fn retire(&self, kind: Down, reason: &str) -> bool {
+        let mut r = self.down.lock();
         if !self.healthy.swap(false, Ordering::SeqCst) {
             return false;
         }
-        *r = reason.to_string();
+        *r = (kind, reason.to_string());
         true
     }
 
-    /// Drops the replica from service; returns false if it already was.
+    /// Replaces the reason a replica that is out of service gives (a later failed
+    /// attempt to bring it back); its kind stays.
+    pub fn note(&self, reason: String) {
+        if !self.is_writable() {
+            self.down.lock().1 = reason;
+        }
+    }
+
+    /// Drops the replica from service as failed; returns false if it already was.
     pub fn mark_failed(&self, reason: String) -> bool {
-        if !self.retire(&reason) {
+        self.mark_down(Down::Failed, reason)
+    }
+
+    /// Drops the replica from service for `kind` of reason; false if it already was.
+    pub fn mark_down(&self, kind: Down, reason: String) -> bool {
+        if !self.retire(kind, &reason) {
             return false;
         }
         tracing::warn!(volume = %self.volume, replica = %self.addr, %reason, "replica dropped from the volume");
@@ -335,7 +462,7 @@ impl ReplicaConn {
 
     /// Ends the stream cleanly so the replica records a clean close.
     pub async fn close(&self, timeout: Duration) {
-        if !self.retire("engine stopped") {
+        if !self.retire(Down::Stopped, "engine stopped") {
             return;
         }
         self.close.notify_one();

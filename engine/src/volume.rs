@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use crate::crypt::Cipher;
 use crate::nbd::{BlockDevice, DeviceError};
 use crate::range_lock::RangeLock;
-use crate::replica_client::{Payload, ReplicaConn, ReplicaError};
+use crate::replica_client::{Down, Fence, Payload, ReplicaConn, ReplicaError};
 
 /// Block size inside the engine and on the replicas.
 pub const BLOCK: u64 = 4096;
@@ -66,8 +66,9 @@ pub struct Volume {
     snapshot_names: Mutex<Vec<String>>,
     /// NBD clients in transmission right now.
     attached: AtomicU64,
-    /// A newer engine took over the volume: this one must not touch it any more.
-    fenced: std::sync::atomic::AtomicBool,
+    /// Tripped by the first reply from any replica that a newer engine owns the
+    /// volume: nothing is acknowledged after it.
+    fence: Arc<Fence>,
     replicas: parking_lot::RwLock<Vec<Arc<ReplicaConn>>>,
     /// Fewer healthy replicas than this: writes fail with EIO.
     min_replicas: usize,
@@ -77,6 +78,8 @@ pub struct Volume {
     pub engine_id: u64,
     /// Rebuilds under way, by replica address.
     pub rebuilds: Mutex<HashMap<String, Arc<crate::rebuild::Progress>>>,
+    /// When failed replicas are tried next, by address.
+    pub retries: Mutex<HashMap<String, crate::rebuild::Retry>>,
     /// Last write sequence handed out; held while a write is queued on every replica,
     /// so all replicas see writes in the same order.
     seq: Mutex<u64>,
@@ -93,13 +96,37 @@ pub struct Volume {
     tls: Option<crate::tls::Identity>,
 }
 
+/// The gate (shared) and the range lock over `[start, end)`, held together.
+pub struct Held<'a> {
+    _gate: tokio::sync::RwLockReadGuard<'a, ()>,
+    _range: crate::range_lock::RangeGuard<'a>,
+    start: u64,
+    end: u64,
+}
+
+impl Held<'_> {
+    /// Whether `[start, end)` lies inside the held range.
+    fn covers(&self, start: u64, end: u64) -> bool {
+        self.start <= start && end <= self.end
+    }
+}
+
+/// Blocks as one replica served them, and the replicas whose copies of them failed
+/// their check on the way (to be repaired by whoever holds the blocks).
+struct Served {
+    data: Bytes,
+    good: Arc<ReplicaConn>,
+    bad: Vec<Arc<ReplicaConn>>,
+}
+
 type Waiting = Vec<(
     Arc<ReplicaConn>,
     oneshot::Receiver<Result<Payload, ReplicaError>>,
 )>;
 
 impl Volume {
-    /// A volume over `replicas` (healthy ones already streaming), continuing after `seq`.
+    /// A volume over `replicas` (healthy ones already streaming), continuing after `seq`;
+    /// `fence` is the one the replicas' connections trip.
     pub fn new(
         name: &str,
         size: u64,
@@ -107,6 +134,7 @@ impl Volume {
         replicas: Vec<Arc<ReplicaConn>>,
         seq: u64,
         timeout: Duration,
+        fence: Arc<Fence>,
     ) -> Volume {
         Volume {
             name: name.to_string(),
@@ -115,12 +143,13 @@ impl Volume {
             gate: tokio::sync::RwLock::new(()),
             snapshot_names: Mutex::new(Vec::new()),
             attached: AtomicU64::new(0),
-            fenced: std::sync::atomic::AtomicBool::new(false),
+            fence,
             replicas: parking_lot::RwLock::new(replicas),
             min_replicas: 1,
             desired: 0,
             engine_id: 0,
             rebuilds: Mutex::new(HashMap::new()),
+            retries: Mutex::new(HashMap::new()),
             seq: Mutex::new(seq),
             locks: RangeLock::default(),
             next_reader: AtomicUsize::new(0),
@@ -229,23 +258,62 @@ impl Volume {
             .ok_or_else(|| self.no_replica())
     }
 
-    /// Adds a replica to the write set (as a rebuild target, write-only).
-    pub fn join(&self, r: Arc<ReplicaConn>) {
-        // Under the sequence lock: no write is half-queued while the set changes.
+    /// Adds a replica to the write set (as a rebuild target, write-only), unless the
+    /// operator removed it while its rebuild ran; says whether it joined.
+    pub fn join(&self, r: Arc<ReplicaConn>, rebuild: &crate::rebuild::Progress) -> bool {
+        // Under the sequence lock: no write is half-queued while the set changes, and
+        // a removal (which takes it too) is either seen here or sees the new member.
         let _seq = self.seq.lock();
+        if rebuild.is_cancelled() {
+            return false;
+        }
         let mut reps = self.replicas.write();
         match reps.iter().position(|x| x.addr == r.addr) {
             Some(i) => reps[i] = r,
             None => reps.push(r),
         }
+        true
     }
 
-    /// Removes the replica at `addr` from the volume.
-    pub fn remove(&self, addr: &str) -> Option<Arc<ReplicaConn>> {
+    /// Turns a rebuilt replica read-write, unless the operator removed it meanwhile.
+    pub fn promote(&self, r: &ReplicaConn, rebuild: &crate::rebuild::Progress) -> bool {
         let _seq = self.seq.lock();
+        if rebuild.is_cancelled() || !r.is_writable() {
+            return false;
+        }
+        r.set_rebuilding(false);
+        true
+    }
+
+    /// Removes the replica at `addr` from the volume, stopping its rebuild if one
+    /// runs; false if the volume has no such replica.
+    pub fn remove(&self, addr: &str) -> bool {
+        let _seq = self.seq.lock();
+        let rebuilding = match self.rebuilds.lock().get(addr) {
+            Some(p) => {
+                p.cancel();
+                true
+            }
+            None => false,
+        };
         let mut reps = self.replicas.write();
-        let i = reps.iter().position(|x| x.addr == addr)?;
-        Some(reps.remove(i))
+        match reps.iter().position(|x| x.addr == addr) {
+            Some(i) => {
+                let r = reps.remove(i);
+                r.mark_down(Down::Removed, "removed by the operator".into());
+                true
+            }
+            None => rebuilding,
+        }
+    }
+
+    /// The replica at `addr`, if the volume has one.
+    pub fn replica(&self, addr: &str) -> Option<Arc<ReplicaConn>> {
+        self.replicas
+            .read()
+            .iter()
+            .find(|r| r.addr == addr)
+            .cloned()
     }
 
     /// Snapshots and space, as one healthy replica sees them.
@@ -354,11 +422,13 @@ impl Volume {
             match res {
                 Ok(_) => ok += 1,
                 Err(s) => {
-                    last = s.message().to_string();
-                    self.fail(r, format!("deleting snapshot {name} failed: {last}"));
+                    let e = ReplicaError::from_status(&r.addr, &s);
+                    last = e.to_string();
+                    self.fail_err(r, &e, &format!("deleting snapshot {name} failed: "));
                 }
             }
         }
+        self.check_fence()?;
         let _ = self.space().await;
         if ok == 0 {
             return Err(DeviceError::Io(format!(
@@ -393,10 +463,21 @@ impl Volume {
     }
 
     /// Rewrites blocks that failed their checksum on `bad` replicas with a good copy
-    /// from `good`, under the range lock so no client write can interleave. The copy
-    /// is verbatim (still sealed): repairs never encrypt anything.
-    async fn repair(&self, good: &ReplicaConn, bad: &[Arc<ReplicaConn>], block: u64, count: u32) {
-        let _held = self.hold(block, block + u64::from(count)).await;
+    /// from `good`, under the caller's hold of those blocks, so no client write can
+    /// interleave and no lock is taken twice. The copy is verbatim (still sealed):
+    /// repairs never encrypt anything.
+    async fn repair(
+        &self,
+        held: &Held<'_>,
+        good: &ReplicaConn,
+        bad: &[Arc<ReplicaConn>],
+        block: u64,
+        count: u32,
+    ) {
+        if !held.covers(block, block + u64::from(count)) {
+            tracing::error!(volume = %self.name, block, count, "repair skipped: the caller does not hold these blocks");
+            return;
+        }
         let copy = match self.read_checked_from(good, "", block, count).await {
             Ok(p) => p,
             Err(e) => {
@@ -425,8 +506,7 @@ impl Volume {
     /// Reads blocks `[block, block+count)` from every healthy replica, with writes to
     /// them held off, and reports checksum failures and disagreements by block.
     pub async fn verify_chunk(&self, block: u64, count: u32) -> Vec<(u64, String, String)> {
-        let _shared = self.gate.read().await;
-        let _guard = self.locks.lock(block, block + u64::from(count)).await;
+        let _held = self.hold(block, block + u64::from(count)).await;
         let reps = self.replicas();
         let healthy: Vec<&Arc<ReplicaConn>> = reps.iter().filter(|r| r.is_healthy()).collect();
         // Raw copies: replicas hold the same ciphertext, and each must also open.
@@ -507,6 +587,7 @@ impl Volume {
 
     /// Like `wait_all`, but any replica error fails the operation (and the replica).
     async fn wait_all_ops(&self, waiting: Waiting) -> Result<(), DeviceError> {
+        self.check_fence()?;
         if waiting.is_empty() {
             return Err(self.no_replica());
         }
@@ -517,6 +598,9 @@ impl Volume {
                 .await
             {
                 Ok(Ok(Ok(_))) => ok += 1,
+                Ok(Ok(Err(e @ (ReplicaError::Fenced(_) | ReplicaError::Poisoned(_))))) => {
+                    self.fail_err(&r, &e, "");
+                }
                 Ok(Ok(Err(e))) => {
                     first_err.get_or_insert(e.to_string());
                 }
@@ -524,6 +608,7 @@ impl Volume {
                 Err(_) => self.fail(&r, "no answer".to_string()),
             }
         }
+        self.check_fence()?;
         match first_err {
             // A refusal (bad name, missing snapshot) is the same on every replica.
             Some(e) if ok == 0 => Err(DeviceError::Invalid(e)),
@@ -554,21 +639,44 @@ impl Volume {
 
     /// Whether a newer engine has fenced this one off.
     pub fn is_fenced(&self) -> bool {
-        self.fenced.load(Ordering::Relaxed)
+        self.fence.is_tripped()
     }
 
-    /// Holds off writes to `[start, end)` (and snapshots) until the guards drop.
-    pub async fn hold(
-        &self,
-        start: u64,
-        end: u64,
-    ) -> (
-        tokio::sync::RwLockReadGuard<'_, ()>,
-        crate::range_lock::RangeGuard<'_>,
-    ) {
+    /// The fence this volume's replica connections trip.
+    pub fn fence(&self) -> Arc<Fence> {
+        self.fence.clone()
+    }
+
+    /// Fails the request if a newer engine has fenced this one off; then every
+    /// replica is let go, so nothing more reaches any of them from here.
+    fn check_fence(&self) -> Result<(), DeviceError> {
+        if !self.fence.is_tripped() {
+            return Ok(());
+        }
+        for r in self.replicas() {
+            r.mark_down(
+                Down::Fenced,
+                "a newer engine owns the volume; stop this engine".into(),
+            );
+        }
+        Err(DeviceError::Io(format!(
+            "volume {}: a newer engine has taken over this volume; this engine acknowledges nothing more: stop it",
+            self.name
+        )))
+    }
+
+    /// Holds off writes to `[start, end)` (and snapshots) until the guard drops.
+    /// Neither lock is re-entrant: whoever holds one passes the guard down instead
+    /// of taking it again (see [`Volume::repair`]).
+    pub async fn hold(&self, start: u64, end: u64) -> Held<'_> {
         let gate = self.gate.read().await;
         let range = self.locks.lock(start, end).await;
-        (gate, range)
+        Held {
+            _gate: gate,
+            _range: range,
+            start,
+            end,
+        }
     }
 
     /// Reads verified blocks of snapshot `snapshot` (the head when empty) from `r`,
@@ -703,12 +811,20 @@ impl Volume {
         Ok(p)
     }
 
-    fn fail(&self, r: &ReplicaConn, reason: String) {
-        if reason.contains("another engine owns") && !self.fenced.swap(true, Ordering::Relaxed) {
-            tracing::error!(volume = %self.name, replica = %r.addr,
-                "a newer engine has taken over this volume: this engine's I/O now fails with EIO; stop it");
+    /// Drops `r` for the error it answered with; a fencing answer also trips the fence.
+    fn fail_err(&self, r: &ReplicaConn, e: &ReplicaError, what: &str) {
+        if let ReplicaError::Fenced(m) = e {
+            self.fence.trip(&r.addr, m);
         }
-        if r.mark_failed(reason.clone()) {
+        self.drop_replica(r, e.down(), format!("{what}{e}"));
+    }
+
+    fn fail(&self, r: &ReplicaConn, reason: String) {
+        self.drop_replica(r, Down::Failed, reason)
+    }
+
+    fn drop_replica(&self, r: &ReplicaConn, kind: Down, reason: String) {
+        if r.mark_down(kind, reason) {
             let left = self.healthy_count();
             tracing::info!(volume = %self.name, healthy_left = left, "replica set shrank");
             if left == 0 {
@@ -743,6 +859,7 @@ impl Volume {
 
     /// Waits for every replica's answer; succeeds if all that remain healthy accepted.
     async fn wait_all(&self, waiting: Waiting) -> Result<(), DeviceError> {
+        self.check_fence()?;
         if waiting.is_empty() {
             return Err(self.no_replica());
         }
@@ -761,11 +878,14 @@ impl Volume {
                 Ok(Ok(Ok(_))) if r.is_healthy() => ok += 1,
                 Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(ReplicaError::NoSpace(msg)))) => full.push((r, msg)),
-                Ok(Ok(Err(e))) => self.fail(&r, e.to_string()),
+                Ok(Ok(Err(e))) => self.fail_err(&r, &e, ""),
                 Ok(Err(_)) => self.fail(&r, "connection lost".to_string()),
                 Err(_) => self.fail(&r, format!("no answer within {timeout:?}")),
             }
         }
+        // After every answer is in: a fencing reply from any replica, even one whose
+        // write others accepted, means this write is not acknowledged.
+        self.check_fence()?;
         if !full.is_empty() {
             if ok == 0 {
                 // Every replica is full: the client gets ENOSPC and all replicas stay,
@@ -795,17 +915,14 @@ impl Volume {
 
     /// Reads whole blocks from one healthy replica, trying the others on failure.
     /// A block that fails its checksum on one replica is read from another, and the
-    /// bad copy is reported; it is never returned.
-    async fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, DeviceError> {
-        self.read_blocks_of("", block, count).await
-    }
-
+    /// bad copy is reported in the answer for the caller to repair; it is never
+    /// returned. Takes no lock: callers may hold the blocks already.
     async fn read_blocks_of(
         &self,
         snapshot: &str,
         block: u64,
         count: u32,
-    ) -> Result<Bytes, DeviceError> {
+    ) -> Result<Served, DeviceError> {
         let n = self.replicas.read().len();
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         let mut bad: Vec<Arc<ReplicaConn>> = Vec::new();
@@ -822,11 +939,8 @@ impl Volume {
                     if !bad.is_empty() {
                         tracing::info!(volume = %self.name, replica = %r.addr, block, count,
                             "served a good copy from another replica");
-                        if snapshot.is_empty() {
-                            self.repair(&r, &bad, block, count).await;
-                        }
                     }
-                    return Ok(data);
+                    return Ok(Served { data, good: r, bad });
                 }
                 Err(ReplicaError::Checksum(msg)) => {
                     self.counters
@@ -836,9 +950,10 @@ impl Volume {
                         "bad block copy on replica; reading it from another");
                     bad.push(r);
                 }
-                Err(e) => self.fail(&r, format!("read failed: {e}")),
+                Err(e) => self.fail_err(&r, &e, "read failed: "),
             }
         }
+        self.check_fence()?;
         if !bad.is_empty() {
             return Err(DeviceError::Io(format!(
                 "volume {}: blocks {block}..{} have no good copy on any healthy replica",
@@ -849,22 +964,31 @@ impl Volume {
         Err(self.no_replica())
     }
 
-    /// Reads `len` bytes at `offset` of the head (or of `snapshot`), unaligned.
+    /// Reads `len` bytes at `offset` of the head (or of `snapshot`), unaligned, and
+    /// repairs bad copies of the head it met on the way.
     async fn read_range(
         &self,
         snapshot: &str,
         offset: u64,
         len: u32,
     ) -> Result<Vec<Bytes>, DeviceError> {
+        self.check_fence()?;
         if len == 0 {
             return Ok(Vec::new());
         }
         let (first, end) = Self::blocks_of(offset, u64::from(len));
-        let data = self
-            .read_blocks_of(snapshot, first, (end - first) as u32)
-            .await?;
+        let count = (end - first) as u32;
+        let served = self.read_blocks_of(snapshot, first, count).await?;
+        if !served.bad.is_empty() && snapshot.is_empty() {
+            let held = self.hold(first, end).await;
+            self.repair(&held, &served.good, &served.bad, first, count)
+                .await;
+        }
+        // A read answered after the fence tripped could be older than what the
+        // newer engine has acknowledged since.
+        self.check_fence()?;
         let head = (offset % BLOCK) as usize;
-        Ok(vec![data.slice(head..head + len as usize)])
+        Ok(vec![served.data.slice(head..head + len as usize)])
     }
 
     fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
@@ -876,9 +1000,9 @@ impl Volume {
             return Ok(());
         }
         let len = data.len() as u64;
+        self.check_fence()?;
         let (first, end) = Self::blocks_of(offset, len);
-        let _shared = self.gate.read().await;
-        let _guard = self.locks.lock(first, end).await;
+        let held = self.hold(first, end).await;
         let head = offset % BLOCK;
         let payload = if head == 0 && len.is_multiple_of(BLOCK) {
             data
@@ -888,23 +1012,23 @@ impl Volume {
             let tail_partial = !(offset + len).is_multiple_of(BLOCK);
             let need_head = head != 0;
             let need_tail = tail_partial && (end - 1 != first || !need_head);
-            let (h, t) = futures::future::join(
-                async {
-                    if need_head {
-                        self.read_blocks(first, 1).await.map(Some)
-                    } else {
-                        Ok(None)
+            // Bad copies met here are repaired under this write's own hold: taking
+            // the range again would wait on itself.
+            let edge = |b: u64, needed: bool| {
+                let held = &held;
+                async move {
+                    if !needed {
+                        return Ok(None);
                     }
-                },
-                async {
-                    if need_tail {
-                        self.read_blocks(end - 1, 1).await.map(Some)
-                    } else {
-                        Ok(None)
+                    let served = self.read_blocks_of("", b, 1).await?;
+                    if !served.bad.is_empty() {
+                        self.repair(held, &served.good, &served.bad, b, 1).await;
                     }
-                },
-            )
-            .await;
+                    Ok::<_, DeviceError>(Some(served.data))
+                }
+            };
+            let (h, t) =
+                futures::future::join(edge(first, need_head), edge(end - 1, need_tail)).await;
             let blk = BLOCK as usize;
             if let Some(h) = h? {
                 buf[..blk].copy_from_slice(&h);
@@ -935,6 +1059,7 @@ impl Volume {
     }
 
     async fn flush_inner(&self) -> Result<(), DeviceError> {
+        self.check_fence()?;
         let waiting = {
             let seq = self.seq.lock();
             self.queue_all(&Op::Flush(Flush { seq: *seq }))
@@ -949,8 +1074,8 @@ impl Volume {
         if end <= first {
             return Ok(());
         }
-        let _shared = self.gate.read().await;
-        let _guard = self.locks.lock(first, end).await;
+        self.check_fence()?;
+        let _held = self.hold(first, end).await;
         let count = u32::try_from(end - first)
             .map_err(|_| DeviceError::Invalid("zero range too large".to_string()))?;
         self.check_quorum()?;

@@ -1,4 +1,5 @@
-//! Generated gRPC types for tether's replica data path and engine control API.
+//! Generated gRPC types for tether's replica data path and engine control API, and
+//! the wire facts both sides share.
 
 /// Replica daemon service: volume lifecycle and the ordered I/O stream.
 pub mod replica {
@@ -9,3 +10,5 @@ pub mod replica {
 pub mod engine {
     tonic::include_proto!("tether.engine.v1");
 }
+
+pub mod wire;

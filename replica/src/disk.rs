@@ -46,6 +46,11 @@ pub trait Disk: Send + Sync {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Names of the entries of a directory (empty if it does not exist).
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Drops cached pages of `path` (a file, or every file under a directory), so the
+    /// next reads come from the disk. After a failed fdatasync the kernel may keep
+    /// pages it never wrote, marked clean; a copy reopened for a rebuild must not
+    /// trust them. Best effort: a disk without a cache does nothing.
+    fn drop_cache(&self, _path: &Path) {}
 }
 
 /// The real filesystem.
@@ -204,5 +209,19 @@ impl Disk for OsDisk {
         }
         names.sort();
         Ok(names)
+    }
+
+    fn drop_cache(&self, path: &Path) {
+        if path.is_dir() {
+            for n in self.list(path).unwrap_or_default() {
+                self.drop_cache(&path.join(n));
+            }
+            return;
+        }
+        if let Ok(f) = File::open(path) {
+            if let Err(e) = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot drop cached pages");
+            }
+        }
     }
 }

@@ -8,5 +8,5 @@ pub mod sim;
 pub mod store;
 pub mod wal;
 
-pub use server::{serve, ReplicaService, ServerTls};
+pub use server::{serve, serve_with, ReplicaService, ServerTls};
 pub use store::{StoreError, StoreOptions, Volume, VolumeSet, BLOCK_SIZE};

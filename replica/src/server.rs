@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::disk::OsDisk;
+use crate::disk::{Disk, OsDisk};
 use crate::store::{StoreError, StoreOptions, Volume, VolumeSet};
 
 /// Largest gRPC message either side accepts: a batch of writes up to 32 MiB each.
@@ -34,12 +34,22 @@ pub struct ReplicaService {
 impl ReplicaService {
     /// Serves the volumes under `data_dir` (created if missing).
     pub fn new(data_dir: &Path, opts: StoreOptions) -> std::io::Result<ReplicaService> {
+        Self::with_disk(data_dir, Arc::new(OsDisk), opts)
+    }
+
+    /// Serves the volumes under `data_dir` through `disk`: the real one, or one that
+    /// injects faults in tests.
+    pub fn with_disk(
+        data_dir: &Path,
+        disk: Arc<dyn Disk>,
+        opts: StoreOptions,
+    ) -> std::io::Result<ReplicaService> {
         std::fs::create_dir_all(data_dir.join("volumes"))?;
         if let Some(w) = &opts.wal_dir {
             std::fs::create_dir_all(w)?;
         }
         Ok(ReplicaService {
-            volumes: Arc::new(VolumeSet::new(data_dir, Arc::new(OsDisk), opts)?),
+            volumes: Arc::new(VolumeSet::new(data_dir, disk, opts)?),
         })
     }
 
@@ -53,28 +63,22 @@ impl ReplicaService {
     }
 }
 
+/// A store error as a gRPC status, tagged with its typed code.
 fn status(e: StoreError) -> Status {
-    let msg = e.to_string();
-    match e {
-        StoreError::NotFound { .. } => Status::not_found(msg),
-        StoreError::BadName { .. } | StoreError::Invalid { .. } => Status::invalid_argument(msg),
-        StoreError::OutOfRange { .. } => Status::out_of_range(msg),
-        StoreError::Fenced { .. } | StoreError::Poisoned { .. } => Status::failed_precondition(msg),
-        StoreError::NoSpace { .. } => Status::resource_exhausted(msg),
-        StoreError::Io { .. } | StoreError::Checksum { .. } => Status::internal(msg),
-    }
+    tether_proto::wire::status(code(&e), e.to_string())
 }
 
+/// The typed code the engine acts on, for stream replies and statuses alike.
 fn code(e: &StoreError) -> ErrorCode {
     match e {
         StoreError::OutOfRange { .. } => ErrorCode::OutOfRange,
-        StoreError::NotFound { .. } | StoreError::BadName { .. } | StoreError::Invalid { .. } => {
-            ErrorCode::Invalid
-        }
+        StoreError::NotFound { .. } => ErrorCode::NotFound,
+        StoreError::BadName { .. } | StoreError::Invalid { .. } => ErrorCode::Invalid,
         StoreError::Fenced { .. } => ErrorCode::Fenced,
         StoreError::NoSpace { .. } => ErrorCode::NoSpace,
         StoreError::Checksum { .. } => ErrorCode::Checksum,
-        StoreError::Io { .. } | StoreError::Poisoned { .. } => ErrorCode::Io,
+        StoreError::Poisoned { .. } => ErrorCode::Poisoned,
+        StoreError::Io { .. } => ErrorCode::Io,
     }
 }
 
@@ -128,6 +132,13 @@ impl Replica for ReplicaService {
                     volumes.get_or_create(&req.volume, req.size, enc)?
                 } else {
                     (volumes.get(&req.volume)?, false)
+                };
+                // A rebuild is how a poisoned copy returns to service: it starts again
+                // from what its disk holds, and the rebuild fills in the rest.
+                let vol = if req.rebuild && vol.poisoned().is_some() {
+                    volumes.reopen_poisoned(&req.volume)?
+                } else {
+                    vol
                 };
                 // A rebuild or an encrypted create must not touch a copy sealed under
                 // other parameters (or none): it may be the only good one.
@@ -190,17 +201,23 @@ impl Replica for ReplicaService {
     ) -> Result<Response<Self::IoStream>, Status> {
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("empty I/O stream: its first message must name the volume")
+            tether_proto::wire::status(
+                ErrorCode::Invalid,
+                "empty I/O stream: its first message must name the volume",
+            )
         })?;
         let vol = self.volumes.get(&first.volume).map_err(status)?;
         vol.check_epoch(first.epoch).map_err(status)?;
         if first.epoch != vol.epoch() {
-            return Err(Status::failed_precondition(format!(
-                "volume {}: epoch {} was never taken with Open (stored epoch {})",
-                first.volume,
-                first.epoch,
-                vol.epoch()
-            )));
+            return Err(tether_proto::wire::status(
+                ErrorCode::Invalid,
+                format!(
+                    "volume {}: epoch {} was never taken with Open (stored epoch {})",
+                    first.volume,
+                    first.epoch,
+                    vol.epoch()
+                ),
+            ));
         }
         let (tx, rx) = mpsc::channel(64);
         let epoch = first.epoch;
@@ -356,9 +373,14 @@ impl IoStreamState {
         }
         let v = self.vol.clone();
         let name = v.name().to_string();
+        let epoch = self.epoch;
         let closed = blocking(
             move || {
                 v.sync()?;
+                // A fenced engine's close says nothing about the newer engine's use.
+                if v.epoch() != epoch {
+                    return Ok(());
+                }
                 v.set_clean(true)
             },
             &name,
@@ -398,26 +420,45 @@ impl IoStreamState {
         done(blocking(move || f(&v), self.vol.name()).await)
     }
 
-    /// Applies one batch in order; returns false when the stream must end.
-    async fn process(&mut self, batch: Vec<IoRequest>) -> bool {
-        if let Err(e) = self.vol.check_epoch(self.epoch) {
-            let replies = batch.iter().map(|r| IoReply {
+    /// Answers `rest` with the fencing error before the stream ends:
+    /// a newer engine took the volume, and nothing after that point may apply.
+    async fn fenced(&self, e: StoreError, rest: impl Iterator<Item = IoRequest>) {
+        let message = e.to_string();
+        let mut replies: Vec<IoReply> = rest
+            .map(|r| IoReply {
                 id: r.id,
                 error: ErrorCode::Fenced as i32,
-                message: e.to_string(),
+                message: message.clone(),
+                ..Default::default()
+            })
+            .collect();
+        if replies.is_empty() {
+            // Nothing left in this batch: the engine still hears why the stream ends.
+            replies.push(IoReply {
+                id: 0,
+                error: ErrorCode::Fenced as i32,
+                message,
                 ..Default::default()
             });
-            let _ = self
-                .tx
-                .send(Ok(IoReplyBatch {
-                    replies: replies.collect(),
-                }))
-                .await;
-            tracing::warn!(volume = self.vol.name(), error = %e, "stream fenced by a newer engine");
-            return false;
         }
+        let _ = self.tx.send(Ok(IoReplyBatch { replies })).await;
+        tracing::warn!(volume = self.vol.name(), error = %e, "stream fenced by a newer engine");
+    }
+
+    /// Applies one batch in order; returns false when the stream must end.
+    async fn process(&mut self, batch: Vec<IoRequest>) -> bool {
         let mut replies = Vec::with_capacity(batch.len());
-        for req in batch {
+        let mut batch = batch.into_iter();
+        while let Some(req) = batch.next() {
+            // Checked per request: a newer engine may take the epoch mid-batch, and
+            // nothing of this engine's may apply after that.
+            if let Err(e) = self.vol.check_epoch(self.epoch) {
+                if !replies.is_empty() {
+                    let _ = self.tx.send(Ok(IoReplyBatch { replies })).await;
+                }
+                self.fenced(e, std::iter::once(req).chain(batch)).await;
+                return false;
+            }
             let id = req.id;
             let r = match req.op {
                 Some(Op::Write(w)) => done(
@@ -499,6 +540,19 @@ pub async fn serve(
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, data = %data_dir.display(), "replica serving");
+    serve_with(listener, svc, tls, shutdown).await
+}
+
+/// Runs `svc` on `listener` until `shutdown` resolves, then syncs.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    svc: ReplicaService,
+    tls: Option<ServerTls>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let listen = listener
+        .local_addr()
+        .map_err(|e| format!("listening socket: {e}"))?;
     // serve_with_incoming skips the builder's tcp_nodelay: without it, small replies
     // wait for delayed ACKs (40 ms stalls).
     let incoming = futures::StreamExt::map(

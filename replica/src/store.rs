@@ -1436,6 +1436,26 @@ impl Volume {
         }
     }
 
+    /// Why the volume refuses writes, when an fdatasync failed.
+    pub fn poisoned(&self) -> Option<String> {
+        self.poisoned.lock().clone()
+    }
+
+    /// Takes this in-memory copy out of use for good: it refuses every write and
+    /// sync from now on, and its background work stops. The files stay as they are
+    /// for a fresh open to recover.
+    fn retire(&self, why: &str) {
+        {
+            let mut p = self.poisoned.lock();
+            let reason = match p.take() {
+                Some(r) => format!("{r}; {why}"),
+                None => why.to_string(),
+            };
+            *p = Some(reason);
+        }
+        self.close();
+    }
+
     fn check_writable(&self) -> Result<(), StoreError> {
         match &*self.poisoned.lock() {
             Some(reason) => Err(StoreError::Poisoned {
@@ -1806,6 +1826,7 @@ impl Volume {
     /// Writes the gathered direct records to the log file (no sync), so a killed
     /// process keeps what it acknowledged; the server calls it when a stream goes idle.
     pub fn settle(&self) -> Result<(), StoreError> {
+        self.check_writable()?;
         let mut inner = self.inner.write();
         self.write_tail(&mut inner)
     }
@@ -2444,6 +2465,29 @@ impl VolumeSet {
         self.load(name, Some((size, encryption)))
     }
 
+    /// Gives a poisoned volume a fresh start for its rebuild, without restarting the
+    /// daemon: the poisoned copy in memory is retired (streams still holding it get
+    /// errors), the cached pages of its files are dropped so recovery reads what the
+    /// disk really holds, and the volume is recovered from disk. The rebuild then
+    /// compares every block with a healthy replica, so whatever the failed sync lost
+    /// is copied again. A volume that is not poisoned is returned as it is.
+    pub fn reopen_poisoned(&self, name: &str) -> Result<Arc<Volume>, StoreError> {
+        validate_name(name)?;
+        let mut open = self.open.lock();
+        if let Some(old) = open.get(name).cloned() {
+            let Some(reason) = old.poisoned() else {
+                return Ok(old);
+            };
+            open.remove(name);
+            old.retire("reopened from disk for a rebuild");
+            drop(old);
+            tracing::warn!(volume = %name, %reason, "reopening a poisoned volume from disk for its rebuild");
+            self.disk.drop_cache(&self.root.join(name));
+            self.disk.drop_cache(&self.wal_path(name));
+        }
+        self.load_locked(&mut open, name, None).map(|(v, _)| v)
+    }
+
     /// Opens (and with `create`, creates) `name` once, under the set's lock.
     fn load(
         &self,
@@ -2452,6 +2496,15 @@ impl VolumeSet {
     ) -> Result<(Arc<Volume>, bool), StoreError> {
         validate_name(name)?;
         let mut open = self.open.lock();
+        self.load_locked(&mut open, name, create)
+    }
+
+    fn load_locked(
+        &self,
+        open: &mut HashMap<String, Arc<Volume>>,
+        name: &str,
+        create: Option<(u64, Option<&str>)>,
+    ) -> Result<(Arc<Volume>, bool), StoreError> {
         if let Some(v) = open.get(name) {
             return Ok((v.clone(), false));
         }

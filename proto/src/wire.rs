@@ -1,0 +1,57 @@
+//! Typed error codes on unary calls. Stream replies carry an [`ErrorCode`] field; a
+//! unary call's failure is a gRPC status, which alone cannot tell "fenced" from
+//! "poisoned". So every status the replica sends names its code in metadata, and the
+//! engine acts on that code, never on the message text.
+
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
+
+use crate::replica::ErrorCode;
+
+/// The metadata key that holds the code's name (`FENCED`, `POISONED`, ...).
+pub const ERROR_KEY: &str = "tether-error";
+
+/// A gRPC status for `code` with `message`, tagged with the code.
+pub fn status(code: ErrorCode, message: impl Into<String>) -> Status {
+    let grpc = match code {
+        ErrorCode::Ok | ErrorCode::Io | ErrorCode::Checksum => Code::Internal,
+        ErrorCode::OutOfRange => Code::OutOfRange,
+        ErrorCode::Invalid => Code::InvalidArgument,
+        ErrorCode::NoSpace => Code::ResourceExhausted,
+        ErrorCode::Fenced | ErrorCode::Poisoned => Code::FailedPrecondition,
+        ErrorCode::NotFound => Code::NotFound,
+    };
+    let mut s = Status::new(grpc, message);
+    s.metadata_mut()
+        .insert(ERROR_KEY, MetadataValue::from_static(code.as_str_name()));
+    s
+}
+
+/// The code a status was tagged with; `None` for statuses that did not come from a
+/// tether service (transport failures, timeouts, a peer of another kind).
+pub fn code_of(s: &Status) -> Option<ErrorCode> {
+    let v = s.metadata().get(ERROR_KEY)?.to_str().ok()?;
+    ErrorCode::from_str_name(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_survives_a_status() {
+        for c in [
+            ErrorCode::Io,
+            ErrorCode::OutOfRange,
+            ErrorCode::Invalid,
+            ErrorCode::NoSpace,
+            ErrorCode::Fenced,
+            ErrorCode::Checksum,
+            ErrorCode::Poisoned,
+            ErrorCode::NotFound,
+        ] {
+            assert_eq!(code_of(&status(c, "x")), Some(c));
+        }
+        assert_eq!(code_of(&Status::unavailable("transport")), None);
+    }
+}
