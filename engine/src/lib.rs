@@ -358,7 +358,7 @@ async fn probe(
         .map_err(|s| {
             (
                 format!("replica {addr}: {}", s.message()),
-                s.code() == tonic::Code::NotFound,
+                tether_proto::wire::code_of(&s) == Some(tether_proto::replica::ErrorCode::NotFound),
             )
         })?;
     Ok((conn, reply))
