@@ -6,78 +6,12 @@
 
 mod common;
 use common::*;
-use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tether_replica::disk::{Disk, DiskFile, OsDisk};
-
-/// The real disk, except that `sync` fails with EIO while `failing` is set.
-struct FailingSyncs {
-    failing: Arc<AtomicBool>,
-    failed: Arc<AtomicU64>,
-}
-
-struct File {
-    inner: Arc<dyn DiskFile>,
-    failing: Arc<AtomicBool>,
-    failed: Arc<AtomicU64>,
-}
-
-impl DiskFile for File {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        self.inner.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.inner.write_at(buf, off)
-    }
-    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
-        self.inner.punch(off, len)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn sync(&self) -> io::Result<()> {
-        if self.failing.load(Ordering::SeqCst) {
-            self.failed.fetch_add(1, Ordering::SeqCst);
-            return Err(io::Error::from_raw_os_error(5));
-        }
-        self.inner.sync()
-    }
-    fn allocated(&self) -> io::Result<u64> {
-        self.inner.allocated()
-    }
-    fn allocate(&self, len: u64) -> io::Result<()> {
-        self.inner.allocate(len)
-    }
-}
-
-impl Disk for FailingSyncs {
-    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DiskFile>> {
-        Ok(Arc::new(File {
-            inner: OsDisk.open(path, create)?,
-            failing: self.failing.clone(),
-            failed: self.failed.clone(),
-        }))
-    }
-    fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
-        OsDisk.read_file(path)
-    }
-    fn replace(&self, path: &Path, contents: &[u8]) -> io::Result<()> {
-        OsDisk.replace(path, contents)
-    }
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        OsDisk.remove(path)
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
-        OsDisk.list(dir)
-    }
-    fn drop_cache(&self, path: &Path) {
-        OsDisk.drop_cache(path)
-    }
-}
+use tether_replica::disk::Disk;
+use tether_replica::sim::SyncFaults;
 
 /// Starts a replica daemon on this process's own runtime thread, over `disk`.
 fn in_process_replica(dir: &Path, disk: Arc<dyn Disk>) -> std::net::SocketAddr {
@@ -107,14 +41,9 @@ fn in_process_replica(dir: &Path, disk: Arc<dyn Disk>) -> std::net::SocketAddr {
 #[test]
 fn a_poisoned_replica_returns_through_a_rebuild_without_a_daemon_restart() {
     let c = Cluster::start_with(2, "16M", &["--replicas", "3"]);
-    let failing = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicU64::new(0));
-    let disk = Arc::new(FailingSyncs {
-        failing: failing.clone(),
-        failed: failed.clone(),
-    });
+    let disk = SyncFaults::default();
     let dir = c.dir.path().join("faulty");
-    let addr = in_process_replica(&dir, disk).to_string();
+    let addr = in_process_replica(&dir, Arc::new(disk.clone())).to_string();
     c.engine().ctl_ok(&["replica", "add", "vol", &addr]);
     c.engine().wait_healthy("vol", 3, Duration::from_secs(60));
     let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
@@ -125,10 +54,10 @@ fn a_poisoned_replica_returns_through_a_rebuild_without_a_daemon_restart() {
 
     // The disk starts failing its syncs: the next flush poisons the replica, which
     // is dropped; the flush itself succeeds on the two others.
-    failing.store(true, Ordering::SeqCst);
+    disk.fail_syncs(true);
     assert_eq!(cl.write(0, &[0xaa; 4096]).unwrap(), 0);
     assert_eq!(cl.flush().unwrap(), 0);
-    assert!(failed.load(Ordering::SeqCst) > 0, "no sync failed");
+    assert!(disk.failed() > 0, "no sync failed");
     let st = c.engine().status_json("vol");
     let mine = |st: &serde_json::Value| {
         st["replicas"]
@@ -179,7 +108,7 @@ fn a_poisoned_replica_returns_through_a_rebuild_without_a_daemon_restart() {
     assert_eq!(cl.flush().unwrap(), 0);
 
     // The disk recovers: the same daemon takes the replica back through a rebuild.
-    failing.store(false, Ordering::SeqCst);
+    disk.fail_syncs(false);
     c.engine().wait_healthy("vol", 3, Duration::from_secs(90));
     let log = c.engine().log_text();
     assert!(log.contains("rebuild finished"), "{log}");

@@ -150,10 +150,8 @@ impl Engine for ControlService {
                 v.name()
             )));
         }
-        let vol = v.clone();
-        tokio::spawn(async move {
-            let _ = crate::rebuild::rebuild(vol, addr).await;
-        });
+        crate::rebuild::start(v, &addr, true)
+            .map_err(|e| Status::already_exists(format!("volume {}: {e}", v.name())))?;
         Ok(Response::new(ReplicaReply {}))
     }
 

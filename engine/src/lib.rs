@@ -197,12 +197,17 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             )));
         }
     }
-    let epoch = reachable
+    let Some(epoch) = reachable
         .iter()
         .map(|(_, r)| r.previous_epoch)
         .max()
         .unwrap_or(0)
-        + 1;
+        .checked_add(1)
+    else {
+        return Err(cfg_err(
+            "a replica reports the largest possible epoch; no newer one can be taken. Inspect the replicas' meta files".into(),
+        ));
+    };
     // Round 2: take the new epoch on every replica reached, stale and half-rebuilt
     // ones included, before deciding anything: an older engine still writing to a
     // replica this engine will not serve from must be fenced there too, or it could

@@ -50,8 +50,15 @@ pub struct Progress {
     cancelled: std::sync::atomic::AtomicBool,
 }
 
+impl Default for Progress {
+    fn default() -> Progress {
+        Progress::new()
+    }
+}
+
 impl Progress {
-    fn new() -> Progress {
+    /// A rebuild about to start.
+    pub fn new() -> Progress {
         Progress {
             total: AtomicU64::new(0),
             done: AtomicU64::new(0),
@@ -100,14 +107,19 @@ impl Progress {
     }
 }
 
+/// The outcome of a unary call to `r`; a fencing refusal trips the engine's fence.
 fn step<T>(
     what: &str,
-    addr: &str,
-    r: Result<Result<T, tonic::Status>, tokio::time::error::Elapsed>,
+    r: &ReplicaConn,
+    res: Result<Result<T, tonic::Status>, tokio::time::error::Elapsed>,
 ) -> Result<T, String> {
-    match r {
+    let addr = &r.addr;
+    match res {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(s)) => Err(format!("{what} on {addr}: {}", s.message())),
+        Ok(Err(s)) => {
+            r.check_fenced(&s);
+            Err(format!("{what} on {addr}: {}", s.message()))
+        }
         Err(_) => Err(format!("{what} on {addr}: no answer")),
     }
 }
@@ -141,7 +153,7 @@ async fn hashes(
     };
     let reply = step(
         "hashing blocks",
-        &r.addr,
+        r,
         tokio::time::timeout(vol.timeout(), r.client().hashes(req)).await,
     )?;
     let h = reply.into_inner().hashes;
@@ -206,6 +218,9 @@ async fn copy(
         }
         progress.done.fetch_add(n, Ordering::Relaxed);
         progress.check(&target.addr)?;
+        if vol.is_fenced() {
+            return Err("a newer engine owns the volume".into());
+        }
         if !target.is_writable() {
             return Err(format!(
                 "replica {} failed during the rebuild: {}",
@@ -224,18 +239,24 @@ async fn copy(
     Ok(())
 }
 
-/// Rebuilds the replica at `addr` (new, stale or returning) online.
-pub async fn rebuild(vol: Arc<Volume>, addr: String) -> Result<(), String> {
-    let progress = Arc::new(Progress::new());
-    {
-        let mut r = vol.rebuilds.lock();
-        if r.contains_key(&addr) {
-            return Err(format!("replica {addr} is already rebuilding"));
-        }
-        r.insert(addr.clone(), progress.clone());
-    }
+/// Starts rebuilding the replica at `addr` online: a new one (`new`, from
+/// `tether replica add`) or one of the volume's failed replicas that may be retried.
+/// The rebuild is registered before this returns, so a removal that comes after it
+/// always finds and stops it.
+pub fn start(
+    vol: &Arc<Volume>,
+    addr: &str,
+    new: bool,
+) -> Result<tokio::task::JoinHandle<Result<(), String>>, String> {
+    let progress = vol.begin_rebuild(addr, new)?;
+    let (vol, addr) = (vol.clone(), addr.to_string());
+    Ok(tokio::spawn(rebuild(vol, addr, progress)))
+}
+
+/// Runs the rebuild registered as `progress`.
+async fn rebuild(vol: Arc<Volume>, addr: String, progress: Arc<Progress>) -> Result<(), String> {
     let res = run(&vol, &addr, &progress).await;
-    vol.rebuilds.lock().remove(&addr);
+    vol.end_rebuild(&addr, &progress);
     match &res {
         Ok(()) => tracing::info!(volume = %vol.name(), replica = %addr,
             copied = progress.copied.load(Ordering::Relaxed),
@@ -296,7 +317,7 @@ async fn fill(
     };
     let reply = step(
         "opening the volume",
-        addr,
+        target,
         tokio::time::timeout(vol.timeout(), target.open(open)).await,
     )?;
     if reply.encryption != vol.encryption() {
@@ -334,7 +355,7 @@ async fn fill(
         };
         let mut s = step(
             "listing snapshots",
-            &r.addr,
+            &r,
             tokio::time::timeout(vol.timeout(), r.client().snapshots(req)).await,
         )?
         .into_inner()
@@ -357,7 +378,7 @@ async fn fill(
         };
         step(
             "dropping a stale snapshot",
-            addr,
+            target,
             tokio::time::timeout(
                 Duration::from_secs(600),
                 target.client().delete_snapshot(req),
@@ -397,7 +418,11 @@ async fn fill(
     .await?;
     // Under the set's lock, like a removal: a replica removed meanwhile stays out.
     if !vol.promote(target, progress) {
-        return Err(format!("replica {addr} was removed by the operator"));
+        progress.check(addr)?;
+        return Err(format!(
+            "replica {addr} failed as its rebuild finished: {}",
+            target.reason()
+        ));
     }
     Ok(())
 }
@@ -447,11 +472,18 @@ pub async fn watch(vol: Arc<Volume>) {
                 // Reserved now; moved further out below if the attempt fails.
                 retry.next = now + RETRY_FIRST;
             }
+            // Refused when the replica was removed since the list was read.
+            let Ok(task) = start(&vol, &r.addr, false) else {
+                continue;
+            };
             let vol = vol.clone();
             let addr = r.addr.clone();
             let first = quiet.insert(addr.clone());
             tokio::spawn(async move {
-                let res = rebuild(vol.clone(), addr.clone()).await;
+                let res = match task.await {
+                    Ok(res) => res,
+                    Err(e) => Err(format!("rebuild task ended: {e}")),
+                };
                 let mut retries = vol.retries.lock();
                 match res {
                     Ok(()) => {

@@ -430,6 +430,14 @@ impl ReplicaConn {
         true
     }
 
+    /// Changes why a replica that is out of service is out (a failed replica that the
+    /// operator then removed).
+    pub fn set_down(&self, kind: Down, reason: String) {
+        if !self.is_writable() {
+            *self.down.lock() = (kind, reason);
+        }
+    }
+
     /// Replaces the reason a replica that is out of service gives (a later failed
     /// attempt to bring it back); its kind stays.
     pub fn note(&self, reason: String) {

@@ -285,22 +285,61 @@ impl Volume {
         true
     }
 
+    /// Registers a rebuild of `addr`: a `new` replica, or one of the volume's failed
+    /// replicas that may be retried. Under the sequence lock, like a removal, so a
+    /// removal either stops the rebuild or comes first and prevents it.
+    pub fn begin_rebuild(
+        &self,
+        addr: &str,
+        new: bool,
+    ) -> Result<Arc<crate::rebuild::Progress>, String> {
+        let _seq = self.seq.lock();
+        let mut rebuilds = self.rebuilds.lock();
+        if rebuilds.contains_key(addr) {
+            return Err(format!("replica {addr} is already rebuilding"));
+        }
+        if !new {
+            let retried = self
+                .replica(addr)
+                .and_then(|r| r.down())
+                .is_some_and(|d| d.retried());
+            if !retried {
+                return Err(format!("replica {addr} is not one to bring back"));
+            }
+        }
+        let p = Arc::new(crate::rebuild::Progress::new());
+        rebuilds.insert(addr.to_string(), p.clone());
+        Ok(p)
+    }
+
+    /// Unregisters the rebuild `p` of `addr` (not a later one of the same address).
+    pub fn end_rebuild(&self, addr: &str, p: &Arc<crate::rebuild::Progress>) {
+        let mut rebuilds = self.rebuilds.lock();
+        if rebuilds.get(addr).is_some_and(|x| Arc::ptr_eq(x, p)) {
+            rebuilds.remove(addr);
+        }
+    }
+
     /// Removes the replica at `addr` from the volume, stopping its rebuild if one
     /// runs; false if the volume has no such replica.
     pub fn remove(&self, addr: &str) -> bool {
         let _seq = self.seq.lock();
-        let rebuilding = match self.rebuilds.lock().get(addr) {
+        // A stopped rebuild no longer counts: snapshots and a new `add` may go on.
+        let rebuilding = match self.rebuilds.lock().remove(addr) {
             Some(p) => {
                 p.cancel();
                 true
             }
             None => false,
         };
+        self.retries.lock().remove(addr);
         let mut reps = self.replicas.write();
         match reps.iter().position(|x| x.addr == addr) {
             Some(i) => {
                 let r = reps.remove(i);
                 r.mark_down(Down::Removed, "removed by the operator".into());
+                // Already out (failed): it must not count as one to bring back.
+                r.set_down(Down::Removed, "removed by the operator".into());
                 true
             }
             None => rebuilding,

@@ -133,13 +133,7 @@ impl Replica for ReplicaService {
                 } else {
                     (volumes.get(&req.volume)?, false)
                 };
-                // A rebuild is how a poisoned copy returns to service: it starts again
-                // from what its disk holds, and the rebuild fills in the rest.
-                let vol = if req.rebuild && vol.poisoned().is_some() {
-                    volumes.reopen_poisoned(&req.volume)?
-                } else {
-                    vol
-                };
+
                 // A rebuild or an encrypted create must not touch a copy sealed under
                 // other parameters (or none): it may be the only good one.
                 if (req.rebuild || !req.encryption.is_empty())
@@ -157,6 +151,14 @@ impl Replica for ReplicaService {
                     vol.epoch()
                 } else {
                     vol.take_epoch(req.epoch, req.engine_id)?
+                };
+                // A rebuild is how a poisoned copy returns to service: it starts again
+                // from what its disk holds (the epoch just taken included), and the
+                // rebuild fills in the rest.
+                let vol = if req.rebuild && vol.poisoned().is_some() {
+                    volumes.reopen_poisoned(&req.volume)?
+                } else {
+                    vol
                 };
                 if req.rebuild {
                     vol.set_rebuilding(true)?;
@@ -352,8 +354,12 @@ impl IoStreamState {
                 Err(_) => {
                     // Idle: the page cache then holds every acknowledged write's
                     // record, so a killed process (not a power cut) keeps them.
-                    if let Err(e) = self.vol.settle() {
-                        tracing::error!(volume = self.vol.name(), error = %e, "writing the log's tail failed");
+                    match self.vol.settle() {
+                        // Already reported when it was poisoned.
+                        Ok(()) | Err(StoreError::Poisoned { .. }) => {}
+                        Err(e) => {
+                            tracing::error!(volume = self.vol.name(), error = %e, "writing the log's tail failed")
+                        }
                     }
                     inbound.message().await
                 }
@@ -378,10 +384,10 @@ impl IoStreamState {
             move || {
                 v.sync()?;
                 // A fenced engine's close says nothing about the newer engine's use.
-                if v.epoch() != epoch {
-                    return Ok(());
+                match v.under_epoch(epoch, || v.set_clean(true)) {
+                    Err(StoreError::Fenced { .. }) => Ok(()),
+                    r => r,
                 }
-                v.set_clean(true)
             },
             &name,
         )
@@ -411,22 +417,24 @@ impl IoStreamState {
         Ok(())
     }
 
-    /// Runs a change to the layer tree off the async runtime (it syncs files).
+    /// Runs a change to the layer tree off the async runtime (it syncs files), while
+    /// no newer engine can take the volume.
     async fn admin(
         &self,
         f: impl FnOnce(&Volume) -> Result<(), StoreError> + Send + 'static,
     ) -> Result<(Bytes, Bytes), StoreError> {
         let v = self.vol.clone();
-        done(blocking(move || f(&v), self.vol.name()).await)
+        let epoch = self.epoch;
+        done(blocking(move || v.under_epoch(epoch, || f(&v)), self.vol.name()).await)
     }
 
     /// Answers `rest` with the fencing error before the stream ends:
     /// a newer engine took the volume, and nothing after that point may apply.
-    async fn fenced(&self, e: StoreError, rest: impl Iterator<Item = IoRequest>) {
+    async fn fenced(&self, e: StoreError, rest: impl Iterator<Item = u64>) {
         let message = e.to_string();
         let mut replies: Vec<IoReply> = rest
-            .map(|r| IoReply {
-                id: r.id,
+            .map(|id| IoReply {
+                id,
                 error: ErrorCode::Fenced as i32,
                 message: message.clone(),
                 ..Default::default()
@@ -456,18 +464,19 @@ impl IoStreamState {
                 if !replies.is_empty() {
                     let _ = self.tx.send(Ok(IoReplyBatch { replies })).await;
                 }
-                self.fenced(e, std::iter::once(req).chain(batch)).await;
+                self.fenced(e, std::iter::once(req.id).chain(batch.map(|r| r.id)))
+                    .await;
                 return false;
             }
             let id = req.id;
+            let (vol, epoch) = (self.vol.clone(), self.epoch);
             let r = match req.op {
-                Some(Op::Write(w)) => done(
-                    self.check_seq(w.seq)
-                        .and_then(|_| self.vol.write_sealed(w.seq, w.block, &w.data, &w.tags)),
-                ),
+                Some(Op::Write(w)) => done(self.check_seq(w.seq).and_then(|_| {
+                    vol.under_epoch(epoch, || vol.write_sealed(w.seq, w.block, &w.data, &w.tags))
+                })),
                 Some(Op::Read(r)) => {
                     let snapshot = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());
-                    self.vol.read(snapshot, r.block, r.count)
+                    vol.under_epoch(epoch, || vol.read(snapshot, r.block, r.count))
                 }
                 Some(Op::Snapshot(sn)) => match self.check_seq(sn.seq) {
                     Ok(()) => self.admin(move |v| v.snapshot(&sn.name)).await,
@@ -476,10 +485,11 @@ impl IoStreamState {
                 Some(Op::Revert(rv)) => self.admin(move |v| v.revert(&rv.name)).await,
                 Some(Op::RebuildDone(_)) => self.admin(|v| v.set_rebuilding(false)).await,
                 Some(Op::Expand(x)) => self.admin(move |v| v.expand(x.size)).await,
-                Some(Op::Zero(z)) => done(
-                    self.check_seq(z.seq)
-                        .and_then(|_| self.vol.zero_blocks(z.seq, z.block, u64::from(z.count))),
-                ),
+                Some(Op::Zero(z)) => done(self.check_seq(z.seq).and_then(|_| {
+                    vol.under_epoch(epoch, || {
+                        vol.zero_blocks(z.seq, z.block, u64::from(z.count))
+                    })
+                })),
                 Some(Op::Flush(_)) => {
                     // fdatasync runs off the stream so later writes keep flowing; it
                     // covers every write applied before this point.
@@ -501,6 +511,14 @@ impl IoStreamState {
                     what: "request without an operation".to_string(),
                 }),
             };
+            if let Err(e @ StoreError::Fenced { .. }) = r {
+                if !replies.is_empty() {
+                    let _ = self.tx.send(Ok(IoReplyBatch { replies })).await;
+                }
+                self.fenced(e, std::iter::once(id).chain(batch.map(|r| r.id)))
+                    .await;
+                return false;
+            }
             replies.push(reply(id, r));
         }
         if replies.is_empty() {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::disk::{Disk, DiskFile};
+use crate::disk::{Disk, DiskFile, OsDisk};
 
 #[derive(Clone, Debug)]
 enum Change {
@@ -304,5 +304,91 @@ impl Disk for SimDisk {
         names.sort();
         names.dedup();
         Ok(names)
+    }
+}
+
+/// The real disk, except that every sync fails with EIO while it is told to: a
+/// dying disk under a running daemon, for tests that need real files.
+#[derive(Default, Clone)]
+pub struct SyncFaults {
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct SyncFaultsFile {
+    inner: Arc<dyn DiskFile>,
+    faults: SyncFaults,
+}
+
+impl SyncFaults {
+    /// Makes every later sync fail, or succeed again.
+    pub fn fail_syncs(&self, fail: bool) {
+        self.failing
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many syncs failed so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl DiskFile for SyncFaultsFile {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.punch(off, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn sync(&self) -> io::Result<()> {
+        if self
+            .faults
+            .failing
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.faults
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::IO.raw_os_error(),
+            ));
+        }
+        self.inner.sync()
+    }
+    fn allocated(&self) -> io::Result<u64> {
+        self.inner.allocated()
+    }
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        self.inner.allocate(len)
+    }
+}
+
+impl Disk for SyncFaults {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DiskFile>> {
+        Ok(Arc::new(SyncFaultsFile {
+            inner: OsDisk.open(path, create)?,
+            faults: self.clone(),
+        }))
+    }
+    fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        OsDisk.read_file(path)
+    }
+    fn replace(&self, path: &Path, contents: &[u8]) -> io::Result<()> {
+        OsDisk.replace(path, contents)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        OsDisk.remove(path)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        OsDisk.list(dir)
+    }
+    fn drop_cache(&self, path: &Path) {
+        OsDisk.drop_cache(path)
     }
 }

@@ -451,6 +451,13 @@ pub struct Volume {
     me: std::sync::OnceLock<std::sync::Weak<Volume>>,
     /// Set by `close`: background checkpoints stop touching the disk.
     closed: std::sync::atomic::AtomicBool,
+    /// Set (under `ckpt` and `inner`) when a fresh open replaced this copy: from then
+    /// on it writes nothing, not even meta, since the files are the new copy's.
+    retired: AtomicBool,
+    /// Held shared while a request of an engine is checked against the epoch and
+    /// applied, and exclusively while a newer epoch is taken: nothing of an older
+    /// engine applies after a newer one took over. Lock order: before `admin`.
+    epoch_lock: RwLock<()>,
     /// Log bytes appended and made durable, counted across generations.
     written: AtomicU64,
     synced: AtomicU64,
@@ -769,6 +776,8 @@ impl Volume {
             ckpt: Mutex::new(()),
             me: std::sync::OnceLock::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            epoch_lock: RwLock::new(()),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             syncing: AtomicU64::new(0),
@@ -1339,6 +1348,7 @@ impl Volume {
         inner: &mut Inner,
         change: impl FnOnce(&mut Meta),
     ) -> Result<(), StoreError> {
+        self.check_live()?;
         let mut next = inner.meta.clone();
         change(&mut next);
         let path = self.dir.join("meta");
@@ -1352,6 +1362,7 @@ impl Volume {
     /// Takes `epoch` for engine `engine_id`: a newer epoch fences older engines; the
     /// same epoch is accepted again only from the engine that took it.
     pub fn take_epoch(&self, epoch: u64, engine_id: u64) -> Result<u64, StoreError> {
+        let _fence = self.epoch_lock.write();
         let mut inner = self.inner.write();
         let stored = self.epoch();
         if epoch == stored && engine_id != 0 && engine_id == inner.meta.engine_id {
@@ -1370,6 +1381,18 @@ impl Volume {
         })?;
         self.epoch.store(epoch, Ordering::Release);
         Ok(stored)
+    }
+
+    /// Runs `f` for an engine at `epoch` if that epoch may still issue requests, with
+    /// no newer epoch taken until `f` returns.
+    pub fn under_epoch<T>(
+        &self,
+        epoch: u64,
+        f: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _fence = self.epoch_lock.read();
+        self.check_epoch(epoch)?;
+        f()
     }
 
     /// Checks that `epoch` may still issue requests.
@@ -1445,6 +1468,9 @@ impl Volume {
     /// sync from now on, and its background work stops. The files stay as they are
     /// for a fresh open to recover.
     fn retire(&self, why: &str) {
+        // Under both locks every writer of the files holds: none is midway.
+        let _c = self.ckpt.lock();
+        let _i = self.inner.write();
         {
             let mut p = self.poisoned.lock();
             let reason = match p.take() {
@@ -1453,7 +1479,20 @@ impl Volume {
             };
             *p = Some(reason);
         }
-        self.close();
+        self.retired.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Refuses to touch the files once a fresh open replaced this copy; callers hold
+    /// `inner` or `ckpt`, which `retire` takes, so none slips past it.
+    fn check_live(&self) -> Result<(), StoreError> {
+        if !self.retired.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(StoreError::Poisoned {
+            volume: self.name.clone(),
+            reason: "this copy was reopened from disk; use the reopened one".into(),
+        })
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
@@ -1573,6 +1612,7 @@ impl Volume {
         loop {
             {
                 let mut inner = self.inner.write();
+                self.check_live()?;
                 if self.make_room(&mut inner, h.total_len(), 0)? {
                     return self.push_record(&mut inner, h, sides, data);
                 }
@@ -1596,6 +1636,7 @@ impl Volume {
         sides: &[u8],
         direct_ok: bool,
     ) -> Result<Option<u64>, StoreError> {
+        self.check_live()?;
         let (latest, mut run_end) = window_at(inner, block, block + max);
         let head_id = inner.meta.head;
         let Some(head) = inner.layers.get(&head_id) else {
@@ -1828,6 +1869,7 @@ impl Volume {
     pub fn settle(&self) -> Result<(), StoreError> {
         self.check_writable()?;
         let mut inner = self.inner.write();
+        self.check_live()?;
         self.write_tail(&mut inner)
     }
 
@@ -2152,6 +2194,7 @@ impl Volume {
         // `ckpt` (and the caller's `admin`) keep every other writer of layer files
         // away, so the copy runs without `inner`: client I/O goes on meanwhile.
         let _c = self.ckpt.lock();
+        self.check_live()?;
         let (src, dst, missing) = {
             let inner = self.inner.read();
             let (Some(src), Some(dst)) = (inner.layers.get(&from), inner.layers.get(&to)) else {
