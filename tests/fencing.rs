@@ -47,6 +47,11 @@ fn a_fenced_engine_acknowledges_nothing_through_a_replica_the_new_one_judged_sta
     c.replicas.push(r2);
     let first = c.engine.take().unwrap();
     c.start_engine(None);
+    let judged = c.engine().log_text();
+    assert!(
+        judged.contains("stale: revision") || judged.contains("rebuild did not finish"),
+        "E2 did not judge the rebuilt replica stale: the case is not exercised\n{judged}"
+    );
     // E1: nothing is acknowledged any more, whichever replica would take it.
     assert_eq!(
         old.write(0, &[3u8; 4096]).unwrap(),

@@ -469,13 +469,20 @@ impl IoStreamState {
                 return false;
             }
             let id = req.id;
-            let (vol, epoch) = (self.vol.clone(), self.epoch);
+            let epoch = self.epoch;
             let r = match req.op {
-                Some(Op::Write(w)) => done(self.check_seq(w.seq).and_then(|_| {
-                    vol.under_epoch(epoch, || vol.write_sealed(w.seq, w.block, &w.data, &w.tags))
-                })),
+                Some(Op::Write(w)) => {
+                    let in_order = self.check_seq(w.seq);
+                    let vol = &self.vol;
+                    done(in_order.and_then(|_| {
+                        vol.under_epoch(epoch, || {
+                            vol.write_sealed(w.seq, w.block, &w.data, &w.tags)
+                        })
+                    }))
+                }
                 Some(Op::Read(r)) => {
                     let snapshot = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());
+                    let vol = &self.vol;
                     vol.under_epoch(epoch, || vol.read(snapshot, r.block, r.count))
                 }
                 Some(Op::Snapshot(sn)) => match self.check_seq(sn.seq) {
@@ -485,11 +492,15 @@ impl IoStreamState {
                 Some(Op::Revert(rv)) => self.admin(move |v| v.revert(&rv.name)).await,
                 Some(Op::RebuildDone(_)) => self.admin(|v| v.set_rebuilding(false)).await,
                 Some(Op::Expand(x)) => self.admin(move |v| v.expand(x.size)).await,
-                Some(Op::Zero(z)) => done(self.check_seq(z.seq).and_then(|_| {
-                    vol.under_epoch(epoch, || {
-                        vol.zero_blocks(z.seq, z.block, u64::from(z.count))
-                    })
-                })),
+                Some(Op::Zero(z)) => {
+                    let in_order = self.check_seq(z.seq);
+                    let vol = &self.vol;
+                    done(in_order.and_then(|_| {
+                        vol.under_epoch(epoch, || {
+                            vol.zero_blocks(z.seq, z.block, u64::from(z.count))
+                        })
+                    }))
+                }
                 Some(Op::Flush(_)) => {
                     // fdatasync runs off the stream so later writes keep flowing; it
                     // covers every write applied before this point.
