@@ -52,8 +52,8 @@ fn aead(key: &[u8; 32]) -> Result<Aead, CryptError> {
 }
 
 /// Bytes of seal stored with each block.
-pub const SEAL: usize = 32;
-const BLOCK: usize = 4096;
+pub use tether_proto::wire::SEAL_SIZE as SEAL;
+const BLOCK: usize = tether_proto::wire::BLOCK_SIZE as usize;
 const ID: usize = 12;
 /// Environment variable holding the volume key (or passphrase) when no file is given.
 pub const KEY_ENV: &str = "TETHER_ENCRYPTION_KEY";

@@ -16,8 +16,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Streaming;
 
-/// Largest gRPC message either side accepts.
-pub const MAX_MESSAGE: usize = 64 << 20;
+use tether_proto::wire::MAX_MESSAGE;
 /// A batch stops growing past this many payload bytes.
 const BATCH_BYTES: usize = 4 << 20;
 /// A batch stops growing past this many requests.

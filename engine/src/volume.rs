@@ -21,7 +21,7 @@ use crate::range_lock::RangeLock;
 use crate::replica_client::{Down, Fence, Payload, ReplicaConn, ReplicaError};
 
 /// Block size inside the engine and on the replicas.
-pub const BLOCK: u64 = 4096;
+pub use tether_proto::wire::BLOCK_SIZE as BLOCK;
 
 /// Zeroes for WRITE_ZEROES without allocating per request.
 static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
@@ -198,11 +198,6 @@ impl Volume {
             ),
             _ => "none".to_string(),
         }
-    }
-
-    /// Whether blocks are encrypted.
-    pub fn encrypted(&self) -> bool {
-        self.cipher.is_some()
     }
 
     /// The volume's name.
@@ -831,7 +826,7 @@ impl Volume {
             }
         };
         let seal = if self.cipher.is_some() {
-            crate::crypt::SEAL
+            tether_proto::wire::SEAL_SIZE
         } else {
             0
         };

@@ -1,12 +1,28 @@
-//! Typed error codes on unary calls. Stream replies carry an [`ErrorCode`] field; a
-//! unary call's failure is a gRPC status, which alone cannot tell "fenced" from
-//! "poisoned". So every status the replica sends names its code in metadata, and the
-//! engine acts on that code, never on the message text.
+//! The facts both ends of the wire agree on, defined once: block size, seal size,
+//! message and I/O limits, and typed error codes on unary calls.
+//!
+//! Stream replies carry an [`ErrorCode`] field; a unary call's failure is a gRPC
+//! status, which alone cannot tell "fenced" from "poisoned". So every status the
+//! replica sends names its code in metadata, and the engine acts on that code, never
+//! on the message text.
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use crate::replica::ErrorCode;
+
+/// Block size of every volume, in the engine and on the replicas, in bytes.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Bytes of the engine's seal stored with each block of an encrypted volume (nonce
+/// source and AEAD tag).
+pub const SEAL_SIZE: usize = 32;
+/// The largest single read or write, in bytes (also NBD's advertised maximum).
+pub const MAX_IO_BYTES: u32 = 32 << 20;
+/// The largest single read or write, in blocks.
+pub const MAX_IO_BLOCKS: u64 = MAX_IO_BYTES as u64 / BLOCK_SIZE;
+/// Largest gRPC message either side accepts: a batch of writes up to the largest
+/// I/O each.
+pub const MAX_MESSAGE: usize = 2 * MAX_IO_BYTES as usize;
 
 /// The metadata key that holds the code's name (`FENCED`, `POISONED`, ...).
 pub const ERROR_KEY: &str = "tether-error";

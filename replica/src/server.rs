@@ -11,9 +11,9 @@ use futures::Stream;
 use tether_proto::replica::replica_server::{Replica, ReplicaServer};
 use tether_proto::replica::{
     io_request::Op, DeleteSnapshotReply, DeleteSnapshotRequest, ErrorCode, HashesReply,
-    HashesRequest, IoBatch, IoReply, IoReplyBatch, IoRequest, ListReply, ListRequest, MapReply,
-    MapRequest, OpenReply, OpenRequest, SnapshotInfo, SnapshotsReply, SnapshotsRequest,
-    VolumeSummary,
+    HashesRequest, InventoryReply, InventoryRequest, IoBatch, IoReply, IoReplyBatch, IoRequest,
+    MapReply, MapRequest, OpenReply, OpenRequest, SnapshotInfo, SnapshotsReply, SnapshotsRequest,
+    VolumeEntry,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,8 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::disk::{Disk, OsDisk};
 use crate::store::{StoreError, StoreOptions, Volume, VolumeSet};
 
-/// Largest gRPC message either side accepts: a batch of writes up to 32 MiB each.
-pub const MAX_MESSAGE: usize = 64 << 20;
+use tether_proto::wire::MAX_MESSAGE;
 
 /// The `Replica` gRPC service over one data directory.
 #[derive(Clone)]
@@ -240,24 +239,34 @@ impl Replica for ReplicaService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn list(&self, _req: Request<ListRequest>) -> Result<Response<ListReply>, Status> {
-        let names = self
-            .volumes
-            .names()
+    async fn inventory(
+        &self,
+        _req: Request<InventoryRequest>,
+    ) -> Result<Response<InventoryReply>, Status> {
+        let volumes = self.volumes.clone();
+        let (found, problems) = tokio::task::spawn_blocking(move || volumes.inventory())
+            .await
+            .map_err(|e| Status::internal(format!("listing volumes: {e}")))?
             .map_err(|e| Status::internal(format!("listing volumes: {e}")))?;
-        let mut volumes = Vec::new();
-        for name in names {
-            match self.volumes.get(&name) {
-                Ok(v) => volumes.push(VolumeSummary {
-                    name,
-                    size: v.size(),
-                    epoch: v.epoch(),
-                    revision: v.revision().0,
-                }),
-                Err(e) => tracing::warn!(volume = %name, error = %e, "cannot open volume"),
-            }
-        }
-        Ok(Response::new(ListReply { volumes }))
+        Ok(Response::new(InventoryReply {
+            volumes: found
+                .into_iter()
+                .map(|v| VolumeEntry {
+                    name: v.name,
+                    size: v.size,
+                    epoch: v.epoch,
+                    clean: v.clean,
+                    rebuilding: v.rebuilding,
+                    encrypted: v.encrypted,
+                    open: v.open,
+                    snapshots: u32::try_from(v.snapshots).unwrap_or(u32::MAX),
+                })
+                .collect(),
+            problems: problems
+                .into_iter()
+                .map(|(name, why)| format!("volume {name}: {why}"))
+                .collect(),
+        }))
     }
 
     async fn snapshots(

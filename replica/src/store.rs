@@ -37,10 +37,9 @@ use crate::disk::{Disk, DiskFile};
 use crate::extents::{ExtentMap, Shift};
 use crate::wal::{self, RecordHeader, RecordKind, WalHeader, BLOCK, RECORDS_START};
 
-/// The block size of every volume, in bytes.
+/// The block size of every volume, in bytes, as the meta file records it.
 pub const BLOCK_SIZE: u32 = BLOCK as u32;
-/// The largest single read or write a replica accepts, in blocks (32 MiB).
-pub const MAX_IO_BLOCKS: u64 = 8192;
+use tether_proto::wire::MAX_IO_BLOCKS;
 /// Default size of a volume's write-ahead log.
 pub const DEFAULT_WAL_SIZE: u64 = 64 << 20;
 /// Two slots per block (format 2 had one; such volumes are upgraded on open).
@@ -54,7 +53,7 @@ const OLD_FORMAT_SEALED: u32 = 3;
 /// with overwhelming odds, so a rebuild copies over it).
 pub const BAD_BLOCK_HASH: u64 = 0xbad0_b10c_bad0_b10c;
 /// Bytes of engine seal per block on encrypted volumes (nonce source and AEAD tag).
-pub const SEAL_BYTES: usize = 32;
+pub use tether_proto::wire::SEAL_SIZE as SEAL_BYTES;
 const STATE_DATA: u8 = 1;
 const STATE_ZERO: u8 = 2;
 /// Data in the layer's second slot (`.alt`).
@@ -2464,6 +2463,31 @@ fn scan_records(rec: &dyn DiskFile, blocks: u64, rec_size: usize) -> io::Result<
     Ok(present)
 }
 
+/// The volumes found on disk, and the ones whose meta could not be read (by name,
+/// with why).
+pub type Inventory = (Vec<VolumeEntry>, Vec<(String, String)>);
+
+/// A volume as its meta file describes it, read without opening the volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeEntry {
+    /// The volume's name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The epoch of the engine that owns it.
+    pub epoch: u64,
+    /// The last engine closed it cleanly.
+    pub clean: bool,
+    /// A rebuild into it started and did not finish.
+    pub rebuilding: bool,
+    /// Its blocks carry the engine's seals.
+    pub encrypted: bool,
+    /// Open in this daemon right now.
+    pub open: bool,
+    /// Snapshots in its chain.
+    pub snapshots: usize,
+}
+
 /// All volumes held by one replica daemon under its data directory.
 pub struct VolumeSet {
     root: PathBuf,
@@ -2566,6 +2590,36 @@ impl VolumeSet {
         let _ = v.me.set(Arc::downgrade(&v));
         open.insert(name.to_string(), v.clone());
         Ok((v, created))
+    }
+
+    /// Every volume on disk as its meta file describes it, without opening any; a
+    /// volume whose meta cannot be read is reported by name with the reason.
+    pub fn inventory(&self) -> io::Result<Inventory> {
+        let open: Vec<String> = self.open.lock().keys().cloned().collect();
+        let mut found = Vec::new();
+        let mut problems = Vec::new();
+        for name in self.names()? {
+            let path = self.root.join(&name).join("meta");
+            let meta = match self.disk.read_file(&path) {
+                Ok(Some(raw)) => serde_json::from_slice::<Meta>(&raw).map_err(|e| e.to_string()),
+                Ok(None) => Err("its meta file vanished".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match meta {
+                Ok(m) => found.push(VolumeEntry {
+                    open: open.contains(&name),
+                    name,
+                    size: m.size,
+                    epoch: m.epoch,
+                    clean: m.clean,
+                    rebuilding: m.rebuilding,
+                    encrypted: m.encryption.is_some(),
+                    snapshots: m.layers.iter().filter(|l| l.name.is_some()).count(),
+                }),
+                Err(e) => problems.push((name, format!("{}: {e}", path.display()))),
+            }
+        }
+        Ok((found, problems))
     }
 
     /// Names of all volumes on disk.

@@ -18,7 +18,7 @@
 //! verified alone.
 
 /// Block size of every volume.
-pub const BLOCK: usize = 4096;
+pub const BLOCK: usize = tether_proto::wire::BLOCK_SIZE as usize;
 /// Where records start in the log file.
 pub const RECORDS_START: u64 = 4096;
 /// Size of a record header.

@@ -397,8 +397,21 @@ impl Drop for Cluster {
             if let Some(e) = &self.engine {
                 let text = e.log_text();
                 let lines: Vec<&str> = text.lines().collect();
+                // A process that panicked: its message, which a backtrace pushes out
+                // of the tail.
+                if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
+                    let end = (at + 3).min(lines.len());
+                    eprintln!("--- engine panic ---\n{}", lines[at..end].join("\n"));
+                }
                 let tail = &lines[lines.len().saturating_sub(40)..];
                 eprintln!("--- engine log (last lines) ---\n{}", tail.join("\n"));
+            }
+            for r in &self.replicas {
+                let text = std::fs::read_to_string(r.dir.with_extension("log")).unwrap_or_default();
+                if let Some(at) = text.find("panicked at") {
+                    let end = (at + 400).min(text.len());
+                    eprintln!("--- replica {} panic ---\n{}", r.addr, &text[at..end]);
+                }
             }
         }
     }

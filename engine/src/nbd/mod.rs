@@ -116,32 +116,6 @@ pub trait ExportTable: Send + Sync + 'static {
     fn names(&self) -> Vec<String>;
 }
 
-/// A fixed list of exports; the first is also the default.
-pub struct Exports<D> {
-    /// The exports, default first.
-    pub list: Vec<Export<D>>,
-}
-
-impl<D: BlockDevice> ExportTable for Exports<D> {
-    type Device = D;
-    fn find(&self, name: &str) -> Option<Export<D>> {
-        let e = if name.is_empty() {
-            self.list.first()
-        } else {
-            self.list.iter().find(|e| e.name == name)
-        }?;
-        Some(Export {
-            name: e.name.clone(),
-            description: e.description.clone(),
-            device: e.device.clone(),
-            read_only: e.read_only,
-        })
-    }
-    fn names(&self) -> Vec<String> {
-        self.list.iter().map(|e| e.name.clone()).collect()
-    }
-}
-
 /// Transmission flags tether advertises: only what is implemented.
 pub const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
     | TFLAG_SEND_FLUSH

@@ -150,7 +150,7 @@ pub const ESHUTDOWN: u32 = 108;
 /// Length of a transmission request header.
 pub const REQUEST_LEN: usize = 28;
 /// Largest request payload accepted: the maximum block size advertised.
-pub const MAX_PAYLOAD: u32 = 32 << 20;
+pub use tether_proto::wire::MAX_IO_BYTES as MAX_PAYLOAD;
 /// Largest option payload accepted before the connection is dropped.
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
 

@@ -1,0 +1,319 @@
+//! The command line: every subcommand, flag and argument, and the parsing they share.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tether_engine::control;
+
+#[derive(Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "Replicated block storage served over NBD"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Run a replica daemon holding the replicas of many volumes.
+    #[command(args_conflicts_with_subcommands = true)]
+    Replica {
+        #[command(subcommand)]
+        cmd: Option<ReplicaCmd>,
+        /// Address to serve gRPC on, e.g. 0.0.0.0:7001.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Directory for the volumes' data (created if missing).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Put the write-ahead logs on this directory (e.g. a faster disk).
+        #[arg(long)]
+        wal_dir: Option<PathBuf>,
+        /// Size of each new volume's write-ahead log (preallocated).
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        wal_size: u64,
+        /// Distinct data written straight into a volume's layer (large writes, and
+        /// small ones while no flush comes) before it is checkpointed; recovery after
+        /// a crash reads up to twice this much from disk to check it.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        direct_limit: u64,
+        /// Threads serving I/O (default: half the CPUs, at least 1). Each volume's
+        /// writes apply in order on one task; more threads serve more volumes at once,
+        /// at the price of cross-CPU hand-offs that cost every request.
+        #[arg(long)]
+        io_threads: Option<usize>,
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+    /// Make TLS material: a local CA and certificates for replicas, engines and NBD.
+    Tls {
+        #[command(subcommand)]
+        cmd: TlsCmd,
+    },
+    /// Run the engine of one volume: NBD frontend and synchronous replication.
+    Engine(EngineArgs),
+    /// Start three local replicas and an engine for a demo volume, on loopback.
+    Up(UpOptions),
+    /// Inspect and manage volumes.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// Manage snapshots; a snapshot is served read-only as NBD export VOLUME@NAME.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct EngineArgs {
+    /// Volume name; also the NBD export name.
+    #[arg(long)]
+    pub(crate) volume: String,
+    /// Size when the volume is created (1G, 512M, bytes); may be omitted afterwards.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) size: Option<u64>,
+    /// Replica daemon address; repeat for each replica.
+    #[arg(long = "replica", required = true)]
+    pub(crate) replicas: Vec<String>,
+    /// TCP address for NBD clients.
+    #[arg(long)]
+    pub(crate) nbd_listen: Option<SocketAddr>,
+    /// Unix socket for NBD clients.
+    #[arg(long)]
+    pub(crate) nbd_socket: Option<PathBuf>,
+    /// Control socket (default /run/tether/VOLUME.sock).
+    #[arg(long)]
+    pub(crate) control_socket: Option<PathBuf>,
+    /// Seconds a replica may take to answer before it is dropped.
+    #[arg(long, default_value_t = 8.0)]
+    pub(crate) timeout: f64,
+    /// With fewer healthy replicas, writes fail with EIO instead of running on too few copies.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) min_replicas: usize,
+    /// Replicas wanted (default: as many as --replica); fewer healthy is shown as degraded.
+    #[arg(long = "replicas")]
+    pub(crate) desired_replicas: Option<usize>,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long)]
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    /// The volume key: 32 bytes, 64 hex digits or a passphrase (else TETHER_ENCRYPTION_KEY).
+    /// A new volume is created encrypted when a key is given; the mode is fixed then.
+    #[arg(long)]
+    pub(crate) encryption_key_file: Option<PathBuf>,
+    /// Threads serving the volume's I/O. One handles a volume's whole request
+    /// pipeline (NBD, sealing, replica streams) without cross-CPU hand-offs, which
+    /// cost more per request than it gains from a second core on small writes.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) io_threads: usize,
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
+    /// Certificate for NBD clients over TLS (NBD_OPT_STARTTLS); plaintext is then refused on TCP.
+    #[arg(long, requires = "nbd_tls_key")]
+    pub(crate) nbd_tls_cert: Option<PathBuf>,
+    /// Private key for --nbd-tls-cert.
+    #[arg(long, requires = "nbd_tls_cert")]
+    pub(crate) nbd_tls_key: Option<PathBuf>,
+}
+
+/// Mutual TLS between engines and replicas.
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct TlsArgs {
+    /// This side's certificate (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// CA that signs the other side's certificate: a replica refuses clients without one.
+    #[arg(long)]
+    pub(crate) tls_ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TlsCmd {
+    /// Create a CA, a server certificate (replicas, NBD) and a client certificate (engines).
+    Init {
+        /// Directory for the PEM files.
+        dir: PathBuf,
+        /// Extra host names or IPs the server certificate is valid for (repeat).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum VolumeCmd {
+    /// Show a volume's size, space, replicas and counters (asks its engine).
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a volume online; clients see the new size when they reconnect.
+    Expand {
+        #[command(flatten)]
+        target: Target,
+        /// New size (1G, 512M, bytes); shrinking is refused.
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Read every block on every replica, check checksums and compare the replicas.
+    Verify {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct Target {
+    /// Volume name.
+    pub(crate) volume: String,
+    /// The engine's control socket, if not the default.
+    #[arg(long)]
+    pub(crate) control_socket: Option<PathBuf>,
+}
+
+impl Target {
+    /// Maps an engine's error for `what` to a message naming the volume.
+    pub(crate) fn failed<'a>(
+        &'a self,
+        what: &'a str,
+    ) -> impl Fn(tonic::Status) -> anyhow::Error + Copy + 'a {
+        move |e| anyhow::anyhow!("volume {}: {what} failed: {}", self.volume, e.message())
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ReplicaCmd {
+    /// Add a replica to a running volume: it rebuilds online, then serves.
+    Add {
+        #[command(flatten)]
+        target: Target,
+        /// The replica daemon's address.
+        address: String,
+    },
+    /// Remove a replica from a volume (refused below --min-replicas).
+    Rm {
+        #[command(flatten)]
+        target: Target,
+        /// The replica daemon's address.
+        address: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum SnapshotCmd {
+    /// Take a snapshot: the same cut on every replica, in well under a second.
+    Create {
+        #[command(flatten)]
+        target: Target,
+        /// Snapshot name.
+        name: String,
+    },
+    /// List snapshots with the space each holds.
+    Ls {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete a snapshot (its blocks merge into the next layer; I/O continues).
+    Rm {
+        #[command(flatten)]
+        target: Target,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Make the volume's contents the snapshot's (no client may be attached).
+    Revert {
+        #[command(flatten)]
+        target: Target,
+        /// Snapshot name.
+        name: String,
+    },
+}
+
+/// Parses `1G`, `512M`, `64k`, `1GiB` or plain bytes (powers of 1024).
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; use e.g. 1G, 512M or a byte count"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?}; use K, M, G or T"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// What `tether up` runs.
+#[derive(clap::Args)]
+pub(crate) struct UpOptions {
+    /// Directory for all data.
+    #[arg(long, default_value = "./tether-data")]
+    pub(crate) data: PathBuf,
+    /// Volume name.
+    #[arg(long, default_value = "demo")]
+    pub(crate) volume: String,
+    /// Volume size when first created (1G, 512M, bytes).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub(crate) size: u64,
+    /// NBD address.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub(crate) nbd_listen: SocketAddr,
+    /// First of three consecutive ports for the replicas.
+    #[arg(long, default_value_t = 17001)]
+    pub(crate) replica_port: u16,
+    /// Control socket (default: /run/tether/VOLUME.sock, or DATA/VOLUME.sock if /run is not writable).
+    #[arg(long)]
+    pub(crate) control_socket: Option<PathBuf>,
+    /// No encryption and no TLS between engine and replicas (for comparisons).
+    #[arg(long)]
+    pub(crate) plain: bool,
+}
+
+pub(crate) async fn engine(
+    t: &Target,
+) -> Result<tether_proto::engine::engine_client::EngineClient<tonic::transport::Channel>> {
+    let socket = t
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| control::default_socket(&t.volume));
+    control::connect(&socket)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}
