@@ -1,6 +1,9 @@
 //! Malformed NBD traffic gets error replies or a closed connection, never a crash,
 //! and well-behaved clients keep being served meanwhile.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use rand::{Rng, RngCore, SeedableRng};

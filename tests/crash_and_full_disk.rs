@@ -1,6 +1,9 @@
 //! Real processes killed with SIGKILL while a client writes and flushes, and a replica
 //! whose disk fills up: nothing acknowledged after a flush is lost.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use std::process::Command;

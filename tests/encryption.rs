@@ -2,6 +2,9 @@
 //! caught, keys are checked at open, replicas accept only trusted engines, NBD over
 //! TLS works with real clients, and nonces never repeat.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use std::collections::HashMap;

@@ -2,6 +2,9 @@
 //! replica removed mid-rebuild stays removed. Each test is a sequence a user could
 //! type, run against real processes.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use std::os::unix::fs::FileExt;

@@ -6,6 +6,9 @@
 //!
 //! Runs for TETHER_HISTORY_SECS seconds (default 20); longer runs on demand.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use rand::{Rng, SeedableRng};

@@ -1,5 +1,8 @@
 //! Real NBD clients against a 3-replica volume: nbdinfo, qemu-io, nbdcopy, fio.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use std::process::Command;

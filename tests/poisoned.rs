@@ -4,6 +4,9 @@
 //! replica is out. The daemon here runs in the test process on a disk whose syncs
 //! fail on demand; the engine and the other replicas are real processes.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use std::path::Path;

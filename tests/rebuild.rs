@@ -1,5 +1,8 @@
 //! Replicas that fail, come back and rebuild online; fencing; replica policy.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use std::process::Command;

@@ -1,5 +1,8 @@
 //! Replicas that die or hang while clients write: the volume keeps serving.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use std::process::Command;

@@ -1,5 +1,8 @@
 //! Snapshots end to end through NBD, bit rot caught and routed around, verify.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use std::os::unix::fs::FileExt;

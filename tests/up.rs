@@ -1,6 +1,9 @@
 //! `tether up`: three replicas and an engine from one command; Ctrl-C stops them
 //! cleanly and the next run serves the same data.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use std::process::{Command, Stdio};

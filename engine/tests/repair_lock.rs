@@ -2,6 +2,9 @@
 //! met inside a read-modify-write is repaired under the write's own hold, and
 //! nothing queues behind it for ever.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,6 +4,7 @@
 pub mod disk;
 pub mod extents;
 pub mod server;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod store;
 pub mod wal;

@@ -2,6 +2,9 @@
 //! holds one of the versions written to it since its last flush, flushed writes are
 //! all there, snapshots are exact, and no read fails.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 use std::sync::Arc;
 

@@ -3,6 +3,9 @@
 //! poisoned copy reopened from disk leaves the old copy in memory unable to touch
 //! the files again.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

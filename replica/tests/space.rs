@@ -1,6 +1,9 @@
 //! Space on a real filesystem: writes that go straight into the head's slots leave no
 //! second copy behind once checkpointed.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::sync::Arc;
 
 use tether_replica::disk::OsDisk;
