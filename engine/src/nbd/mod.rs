@@ -531,7 +531,11 @@ where
     R: AsyncRead + Unpin,
     D: BlockDevice,
 {
-    let size = device.size();
+    let checks = Checks {
+        size: device.size(),
+        read_only,
+        allocation: mode.allocation,
+    };
     loop {
         let mut hdr = [0u8; REQUEST_LEN];
         match rd.read_exact(&mut hdr).await {
@@ -541,8 +545,8 @@ where
             Err(e) => return Err(e.into()),
         }
         let req = parse_request(&hdr).map_err(|e| ConnError::Protocol(e.to_string()))?;
-        let mut payload = None;
-        if req.kind == CMD_WRITE {
+        let mut payload = Bytes::new();
+        if req.has_payload() {
             if req.length > MAX_PAYLOAD {
                 return Err(ConnError::Protocol(format!(
                     "write of {} bytes exceeds the maximum {MAX_PAYLOAD}",
@@ -551,10 +555,7 @@ where
             }
             let mut buf = BytesMut::zeroed(req.length as usize);
             rd.read_exact(&mut buf).await?;
-            payload = Some(buf.freeze());
-        }
-        if req.kind == CMD_DISC {
-            return Ok(());
+            payload = buf.freeze();
         }
         let reply = move |result, is_read| Reply {
             handle: req.handle,
@@ -563,62 +564,54 @@ where
             offset: req.offset,
         };
         // Reads and block status must be answered with structured chunks.
-        let chunked = matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS);
-        let checked = check_request(&req, size, read_only).and_then(|_| {
-            if req.kind == CMD_BLOCK_STATUS && !mode.allocation {
-                Err(DeviceError::Invalid(
-                    "block status needs the base:allocation context".into(),
-                ))
-            } else {
-                Ok(())
+        let chunked = req.answered_in_chunks();
+        let cmd = match command(&req, &checks) {
+            Ok(Command::Disconnect) => return Ok(()),
+            Ok(cmd) => cmd,
+            Err(e) => {
+                let _ = tx.send(reply(Err(e.into()), chunked));
+                continue;
             }
-        });
-        if let Err(e) = checked {
-            let _ = tx.send(reply(Err(e), chunked));
-            continue;
-        }
+        };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return Ok(());
         };
         let device = device.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let fua = req.flags & CMD_FLAG_FUA != 0;
-            let result = match req.kind {
-                CMD_READ => device
-                    .read(req.offset, req.length)
+            let result = match cmd {
+                Command::Read { offset, length } => device
+                    .read(offset, length)
                     .await
-                    .map(|d| ReplyData::Data(d, req.length)),
-                CMD_WRITE => device
-                    .write(req.offset, payload.unwrap_or_default(), fua)
-                    .await
-                    .map(|_| ReplyData::None),
-                CMD_FLUSH => device.flush().await.map(|_| ReplyData::None),
-                CMD_TRIM => device
-                    .trim(req.offset, req.length)
+                    .map(|d| ReplyData::Data(d, length)),
+                Command::Write { offset, fua, .. } => device
+                    .write(offset, payload, fua)
                     .await
                     .map(|_| ReplyData::None),
-                CMD_WRITE_ZEROES => device
-                    .write_zeroes(
-                        req.offset,
-                        req.length,
-                        req.flags & CMD_FLAG_NO_HOLE == 0,
-                        fua,
-                    )
-                    .await
-                    .map(|_| ReplyData::None),
-                CMD_BLOCK_STATUS => {
-                    device
-                        .block_status(req.offset, req.length)
-                        .await
-                        .map(|mut d| {
-                            if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                                d.truncate(1);
-                            }
-                            ReplyData::Status(d)
-                        })
+                Command::Flush => device.flush().await.map(|_| ReplyData::None),
+                Command::Trim { offset, length } => {
+                    device.trim(offset, length).await.map(|_| ReplyData::None)
                 }
-                _ => Err(DeviceError::Invalid("unsupported command".into())),
+                Command::WriteZeroes {
+                    offset,
+                    length,
+                    may_trim,
+                    fua,
+                } => device
+                    .write_zeroes(offset, length, may_trim, fua)
+                    .await
+                    .map(|_| ReplyData::None),
+                Command::BlockStatus {
+                    offset,
+                    length,
+                    req_one,
+                } => device.block_status(offset, length).await.map(|mut d| {
+                    if req_one {
+                        d.truncate(1);
+                    }
+                    ReplyData::Status(d)
+                }),
+                Command::Disconnect => Ok(ReplyData::None),
             };
             let _ = tx.send(reply(result, chunked));
             drop(permit);
@@ -626,54 +619,14 @@ where
     }
 }
 
-/// Validates a request against the export; errors are answered, not fatal.
-fn check_request(req: &RequestHeader, size: u64, read_only: bool) -> Result<(), DeviceError> {
-    let known_flags = match req.kind {
-        CMD_READ => CMD_FLAG_DF,
-        CMD_WRITE => CMD_FLAG_FUA,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
-        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-        other => {
-            return Err(DeviceError::Invalid(format!(
-                "command {other} is not supported"
-            )))
+impl From<Refusal> for DeviceError {
+    fn from(r: Refusal) -> DeviceError {
+        match r {
+            Refusal::Invalid(m) => DeviceError::Invalid(m),
+            Refusal::NoSpace(m) => DeviceError::NoSpace(m),
+            Refusal::ReadOnly(m) => DeviceError::ReadOnly(m),
         }
-    };
-    if req.flags & !known_flags != 0 {
-        return Err(DeviceError::Invalid(format!(
-            "flags {:#x} are not valid for command {}",
-            req.flags, req.kind
-        )));
     }
-    if read_only && matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
-        return Err(DeviceError::ReadOnly("this export is read-only".into()));
-    }
-    if req.kind == CMD_FLUSH {
-        return Ok(());
-    }
-    if req.kind == CMD_BLOCK_STATUS && req.length == 0 {
-        return Err(DeviceError::Invalid("block status of 0 bytes".into()));
-    }
-    if req.kind == CMD_READ && req.length > MAX_PAYLOAD {
-        return Err(DeviceError::Invalid(format!(
-            "read of {} bytes exceeds the maximum {MAX_PAYLOAD}",
-            req.length
-        )));
-    }
-    let end = req.offset.checked_add(u64::from(req.length));
-    if end.is_none_or(|end| end > size) {
-        let msg = format!(
-            "range {}+{} is past the end of the export ({size} bytes)",
-            req.offset, req.length
-        );
-        // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
-        return Err(match req.kind {
-            CMD_WRITE | CMD_WRITE_ZEROES => DeviceError::NoSpace(msg),
-            _ => DeviceError::Invalid(msg),
-        });
-    }
-    Ok(())
 }
 
 async fn write_replies<W>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>, structured: bool)

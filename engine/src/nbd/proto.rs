@@ -197,6 +197,159 @@ pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, CodecError>
     })
 }
 
+impl RequestHeader {
+    /// Whether a payload follows the header on the wire (a write's data), which the
+    /// server must consume even when it refuses the request.
+    pub fn has_payload(&self) -> bool {
+        self.kind == CMD_WRITE
+    }
+
+    /// Whether the answer comes in structured chunks when those were negotiated
+    /// (reads and block status), refused or not.
+    pub fn answered_in_chunks(&self) -> bool {
+        matches!(self.kind, CMD_READ | CMD_BLOCK_STATUS)
+    }
+}
+
+/// A transmission request, parsed once and checked against the export and what the
+/// client negotiated: the serving loop matches this, never raw command numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Read `length` bytes at `offset`.
+    Read { offset: u64, length: u32 },
+    /// Write the payload at `offset`; with `fua`, durably.
+    Write { offset: u64, length: u32, fua: bool },
+    /// Make every completed write durable.
+    Flush,
+    /// Discard a range (advisory).
+    Trim { offset: u64, length: u32 },
+    /// Write zeroes; `may_trim` unless the client asked for no holes.
+    WriteZeroes {
+        offset: u64,
+        length: u32,
+        may_trim: bool,
+        fua: bool,
+    },
+    /// Report allocation; with `req_one`, only the first extent.
+    BlockStatus {
+        offset: u64,
+        length: u32,
+        req_one: bool,
+    },
+    /// The client is done.
+    Disconnect,
+}
+
+/// What a request is checked against: the export and the negotiated options.
+#[derive(Debug, Clone, Copy)]
+pub struct Checks {
+    /// The export's size in bytes.
+    pub size: u64,
+    /// The export refuses changes.
+    pub read_only: bool,
+    /// `base:allocation` was selected, so block status may be asked.
+    pub allocation: bool,
+}
+
+/// Why a request is refused; each kind is answered with the errno the spec asks for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// EINVAL.
+    #[error("{0}")]
+    Invalid(String),
+    /// ENOSPC: a write past the end.
+    #[error("{0}")]
+    NoSpace(String),
+    /// EPERM: a change to a read-only export.
+    #[error("{0}")]
+    ReadOnly(String),
+}
+
+/// Turns a request header into a [`Command`], refusing unknown commands, flags that
+/// are not valid for the command, changes to a read-only export, block status
+/// without its context, oversized reads and ranges past the end.
+pub fn command(req: &RequestHeader, n: &Checks) -> Result<Command, Refusal> {
+    let known_flags = match req.kind {
+        CMD_READ => CMD_FLAG_DF,
+        CMD_WRITE => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+        CMD_DISC => return Ok(Command::Disconnect),
+        other => {
+            return Err(Refusal::Invalid(format!(
+                "command {other} is not supported"
+            )))
+        }
+    };
+    if req.flags & !known_flags != 0 {
+        return Err(Refusal::Invalid(format!(
+            "flags {:#x} are not valid for command {}",
+            req.flags, req.kind
+        )));
+    }
+    let (offset, length) = (req.offset, req.length);
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let cmd = match req.kind {
+        CMD_READ => Command::Read { offset, length },
+        CMD_WRITE => Command::Write {
+            offset,
+            length,
+            fua,
+        },
+        CMD_FLUSH => Command::Flush,
+        CMD_TRIM => Command::Trim { offset, length },
+        CMD_WRITE_ZEROES => Command::WriteZeroes {
+            offset,
+            length,
+            may_trim: req.flags & CMD_FLAG_NO_HOLE == 0,
+            fua,
+        },
+        _ => Command::BlockStatus {
+            offset,
+            length,
+            req_one: req.flags & CMD_FLAG_REQ_ONE != 0,
+        },
+    };
+    let changes = matches!(
+        cmd,
+        Command::Write { .. } | Command::WriteZeroes { .. } | Command::Trim { .. }
+    );
+    if n.read_only && changes {
+        return Err(Refusal::ReadOnly("this export is read-only".into()));
+    }
+    match cmd {
+        Command::Flush => return Ok(cmd),
+        Command::BlockStatus { .. } if length == 0 => {
+            return Err(Refusal::Invalid("block status of 0 bytes".into()))
+        }
+        Command::Read { .. } if length > MAX_PAYLOAD => {
+            return Err(Refusal::Invalid(format!(
+                "read of {length} bytes exceeds the maximum {MAX_PAYLOAD}"
+            )))
+        }
+        _ => {}
+    }
+    let end = offset.checked_add(u64::from(length));
+    if end.is_none_or(|end| end > n.size) {
+        let msg = format!(
+            "range {offset}+{length} is past the end of the export ({} bytes)",
+            n.size
+        );
+        // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
+        return Err(match cmd {
+            Command::Write { .. } | Command::WriteZeroes { .. } => Refusal::NoSpace(msg),
+            _ => Refusal::Invalid(msg),
+        });
+    }
+    if matches!(cmd, Command::BlockStatus { .. }) && !n.allocation {
+        return Err(Refusal::Invalid(
+            "block status needs the base:allocation context".into(),
+        ));
+    }
+    Ok(cmd)
+}
+
 /// Encodes a request header (used by tests and tools).
 pub fn encode_request(h: &RequestHeader) -> [u8; REQUEST_LEN] {
     let mut b = [0u8; REQUEST_LEN];
@@ -312,6 +465,93 @@ pub fn put_structured_error(out: &mut BytesMut, handle: u64, error: u32, msg: &s
 
 #[cfg(test)]
 mod tests {
+    fn req(kind: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
+        RequestHeader {
+            flags,
+            kind,
+            handle: 7,
+            offset,
+            length,
+        }
+    }
+
+    #[test]
+    fn commands_are_checked_once_against_the_export() {
+        let rw = Checks {
+            size: 1 << 20,
+            read_only: false,
+            allocation: false,
+        };
+        let ro = Checks {
+            read_only: true,
+            allocation: true,
+            ..rw
+        };
+        assert_eq!(
+            command(&req(CMD_WRITE, CMD_FLAG_FUA, 4096, 512), &rw),
+            Ok(Command::Write {
+                offset: 4096,
+                length: 512,
+                fua: true
+            })
+        );
+        assert_eq!(
+            command(&req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 8), &rw),
+            Ok(Command::WriteZeroes {
+                offset: 0,
+                length: 8,
+                may_trim: false,
+                fua: false
+            })
+        );
+        assert_eq!(
+            command(&req(CMD_DISC, 0xffff, 0, 0), &rw),
+            Ok(Command::Disconnect)
+        );
+        let refused = |r: Result<Command, Refusal>| r.err().map(|e| std::mem::discriminant(&e));
+        let invalid = Some(std::mem::discriminant(&Refusal::Invalid(String::new())));
+        // A flag not valid for the command, or a command nobody knows.
+        assert_eq!(
+            refused(command(&req(CMD_READ, CMD_FLAG_FUA, 0, 8), &rw)),
+            invalid
+        );
+        assert_eq!(refused(command(&req(99, 0, 0, 8), &rw)), invalid);
+        // Past the end: ENOSPC for writes, EINVAL for reads.
+        assert!(matches!(
+            command(&req(CMD_WRITE, 0, (1 << 20) - 8, 16), &rw),
+            Err(Refusal::NoSpace(_))
+        ));
+        assert_eq!(
+            refused(command(&req(CMD_READ, 0, u64::MAX, 16), &rw)),
+            invalid
+        );
+        assert_eq!(
+            refused(command(&req(CMD_READ, 0, 0, MAX_PAYLOAD + 1), &rw)),
+            invalid
+        );
+        // Read-only exports refuse changes; block status needs its context.
+        assert!(matches!(
+            command(&req(CMD_TRIM, 0, 0, 8), &ro),
+            Err(Refusal::ReadOnly(_))
+        ));
+        assert_eq!(
+            refused(command(&req(CMD_BLOCK_STATUS, 0, 0, 8), &rw)),
+            invalid
+        );
+        assert_eq!(
+            command(&req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 8), &ro),
+            Ok(Command::BlockStatus {
+                offset: 0,
+                length: 8,
+                req_one: true
+            })
+        );
+        assert_eq!(
+            command(&req(CMD_FLUSH, 0, u64::MAX, 9), &ro),
+            Ok(Command::Flush)
+        );
+    }
+
     use super::*;
     use proptest::prelude::*;
 
