@@ -78,7 +78,7 @@ impl Engine for ControlService {
             .map(|r| {
                 let mut st = ReplicaStatus {
                     address: r.addr.clone(),
-                    state: r.state().to_string(),
+                    state: r.state().name().to_string(),
                     reason: r.reason(),
                     ..Default::default()
                 };
@@ -143,7 +143,7 @@ impl Engine for ControlService {
         let v = &self.volume;
         if v.replicas()
             .iter()
-            .any(|r| r.addr == addr && r.state() != "failed")
+            .any(|r| r.addr == addr && r.is_writable())
         {
             return Err(Status::already_exists(format!(
                 "volume {}: replica {addr} is already part of the volume",

@@ -2,7 +2,7 @@
 //! requests batched onto it and replies matched back to their callers by id.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,6 +71,42 @@ impl ReplicaError {
             ReplicaError::Fenced(_) => Down::Fenced,
             ReplicaError::Poisoned(_) => Down::Poisoned,
             _ => Down::Failed,
+        }
+    }
+}
+
+/// The three phases of a replica, stored in one atomic.
+#[repr(u8)]
+#[derive(Clone, Copy)]
+enum Phase {
+    Healthy = 0,
+    Rebuilding = 1,
+    Failed = 2,
+}
+
+/// Where a replica stands, as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// In the read-write set: serves reads and counts for acknowledgements.
+    Healthy,
+    /// Takes every write while its rebuild copies the rest; serves no reads yet.
+    Rebuilding,
+    /// Out of the volume, for `kind` of reason.
+    Failed {
+        /// What the engine does about it.
+        kind: Down,
+        /// What went wrong, for people.
+        reason: String,
+    },
+}
+
+impl ReplicaState {
+    /// "healthy", "rebuilding" or "failed", as status shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReplicaState::Healthy => "healthy",
+            ReplicaState::Rebuilding => "rebuilding",
+            ReplicaState::Failed { .. } => "failed",
         }
     }
 }
@@ -151,8 +187,8 @@ pub struct ReplicaConn {
     rx: Mutex<Option<mpsc::UnboundedReceiver<IoRequest>>>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
-    healthy: AtomicBool,
-    rebuilding: AtomicBool,
+    /// `Phase` as a number: read on every request, so an atomic, not a lock.
+    phase: AtomicU8,
     /// Why the replica is out, once it is.
     down: Mutex<(Down, String)>,
     fence: Arc<Fence>,
@@ -231,8 +267,7 @@ impl ReplicaConn {
             rx: Mutex::new(Some(rx)),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            healthy: AtomicBool::new(true),
-            rebuilding: AtomicBool::new(false),
+            phase: AtomicU8::new(Phase::Healthy as u8),
             down: Mutex::new((Down::Failed, String::new())),
             close: Arc::new(Notify::new()),
             reader: Mutex::new(None),
@@ -371,9 +406,9 @@ impl ReplicaConn {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending.lock().insert(id, tx);
-        // Checked after inserting: mark_failed drains after clearing `healthy`, so
-        // either it sees this entry or this sees the flag.
-        if !self.healthy.load(Ordering::SeqCst)
+        // Checked after inserting: mark_failed drains after leaving the writable
+        // phases, so either it sees this entry or this sees the phase.
+        if !self.is_writable()
             || self.tx.send(IoRequest { id, op: Some(op) }).is_err()
         {
             if let Some(p) = self.pending.lock().remove(&id) {
@@ -385,17 +420,28 @@ impl ReplicaConn {
 
     /// Whether the replica is in the read-write set.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst) && !self.rebuilding.load(Ordering::SeqCst)
+        self.phase.load(Ordering::SeqCst) == Phase::Healthy as u8
     }
 
     /// Whether the replica takes writes (healthy, or rebuilding write-only).
     pub fn is_writable(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
+        self.phase.load(Ordering::SeqCst) != Phase::Failed as u8
     }
 
-    /// Marks the replica as a write-only rebuild target, or done rebuilding.
+    /// Marks the replica as a write-only rebuild target, or done rebuilding; a
+    /// replica that failed stays failed.
     pub fn set_rebuilding(&self, on: bool) {
-        self.rebuilding.store(on, Ordering::SeqCst);
+        let (from, to) = if on {
+            (Phase::Healthy, Phase::Rebuilding)
+        } else {
+            (Phase::Rebuilding, Phase::Healthy)
+        };
+        let _ = self.phase.compare_exchange(
+            from as u8,
+            to as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 
     /// Why the replica is out, or `None` while it takes writes.
@@ -403,14 +449,15 @@ impl ReplicaConn {
         (!self.is_writable()).then(|| self.down.lock().0)
     }
 
-    /// "healthy", "rebuilding" or "failed".
-    pub fn state(&self) -> &'static str {
-        if !self.healthy.load(Ordering::SeqCst) {
-            "failed"
-        } else if self.rebuilding.load(Ordering::SeqCst) {
-            "rebuilding"
-        } else {
-            "healthy"
+    /// Where the replica stands now.
+    pub fn state(&self) -> ReplicaState {
+        match self.phase.load(Ordering::SeqCst) {
+            p if p == Phase::Healthy as u8 => ReplicaState::Healthy,
+            p if p == Phase::Rebuilding as u8 => ReplicaState::Rebuilding,
+            _ => {
+                let (kind, reason) = self.down.lock().clone();
+                ReplicaState::Failed { kind, reason }
+            }
         }
     }
 
@@ -422,7 +469,7 @@ impl ReplicaConn {
     /// Takes the replica out of service with `reason`; false if it already was out.
     fn retire(&self, kind: Down, reason: &str) -> bool {
         let mut r = self.down.lock();
-        if !self.healthy.swap(false, Ordering::SeqCst) {
+        if self.phase.swap(Phase::Failed as u8, Ordering::SeqCst) == Phase::Failed as u8 {
             return false;
         }
         *r = (kind, reason.to_string());
