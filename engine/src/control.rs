@@ -16,12 +16,12 @@ use tether_proto::engine::{
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
-use crate::nbd::DeviceError;
+use crate::error::VolumeError;
 use crate::volume::Volume;
 
-fn status_of(e: DeviceError) -> Status {
+fn status_of(e: VolumeError) -> Status {
     match e {
-        DeviceError::Invalid(m) => Status::failed_precondition(m),
+        VolumeError::Invalid(m) => Status::failed_precondition(m),
         other => Status::unavailable(other.to_string()),
     }
 }
@@ -107,7 +107,7 @@ impl Engine for ControlService {
             .collect::<Vec<_>>();
         Ok(Response::new(StatusReply {
             volume: v.name().to_string(),
-            size: crate::nbd::BlockDevice::size(&**v),
+            size: v.size(),
             block_size: crate::volume::BLOCK as u32,
             epoch: v.epoch(),
             replicas,
@@ -241,7 +241,7 @@ impl Engine for ControlService {
         let v = self.volume.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            let total = crate::nbd::BlockDevice::size(&*v) / crate::volume::BLOCK;
+            let total = v.size() / crate::volume::BLOCK;
             const CHUNK: u64 = 256;
             let mut done = 0;
             let mut last_report = std::time::Instant::now();

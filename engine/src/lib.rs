@@ -3,8 +3,10 @@
 
 pub mod control;
 pub mod crypt;
+pub mod error;
 pub mod metrics;
 pub mod nbd;
+pub mod progress;
 pub mod range_lock;
 pub mod rebuild;
 pub mod replica_client;
@@ -429,7 +431,7 @@ fn encryption_for(
 /// Serves every NBD client that `conns` yields, each on its own task.
 async fn accept_loop<S>(
     volume: String,
-    exports: Arc<volume::VolumeExports>,
+    exports: Arc<nbd::export::VolumeExports>,
     mut conns: impl futures::Stream<Item = std::io::Result<S>> + Unpin,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) where
@@ -498,7 +500,7 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
     if let Err(e) = volume.space().await {
         tracing::warn!(volume = %cfg.volume, error = %e, "cannot list snapshots yet");
     }
-    let exports = Arc::new(volume::VolumeExports(volume.clone()));
+    let exports = Arc::new(nbd::export::VolumeExports(volume.clone()));
     let nbd_address = match (&cfg.nbd_listen, &cfg.nbd_socket) {
         (Some(a), _) if cfg.nbd_tls.is_some() => format!("nbds://{a}/{}", cfg.volume),
         (Some(a), _) => format!("nbd://{a}/{}", cfg.volume),

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::nbd::BlockDevice;
 use crate::volume::Volume;
 
 /// Renders the volume's metrics in the Prometheus text format.

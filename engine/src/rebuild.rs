@@ -14,17 +14,16 @@
 //! copy only what it missed, and what makes an interrupted rebuild resume cheaply:
 //! whatever was copied before matches and is skipped.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use tether_proto::replica::{
     io_request::Op, DeleteSnapshotRequest, Expand, HashesRequest, OpenRequest, Snapshot,
     SnapshotsRequest, Write,
 };
 
-use crate::nbd::BlockDevice;
+use crate::progress::{Progress, Retry};
 use crate::replica_client::{self, Down, ReplicaConn};
 use crate::volume::{Volume, BLOCK};
 
@@ -33,79 +32,6 @@ const UNREACHABLE: &str = "unreachable: ";
 
 /// Blocks compared and copied per step.
 const CHUNK: u64 = 256;
-
-/// How far a rebuild has come, for `tether volume status`.
-pub struct Progress {
-    /// Blocks to compare in all phases.
-    pub total: AtomicU64,
-    /// Blocks compared so far.
-    pub done: AtomicU64,
-    /// Bytes copied so far.
-    pub copied: AtomicU64,
-    /// What it is doing now.
-    pub phase: Mutex<String>,
-    /// When it started.
-    pub started: Instant,
-    /// Set when the operator removes the replica: the rebuild stops and never joins it.
-    cancelled: std::sync::atomic::AtomicBool,
-}
-
-impl Default for Progress {
-    fn default() -> Progress {
-        Progress::new()
-    }
-}
-
-impl Progress {
-    /// A rebuild about to start.
-    pub fn new() -> Progress {
-        Progress {
-            total: AtomicU64::new(0),
-            done: AtomicU64::new(0),
-            copied: AtomicU64::new(0),
-            phase: Mutex::new("connecting".into()),
-            started: Instant::now(),
-            cancelled: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    /// Stops the rebuild at its next step; it will not join the replica.
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether the operator removed the replica being rebuilt.
-    pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::SeqCst)
-    }
-
-    fn check(&self, addr: &str) -> Result<(), String> {
-        if self.is_cancelled() {
-            return Err(format!("replica {addr} was removed by the operator"));
-        }
-        Ok(())
-    }
-
-    /// Bytes compared per second so far.
-    pub fn rate(&self) -> f64 {
-        let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        self.done.load(Ordering::Relaxed) as f64 * BLOCK as f64 / secs
-    }
-
-    /// Seconds left at the current rate.
-    pub fn eta(&self) -> u64 {
-        let left = self
-            .total
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.done.load(Ordering::Relaxed));
-        let rate = self.rate();
-        if rate <= 0.0 {
-            0
-        } else {
-            (left as f64 * BLOCK as f64 / rate) as u64
-        }
-    }
-}
 
 /// The outcome of a unary call to `r`; a fencing refusal trips the engine's fence.
 fn step<T>(
@@ -431,17 +357,6 @@ async fn fill(
 const RETRY_FIRST: Duration = Duration::from_secs(2);
 /// The longest pause between two attempts at a replica that keeps failing.
 const RETRY_MAX: Duration = Duration::from_secs(64);
-
-/// When a failed replica is tried next, for `tether volume status`.
-#[derive(Debug, Clone, Copy)]
-pub struct Retry {
-    /// The next attempt starts at this moment.
-    pub next: Instant,
-    /// The pause after the next failed attempt that reaches the replica.
-    pub delay: Duration,
-    /// Failed attempts in a row.
-    pub attempts: u32,
-}
 
 /// Retries failed replicas, rebuilding those that answer. A replica that answers but
 /// whose rebuild fails (a disk that keeps failing its syncs, say) is tried after

@@ -408,9 +408,7 @@ impl ReplicaConn {
         self.pending.lock().insert(id, tx);
         // Checked after inserting: mark_failed drains after leaving the writable
         // phases, so either it sees this entry or this sees the phase.
-        if !self.is_writable()
-            || self.tx.send(IoRequest { id, op: Some(op) }).is_err()
-        {
+        if !self.is_writable() || self.tx.send(IoRequest { id, op: Some(op) }).is_err() {
             if let Some(p) = self.pending.lock().remove(&id) {
                 let _ = p.send(Err(ReplicaError::Gone(self.reason())));
             }
@@ -436,12 +434,9 @@ impl ReplicaConn {
         } else {
             (Phase::Rebuilding, Phase::Healthy)
         };
-        let _ = self.phase.compare_exchange(
-            from as u8,
-            to as u8,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        let _ =
+            self.phase
+                .compare_exchange(from as u8, to as u8, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Why the replica is out, or `None` while it takes writes.

@@ -16,7 +16,7 @@ use tether_proto::replica::{
 use tokio::sync::oneshot;
 
 use crate::crypt::Cipher;
-use crate::nbd::{BlockDevice, DeviceError};
+use crate::error::VolumeError;
 use crate::range_lock::RangeLock;
 use crate::replica_client::{Down, Fence, Payload, ReplicaConn, ReplicaError};
 
@@ -77,9 +77,9 @@ pub struct Volume {
     /// Identifies this engine process to replicas when it reopens them.
     pub engine_id: u64,
     /// Rebuilds under way, by replica address.
-    pub rebuilds: Mutex<HashMap<String, Arc<crate::rebuild::Progress>>>,
+    pub rebuilds: Mutex<HashMap<String, Arc<crate::progress::Progress>>>,
     /// When failed replicas are tried next, by address.
-    pub retries: Mutex<HashMap<String, crate::rebuild::Retry>>,
+    pub retries: Mutex<HashMap<String, crate::progress::Retry>>,
     /// Last write sequence handed out; held while a write is queued on every replica,
     /// so all replicas see writes in the same order.
     seq: Mutex<u64>,
@@ -244,7 +244,7 @@ impl Volume {
     }
 
     /// A healthy replica to read from or ask.
-    pub fn first_healthy(&self) -> Result<Arc<ReplicaConn>, DeviceError> {
+    pub fn first_healthy(&self) -> Result<Arc<ReplicaConn>, VolumeError> {
         self.replicas
             .read()
             .iter()
@@ -255,7 +255,7 @@ impl Volume {
 
     /// Adds a replica to the write set (as a rebuild target, write-only), unless the
     /// operator removed it while its rebuild ran; says whether it joined.
-    pub fn join(&self, r: Arc<ReplicaConn>, rebuild: &crate::rebuild::Progress) -> bool {
+    pub fn join(&self, r: Arc<ReplicaConn>, rebuild: &crate::progress::Progress) -> bool {
         // Under the sequence lock: no write is half-queued while the set changes, and
         // a removal (which takes it too) is either seen here or sees the new member.
         let _seq = self.seq.lock();
@@ -271,7 +271,7 @@ impl Volume {
     }
 
     /// Turns a rebuilt replica read-write, unless the operator removed it meanwhile.
-    pub fn promote(&self, r: &ReplicaConn, rebuild: &crate::rebuild::Progress) -> bool {
+    pub fn promote(&self, r: &ReplicaConn, rebuild: &crate::progress::Progress) -> bool {
         let _seq = self.seq.lock();
         if rebuild.is_cancelled() || !r.is_writable() {
             return false;
@@ -287,7 +287,7 @@ impl Volume {
         &self,
         addr: &str,
         new: bool,
-    ) -> Result<Arc<crate::rebuild::Progress>, String> {
+    ) -> Result<Arc<crate::progress::Progress>, String> {
         let _seq = self.seq.lock();
         let mut rebuilds = self.rebuilds.lock();
         if rebuilds.contains_key(addr) {
@@ -302,13 +302,13 @@ impl Volume {
                 return Err(format!("replica {addr} is not one to bring back"));
             }
         }
-        let p = Arc::new(crate::rebuild::Progress::new());
+        let p = Arc::new(crate::progress::Progress::new());
         rebuilds.insert(addr.to_string(), p.clone());
         Ok(p)
     }
 
     /// Unregisters the rebuild `p` of `addr` (not a later one of the same address).
-    pub fn end_rebuild(&self, addr: &str, p: &Arc<crate::rebuild::Progress>) {
+    pub fn end_rebuild(&self, addr: &str, p: &Arc<crate::progress::Progress>) {
         let mut rebuilds = self.rebuilds.lock();
         if rebuilds.get(addr).is_some_and(|x| Arc::ptr_eq(x, p)) {
             rebuilds.remove(addr);
@@ -351,15 +351,15 @@ impl Volume {
     }
 
     /// Snapshots and space, as one healthy replica sees them.
-    pub async fn space(&self) -> Result<SnapshotsReply, DeviceError> {
+    pub async fn space(&self) -> Result<SnapshotsReply, VolumeError> {
         let r = self.first_healthy()?;
         let req = SnapshotsRequest {
             volume: self.name.clone(),
         };
         let reply = tokio::time::timeout(self.timeout, r.client().snapshots(req))
             .await
-            .map_err(|_| DeviceError::Io(format!("replica {}: no answer", r.addr)))?
-            .map_err(|s| DeviceError::Io(format!("replica {}: {}", r.addr, s.message())))?
+            .map_err(|_| VolumeError::Io(format!("replica {}: no answer", r.addr)))?
+            .map_err(|s| VolumeError::Io(format!("replica {}: {}", r.addr, s.message())))?
             .into_inner();
         *self.snapshot_names.lock() = reply.snapshots.iter().map(|s| s.name.clone()).collect();
         Ok(reply)
@@ -370,11 +370,11 @@ impl Volume {
         self.snapshot_names.lock().iter().any(|n| n == name)
     }
 
-    fn require_snapshot(&self, name: &str) -> Result<(), DeviceError> {
+    fn require_snapshot(&self, name: &str) -> Result<(), VolumeError> {
         if self.has_snapshot(name) {
             Ok(())
         } else {
-            Err(DeviceError::Invalid(format!(
+            Err(VolumeError::Invalid(format!(
                 "volume {}: no snapshot named {name}",
                 self.name
             )))
@@ -387,10 +387,10 @@ impl Volume {
     }
 
     /// Refuses chain-changing operations while a rebuild copies the chain.
-    fn no_rebuild(&self, what: &str) -> Result<(), DeviceError> {
+    fn no_rebuild(&self, what: &str) -> Result<(), VolumeError> {
         let r = self.rebuilds.lock();
         match r.keys().next() {
-            Some(addr) => Err(DeviceError::Invalid(format!(
+            Some(addr) => Err(VolumeError::Invalid(format!(
                 "volume {}: replica {addr} is rebuilding; {what} after it finishes (see tether volume status)",
                 self.name
             ))),
@@ -399,10 +399,10 @@ impl Volume {
     }
 
     /// Takes snapshot `name` on every replica at the same point of the write stream.
-    pub async fn snapshot(&self, name: &str) -> Result<(), DeviceError> {
+    pub async fn snapshot(&self, name: &str) -> Result<(), VolumeError> {
         self.no_rebuild("take the snapshot")?;
         if self.has_snapshot(name) {
-            return Err(DeviceError::Invalid(format!(
+            return Err(VolumeError::Invalid(format!(
                 "volume {}: a snapshot named {name} already exists",
                 self.name
             )));
@@ -420,12 +420,12 @@ impl Volume {
     }
 
     /// Makes the volume's contents those of snapshot `name`; refused while attached.
-    pub async fn revert(&self, name: &str) -> Result<(), DeviceError> {
+    pub async fn revert(&self, name: &str) -> Result<(), VolumeError> {
         self.no_rebuild("revert")?;
         let _cut = self.gate.write().await;
         let n = self.attached();
         if n > 0 {
-            return Err(DeviceError::Invalid(format!(
+            return Err(VolumeError::Invalid(format!(
                 "volume {}: {n} NBD client(s) attached; detach them before reverting (their caches would go stale)",
                 self.name
             )));
@@ -438,7 +438,7 @@ impl Volume {
     }
 
     /// Deletes snapshot `name` on every healthy replica; I/O continues meanwhile.
-    pub async fn delete_snapshot(&self, name: &str) -> Result<(), DeviceError> {
+    pub async fn delete_snapshot(&self, name: &str) -> Result<(), VolumeError> {
         self.no_rebuild("delete the snapshot")?;
         self.require_snapshot(name)?;
         let reps = self.replicas();
@@ -465,7 +465,7 @@ impl Volume {
         self.check_fence()?;
         let _ = self.space().await;
         if ok == 0 {
-            return Err(DeviceError::Io(format!(
+            return Err(VolumeError::Io(format!(
                 "volume {}: deleting snapshot {name} failed: {last}",
                 self.name
             )));
@@ -474,17 +474,17 @@ impl Volume {
     }
 
     /// Grows the volume; clients see the new size when they reconnect.
-    pub async fn expand(&self, size: u64) -> Result<u64, DeviceError> {
+    pub async fn expand(&self, size: u64) -> Result<u64, VolumeError> {
         let _cut = self.gate.write().await;
         let cur = self.size.load(Ordering::Acquire);
         if size < cur {
-            return Err(DeviceError::Invalid(format!(
+            return Err(VolumeError::Invalid(format!(
                 "volume {}: cannot shrink from {cur} to {size} bytes; shrinking is not supported",
                 self.name
             )));
         }
         if !size.is_multiple_of(BLOCK) {
-            return Err(DeviceError::Invalid(format!(
+            return Err(VolumeError::Invalid(format!(
                 "volume {}: size {size} is not a multiple of {BLOCK}",
                 self.name
             )));
@@ -620,7 +620,7 @@ impl Volume {
     }
 
     /// Like `wait_all`, but any replica error fails the operation (and the replica).
-    async fn wait_all_ops(&self, waiting: Waiting) -> Result<(), DeviceError> {
+    async fn wait_all_ops(&self, waiting: Waiting) -> Result<(), VolumeError> {
         self.check_fence()?;
         if waiting.is_empty() {
             return Err(self.no_replica());
@@ -645,12 +645,12 @@ impl Volume {
         self.check_fence()?;
         match first_err {
             // A refusal (bad name, missing snapshot) is the same on every replica.
-            Some(e) if ok == 0 => Err(DeviceError::Invalid(e)),
+            Some(e) if ok == 0 => Err(VolumeError::Invalid(e)),
             Some(e) => {
                 for r in self.replicas().iter().filter(|r| r.is_healthy()) {
                     tracing::warn!(volume = %self.name, replica = %r.addr, error = %e, "replicas disagree on an operation");
                 }
-                Err(DeviceError::Io(e))
+                Err(VolumeError::Io(e))
             }
             None if ok == 0 => Err(self.no_replica()),
             None => Ok(()),
@@ -683,7 +683,7 @@ impl Volume {
 
     /// Fails the request if a newer engine has fenced this one off; then every
     /// replica is let go, so nothing more reaches any of them from here.
-    fn check_fence(&self) -> Result<(), DeviceError> {
+    fn check_fence(&self) -> Result<(), VolumeError> {
         if !self.fence.is_tripped() {
             return Ok(());
         }
@@ -693,7 +693,7 @@ impl Volume {
                 "a newer engine owns the volume; stop this engine".into(),
             );
         }
-        Err(DeviceError::Io(format!(
+        Err(VolumeError::Fenced(format!(
             "volume {}: a newer engine has taken over this volume; this engine acknowledges nothing more: stop it",
             self.name
         )))
@@ -868,15 +868,15 @@ impl Volume {
         }
     }
 
-    fn no_replica(&self) -> DeviceError {
-        DeviceError::Io(format!("volume {}: no healthy replica", self.name))
+    fn no_replica(&self) -> VolumeError {
+        VolumeError::Io(format!("volume {}: no healthy replica", self.name))
     }
 
     /// Refuses writes while fewer than `--min-replicas` replicas are healthy.
-    fn check_quorum(&self) -> Result<(), DeviceError> {
+    fn check_quorum(&self) -> Result<(), VolumeError> {
         let n = self.healthy_count();
         if n < self.min_replicas {
-            return Err(DeviceError::Io(format!(
+            return Err(VolumeError::Io(format!(
                 "volume {}: {n} healthy replica(s), below --min-replicas {}; writes are refused rather than kept on too few copies",
                 self.name, self.min_replicas
             )));
@@ -892,7 +892,7 @@ impl Volume {
     }
 
     /// Waits for every replica's answer; succeeds if all that remain healthy accepted.
-    async fn wait_all(&self, waiting: Waiting) -> Result<(), DeviceError> {
+    async fn wait_all(&self, waiting: Waiting) -> Result<(), VolumeError> {
         self.check_fence()?;
         if waiting.is_empty() {
             return Err(self.no_replica());
@@ -929,7 +929,7 @@ impl Volume {
                     .map(|(_, m)| m)
                     .collect::<Vec<_>>()
                     .join("; ");
-                return Err(DeviceError::NoSpace(msg));
+                return Err(VolumeError::NoSpace(msg));
             }
             for (r, msg) in full {
                 self.fail(&r, format!("missed a write others have: {msg}"));
@@ -939,7 +939,7 @@ impl Volume {
             return Err(self.no_replica());
         }
         if ok < self.min_replicas {
-            return Err(DeviceError::Io(format!(
+            return Err(VolumeError::Io(format!(
                 "volume {}: only {ok} healthy replica(s) took the write, below --min-replicas {}",
                 self.name, self.min_replicas
             )));
@@ -956,7 +956,7 @@ impl Volume {
         snapshot: &str,
         block: u64,
         count: u32,
-    ) -> Result<Served, DeviceError> {
+    ) -> Result<Served, VolumeError> {
         let n = self.replicas.read().len();
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         let mut bad: Vec<Arc<ReplicaConn>> = Vec::new();
@@ -989,7 +989,7 @@ impl Volume {
         }
         self.check_fence()?;
         if !bad.is_empty() {
-            return Err(DeviceError::Io(format!(
+            return Err(VolumeError::Io(format!(
                 "volume {}: blocks {block}..{} have no good copy on any healthy replica",
                 self.name,
                 block + u64::from(count)
@@ -1000,12 +1000,13 @@ impl Volume {
 
     /// Reads `len` bytes at `offset` of the head (or of `snapshot`), unaligned, and
     /// repairs bad copies of the head it met on the way.
-    async fn read_range(
+    /// Reads `len` bytes at `offset` of the head, or of `snapshot` when not empty.
+    pub async fn read_range(
         &self,
         snapshot: &str,
         offset: u64,
         len: u32,
-    ) -> Result<Vec<Bytes>, DeviceError> {
+    ) -> Result<Vec<Bytes>, VolumeError> {
         self.check_fence()?;
         if len == 0 {
             return Ok(Vec::new());
@@ -1029,7 +1030,7 @@ impl Volume {
         (offset / BLOCK, (offset + len).div_ceil(BLOCK))
     }
 
-    async fn write_inner(&self, offset: u64, data: Bytes) -> Result<(), DeviceError> {
+    async fn write_inner(&self, offset: u64, data: Bytes) -> Result<(), VolumeError> {
         if data.is_empty() {
             return Ok(());
         }
@@ -1058,7 +1059,7 @@ impl Volume {
                     if !served.bad.is_empty() {
                         self.repair(held, &served.good, &served.bad, b, 1).await;
                     }
-                    Ok::<_, DeviceError>(Some(served.data))
+                    Ok::<_, VolumeError>(Some(served.data))
                 }
             };
             let (h, t) =
@@ -1079,7 +1080,7 @@ impl Volume {
             None => (payload, Bytes::new()),
             Some(c) => c
                 .seal(first, payload)
-                .map_err(|e| DeviceError::Io(format!("volume {}: {e}", self.name)))?,
+                .map_err(|e| VolumeError::Io(format!("volume {}: {e}", self.name)))?,
         };
         let waiting = self.submit_ordered(|seq| {
             Op::Write(Write {
@@ -1092,7 +1093,7 @@ impl Volume {
         self.wait_all(waiting).await
     }
 
-    async fn flush_inner(&self) -> Result<(), DeviceError> {
+    async fn flush_inner(&self) -> Result<(), VolumeError> {
         self.check_fence()?;
         let waiting = {
             let seq = self.seq.lock();
@@ -1102,7 +1103,7 @@ impl Volume {
     }
 
     /// Deallocates the whole blocks inside `[offset, offset+len)`.
-    async fn zero_whole_blocks(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+    async fn zero_whole_blocks(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         let first = offset.div_ceil(BLOCK);
         let end = (offset + len) / BLOCK;
         if end <= first {
@@ -1111,7 +1112,7 @@ impl Volume {
         self.check_fence()?;
         let _held = self.hold(first, end).await;
         let count = u32::try_from(end - first)
-            .map_err(|_| DeviceError::Invalid("zero range too large".to_string()))?;
+            .map_err(|_| VolumeError::Invalid("zero range too large".to_string()))?;
         self.check_quorum()?;
         let waiting = self.submit_ordered(|seq| {
             Op::Zero(Zero {
@@ -1123,7 +1124,7 @@ impl Volume {
         self.wait_all(waiting).await
     }
 
-    fn count<T>(&self, r: Result<T, DeviceError>) -> Result<T, DeviceError> {
+    fn count<T>(&self, r: Result<T, VolumeError>) -> Result<T, VolumeError> {
         if let Err(e) = &r {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(volume = %self.name, error = %e, "request failed");
@@ -1141,12 +1142,15 @@ impl Volume {
     }
 }
 
-impl BlockDevice for Volume {
-    fn size(&self) -> u64 {
+/// Client I/O: what a frontend (NBD today) asks of the volume.
+impl Volume {
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
 
-    async fn read(&self, offset: u64, len: u32) -> Result<Vec<Bytes>, DeviceError> {
+    /// Reads `len` bytes at `offset`, as one or more buffers in order.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<Bytes>, VolumeError> {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_read
@@ -1155,7 +1159,8 @@ impl BlockDevice for Volume {
         self.count(r)
     }
 
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+    /// Writes `data` at `offset`; with `fua`, durably.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_written
@@ -1167,13 +1172,14 @@ impl BlockDevice for Volume {
         self.count(r)
     }
 
-    async fn write_zeroes(
+    /// Writes zeroes; `may_trim` lets the volume deallocate instead.
+    pub async fn write_zeroes(
         &self,
         offset: u64,
         len: u32,
         may_trim: bool,
         fua: bool,
-    ) -> Result<(), DeviceError> {
+    ) -> Result<(), VolumeError> {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         let len = u64::from(len);
         let r = async {
@@ -1206,19 +1212,26 @@ impl BlockDevice for Volume {
         self.count(r)
     }
 
-    async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
+    /// Discards whole blocks of a range.
+    pub async fn trim(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
         self.counters.trims.fetch_add(1, Ordering::Relaxed);
         let r = self.zero_whole_blocks(offset, u64::from(len)).await;
         self.count(r)
     }
 
-    async fn flush(&self) -> Result<(), DeviceError> {
+    /// Makes every completed write durable on every replica.
+    pub async fn flush(&self) -> Result<(), VolumeError> {
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         let r = self.flush_inner().await;
         self.count(r)
     }
 
-    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<(u32, u32)>, DeviceError> {
+    /// Allocation of `[offset, offset+len)` as runs of (length, allocated).
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u32, bool)>, VolumeError> {
         let (first, end) = Self::blocks_of(offset, u64::from(len));
         let r = self.first_healthy()?;
         let req = tether_proto::replica::MapRequest {
@@ -1228,11 +1241,11 @@ impl BlockDevice for Volume {
         };
         let map = tokio::time::timeout(self.timeout, r.client().map(req))
             .await
-            .map_err(|_| DeviceError::Io(format!("replica {}: no answer", r.addr)))?
-            .map_err(|s| DeviceError::Io(format!("replica {}: {}", r.addr, s.message())))?
+            .map_err(|_| VolumeError::Io(format!("replica {}: no answer", r.addr)))?
+            .map_err(|s| VolumeError::Io(format!("replica {}: {}", r.addr, s.message())))?
             .into_inner();
         let stop = offset + u64::from(len);
-        let mut runs: Vec<(u32, u32)> = Vec::new();
+        let mut runs: Vec<(u32, bool)> = Vec::new();
         for x in map.extents {
             // Clip block extents to the byte range asked for.
             let s = (x.block * BLOCK).max(offset);
@@ -1240,142 +1253,22 @@ impl BlockDevice for Volume {
             if e <= s {
                 continue;
             }
-            let flags = if x.allocated {
-                0
-            } else {
-                crate::nbd::proto::STATE_HOLE | crate::nbd::proto::STATE_ZERO
-            };
-            runs.push(((e - s) as u32, flags));
+            runs.push(((e - s) as u32, x.allocated));
         }
         if runs.is_empty() {
-            runs.push((len, 0));
+            runs.push((len, true));
         }
         Ok(runs)
     }
 
-    fn connection_opened(&self) {
+    /// A client connected.
+    pub fn connection_opened(&self) {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
         self.attached.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn connection_closed(&self) {
+    /// A client went away.
+    pub fn connection_closed(&self) {
         self.attached.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// What an NBD export shows: the live volume or one of its snapshots (read-only).
-pub enum View {
-    /// The volume itself.
-    Head(Arc<Volume>),
-    /// A snapshot, read-only.
-    Snapshot(Arc<Volume>, String),
-}
-
-impl View {
-    /// The volume, if this view may change it (snapshots are read-only).
-    fn writable(&self) -> Result<&Arc<Volume>, DeviceError> {
-        match self {
-            View::Head(v) => Ok(v),
-            View::Snapshot(..) => Err(DeviceError::ReadOnly("snapshots are read-only".into())),
-        }
-    }
-}
-
-impl BlockDevice for View {
-    fn size(&self) -> u64 {
-        match self {
-            View::Head(v) | View::Snapshot(v, _) => v.size.load(Ordering::Acquire),
-        }
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> Result<Vec<Bytes>, DeviceError> {
-        match self {
-            View::Head(v) => v.read(offset, len).await,
-            View::Snapshot(v, name) => v.read_range(name, offset, len).await,
-        }
-    }
-
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
-        self.writable()?.write(offset, data, fua).await
-    }
-
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        may_trim: bool,
-        fua: bool,
-    ) -> Result<(), DeviceError> {
-        self.writable()?
-            .write_zeroes(offset, len, may_trim, fua)
-            .await
-    }
-
-    async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
-        self.writable()?.trim(offset, len).await
-    }
-
-    async fn flush(&self) -> Result<(), DeviceError> {
-        match self {
-            View::Head(v) => v.flush().await,
-            View::Snapshot(..) => Ok(()),
-        }
-    }
-
-    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<(u32, u32)>, DeviceError> {
-        match self {
-            View::Head(v) => v.block_status(offset, len).await,
-            // Snapshot maps are not tracked separately yet: report all as data.
-            View::Snapshot(..) => Ok(vec![(len, 0)]),
-        }
-    }
-
-    fn connection_opened(&self) {
-        if let View::Head(v) = self {
-            v.connection_opened();
-        }
-    }
-
-    fn connection_closed(&self) {
-        if let View::Head(v) = self {
-            v.connection_closed();
-        }
-    }
-}
-
-/// The exports of one engine: `VOLUME` (or the empty name) and `VOLUME@SNAPSHOT`.
-pub struct VolumeExports(pub Arc<Volume>);
-
-impl crate::nbd::ExportTable for VolumeExports {
-    type Device = View;
-
-    fn find(&self, name: &str) -> Option<crate::nbd::Export<View>> {
-        let v = &self.0;
-        if name.is_empty() || name == v.name() {
-            return Some(crate::nbd::Export {
-                name: v.name().to_string(),
-                description: format!("tether volume {}", v.name()),
-                device: Arc::new(View::Head(v.clone())),
-                read_only: false,
-            });
-        }
-        let snap = name.strip_prefix(v.name())?.strip_prefix('@')?;
-        v.has_snapshot(snap).then(|| crate::nbd::Export {
-            name: name.to_string(),
-            description: format!("snapshot {snap} of tether volume {} (read-only)", v.name()),
-            device: Arc::new(View::Snapshot(v.clone(), snap.to_string())),
-            read_only: true,
-        })
-    }
-
-    fn names(&self) -> Vec<String> {
-        let v = &self.0;
-        std::iter::once(v.name().to_string())
-            .chain(
-                v.snapshot_names()
-                    .into_iter()
-                    .map(|s| format!("{}@{s}", v.name())),
-            )
-            .collect()
     }
 }

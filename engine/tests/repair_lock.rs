@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tether_engine::nbd::BlockDevice;
 use tether_engine::volume::Volume;
 use tether_engine::EngineConfig;
 

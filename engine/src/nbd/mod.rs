@@ -5,6 +5,7 @@
 //! hold up a flush behind it; replies go out through one writer task in completion
 //! order, matched by the client's handle.
 
+pub mod export;
 pub mod proto;
 
 use std::future::Future;
