@@ -214,6 +214,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
     // ones included, before deciding anything: an older engine still writing to a
     // replica this engine will not serve from must be fenced there too, or it could
     // go on acknowledging writes on that replica alone.
+    let take_timeout = cfg.timeout.max(Duration::from_secs(30));
     let taken = futures::future::join_all(reachable.into_iter().map(|(c, probed)| {
         let req = OpenRequest {
             volume: cfg.volume.clone(),
@@ -225,7 +226,9 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             encryption: String::new(),
         };
         async move {
-            let r = tokio::time::timeout(cfg.timeout, c.open(req)).await;
+            // Taking the epoch syncs the replica's meta: a busy disk gets longer than
+            // a request, since giving up here leaves the replica out.
+            let r = tokio::time::timeout(take_timeout, c.open(req)).await;
             (c, probed, r)
         }
     }))
@@ -252,8 +255,8 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             }
             Err(_) => {
                 let why = format!(
-                    "replica {}: no answer while taking epoch {epoch} within {:?}",
-                    c.addr, cfg.timeout
+                    "replica {}: no answer while taking epoch {epoch} within {take_timeout:?}",
+                    c.addr
                 );
                 problems.push(why.clone());
                 c.mark_failed(why);

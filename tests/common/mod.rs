@@ -397,11 +397,12 @@ impl Drop for Cluster {
             if let Some(e) = &self.engine {
                 let text = e.log_text();
                 let lines: Vec<&str> = text.lines().collect();
-                // A process that panicked: its message, which a backtrace pushes out
-                // of the tail.
-                if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
+                // A process that panicked or exited with an error: its message, which
+                // a backtrace pushes out of the tail.
+                let died = |l: &&str| l.contains("panicked at") || l.starts_with("Error:");
+                if let Some(at) = lines.iter().position(died) {
                     let end = (at + 3).min(lines.len());
-                    eprintln!("--- engine panic ---\n{}", lines[at..end].join("\n"));
+                    eprintln!("--- engine ended ---\n{}", lines[at..end].join("\n"));
                 }
                 let tail = &lines[lines.len().saturating_sub(40)..];
                 eprintln!("--- engine log (last lines) ---\n{}", tail.join("\n"));
