@@ -12,6 +12,15 @@ pub(crate) fn human(bytes: u64) -> String {
     }
 }
 
+/// `done` of `total` in percent; `if_empty` when there is nothing to do.
+pub(crate) fn percent(done: u64, total: u64, if_empty: f64) -> f64 {
+    if total == 0 {
+        if_empty
+    } else {
+        done as f64 * 100.0 / total as f64
+    }
+}
+
 /// Prints a volume's snapshots, with the export each is served at.
 pub(crate) fn snapshots(volume: &str, list: &[Snapshot]) {
     println!(
@@ -93,11 +102,7 @@ pub(crate) fn status(s: &StatusReply, json: bool) {
     );
     for r in &s.replicas {
         if r.state == "rebuilding" {
-            let pct = if r.rebuild_total_blocks == 0 {
-                0.0
-            } else {
-                r.rebuild_done_blocks as f64 * 100.0 / r.rebuild_total_blocks as f64
-            };
+            let pct = percent(r.rebuild_done_blocks, r.rebuild_total_blocks, 0.0);
             println!(
                 "  {:<24} rebuilding {:.1}% ({}), copied {}, {}/s, ETA {} s",
                 r.address,

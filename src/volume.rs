@@ -41,11 +41,7 @@ async fn verify(target: &Target) -> Result<()> {
             problems += 1;
             println!("block {}: replica {}: {}", x.block, x.replica, x.what);
         }
-        let pct = if p.blocks_total == 0 {
-            100.0
-        } else {
-            p.blocks_done as f64 * 100.0 / p.blocks_total as f64
-        };
+        let pct = render::percent(p.blocks_done, p.blocks_total, 100.0);
         eprint!(
             "\rverify {}: {:5.1}%  {} of {} blocks, {} problems, {:.0} s",
             target.volume,
