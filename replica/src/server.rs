@@ -441,7 +441,7 @@ impl IoStreamState {
     /// a newer engine took the volume, and nothing after that point may apply.
     async fn fenced(&self, e: StoreError, rest: impl Iterator<Item = u64>) {
         let message = e.to_string();
-        let mut replies: Vec<IoReply> = rest
+        let replies = rest
             .map(|id| IoReply {
                 id,
                 error: ErrorCode::Fenced as i32,
@@ -449,15 +449,6 @@ impl IoStreamState {
                 ..Default::default()
             })
             .collect();
-        if replies.is_empty() {
-            // Nothing left in this batch: the engine still hears why the stream ends.
-            replies.push(IoReply {
-                id: 0,
-                error: ErrorCode::Fenced as i32,
-                message,
-                ..Default::default()
-            });
-        }
         let _ = self.tx.send(Ok(IoReplyBatch { replies })).await;
         tracing::warn!(volume = self.vol.name(), error = %e, "stream fenced by a newer engine");
     }
@@ -467,16 +458,9 @@ impl IoStreamState {
         let mut replies = Vec::with_capacity(batch.len());
         let mut batch = batch.into_iter();
         while let Some(req) = batch.next() {
-            // Checked per request: a newer engine may take the epoch mid-batch, and
-            // nothing of this engine's may apply after that.
-            if let Err(e) = self.vol.check_epoch(self.epoch) {
-                if !replies.is_empty() {
-                    let _ = self.tx.send(Ok(IoReplyBatch { replies })).await;
-                }
-                self.fenced(e, std::iter::once(req.id).chain(batch.map(|r| r.id)))
-                    .await;
-                return false;
-            }
+            // Every request is checked against the epoch as it applies (`under_epoch`):
+            // a newer engine may take the volume mid-batch, and nothing of this
+            // engine's may apply after that.
             let id = req.id;
             let epoch = self.epoch;
             let r = match req.op {
@@ -510,22 +494,25 @@ impl IoStreamState {
                         })
                     }))
                 }
-                Some(Op::Flush(_)) => {
+                Some(Op::Flush(_)) => match self.vol.check_epoch(epoch) {
+                    Err(e) => Err(e),
                     // fdatasync runs off the stream so later writes keep flowing; it
                     // covers every write applied before this point.
-                    let v = self.vol.clone();
-                    let tx = self.tx.clone();
-                    self.flushes.retain(|h| !h.is_finished());
-                    self.flushes.push(tokio::spawn(async move {
-                        let name = v.name().to_string();
-                        let r = blocking(move || v.sync(), &name).await;
-                        let batch = IoReplyBatch {
-                            replies: vec![reply(id, done(r))],
-                        };
-                        let _ = tx.send(Ok(batch)).await;
-                    }));
-                    continue;
-                }
+                    Ok(()) => {
+                        let v = self.vol.clone();
+                        let tx = self.tx.clone();
+                        self.flushes.retain(|h| !h.is_finished());
+                        self.flushes.push(tokio::spawn(async move {
+                            let name = v.name().to_string();
+                            let r = blocking(move || v.sync(), &name).await;
+                            let batch = IoReplyBatch {
+                                replies: vec![reply(id, done(r))],
+                            };
+                            let _ = tx.send(Ok(batch)).await;
+                        }));
+                        continue;
+                    }
+                },
                 None => Err(StoreError::Invalid {
                     volume: self.vol.name().to_string(),
                     what: "request without an operation".to_string(),
