@@ -83,6 +83,11 @@ impl Progress {
     }
 }
 
+/// The first pause before a failed replica is tried again.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+/// The longest pause between two attempts at a replica that keeps failing.
+const RETRY_MAX: Duration = Duration::from_secs(64);
+
 /// When a failed replica is tried next, for `tether volume status`.
 #[derive(Debug, Clone, Copy)]
 pub struct Retry {
@@ -92,4 +97,50 @@ pub struct Retry {
     pub delay: Duration,
     /// Failed attempts in a row.
     pub attempts: u32,
+}
+
+impl Retry {
+    /// A replica first seen out at `now`: tried after the first pause.
+    pub fn first(now: Instant) -> Retry {
+        Retry {
+            next: now + RETRY_FIRST,
+            delay: RETRY_FIRST,
+            attempts: 0,
+        }
+    }
+
+    /// An attempt failed at `now`. A replica that answered (`reached`) and still
+    /// failed waits the current pause, which then doubles up to `RETRY_MAX`: a disk
+    /// that keeps failing is not rebuilt every two seconds. One that did not answer
+    /// costs nothing to ask again soon.
+    pub fn failed(&mut self, now: Instant, reached: bool) {
+        self.attempts += 1;
+        if reached {
+            self.next = now + self.delay;
+            self.delay = (self.delay * 2).min(RETRY_MAX);
+        } else {
+            self.next = now + RETRY_FIRST;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_double_for_a_replica_that_answers_and_stay_short_for_one_that_does_not() {
+        let t0 = Instant::now();
+        let mut r = Retry::first(t0);
+        assert_eq!(r.next, t0 + RETRY_FIRST);
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            r.failed(t0, true);
+            waits.push((r.next - t0).as_secs());
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 64, 64]);
+        r.failed(t0, false);
+        assert_eq!(r.next, t0 + RETRY_FIRST);
+        assert_eq!(r.attempts, 9);
+    }
 }

@@ -27,8 +27,21 @@ use crate::progress::{Progress, Retry};
 use crate::replica_client::{self, Down, ReplicaConn};
 use crate::volume::{Volume, BLOCK};
 
-/// Starts the error of a rebuild that could not even connect to its target.
-const UNREACHABLE: &str = "unreachable: ";
+/// Why a rebuild stopped, and whether it got as far as the target replica (only a
+/// replica that answers and still fails is given growing pauses).
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct RebuildError {
+    /// The target replica answered.
+    pub reached: bool,
+    msg: String,
+}
+
+impl From<String> for RebuildError {
+    fn from(msg: String) -> RebuildError {
+        RebuildError { reached: true, msg }
+    }
+}
 
 /// Blocks compared and copied per step.
 const CHUNK: u64 = 256;
@@ -173,42 +186,55 @@ pub fn start(
     vol: &Arc<Volume>,
     addr: &str,
     new: bool,
-) -> Result<tokio::task::JoinHandle<Result<(), String>>, String> {
+) -> Result<tokio::task::JoinHandle<Result<(), RebuildError>>, String> {
     let progress = vol.begin_rebuild(addr, new)?;
     let (vol, addr) = (vol.clone(), addr.to_string());
     Ok(tokio::spawn(rebuild(vol, addr, progress)))
 }
 
 /// Runs the rebuild registered as `progress`.
-async fn rebuild(vol: Arc<Volume>, addr: String, progress: Arc<Progress>) -> Result<(), String> {
+async fn rebuild(
+    vol: Arc<Volume>,
+    addr: String,
+    progress: Arc<Progress>,
+) -> Result<(), RebuildError> {
     let res = run(&vol, &addr, &progress).await;
     vol.end_rebuild(&addr, &progress);
     match &res {
-        Ok(()) => tracing::info!(volume = %vol.name(), replica = %addr,
-            copied = progress.copied.load(Ordering::Relaxed),
-            secs = progress.started.elapsed().as_secs(), "rebuild finished: replica is healthy"),
+        Ok(()) => {
+            vol.retries.lock().remove(&addr);
+            tracing::info!(volume = %vol.name(), replica = %addr,
+                copied = progress.copied.load(Ordering::Relaxed),
+                secs = progress.started.elapsed().as_secs(), "rebuild finished: replica is healthy")
+        }
         Err(e) if progress.is_cancelled() => {
             tracing::info!(volume = %vol.name(), replica = %addr, error = %e, "rebuild stopped: the replica was removed");
         }
         Err(e) => {
             if let Some(r) = vol.replica(&addr) {
-                if !r.mark_failed(format!("rebuild failed: {e}")) {
-                    // Still out: say why the latest attempt failed.
-                    r.note(format!("rebuild failed: {e}"));
-                }
+                r.set_down(Down::Failed, format!("rebuild failed: {e}"));
             }
+            let now = Instant::now();
+            vol.retries
+                .lock()
+                .entry(addr.clone())
+                .or_insert_with(|| Retry::first(now))
+                .failed(now, e.reached);
             tracing::warn!(volume = %vol.name(), replica = %addr, error = %e, "rebuild failed; it will be retried");
         }
     }
     res
 }
 
-async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), String> {
+async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), RebuildError> {
     let source = vol.first_healthy().map_err(|e| e.to_string())?;
     let client =
         replica_client::connect(addr, vol.timeout().min(Duration::from_secs(5)), vol.tls())
             .await
-            .map_err(|e| format!("{UNREACHABLE}{e}"))?;
+            .map_err(|msg| RebuildError {
+                reached: false,
+                msg,
+            })?;
     let target = ReplicaConn::new(addr, vol.name(), client, vol.fence());
     let res = fill(vol, &source, &target, progress).await;
     if let Err(e) = &res {
@@ -220,7 +246,7 @@ async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), S
         };
         target.mark_down(kind, format!("rebuild failed: {e}"));
     }
-    res
+    Ok(res?)
 }
 
 /// Opens `target` as a rebuild target and makes it a copy of `source`, online.
@@ -353,75 +379,31 @@ async fn fill(
     Ok(())
 }
 
-/// The first pause before a failed replica is tried again.
-const RETRY_FIRST: Duration = Duration::from_secs(2);
-/// The longest pause between two attempts at a replica that keeps failing.
-const RETRY_MAX: Duration = Duration::from_secs(64);
-
-/// Retries failed replicas, rebuilding those that answer. A replica that answers but
-/// whose rebuild fails (a disk that keeps failing its syncs, say) is tried after
-/// pauses that double up to about a minute, so a doomed rebuild does not run every
-/// two seconds; a replica that does not answer at all costs nothing to ask again.
+/// Brings failed replicas back: each is rebuilt when its retry comes due (see
+/// [`Retry`]: a replica that answers but whose rebuild fails waits longer each time).
 pub async fn watch(vol: Arc<Volume>) {
-    let mut quiet = std::collections::HashSet::new();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if vol.is_fenced() {
             return;
         }
+        let now = Instant::now();
         for r in vol.replicas() {
-            if !r.down().is_some_and(|d| d.retried()) || vol.rebuilds.lock().contains_key(&r.addr) {
+            if !r.down().is_some_and(|d| d.retried()) {
                 continue;
             }
-            let now = Instant::now();
-            {
-                let mut retries = vol.retries.lock();
-                let retry = retries.entry(r.addr.clone()).or_insert(Retry {
-                    next: now + RETRY_FIRST,
-                    delay: RETRY_FIRST,
-                    attempts: 0,
-                });
-                if retry.next > now {
-                    continue;
-                }
-                // Reserved now; moved further out below if the attempt fails.
-                retry.next = now + RETRY_FIRST;
+            let due = vol
+                .retries
+                .lock()
+                .entry(r.addr.clone())
+                .or_insert_with(|| Retry::first(now))
+                .next
+                <= now;
+            // Refused when it is rebuilding already or was removed since the list
+            // was read.
+            if due {
+                let _ = start(&vol, &r.addr, false);
             }
-            // Refused when the replica was removed since the list was read.
-            let Ok(task) = start(&vol, &r.addr, false) else {
-                continue;
-            };
-            let vol = vol.clone();
-            let addr = r.addr.clone();
-            let first = quiet.insert(addr.clone());
-            tokio::spawn(async move {
-                let res = match task.await {
-                    Ok(res) => res,
-                    Err(e) => Err(format!("rebuild task ended: {e}")),
-                };
-                let mut retries = vol.retries.lock();
-                match res {
-                    Ok(()) => {
-                        retries.remove(&addr);
-                    }
-                    Err(e) => {
-                        let reached = !e.starts_with(UNREACHABLE);
-                        if let Some(retry) = retries.get_mut(&addr) {
-                            retry.attempts += 1;
-                            if reached {
-                                retry.next = Instant::now() + retry.delay;
-                                retry.delay = (retry.delay * 2).min(RETRY_MAX);
-                            } else {
-                                retry.next = Instant::now() + RETRY_FIRST;
-                            }
-                        }
-                        // Connection errors of a replica that is still down are expected.
-                        if first || reached {
-                            tracing::debug!(volume = %vol.name(), replica = %addr, error = %e, "replica still unavailable");
-                        }
-                    }
-                }
-            });
         }
     }
 }

@@ -408,9 +408,21 @@ impl ReplicaConn {
         self.pending.lock().insert(id, tx);
         // Checked after inserting: mark_failed drains after leaving the writable
         // phases, so either it sees this entry or this sees the phase.
-        if !self.is_writable() || self.tx.send(IoRequest { id, op: Some(op) }).is_err() {
+        let refused = if self.fence.is_tripped() {
+            // Nothing leaves this engine once any replica said a newer one owns the
+            // volume, whichever replica it is for.
+            Some(ReplicaError::Fenced(format!(
+                "volume {}: a newer engine owns it; this engine sends nothing more",
+                self.volume
+            )))
+        } else if !self.is_writable() || self.tx.send(IoRequest { id, op: Some(op) }).is_err() {
+            Some(ReplicaError::Gone(self.reason()))
+        } else {
+            None
+        };
+        if let Some(e) = refused {
             if let Some(p) = self.pending.lock().remove(&id) {
-                let _ = p.send(Err(ReplicaError::Gone(self.reason())));
+                let _ = p.send(Err(e));
             }
         }
         rx
@@ -471,19 +483,11 @@ impl ReplicaConn {
         true
     }
 
-    /// Changes why a replica that is out of service is out (a failed replica that the
-    /// operator then removed).
+    /// Takes the replica out of service for `kind` of reason if it is still in, and
+    /// records that reason either way (a failed replica the operator then removed).
     pub fn set_down(&self, kind: Down, reason: String) {
-        if !self.is_writable() {
+        if !self.mark_down(kind, reason.clone()) {
             *self.down.lock() = (kind, reason);
-        }
-    }
-
-    /// Replaces the reason a replica that is out of service gives (a later failed
-    /// attempt to bring it back); its kind stays.
-    pub fn note(&self, reason: String) {
-        if !self.is_writable() {
-            self.down.lock().1 = reason;
         }
     }
 

@@ -331,10 +331,9 @@ impl Volume {
         let mut reps = self.replicas.write();
         match reps.iter().position(|x| x.addr == addr) {
             Some(i) => {
-                let r = reps.remove(i);
-                r.mark_down(Down::Removed, "removed by the operator".into());
-                // Already out (failed): it must not count as one to bring back.
-                r.set_down(Down::Removed, "removed by the operator".into());
+                // Also when already out (failed): it must not count as one to bring back.
+                reps.remove(i)
+                    .set_down(Down::Removed, "removed by the operator".into());
                 true
             }
             None => rebuilding,
@@ -621,8 +620,8 @@ impl Volume {
 
     /// Like `wait_all`, but any replica error fails the operation (and the replica).
     async fn wait_all_ops(&self, waiting: Waiting) -> Result<(), VolumeError> {
-        self.check_fence()?;
         if waiting.is_empty() {
+            self.check_fence()?;
             return Err(self.no_replica());
         }
         let mut first_err = None;
@@ -893,8 +892,8 @@ impl Volume {
 
     /// Waits for every replica's answer; succeeds if all that remain healthy accepted.
     async fn wait_all(&self, waiting: Waiting) -> Result<(), VolumeError> {
-        self.check_fence()?;
         if waiting.is_empty() {
+            self.check_fence()?;
             return Err(self.no_replica());
         }
         let timeout = self.timeout;
@@ -998,9 +997,8 @@ impl Volume {
         Err(self.no_replica())
     }
 
-    /// Reads `len` bytes at `offset` of the head (or of `snapshot`), unaligned, and
-    /// repairs bad copies of the head it met on the way.
-    /// Reads `len` bytes at `offset` of the head, or of `snapshot` when not empty.
+    /// Reads `len` bytes at `offset` of the head (or of `snapshot` when not empty),
+    /// unaligned, and repairs bad copies of the head it met on the way.
     pub async fn read_range(
         &self,
         snapshot: &str,
