@@ -475,6 +475,66 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+        /// Whatever a client sends, `command` answers (no panic) and lets through
+        /// only what the export allows: in range, flags known for the command, no
+        /// change to a read-only export, no block status without its context.
+        #[test]
+        fn any_request_is_refused_or_safe(
+            kind in 0u16..10,
+            // Mostly the low bits every command's flags live in, so requests get past
+            // the flag check often enough to test the rest.
+            flags in proptest::prop_oneof![3 => 0u16..16, 1 => proptest::prelude::any::<u16>()],
+            offset in proptest::prop_oneof![3 => 0u64..(1 << 20), 1 => proptest::prelude::any::<u64>()],
+            length in proptest::prop_oneof![3 => 0u32..(1 << 14), 1 => proptest::prelude::any::<u32>()],
+            // The export ends near the request's end, on either side of it.
+            slack in -8192i64..8192,
+            read_only in proptest::prelude::any::<bool>(),
+            allocation in proptest::prelude::any::<bool>(),
+        ) {
+            let size = offset
+                .saturating_add(u64::from(length))
+                .saturating_add_signed(slack);
+            let checks = Checks { size, read_only, allocation };
+            let r = req(kind, flags, offset, length);
+            let known = match kind {
+                CMD_READ => CMD_FLAG_DF,
+                CMD_WRITE => CMD_FLAG_FUA,
+                CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+                CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+                CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+                _ => 0,
+            };
+            let Ok(cmd) = command(&r, &checks) else {
+                return Ok(());
+            };
+            if cmd == Command::Disconnect {
+                proptest::prop_assert_eq!(kind, CMD_DISC);
+                return Ok(());
+            }
+            proptest::prop_assert_eq!(flags & !known, 0, "unknown flags let through");
+            let changes = matches!(
+                cmd,
+                Command::Write { .. } | Command::WriteZeroes { .. } | Command::Trim { .. }
+            );
+            proptest::prop_assert!(!(read_only && changes), "a change to a read-only export");
+            proptest::prop_assert!(
+                allocation || !matches!(cmd, Command::BlockStatus { .. }),
+                "block status without its context"
+            );
+            if cmd != Command::Flush {
+                proptest::prop_assert!(
+                    offset.checked_add(u64::from(length)).is_some_and(|e| e <= size),
+                    "a range past the end"
+                );
+            }
+            if matches!(cmd, Command::Read { .. }) {
+                proptest::prop_assert!(length <= MAX_PAYLOAD);
+            }
+        }
+    }
+
     #[test]
     fn commands_are_checked_once_against_the_export() {
         let rw = Checks {
