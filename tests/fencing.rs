@@ -13,26 +13,6 @@ use std::time::{Duration, Instant};
 
 const BLK: u64 = 4096;
 
-fn ctl(e: &Engine, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--control-socket")
-        .arg(&e.control)
-        .output()
-        .unwrap()
-}
-
-fn ctl_ok(e: &Engine, args: &[&str]) -> String {
-    let out = ctl(e, args);
-    assert!(
-        out.status.success(),
-        "tether {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 /// E1 serves r0, r1 and a freshly rebuilt r2. E2 opens the volume on all three and
 /// judges r2 stale (its revision says nothing after a rebuild). E2 must still take
 /// its epoch on r2, so E1 can acknowledge nothing there: before the fix, E1's write
@@ -44,7 +24,8 @@ fn a_fenced_engine_acknowledges_nothing_through_a_replica_the_new_one_judged_sta
     assert_eq!(old.write(0, &[1u8; 4096]).unwrap(), 0);
     assert_eq!(old.flush().unwrap(), 0);
     let r2 = Replica::start(&c.dir.path().join("r2"), free_port());
-    ctl_ok(c.engine(), &["replica", "add", "vol", &r2.addr.to_string()]);
+    c.engine()
+        .ctl_ok(&["replica", "add", "vol", &r2.addr.to_string()]);
     c.engine().wait_healthy("vol", 3, Duration::from_secs(60));
     // E2 on all three replicas, E1 still running.
     c.replicas.push(r2);
@@ -76,7 +57,7 @@ fn a_fenced_engine_acknowledges_nothing_through_a_replica_the_new_one_judged_sta
         assert_eq!(new.read(0, 4096).unwrap().unwrap(), vec![1u8; 4096]);
         assert_eq!(new.read(8192, 4096).unwrap().unwrap(), vec![0u8; 4096]);
     }
-    ctl_ok(c.engine(), &["volume", "verify", "vol"]);
+    c.engine().ctl_ok(&["volume", "verify", "vol"]);
     let st = first.status_json("vol");
     let states: Vec<&str> = st["replicas"]
         .as_array()
@@ -125,7 +106,7 @@ fn an_unaligned_write_over_a_bad_copy_completes_and_nothing_queues_behind_it() {
     let mut cl = NbdClient::connect(nbd, "vol").unwrap();
     assert_eq!(cl.write(0, &vec![0x77; 64 * BLK as usize]).unwrap(), 0);
     // A snapshot checkpoints the log: the blocks now live in layer 1.
-    ctl_ok(c.engine(), &["snapshot", "create", "vol", "base"]);
+    c.engine().ctl_ok(&["snapshot", "create", "vol", "base"]);
     // Reads rotate over the two replicas: of two edge reads in a row, one meets the
     // bad copy first.
     rot(&c.replicas[0], 5..9);
@@ -179,7 +160,7 @@ fn replica_rm_during_a_rebuild_takes_effect() {
         assert_eq!(cl.write(i << 20, &vec![i as u8 + 1; 1 << 20]).unwrap(), 0);
     }
     assert_eq!(cl.flush().unwrap(), 0);
-    ctl_ok(c.engine(), &["snapshot", "create", "vol", "base"]);
+    c.engine().ctl_ok(&["snapshot", "create", "vol", "base"]);
     // Replica 2 comes back empty and slow: its rebuild copies the snapshot first.
     c.replicas[2].kill9();
     let dir = c.replicas[2].dir.clone();
@@ -197,7 +178,7 @@ fn replica_rm_during_a_rebuild_takes_effect() {
         assert!(Instant::now() < deadline, "no rebuild started: {st}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    ctl_ok(c.engine(), &["replica", "rm", "vol", &addr]);
+    c.engine().ctl_ok(&["replica", "rm", "vol", &addr]);
     c.proxies[2].set(ProxyMode::Pass);
     // Long enough for the rebuild to have finished and joined, had it gone on.
     let until = Instant::now() + Duration::from_secs(8);
@@ -212,5 +193,5 @@ fn replica_rm_during_a_rebuild_takes_effect() {
     assert!(!log.contains("rebuild finished"), "{log}");
     assert_eq!(cl.write(0, &[9u8; 4096]).unwrap(), 0);
     assert_eq!(cl.flush().unwrap(), 0);
-    ctl_ok(c.engine(), &["volume", "verify", "vol"]);
+    c.engine().ctl_ok(&["volume", "verify", "vol"]);
 }

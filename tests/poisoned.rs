@@ -115,7 +115,7 @@ fn a_poisoned_replica_returns_through_a_rebuild_without_a_daemon_restart() {
     c.engine().wait_healthy("vol", 3, Duration::from_secs(90));
     let log = c.engine().log_text();
     assert!(log.contains("rebuild finished"), "{log}");
-    ctl_ok_verify(&c);
+    c.engine().ctl_ok(&["volume", "verify", "vol"]);
     for _ in 0..3 {
         assert_eq!(cl.read(0, 4096).unwrap().unwrap(), vec![0xaa; 4096]);
         assert_eq!(cl.read(4096, 4096).unwrap().unwrap(), vec![0xbb; 4096]);
@@ -125,8 +125,4 @@ fn a_poisoned_replica_returns_through_a_rebuild_without_a_daemon_restart() {
     assert_eq!(cl.write(8 * 4096, &[0xcc; 4096]).unwrap(), 0);
     assert_eq!(cl.flush().unwrap(), 0);
     assert_eq!(c.engine().healthy("vol"), 3);
-}
-
-fn ctl_ok_verify(c: &Cluster) {
-    c.engine().ctl_ok(&["volume", "verify", "vol"]);
 }
