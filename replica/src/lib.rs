@@ -7,7 +7,6 @@ pub mod server;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod store;
-pub mod wal;
 
 pub use server::{serve, serve_with, ReplicaService, ServerTls};
 pub use store::{StoreError, StoreOptions, Volume, VolumeSet, BLOCK_SIZE};

@@ -1,4 +1,4 @@
-//! The write-ahead log's on-disk records (see `docs/format.md`): pure encoding and
+//! The log's on-disk records (`docs/format.md`, "The log"): pure encoding and
 //! decoding, no I/O.
 //!
 //! ```text

@@ -1,0 +1,188 @@
+//! A volume's state and the locks that guard it, with the checks every operation
+//! shares. The operations themselves live one concern per file beside it (`flush`,
+//! `checkpoint`, `write`, `read`, `snapshot`); `Volume` is their public face.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::{Mutex, RwLock};
+
+use super::error::{Named, StoreError};
+use super::layer::{Files, Layer};
+use super::log::{Cursor, Log};
+use super::meta::Meta;
+use super::BLOCK;
+use crate::disk::Disk;
+use tether_proto::wire::MAX_IO_BLOCKS;
+
+/// What the volume's main lock guards.
+pub(super) struct Inner {
+    pub(super) meta: Meta,
+    pub(super) layers: HashMap<u64, Layer>,
+    /// Head first, then its ancestors: the read path.
+    pub(super) chain: Vec<u64>,
+    pub(super) log: Cursor,
+    /// Highest write sequence applied.
+    pub(super) revision: u64,
+    /// A snapshot is being merged into the head: every write goes through the log,
+    /// so the merge's copies and direct writes never meet in a slot.
+    pub(super) log_only: bool,
+}
+
+/// One volume's replica: its files, its state and its locks.
+pub(super) struct Core {
+    pub(super) vol: Named,
+    pub(super) dir: PathBuf,
+    pub(super) disk: Arc<dyn Disk>,
+    pub(super) log: Log,
+    /// Seal bytes per block, and the size of a block record (fixed at creation).
+    pub(super) tag: usize,
+    pub(super) rec: usize,
+    pub(super) size: AtomicU64,
+    pub(super) epoch: AtomicU64,
+    pub(super) inner: RwLock<Inner>,
+    pub(super) sync_lock: Mutex<()>,
+    /// Serialises changes to the layer tree (snapshot, delete, revert, expand).
+    pub(super) admin: Mutex<()>,
+    /// Held by whoever writes the head layer from the log (checkpoints, merges).
+    /// Lock order: admin, then ckpt, then inner.
+    pub(super) ckpt: Mutex<()>,
+    /// Lets an append start a background checkpoint on its own volume.
+    pub(super) me: OnceLock<Weak<Core>>,
+    /// Set by `close`: background checkpoints stop touching the disk.
+    pub(super) closed: AtomicBool,
+    /// Set (under `ckpt` and `inner`) when a fresh open replaced this copy: from then
+    /// on it writes nothing, not even meta, since the files are the new copy's.
+    pub(super) retired: AtomicBool,
+    /// Held shared while a request of an engine is checked against the epoch and
+    /// applied, and exclusively while a newer epoch is taken: nothing of an older
+    /// engine applies after a newer one took over. Lock order: before `admin`.
+    pub(super) epoch_lock: RwLock<()>,
+    pub(super) poisoned: Mutex<Option<String>>,
+    /// When writes skip the log's data copy (see `StoreOptions`).
+    pub(super) direct_min_blocks: u64,
+    pub(super) direct_after_writes: u64,
+    pub(super) direct_limit: u64,
+    /// Writes since the last flush.
+    pub(super) since_flush: AtomicU64,
+    /// Data went into the head layer since its files were last synced.
+    pub(super) direct_dirty: AtomicBool,
+    /// The head layer's files, for flushes (a leaf lock, taken after `sync_lock`).
+    pub(super) head_files: Mutex<Files>,
+}
+
+impl Core {
+    /// The volume's name.
+    pub(super) fn name(&self) -> &str {
+        &self.vol.0
+    }
+
+    /// Maps an I/O error on `path`; borrows, so the success path allocates nothing.
+    pub(super) fn err<'a>(
+        &'a self,
+        op: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+        self.vol.io(op, path)
+    }
+
+    /// A malformed request or on-disk record of this volume.
+    pub(super) fn invalid(&self, what: String) -> StoreError {
+        self.vol.invalid(what)
+    }
+
+    /// The volume's size in bytes.
+    pub(super) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The volume's size in blocks.
+    pub(super) fn blocks(&self) -> u64 {
+        self.size() / BLOCK as u64
+    }
+
+    /// The head layer.
+    pub(super) fn head<'a>(&self, inner: &'a Inner) -> Result<&'a Layer, StoreError> {
+        let id = inner.meta.head;
+        inner
+            .layers
+            .get(&id)
+            .ok_or_else(|| self.invalid(format!("head layer {id} is not open")))
+    }
+
+    /// Writes meta with `change` applied, and keeps it.
+    pub(super) fn save_meta(
+        &self,
+        inner: &mut Inner,
+        change: impl FnOnce(&mut Meta),
+    ) -> Result<(), StoreError> {
+        self.check_live()?;
+        let mut next = inner.meta.clone();
+        change(&mut next);
+        let path = self.dir.join("meta");
+        self.disk
+            .replace(&path, &next.encode())
+            .map_err(self.err("writing meta", &path))?;
+        inner.meta = next;
+        Ok(())
+    }
+
+    /// Checks that `[block, block+count)` is a non-empty range inside the volume, and
+    /// with `limit` no larger than one request may be.
+    pub(super) fn check_range(
+        &self,
+        block: u64,
+        count: u64,
+        limit: bool,
+    ) -> Result<(), StoreError> {
+        if limit && count > MAX_IO_BLOCKS {
+            return Err(self.invalid(format!(
+                "request of {count} blocks exceeds the limit of {MAX_IO_BLOCKS}"
+            )));
+        }
+        match block.checked_add(count) {
+            Some(end) if end <= self.blocks() && count > 0 => Ok(()),
+            end => Err(StoreError::OutOfRange {
+                volume: self.name().to_string(),
+                start: block,
+                end: end.unwrap_or(u64::MAX),
+                blocks: self.blocks(),
+            }),
+        }
+    }
+
+    /// Refuses writes for good after a failed sync, and says so.
+    pub(super) fn poison(&self, reason: String) -> StoreError {
+        tracing::error!(volume = %self.name(), %reason, "replica poisoned: it refuses writes until rebuilt");
+        *self.poisoned.lock() = Some(reason.clone());
+        StoreError::Poisoned {
+            volume: self.name().to_string(),
+            reason,
+        }
+    }
+
+    /// Refuses to touch the files once a fresh open replaced this copy; callers hold
+    /// `inner` or `ckpt`, which `retire` takes, so none slips past it.
+    pub(super) fn check_live(&self) -> Result<(), StoreError> {
+        if !self.retired.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(StoreError::Poisoned {
+            volume: self.name().to_string(),
+            reason: "this copy was reopened from disk; use the reopened one".into(),
+        })
+    }
+
+    /// Refuses writes once a sync failed.
+    pub(super) fn check_writable(&self) -> Result<(), StoreError> {
+        match &*self.poisoned.lock() {
+            Some(reason) => Err(StoreError::Poisoned {
+                volume: self.name().to_string(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Durability: what a flush promises, and the group commit that keeps it cheap. A
+//! failed fdatasync poisons the volume (Linux reports a lost writeback only once).
+
+use std::sync::atomic::Ordering;
+
+use super::core::{Core, Inner};
+use super::error::StoreError;
+use super::layer::Files;
+
+/// Makes every completed write durable: one fdatasync of the log (and of the head
+/// layer if data went there directly), shared by all flushes that arrive while it
+/// runs (group commit).
+pub(super) fn sync(v: &Core) -> Result<(), StoreError> {
+    v.since_flush.store(0, Ordering::Relaxed);
+    v.check_writable()?;
+    let target = v.log.written.load(Ordering::SeqCst);
+    if v.log.synced.load(Ordering::SeqCst) >= target {
+        return Ok(());
+    }
+    let upto = begin_sync(v)?;
+    let _g = v.sync_lock.lock();
+    if v.log.synced.load(Ordering::SeqCst) >= target {
+        return Ok(());
+    }
+    // Another flush may have failed while this one waited: Linux reports a lost
+    // writeback only once, so a second fdatasync could wrongly succeed.
+    v.check_writable()?;
+    let head = v.head_files.lock().clone();
+    sync_locked(v, &head, upto)?;
+    v.check_writable()
+}
+
+/// Writes the gathered direct records to the log file (no sync), so a killed process
+/// keeps what it acknowledged.
+pub(super) fn settle(v: &Core) -> Result<(), StoreError> {
+    v.check_writable()?;
+    let mut inner = v.inner.write();
+    v.check_live()?;
+    write_tail(v, &mut inner)
+}
+
+/// Starts a sync and returns how far it will reach: everything appended so far.
+/// Taken under `inner`, so no writer is between choosing a slot and logging its
+/// record; from here until the sync ends, no direct write reuses the slot of a
+/// version it may promise (see `write::write_run`).
+pub(super) fn begin_sync(v: &Core) -> Result<u64, StoreError> {
+    mark_sync(v, &mut v.inner.write())
+}
+
+/// `begin_sync` for a caller that holds `inner` for writing.
+pub(super) fn mark_sync(v: &Core, inner: &mut Inner) -> Result<u64, StoreError> {
+    write_tail(v, inner)?;
+    let upto = v.log.written.load(Ordering::SeqCst);
+    v.log.syncing.fetch_max(upto, Ordering::SeqCst);
+    Ok(upto)
+}
+
+/// Writes the gathered direct records to the log file. They belong to completed
+/// writes, so if they cannot be written, no later sync may promise anything.
+pub(super) fn write_tail(v: &Core, inner: &mut Inner) -> Result<(), StoreError> {
+    if let Err(err) = v.log.write_tail(&mut inner.log) {
+        return Err(v.poison(format!(
+            "appending to {} failed: {err}",
+            v.log.path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Makes every write up to `upto` (from `begin_sync`) durable: the head layer's
+/// slots if data went there directly, then the log. The caller holds `sync_lock`.
+pub(super) fn sync_locked(v: &Core, head: &Files, upto: u64) -> Result<(), StoreError> {
+    // Direct writes mark the head dirty before their record counts in `written`,
+    // so everything counted in `upto` has its data covered by this sync.
+    if v.direct_dirty.swap(false, Ordering::SeqCst) {
+        if let Err(err) = head.data.sync().and_then(|_| head.alt.sync()) {
+            return Err(v.poison(format!("fdatasync of the head layer failed: {err}")));
+        }
+    }
+    if let Err(err) = v.log.sync() {
+        return Err(v.poison(format!(
+            "fdatasync of {} failed: {err}",
+            v.log.path.display()
+        )));
+    }
+    v.log.synced.fetch_max(upto, Ordering::SeqCst);
+    Ok(())
+}

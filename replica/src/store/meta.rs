@@ -1,0 +1,151 @@
+//! The volume's meta file (`docs/format.md`, "meta"): size, epoch, state flags and the
+//! tree of layers, as JSON replaced atomically on every change.
+
+use serde::{Deserialize, Serialize};
+
+use super::{BLOCK_SIZE, SEAL_BYTES};
+
+/// Two slots per block (format 2 had one; such volumes are upgraded on open).
+const FORMAT: u32 = 4;
+/// Encrypted volumes (64-byte block records): older versions must refuse them.
+const FORMAT_SEALED: u32 = 5;
+/// Formats before the second slot, opened and upgraded.
+const OLD_FORMAT: u32 = 2;
+const OLD_FORMAT_SEALED: u32 = 3;
+
+/// One layer of the tree: the head, or a frozen snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(super) struct LayerMeta {
+    pub(super) id: u64,
+    pub(super) parent: Option<u64>,
+    /// Snapshot name, for frozen layers.
+    pub(super) name: Option<String>,
+    /// Write sequence at which it was frozen.
+    pub(super) frozen_at: Option<u64>,
+}
+
+/// The contents of the meta file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(super) struct Meta {
+    pub(super) format: u32,
+    pub(super) size: u64,
+    pub(super) block_size: u32,
+    pub(super) epoch: u64,
+    #[serde(default)]
+    pub(super) engine_id: u64,
+    /// A rebuild into this replica started and has not finished.
+    #[serde(default)]
+    pub(super) rebuilding: bool,
+    pub(super) clean: bool,
+    /// Bytes of engine seal stored with every block (0: unencrypted volume).
+    #[serde(default)]
+    pub(super) tag_bytes: u32,
+    /// The engine's encryption parameters (no key), kept verbatim for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) encryption: Option<String>,
+    pub(super) head: u64,
+    pub(super) next_layer: u64,
+    pub(super) layers: Vec<LayerMeta>,
+}
+
+impl Meta {
+    /// A new volume of `size` bytes with one empty layer, 1 (encrypted volumes carry
+    /// the engine's parameters).
+    pub(super) fn new(size: u64, encryption: Option<&str>) -> Meta {
+        Meta {
+            format: current_format(encryption.is_some()),
+            size,
+            block_size: BLOCK_SIZE,
+            epoch: 0,
+            engine_id: 0,
+            rebuilding: false,
+            clean: true,
+            tag_bytes: if encryption.is_some() {
+                SEAL_BYTES as u32
+            } else {
+                0
+            },
+            encryption: encryption.map(str::to_string),
+            head: 1,
+            next_layer: 2,
+            layers: vec![LayerMeta {
+                id: 1,
+                parent: None,
+                name: None,
+                frozen_at: None,
+            }],
+        }
+    }
+
+    /// Parses a meta file and checks this version can serve it; also says whether its
+    /// format must be upgraded (older versions would misread the second slot).
+    pub(super) fn decode(raw: &[u8]) -> Result<(Meta, bool), String> {
+        let meta: Meta = serde_json::from_slice(raw).map_err(|e| format!("not valid: {e}"))?;
+        let sealed = meta.tag_bytes != 0;
+        let format_ok = ([OLD_FORMAT, FORMAT].contains(&meta.format) && !sealed)
+            || ([OLD_FORMAT_SEALED, FORMAT_SEALED].contains(&meta.format)
+                && meta.tag_bytes as usize == SEAL_BYTES);
+        if !format_ok || meta.block_size != BLOCK_SIZE {
+            return Err(format!(
+                "format {} / block size {} / seal {} is not supported by this version (encrypted volumes made before format 3 must be recreated)",
+                meta.format, meta.block_size, meta.tag_bytes
+            ));
+        }
+        let upgrade = [OLD_FORMAT, OLD_FORMAT_SEALED].contains(&meta.format);
+        Ok((meta, upgrade))
+    }
+
+    /// The file's bytes.
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    /// Marks the meta as this version's format.
+    pub(super) fn upgrade(&mut self) {
+        self.format = current_format(self.tag_bytes != 0);
+    }
+
+    /// The layer frozen as snapshot `name`.
+    pub(super) fn snapshot(&self, name: &str) -> Option<&LayerMeta> {
+        self.layers.iter().find(|l| l.name.as_deref() == Some(name))
+    }
+
+    /// Makes the new layer `id`, a child of `parent`, the head.
+    pub(super) fn push_head(&mut self, id: u64, parent: u64) {
+        self.layers.push(LayerMeta {
+            id,
+            parent: Some(parent),
+            name: None,
+            frozen_at: None,
+        });
+        self.head = id;
+        self.next_layer = id + 1;
+    }
+
+    /// The read path from layer `id`: it, then its ancestors.
+    pub(super) fn chain(&self, id: u64) -> Result<Vec<u64>, String> {
+        let mut chain = Vec::new();
+        let mut cur = Some(id);
+        while let Some(c) = cur {
+            if chain.contains(&c) || chain.len() > self.layers.len() {
+                return Err(format!("layer {c} is part of a cycle in meta"));
+            }
+            let Some(l) = self.layers.iter().find(|l| l.id == c) else {
+                return Err(format!("layer {c} is named in meta but not described"));
+            };
+            chain.push(c);
+            cur = l.parent;
+        }
+        Ok(chain)
+    }
+}
+
+fn current_format(sealed: bool) -> u32 {
+    if sealed {
+        FORMAT_SEALED
+    } else {
+        FORMAT
+    }
+}

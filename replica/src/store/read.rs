@@ -1,0 +1,224 @@
+//! The read path: every block comes from the log or the first layer of the chain
+//! that holds it, and is verified against its checksum before it is returned.
+
+use bytes::{Bytes, BytesMut};
+
+use super::core::{Core, Inner};
+use super::error::StoreError;
+use super::log::codec::{self, BLOCK};
+use super::log::Recent;
+use super::record::{BlockRecord, State};
+
+/// The hash reported for a block that failed its checksum (it matches nothing real
+/// with overwhelming odds, so a rebuild copies over it).
+pub const BAD_BLOCK_HASH: u64 = 0xbad0_b10c_bad0_b10c;
+
+/// Where a run of blocks comes from.
+enum Source {
+    Zeros,
+    Log(Recent),
+    Layer(u64),
+}
+
+/// Reads whole blocks and their seals (all-zero seals for blocks never written) from
+/// the head, or as they were in `snapshot`.
+pub(super) fn read(
+    v: &Core,
+    snapshot: Option<&str>,
+    block: u64,
+    count: u32,
+) -> Result<(Bytes, Bytes), StoreError> {
+    v.check_range(block, u64::from(count), true)?;
+    let inner = v.inner.read();
+    match snapshot {
+        None => read_chain(v, &inner, &inner.chain, block, count),
+        Some(name) => {
+            let id = inner
+                .meta
+                .snapshot(name)
+                .ok_or_else(|| v.invalid(format!("no snapshot named {name}")))?
+                .id;
+            let chain = inner.meta.chain(id).map_err(|w| v.invalid(w))?;
+            read_chain(v, &inner, &chain, block, count)
+        }
+    }
+}
+
+fn read_chain(
+    v: &Core,
+    inner: &Inner,
+    chain: &[u64],
+    block: u64,
+    count: u32,
+) -> Result<(Bytes, Bytes), StoreError> {
+    let end = block + u64::from(count);
+    let tag = v.tag;
+    let mut out = BytesMut::zeroed(count as usize * BLOCK);
+    let mut tags = BytesMut::zeroed(count as usize * tag);
+    let with_log = chain.first() == Some(&inner.meta.head);
+    let mut p = block;
+    while p < end {
+        let (src, run_end) = source(inner, chain, with_log, p, end);
+        let n = (run_end - p) as usize;
+        let at = (p - block) as usize * BLOCK;
+        let buf = &mut out[at..at + n * BLOCK];
+        let tat = (p - block) as usize * tag;
+        let tbuf = &mut tags[tat..tat + n * tag];
+        match src {
+            Source::Zeros | Source::Log(Recent::Zero) => {}
+            Source::Log(
+                val @ (Recent::Data { side_off, side, .. } | Recent::Direct { side_off, side, .. }),
+            ) => {
+                let mut sides = vec![0u8; n * usize::from(side)];
+                v.log.read_through(&inner.log, &mut sides, side_off)?;
+                match val {
+                    Recent::Direct { slot, .. } => {
+                        let (file, path) = v.head(inner)?.slot(slot);
+                        file.read_at(buf, p * BLOCK as u64)
+                            .map_err(v.err("reading a layer", path))?;
+                    }
+                    Recent::Data { data_off, .. } => v.log.read(buf, data_off)?,
+                    Recent::Zero => {}
+                }
+                for (i, (c, t)) in codec::sides(&sides, usize::from(side)).enumerate() {
+                    if codec::block_crc(&buf[i * BLOCK..(i + 1) * BLOCK], t) != c || t.len() != tag
+                    {
+                        return Err(checksum(v, p + i as u64, "the write-ahead log".into()));
+                    }
+                    tbuf[i * tag..(i + 1) * tag].copy_from_slice(t);
+                }
+            }
+            Source::Layer(id) => {
+                let Some(layer) = inner.layers.get(&id) else {
+                    return Err(v.invalid(format!("layer {id} is not open")));
+                };
+                let mut recs = vec![0u8; n * v.rec];
+                layer
+                    .files
+                    .rec
+                    .read_at(&mut recs, p * v.rec as u64)
+                    .map_err(v.err("reading block records", &layer.rec_path))?;
+                let records: Vec<BlockRecord<'_>> = recs
+                    .chunks_exact(v.rec)
+                    .map(|r| BlockRecord::decode(r, tag))
+                    .collect();
+                // Each run of blocks in the same slot in one read.
+                let mut i = 0;
+                while i < n {
+                    let slot = records[i].state.slot();
+                    let j = (i + 1..n)
+                        .find(|&j| records[j].state.slot() != slot)
+                        .unwrap_or(n);
+                    let (file, path) = layer.slot(slot);
+                    file.read_at(
+                        &mut buf[i * BLOCK..j * BLOCK],
+                        (p + i as u64) * BLOCK as u64,
+                    )
+                    .map_err(v.err("reading a layer", path))?;
+                    i = j;
+                }
+                for (i, r) in records.iter().enumerate() {
+                    let blk = &mut buf[i * BLOCK..(i + 1) * BLOCK];
+                    match r.state {
+                        State::Zero => blk.fill(0),
+                        State::Data | State::Alt if r.verifies(blk) => {
+                            tbuf[i * tag..(i + 1) * tag].copy_from_slice(r.seal);
+                        }
+                        _ => {
+                            return Err(checksum(
+                                v,
+                                p + i as u64,
+                                format!("layer file {}", layer.data_path.display()),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        p = run_end;
+    }
+    Ok((out.freeze(), tags.freeze()))
+}
+
+fn checksum(v: &Core, block: u64, place: String) -> StoreError {
+    tracing::error!(volume = %v.name(), block, %place, "checksum mismatch: block not returned");
+    StoreError::Checksum {
+        volume: v.name().to_string(),
+        block,
+        place,
+    }
+}
+
+/// A 64-bit hash of each block of the head (or of snapshot `name`), verified: a
+/// block that fails its checksum gets a hash no healthy copy can have.
+pub(super) fn hashes(
+    v: &Core,
+    snapshot: Option<&str>,
+    block: u64,
+    count: u32,
+) -> Result<Vec<u64>, StoreError> {
+    match read(v, snapshot, block, count) {
+        // The seal is part of the block: a copy with another seal is another block.
+        Ok((d, t)) => Ok(d
+            .chunks_exact(BLOCK)
+            .enumerate()
+            .map(|(i, b)| {
+                let mut h = xxhash_rust::xxh3::Xxh3::new();
+                h.update(b);
+                h.update(t.get(i * v.tag..(i + 1) * v.tag).unwrap_or(&[]));
+                h.digest()
+            })
+            .collect()),
+        Err(StoreError::Checksum { .. }) if count > 1 => (0..count)
+            .map(|i| {
+                hashes(v, snapshot, block + u64::from(i), 1)
+                    .map(|h| h.first().copied().unwrap_or(BAD_BLOCK_HASH))
+            })
+            .collect(),
+        Err(StoreError::Checksum { .. }) => Ok(vec![BAD_BLOCK_HASH]),
+        Err(e) => Err(e),
+    }
+}
+
+/// Which blocks of `[block, block+count)` hold data, as (start, end, allocated).
+pub(super) fn map(v: &Core, block: u64, count: u64) -> Result<Vec<(u64, u64, bool)>, StoreError> {
+    v.check_range(block, count, false)?;
+    let inner = v.inner.read();
+    let end = block + count;
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut p = block;
+    while p < end {
+        let (src, run_end) = source(&inner, &inner.chain, true, p, end);
+        let allocated = matches!(
+            src,
+            Source::Layer(_) | Source::Log(Recent::Data { .. } | Recent::Direct { .. })
+        );
+        match out.last_mut() {
+            Some(last) if last.2 == allocated && last.1 == p => last.1 = run_end,
+            _ => out.push((p, run_end, allocated)),
+        }
+        p = run_end;
+    }
+    Ok(out)
+}
+
+/// Where block `p` comes from on `chain`, and how far that source runs (< `end`).
+fn source(inner: &Inner, chain: &[u64], with_log: bool, p: u64, end: u64) -> (Source, u64) {
+    let mut bound = end;
+    if with_log {
+        match inner.log.lookup(p, end) {
+            (Some(v), e) => return (Source::Log(v), e),
+            (None, e) => bound = e,
+        }
+    }
+    for id in chain {
+        let Some(layer) = inner.layers.get(id) else {
+            continue;
+        };
+        match layer.present.run(p, bound) {
+            Ok(((), e)) => return (Source::Layer(*id), e),
+            Err(b) => bound = b,
+        }
+    }
+    (Source::Zeros, bound)
+}

@@ -1,0 +1,420 @@
+//! One volume's replica: opening and recovering it, and every operation an engine
+//! or the daemon may ask of it. Each operation lives in the file of its concern; this
+//! is their one public face.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+
+use super::core::{Core, Inner};
+use super::error::{Named, StoreError};
+use super::layer::{self, Layer};
+use super::log::Log;
+use super::meta::Meta;
+use super::snapshot::SnapshotInfo;
+use super::{checkpoint, flush, read, record, snapshot, write, StoreOptions, BLOCK};
+use crate::disk::Disk;
+
+/// One volume's replica on this daemon.
+pub struct Volume {
+    core: Arc<Core>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("name", &self.name())
+            .field("size", &self.size())
+            .finish()
+    }
+}
+
+impl Volume {
+    /// Creates volume `name` of `size` bytes under `dir` with its log at `wal_path`
+    /// (encrypted when `encryption` holds the engine's parameters), then opens it.
+    pub(super) fn create(
+        disk: Arc<dyn Disk>,
+        dir: PathBuf,
+        wal_path: PathBuf,
+        name: &str,
+        size: u64,
+        opts: &StoreOptions,
+        encryption: Option<&str>,
+    ) -> Result<Volume, StoreError> {
+        let vol = Named(name.to_string());
+        if size == 0 || !size.is_multiple_of(BLOCK as u64) {
+            return Err(vol.invalid(format!("size {size} is not a positive multiple of {BLOCK}")));
+        }
+        // Leftovers of an unfinished create must not leak into the new volume.
+        let layer = layer::paths(&dir, 1);
+        for p in layer.iter().chain([&wal_path]) {
+            disk.remove(p).map_err(vol.io("removing leftovers", p))?;
+        }
+        Layer::create(&*disk, &dir, 1, &vol)?;
+        Log::create(&*disk, &wal_path, opts.wal_size, &vol)?;
+        let meta = Meta::new(size, encryption);
+        // meta is written last: a directory without meta is an unfinished create.
+        let meta_path = dir.join("meta");
+        disk.replace(&meta_path, &meta.encode())
+            .map_err(vol.io("writing meta", &meta_path))?;
+        tracing::info!(volume = name, size, wal = %wal_path.display(), "created volume");
+        Self::open(disk, dir, wal_path, name, opts)
+    }
+
+    /// Opens volume `name` from `dir` and its log at `wal_path`, and recovers it:
+    /// replays the log and checkpoints what it held.
+    pub(super) fn open(
+        disk: Arc<dyn Disk>,
+        dir: PathBuf,
+        wal_path: PathBuf,
+        name: &str,
+        opts: &StoreOptions,
+    ) -> Result<Volume, StoreError> {
+        let started = Instant::now();
+        let vol = Named(name.to_string());
+        let meta_path = dir.join("meta");
+        let Some(raw) = disk
+            .read_file(&meta_path)
+            .map_err(vol.io("reading meta", &meta_path))?
+        else {
+            return Err(StoreError::NotFound {
+                volume: name.to_string(),
+            });
+        };
+        let (meta, upgrade) =
+            Meta::decode(&raw).map_err(|e| vol.invalid(format!("{}: {e}", meta_path.display())))?;
+        let tag = meta.tag_bytes as usize;
+        let rec = record::entry_len(tag);
+        let blocks = meta.size / BLOCK as u64;
+        let mut layers = HashMap::new();
+        for l in &meta.layers {
+            layers.insert(l.id, Layer::open(&*disk, &dir, l.id, blocks, rec, &vol)?);
+        }
+        let Some(head) = layers.get(&meta.head) else {
+            return Err(vol.invalid(format!("head layer {} is not in meta", meta.head)));
+        };
+        let head_files = head.files();
+        let chain = meta.chain(meta.head).map_err(|w| vol.invalid(w))?;
+        let (log, mut cursor) = Log::open(&*disk, &wal_path, opts.wal_size, &vol)?;
+        let replayed = log.replay(&mut cursor, head, blocks, tag)?;
+        let revision = cursor.header.revision.max(replayed.revision);
+        let core = Core {
+            vol,
+            dir,
+            disk,
+            log,
+            tag,
+            rec,
+            size: AtomicU64::new(meta.size),
+            epoch: AtomicU64::new(meta.epoch),
+            inner: RwLock::new(Inner {
+                meta,
+                layers,
+                chain,
+                log: cursor,
+                revision,
+                log_only: false,
+            }),
+            sync_lock: Mutex::new(()),
+            admin: Mutex::new(()),
+            ckpt: Mutex::new(()),
+            me: OnceLock::new(),
+            closed: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            epoch_lock: RwLock::new(()),
+            poisoned: Mutex::new(None),
+            direct_min_blocks: opts.direct_min_blocks.max(1),
+            direct_after_writes: opts.direct_after_writes,
+            direct_limit: opts.direct_limit,
+            since_flush: AtomicU64::new(0),
+            // Replay may map direct data that is only in the page cache (after a
+            // kill, not a power cut): the recovery checkpoint must sync the slots.
+            direct_dirty: AtomicBool::new(true),
+            head_files: Mutex::new(head_files),
+        };
+        let core = Arc::new(core);
+        let _ = core.me.set(Arc::downgrade(&core));
+        if upgrade {
+            // Older versions would misread blocks in the second slot: they must refuse.
+            core.save_meta(&mut core.inner.write(), Meta::upgrade)?;
+        }
+        // A new generation: leftovers past the replayed prefix can never be replayed
+        // later, after newer records.
+        {
+            let _c = core.ckpt.lock();
+            checkpoint::checkpoint(&core, &mut core.inner.write())?;
+        }
+        tracing::info!(
+            volume = name,
+            records = replayed.records,
+            bytes = replayed.bytes,
+            revision = core.inner.read().revision,
+            ms = started.elapsed().as_millis() as u64,
+            "volume recovered"
+        );
+        Ok(Volume { core })
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        self.core.name()
+    }
+
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.core.size()
+    }
+
+    /// The current epoch: requests from older epochs are refused.
+    pub fn epoch(&self) -> u64 {
+        self.core.epoch.load(Ordering::Acquire)
+    }
+
+    /// The highest write sequence applied, and whether the last user closed cleanly.
+    pub fn revision(&self) -> (u64, bool) {
+        let inner = self.core.inner.read();
+        (inner.revision, inner.meta.clean)
+    }
+
+    /// The engine's encryption parameters, if the volume was created encrypted.
+    pub fn encryption(&self) -> Option<String> {
+        self.core.inner.read().meta.encryption.clone()
+    }
+
+    /// Whether a rebuild into this replica is unfinished.
+    pub fn rebuilding(&self) -> bool {
+        self.core.inner.read().meta.rebuilding
+    }
+
+    /// Why the volume refuses writes, when an fdatasync failed.
+    pub fn poisoned(&self) -> Option<String> {
+        self.core.poisoned.lock().clone()
+    }
+
+    /// Bytes on disk: the head layer, and the log.
+    pub fn allocated(&self) -> (u64, u64) {
+        let v = &*self.core;
+        let inner = v.inner.read();
+        let head = v.head(&inner).map_or(0, Layer::allocated);
+        (head, v.log.allocated())
+    }
+
+    /// Takes `epoch` for engine `engine_id`: a newer epoch fences older engines; the
+    /// same epoch is accepted again only from the engine that took it.
+    pub fn take_epoch(&self, epoch: u64, engine_id: u64) -> Result<u64, StoreError> {
+        let v = &*self.core;
+        let _fence = v.epoch_lock.write();
+        let mut inner = v.inner.write();
+        let stored = self.epoch();
+        if epoch == stored && engine_id != 0 && engine_id == inner.meta.engine_id {
+            return Ok(stored);
+        }
+        if epoch <= stored {
+            return Err(StoreError::Fenced {
+                volume: self.name().to_string(),
+                epoch,
+                stored,
+            });
+        }
+        v.save_meta(&mut inner, |m| {
+            m.epoch = epoch;
+            m.engine_id = engine_id;
+        })?;
+        v.epoch.store(epoch, Ordering::Release);
+        Ok(stored)
+    }
+
+    /// Runs `f` for an engine at `epoch` if that epoch may still issue requests, with
+    /// no newer epoch taken until `f` returns.
+    pub fn under_epoch<T>(
+        &self,
+        epoch: u64,
+        f: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _fence = self.core.epoch_lock.read();
+        self.check_epoch(epoch)?;
+        f()
+    }
+
+    /// Checks that `epoch` may still issue requests.
+    pub fn check_epoch(&self, epoch: u64) -> Result<(), StoreError> {
+        let stored = self.epoch();
+        if epoch < stored {
+            return Err(StoreError::Fenced {
+                volume: self.name().to_string(),
+                epoch,
+                stored,
+            });
+        }
+        Ok(())
+    }
+
+    /// Durably marks (or clears) an unfinished rebuild into this replica.
+    pub fn set_rebuilding(&self, on: bool) -> Result<(), StoreError> {
+        let v = &*self.core;
+        let _c = v.ckpt.lock();
+        let mut inner = v.inner.write();
+        if inner.meta.rebuilding == on {
+            return Ok(());
+        }
+        if !on {
+            // Everything copied must be durable before the mark goes.
+            checkpoint::checkpoint(v, &mut inner)?;
+        }
+        v.save_meta(&mut inner, |m| m.rebuilding = on)
+    }
+
+    /// Records whether an engine has the volume open (false) or closed it cleanly.
+    pub fn set_clean(&self, clean: bool) -> Result<(), StoreError> {
+        let v = &*self.core;
+        let _c = v.ckpt.lock();
+        let mut inner = v.inner.write();
+        if clean {
+            checkpoint::checkpoint(v, &mut inner)?;
+        }
+        v.save_meta(&mut inner, |m| m.clean = clean)
+    }
+
+    /// Writes whole blocks starting at `block` as write sequence `seq` (unencrypted
+    /// volumes).
+    pub fn write_blocks(&self, seq: u64, block: u64, data: &[u8]) -> Result<(), StoreError> {
+        write::write_sealed(&self.core, seq, block, data, &[])
+    }
+
+    /// Writes whole blocks with their seals (`SEAL_BYTES` per block on encrypted
+    /// volumes, none otherwise).
+    pub fn write_sealed(
+        &self,
+        seq: u64,
+        block: u64,
+        data: &[u8],
+        tags: &[u8],
+    ) -> Result<(), StoreError> {
+        write::write_sealed(&self.core, seq, block, data, tags)
+    }
+
+    /// Deallocates whole blocks as write sequence `seq`; they read back as zeroes.
+    pub fn zero_blocks(&self, seq: u64, block: u64, count: u64) -> Result<(), StoreError> {
+        write::zero_blocks(&self.core, seq, block, count)
+    }
+
+    /// Makes every completed write durable (group commit: see `flush`).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        flush::sync(&self.core)
+    }
+
+    /// Writes the gathered direct records to the log file (no sync), so a killed
+    /// process keeps what it acknowledged; the server calls it when a stream goes idle.
+    pub fn settle(&self) -> Result<(), StoreError> {
+        flush::settle(&self.core)
+    }
+
+    /// Reads `count` whole blocks of the head starting at `block`, verifying every
+    /// checksum.
+    pub fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, StoreError> {
+        Ok(self.read(None, block, count)?.0)
+    }
+
+    /// Reads whole blocks and their seals (all-zero seals for blocks never written)
+    /// from the head, or as they were in `snapshot`.
+    pub fn read(
+        &self,
+        snapshot: Option<&str>,
+        block: u64,
+        count: u32,
+    ) -> Result<(Bytes, Bytes), StoreError> {
+        read::read(&self.core, snapshot, block, count)
+    }
+
+    /// A 64-bit hash of each block of the head (or of snapshot `name`), verified: a
+    /// block that fails its checksum gets a hash no healthy copy can have.
+    pub fn hashes(
+        &self,
+        snapshot: Option<&str>,
+        block: u64,
+        count: u32,
+    ) -> Result<Vec<u64>, StoreError> {
+        read::hashes(&self.core, snapshot, block, count)
+    }
+
+    /// Which blocks of `[block, block+count)` hold data, as (start, end, allocated).
+    pub fn map(&self, block: u64, count: u64) -> Result<Vec<(u64, u64, bool)>, StoreError> {
+        read::map(&self.core, block, count)
+    }
+
+    /// Freezes the head as snapshot `name` and starts a new empty head.
+    pub fn snapshot(&self, name: &str) -> Result<(), StoreError> {
+        snapshot::create(&self.core, name)
+    }
+
+    /// Snapshots, oldest first.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        snapshot::list(&self.core)
+    }
+
+    /// Deletes snapshot `name`, merging its blocks into its children while I/O goes on.
+    pub fn delete_snapshot(&self, name: &str) -> Result<(), StoreError> {
+        snapshot::delete(&self.core, name)
+    }
+
+    /// Makes the volume's contents those of snapshot `name`.
+    pub fn revert(&self, name: &str) -> Result<(), StoreError> {
+        snapshot::revert(&self.core, name)
+    }
+
+    /// Grows the volume to `size` bytes; shrinking is refused.
+    pub fn expand(&self, size: u64) -> Result<(), StoreError> {
+        let v = &*self.core;
+        v.check_writable()?;
+        let _admin = v.admin.lock();
+        let mut inner = v.inner.write();
+        let cur = self.size();
+        if size < cur {
+            return Err(v.invalid(format!(
+                "cannot shrink from {cur} to {size} bytes: shrinking would drop data"
+            )));
+        }
+        if !size.is_multiple_of(BLOCK as u64) {
+            return Err(v.invalid(format!("size {size} is not a multiple of {BLOCK}")));
+        }
+        if size == cur {
+            return Ok(());
+        }
+        v.save_meta(&mut inner, |m| m.size = size)?;
+        v.size.store(size, Ordering::Release);
+        tracing::info!(volume = %self.name(), from = cur, to = size, "volume expanded");
+        Ok(())
+    }
+
+    /// Stops background work on this volume and waits for what is running; the
+    /// volume must not be used afterwards (crash tests call it before a power cut).
+    pub fn close(&self) {
+        self.core.closed.store(true, Ordering::Release);
+        drop(self.core.ckpt.lock());
+    }
+
+    /// Takes this in-memory copy out of use for good: it refuses every write and sync
+    /// from now on, and its background work stops. The files stay as they are for a
+    /// fresh open to recover.
+    pub(super) fn retire(&self, why: &str) {
+        let v = &*self.core;
+        // Under both locks every writer of the files holds: none is midway.
+        let _c = v.ckpt.lock();
+        let _i = v.inner.write();
+        {
+            let mut p = v.poisoned.lock();
+            let reason = match p.take() {
+                Some(r) => format!("{r}; {why}"),
+                None => why.to_string(),
+            };
+            *p = Some(reason);
+        }
+        v.retired.store(true, Ordering::Release);
+        v.closed.store(true, Ordering::Release);
+    }
+}

@@ -1,0 +1,288 @@
+//! The write path. A small write that a flush may soon wait for is appended to the
+//! log; a large one, or a small one while nobody flushes, goes straight into the slot
+//! of the head layer that does not hold the block's last durable version, and only
+//! its checksums go to the log.
+
+use std::sync::atomic::Ordering;
+
+use super::checkpoint;
+use super::core::{Core, Inner};
+use super::error::{io_err, StoreError};
+use super::flush;
+use super::layer::other;
+use super::log::codec::{self, RecordHeader, RecordKind, BLOCK};
+use super::log::{Recent, TAIL_BYTES};
+use super::record::{BlockRecord, State};
+
+/// Direct data per half of the log, rewrites included, in multiples of the limit on
+/// distinct blocks.
+const DIRECT_REWRITES: u64 = 16;
+
+/// Writes whole blocks with their seals (`SEAL_BYTES` per block on encrypted
+/// volumes, none otherwise) as write sequence `seq`.
+pub(super) fn write_sealed(
+    v: &Core,
+    seq: u64,
+    block: u64,
+    data: &[u8],
+    tags: &[u8],
+) -> Result<(), StoreError> {
+    if data.is_empty() || !data.len().is_multiple_of(BLOCK) {
+        return Err(v.invalid(format!(
+            "write of {} bytes is not a whole number of blocks",
+            data.len()
+        )));
+    }
+    let count = (data.len() / BLOCK) as u64;
+    if tags.len() as u64 != count * v.tag as u64 {
+        return Err(v.invalid(if v.tag == 0 {
+            "the volume is not encrypted but the write carries seals; check the engine's --encryption-key-file".to_string()
+        } else {
+            format!(
+                "the volume is encrypted: a write of {count} block(s) needs {} seal bytes, got {}; is the engine running without a key?",
+                count * v.tag as u64,
+                tags.len()
+            )
+        }));
+    }
+    v.check_range(block, count, true)?;
+    v.check_writable()?;
+    let writes = v.since_flush.fetch_add(1, Ordering::Relaxed) + 1;
+    // Large writes skip the log's copy; so do small ones while nobody flushes (no one
+    // waits on the log's one cheap fdatasync then).
+    let direct = count >= v.direct_min_blocks
+        || (v.direct_after_writes > 0 && writes > v.direct_after_writes);
+    let side = 4 + v.tag;
+    let sides = codec::make_sides(data, tags, v.tag);
+    // Big writes go in pieces that fit a quarter of the log.
+    let per = ((v.log.size / 4) / (BLOCK + side) as u64).max(1);
+    let mut b = 0;
+    while b < count {
+        let wrote = write_run(
+            v,
+            &mut v.inner.write(),
+            Run {
+                seq,
+                block: block + b,
+                max: per.min(count - b),
+                data: &data[b as usize * BLOCK..],
+                sides: &sides[b as usize * side..],
+                direct_ok: direct,
+            },
+        )?;
+        match wrote {
+            Some(n) => b += n,
+            None => checkpoint::finish(v)?,
+        }
+    }
+    Ok(())
+}
+
+/// Deallocates whole blocks as write sequence `seq`; they read back as zeroes.
+pub(super) fn zero_blocks(v: &Core, seq: u64, block: u64, count: u64) -> Result<(), StoreError> {
+    v.check_range(block, count, false)?;
+    v.check_writable()?;
+    let mut b = 0;
+    while b < count {
+        let n = (count - b).min(u64::from(u32::MAX));
+        let h = RecordHeader {
+            kind: RecordKind::Zero,
+            gen: 0,
+            seq,
+            block: block + b,
+            count: n as u32,
+            tag: 0,
+            slot: 0,
+        };
+        append_waiting(v, h, &[], &[])?;
+        b += n;
+    }
+    Ok(())
+}
+
+/// Appends, waiting for the background checkpoint when both halves are busy.
+fn append_waiting(v: &Core, h: RecordHeader, sides: &[u8], data: &[u8]) -> Result<(), StoreError> {
+    loop {
+        {
+            let mut inner = v.inner.write();
+            v.check_live()?;
+            if make_room(v, &mut inner, h.total_len(), 0)? {
+                return push_record(v, &mut inner, h, sides, data);
+            }
+        }
+        checkpoint::finish(v)?;
+    }
+}
+
+/// Makes room in the live half for a record of `len` bytes that comes with `direct`
+/// bytes written straight into the head; false when the live half is full and the
+/// other half is still being checkpointed (the caller waits and retries).
+fn make_room(v: &Core, inner: &mut Inner, len: u64, direct: u64) -> Result<bool, StoreError> {
+    // Recovery reads every block written directly in the log's window from the layer
+    // to check it, and every direct record's data: bound both (rewrites of the same
+    // blocks cost it memory reads, not disk reads).
+    let c = &inner.log;
+    let window = c.recent.blocks() * BLOCK as u64;
+    let full = c.off + len > v.log.half_range(c.half).1
+        || (direct > 0
+            && c.direct_in_half > 0
+            && (window > v.direct_limit
+                || c.direct_in_half + direct > DIRECT_REWRITES * v.direct_limit));
+    if full {
+        if c.frozen.is_some() {
+            return Ok(false);
+        }
+        // The checkpoint reads the frozen half from the file.
+        flush::write_tail(v, inner)?;
+        checkpoint::freeze_live(v, inner);
+        checkpoint::spawn(v);
+    }
+    if inner.log.off + len > v.log.half_range(inner.log.half).1 {
+        return Err(v.invalid(format!(
+            "a record of {len} bytes does not fit half of the {} byte log",
+            v.log.size
+        )));
+    }
+    Ok(true)
+}
+
+/// Appends one record where `make_room` made room, and maps its blocks.
+fn push_record(
+    v: &Core,
+    inner: &mut Inner,
+    h: RecordHeader,
+    sides: &[u8],
+    data: &[u8],
+) -> Result<(), StoreError> {
+    if h.kind != RecordKind::Direct {
+        // Records reach the file in order.
+        flush::write_tail(v, inner)?;
+    }
+    let placed = v.log.place(&mut inner.log, h, sides, data)?;
+    if inner.log.tail.len() >= TAIL_BYTES {
+        flush::write_tail(v, inner)?;
+    }
+    v.log.index(&mut inner.log, placed);
+    inner.revision = inner.revision.max(h.seq);
+    Ok(())
+}
+
+/// One run of a write: blocks from `block` on (at most `max`), their data and their
+/// side entries.
+struct Run<'a> {
+    seq: u64,
+    block: u64,
+    max: u64,
+    data: &'a [u8],
+    sides: &'a [u8],
+    /// The write may skip the log's data copy.
+    direct_ok: bool,
+}
+
+/// Writes the first run of blocks that goes one way: through the log, or straight
+/// into one slot of the head. Returns how many blocks, or `None` when both halves of
+/// the log are busy (wait for the checkpoint, then retry).
+fn write_run(v: &Core, inner: &mut Inner, run: Run<'_>) -> Result<Option<u64>, StoreError> {
+    let Run {
+        seq,
+        block,
+        max,
+        data,
+        sides,
+        direct_ok,
+    } = run;
+    v.check_live()?;
+    let (latest, mut run_end) = inner.log.lookup(block, block + max);
+    let head = v.head(inner)?;
+    // Once a block's write since the last checkpoint went through the log, its later
+    // ones do too, so log copies (into slot 0) and zeroes (punches) never meet a
+    // direct write newer than them in a slot.
+    let slot = match latest {
+        Some(Recent::Direct { slot, at, .. }) => {
+            // Its last durable version is this one once synced, else the one in the
+            // other slot (a direct write never goes where that version is).
+            let synced = v.log.synced.load(Ordering::SeqCst);
+            if at > synced && at <= v.log.syncing.load(Ordering::SeqCst) {
+                // A running sync may promise this version any moment, and the other
+                // slot holds the last one it promised: neither is free, so this write
+                // goes through the log (as the block's later writes do until the
+                // checkpoint).
+                None
+            } else {
+                let stable = if at <= synced { slot } else { other(slot) };
+                Some(other(stable))
+            }
+        }
+        Some(_) => None,
+        None if direct_ok && !inner.log_only => match head.present.run(block, run_end) {
+            Err(next) => {
+                // Absent from the head: no slot holds anything of it.
+                run_end = next;
+                Some(0)
+            }
+            Ok(((), e)) => {
+                // Nothing since the checkpoint: the block record says where the
+                // block's durable version is (zero: anywhere, so slot 0 is free).
+                run_end = e;
+                let n = (run_end - block) as usize;
+                let mut recs = vec![0u8; n * v.rec];
+                head.files
+                    .rec
+                    .read_at(&mut recs, block * v.rec as u64)
+                    .map_err(v.err("reading block records", &head.rec_path))?;
+                let stable =
+                    |r: &[u8]| u8::from(BlockRecord::decode(r, v.tag).state != State::Data);
+                let mut entries = recs.chunks_exact(v.rec);
+                let first = entries.next().map_or(1, stable);
+                let same = 1 + entries.take_while(|r| stable(r) == first).count();
+                run_end = block + same as u64;
+                Some(other(first))
+            }
+        },
+        None => None,
+    };
+    let n = run_end - block;
+    let side = 4 + v.tag;
+    let sides = &sides[..n as usize * side];
+    let data = &data[..n as usize * BLOCK];
+    let mut h = RecordHeader {
+        kind: RecordKind::Write,
+        gen: 0,
+        seq,
+        block,
+        count: n as u32,
+        tag: v.tag as u8,
+        slot: 0,
+    };
+    let Some(slot) = slot else {
+        if !make_room(v, inner, h.total_len(), 0)? {
+            return Ok(None);
+        }
+        push_record(v, inner, h, sides, data)?;
+        return Ok(Some(n));
+    };
+    h.kind = RecordKind::Direct;
+    h.slot = slot;
+    if !make_room(v, inner, h.total_len(), data.len() as u64)? {
+        return Ok(None);
+    }
+    let head = v.head(inner)?;
+    let (file, path) = head.slot(slot);
+    if let Err(e) = file.write_at(data, block * BLOCK as u64) {
+        let in_place = matches!(latest, Some(Recent::Direct { slot: s, .. }) if s == slot);
+        if in_place {
+            // The slot held the latest completed write, not yet synced: it is gone,
+            // and a flush must not promise it now.
+            return Err(v.poison(format!(
+                "a write over blocks {block}..{run_end} in {} failed: {e}",
+                path.display()
+            )));
+        }
+        return Err(io_err(v.name(), "writing a layer", path, e));
+    }
+    // Before the record counts in `written`: see `flush::sync_locked`.
+    v.direct_dirty.store(true, Ordering::SeqCst);
+    push_record(v, inner, h, sides, &[])?;
+    inner.log.direct_in_half += data.len() as u64;
+    Ok(Some(n))
+}
