@@ -11,9 +11,9 @@ use parking_lot::{Mutex, RwLock};
 
 use super::error::{Named, StoreError};
 use super::layer::{Files, Layer};
+use super::log::codec::BLOCK;
 use super::log::{Cursor, Log};
 use super::meta::Meta;
-use super::BLOCK;
 use crate::disk::Disk;
 use tether_proto::wire::MAX_IO_BLOCKS;
 

@@ -3,7 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{BLOCK_SIZE, SEAL_BYTES};
+use tether_proto::wire::SEAL_SIZE as SEAL_BYTES;
+
+/// The block size every volume has, as meta records it.
+const BLOCK_SIZE: u32 = tether_proto::wire::BLOCK_SIZE as u32;
 
 /// Two slots per block (format 2 had one; such volumes are upgraded on open).
 const FORMAT: u32 = 4;

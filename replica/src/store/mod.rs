@@ -28,9 +28,10 @@
 //! | file | owns |
 //! | --- | --- |
 //! | `error` | `StoreError`, each error naming its volume |
+//! | `options` | `StoreOptions`, and the names a volume may have |
 //! | `meta` | the meta file: chain of layers, epoch, state flags |
+//! | `record` | the block records of a layer's `.rec` file, and a block's checksum |
 //! | `log/codec` | the log's header and record bytes |
-//! | `record` | the block records of a layer's `.rec` file |
 //! | `layer` | a layer's files and the blocks it holds |
 //! | `log` | the log file, its in-memory index and tail; `log/replay` |
 //! | `core` | a volume's state, its locks, the checks all operations share |
@@ -48,6 +49,7 @@ mod flush;
 mod layer;
 pub mod log;
 mod meta;
+mod options;
 mod read;
 mod record;
 mod set;
@@ -55,66 +57,14 @@ mod snapshot;
 mod volume;
 mod write;
 
-use std::path::PathBuf;
-
 pub use error::StoreError;
+pub use options::{validate_name, StoreOptions, DEFAULT_WAL_SIZE};
 pub use read::BAD_BLOCK_HASH;
 pub use set::{Inventory, VolumeEntry, VolumeSet};
 pub use snapshot::SnapshotInfo;
 pub use volume::Volume;
 
-/// Bytes per block.
-const BLOCK: usize = log::codec::BLOCK;
 /// The block size of every volume, in bytes, as the meta file records it.
-pub const BLOCK_SIZE: u32 = BLOCK as u32;
+pub const BLOCK_SIZE: u32 = log::codec::BLOCK as u32;
 /// Bytes of engine seal per block on encrypted volumes (nonce source and AEAD tag).
 pub use tether_proto::wire::SEAL_SIZE as SEAL_BYTES;
-/// Default size of a volume's write-ahead log.
-pub const DEFAULT_WAL_SIZE: u64 = 64 << 20;
-
-/// Checks that `name` is usable as a volume name (and so as a directory name).
-pub fn validate_name(name: &str) -> Result<(), StoreError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::BadName {
-            name: name.to_string(),
-        })
-    }
-}
-
-/// Where a store keeps things and how big its log is.
-#[derive(Debug, Clone)]
-pub struct StoreOptions {
-    /// Put the logs here instead of next to the layers.
-    pub wal_dir: Option<PathBuf>,
-    /// Size of each volume's log.
-    pub wal_size: u64,
-    /// Writes of at least this many blocks skip the log's data copy.
-    pub direct_min_blocks: u64,
-    /// Smaller writes skip it too once this many writes came without a flush (nobody
-    /// is waiting on the log's cheap fdatasync); 0: never.
-    pub direct_after_writes: u64,
-    /// Distinct bytes written that way per half of the log before it is
-    /// checkpointed (and 16 times as much with rewrites): bounds what recovery reads
-    /// to check them.
-    pub direct_limit: u64,
-}
-
-impl Default for StoreOptions {
-    fn default() -> Self {
-        StoreOptions {
-            wal_dir: None,
-            wal_size: DEFAULT_WAL_SIZE,
-            direct_min_blocks: 16,
-            direct_after_writes: 64,
-            direct_limit: 1 << 30,
-        }
-    }
-}

@@ -4,7 +4,6 @@
 
 use std::io;
 
-use super::log::codec;
 use crate::disk::DiskFile;
 use crate::extents::ExtentMap;
 
@@ -89,7 +88,7 @@ impl<'a> BlockRecord<'a> {
 
     /// Whether `block` (its data) matches this record.
     pub(super) fn verifies(&self, block: &[u8]) -> bool {
-        codec::block_crc(block, self.seal) == self.crc
+        block_crc(block, self.seal) == self.crc
     }
 
     /// Appends this record as an entry of `len` bytes to `out`.
@@ -109,6 +108,12 @@ pub(super) const ZERO: BlockRecord<'static> = BlockRecord {
     state: State::Zero,
     seal: &[],
 };
+
+/// The checksum of one block: crc32c of its data, then its seal (the same in block
+/// records and in the log's side entries).
+pub fn block_crc(data: &[u8], seal: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(data), seal)
+}
 
 /// Size of a block record: 8 bytes, or 64 with a seal (a power of two, so no entry
 /// straddles a 512-byte sector and a torn write cannot tear one).

@@ -10,8 +10,8 @@ use parking_lot::Mutex;
 
 use super::error::StoreError;
 use super::meta::Meta;
+use super::options::{validate_name, StoreOptions};
 use super::volume::Volume;
-use super::{validate_name, StoreOptions};
 use crate::disk::Disk;
 
 /// The volumes found on disk, and the ones whose meta could not be read (by name,

@@ -8,8 +8,8 @@ use super::core::Core;
 use super::error::StoreError;
 use super::layer::{self, Layer};
 use super::log::codec::BLOCK;
+use super::options::validate_name;
 use super::record::{BlockRecord, State};
-use super::validate_name;
 
 /// A snapshot as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,10 +14,12 @@ use parking_lot::{Mutex, RwLock};
 use super::core::{Core, Inner};
 use super::error::{Named, StoreError};
 use super::layer::{self, Layer};
+use super::log::codec::BLOCK;
 use super::log::Log;
 use super::meta::Meta;
+use super::options::StoreOptions;
 use super::snapshot::SnapshotInfo;
-use super::{checkpoint, flush, read, record, snapshot, write, StoreOptions, BLOCK};
+use super::{checkpoint, flush, read, record, snapshot, write};
 use crate::disk::Disk;
 
 /// One volume's replica on this daemon.

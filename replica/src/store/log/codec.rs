@@ -148,10 +148,7 @@ fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// The checksum of one block: its data, then its tag.
-pub fn block_crc(data: &[u8], tag: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(data), tag)
-}
+pub use crate::store::record::block_crc;
 
 /// Encodes a record's header and side entries (the data is written after them).
 pub fn encode_record(h: &RecordHeader, sides: &[u8]) -> Vec<u8> {
