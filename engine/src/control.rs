@@ -131,7 +131,7 @@ impl Engine for ControlService {
             desired_replicas: v.desired() as u64,
             degraded: v.degraded(),
             encryption: v.encryption_summary(),
-            replica_tls: v.tls().is_some(),
+            replica_tls: v.connector().tls(),
         }))
     }
 

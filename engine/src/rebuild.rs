@@ -24,7 +24,7 @@ use tether_proto::replica::{
 };
 
 use crate::progress::{Progress, Retry};
-use crate::replica_client::{self, Down, ReplicaConn};
+use crate::replica::{Down, ReplicaConn};
 use crate::volume::{Volume, BLOCK};
 
 /// Why a rebuild stopped, and whether it got as far as the target replica (only a
@@ -68,7 +68,7 @@ async fn wait(
     r: &ReplicaConn,
     op: Op,
     what: &str,
-) -> Result<crate::replica_client::Payload, String> {
+) -> Result<crate::replica::Payload, String> {
     let rx = r.submit(op);
     match tokio::time::timeout(vol.timeout().max(Duration::from_secs(30)), rx).await {
         Ok(Ok(Ok(d))) => Ok(d),
@@ -93,9 +93,9 @@ async fn hashes(
     let reply = step(
         "hashing blocks",
         r,
-        tokio::time::timeout(vol.timeout(), r.client().hashes(req)).await,
+        tokio::time::timeout(vol.timeout(), r.link().hashes(req)).await,
     )?;
-    let h = reply.into_inner().hashes;
+    let h = reply.hashes;
     if h.len() != count as usize {
         return Err(format!(
             "replica {} returned {} hashes for {count} blocks",
@@ -228,14 +228,15 @@ async fn rebuild(
 
 async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), RebuildError> {
     let source = vol.first_healthy().map_err(|e| e.to_string())?;
-    let client =
-        replica_client::connect(addr, vol.timeout().min(Duration::from_secs(5)), vol.tls())
-            .await
-            .map_err(|msg| RebuildError {
-                reached: false,
-                msg,
-            })?;
-    let target = ReplicaConn::new(addr, vol.name(), client, vol.fence());
+    let link = vol
+        .connector()
+        .connect(addr)
+        .await
+        .map_err(|msg| RebuildError {
+            reached: false,
+            msg,
+        })?;
+    let target = ReplicaConn::new(addr, vol.name(), link, vol.fence());
     let res = fill(vol, &source, &target, progress).await;
     if let Err(e) = &res {
         // Ends the target's stream whether or not it joined the write set.
@@ -308,9 +309,8 @@ async fn fill(
         let mut s = step(
             "listing snapshots",
             &r,
-            tokio::time::timeout(vol.timeout(), r.client().snapshots(req)).await,
+            tokio::time::timeout(vol.timeout(), r.link().snapshots(req)).await,
         )?
-        .into_inner()
         .snapshots;
         s.sort_by_key(|x| x.seq);
         Ok::<_, String>(s)
@@ -331,11 +331,8 @@ async fn fill(
         step(
             "dropping a stale snapshot",
             target,
-            tokio::time::timeout(
-                Duration::from_secs(600),
-                target.client().delete_snapshot(req),
-            )
-            .await,
+            tokio::time::timeout(Duration::from_secs(600), target.link().delete_snapshot(req))
+                .await,
         )?;
     }
     let blocks = size / BLOCK;

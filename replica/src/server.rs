@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tether_proto::replica::replica_server::{Replica, ReplicaServer};
 use tether_proto::replica::{
     io_request::Op, DeleteSnapshotReply, DeleteSnapshotRequest, ErrorCode, HashesReply,
@@ -50,6 +50,50 @@ impl ReplicaService {
         Ok(ReplicaService {
             volumes: Arc::new(VolumeSet::new(data_dir, disk, opts)?),
         })
+    }
+
+    /// Serves one engine's ordered I/O stream: the batches come from `inbound` (the
+    /// network, or an in-memory link); the first names the volume and the epoch.
+    pub async fn io_stream<S>(&self, mut inbound: S) -> Result<ReplyStream, Status>
+    where
+        S: Stream<Item = Result<IoBatch, Status>> + Send + Unpin + 'static,
+    {
+        let first = inbound.next().await.transpose()?.ok_or_else(|| {
+            tether_proto::wire::status(
+                ErrorCode::Invalid,
+                "empty I/O stream: its first message must name the volume",
+            )
+        })?;
+        let vol = self.volumes.get(&first.volume).map_err(status)?;
+        vol.check_epoch(first.epoch).map_err(status)?;
+        if first.epoch != vol.epoch() {
+            return Err(tether_proto::wire::status(
+                ErrorCode::Invalid,
+                format!(
+                    "volume {}: epoch {} was never taken with Open (stored epoch {})",
+                    first.volume,
+                    first.epoch,
+                    vol.epoch()
+                ),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let epoch = first.epoch;
+        tokio::spawn(async move {
+            let v = vol.clone();
+            if let Err(e) = blocking(move || v.set_clean(false), vol.name()).await {
+                tracing::error!(volume = vol.name(), error = %e, "cannot mark volume in use");
+            }
+            let mut stream = IoStreamState {
+                vol,
+                epoch,
+                last_seq: None,
+                tx,
+                flushes: Vec::new(),
+            };
+            stream.run(first.requests, inbound).await;
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
     /// Makes everything written to open volumes durable; used at shutdown.
@@ -116,7 +160,8 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-type ReplyStream = Pin<Box<dyn Stream<Item = Result<IoReplyBatch, Status>> + Send>>;
+/// The replies of an ordered I/O stream, in order.
+pub type ReplyStream = Pin<Box<dyn Stream<Item = Result<IoReplyBatch, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Replica for ReplicaService {
@@ -200,43 +245,7 @@ impl Replica for ReplicaService {
         &self,
         req: Request<Streaming<IoBatch>>,
     ) -> Result<Response<Self::IoStream>, Status> {
-        let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            tether_proto::wire::status(
-                ErrorCode::Invalid,
-                "empty I/O stream: its first message must name the volume",
-            )
-        })?;
-        let vol = self.volumes.get(&first.volume).map_err(status)?;
-        vol.check_epoch(first.epoch).map_err(status)?;
-        if first.epoch != vol.epoch() {
-            return Err(tether_proto::wire::status(
-                ErrorCode::Invalid,
-                format!(
-                    "volume {}: epoch {} was never taken with Open (stored epoch {})",
-                    first.volume,
-                    first.epoch,
-                    vol.epoch()
-                ),
-            ));
-        }
-        let (tx, rx) = mpsc::channel(64);
-        let epoch = first.epoch;
-        tokio::spawn(async move {
-            let v = vol.clone();
-            if let Err(e) = blocking(move || v.set_clean(false), vol.name()).await {
-                tracing::error!(volume = vol.name(), error = %e, "cannot mark volume in use");
-            }
-            let mut stream = IoStreamState {
-                vol,
-                epoch,
-                last_seq: None,
-                tx,
-                flushes: Vec::new(),
-            };
-            stream.run(first.requests, inbound).await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(self.io_stream(req.into_inner()).await?))
     }
 
     async fn inventory(
@@ -352,13 +361,16 @@ struct IoStreamState {
 }
 
 impl IoStreamState {
-    async fn run(&mut self, first: Vec<IoRequest>, mut inbound: Streaming<IoBatch>) {
+    async fn run<S>(&mut self, first: Vec<IoRequest>, mut inbound: S)
+    where
+        S: Stream<Item = Result<IoBatch, Status>> + Unpin,
+    {
         let mut batch = first;
         loop {
             if !self.process(batch).await {
                 return;
             }
-            let next = match tokio::time::timeout(IDLE, inbound.message()).await {
+            let next = match tokio::time::timeout(IDLE, inbound.next()).await {
                 Ok(next) => next,
                 Err(_) => {
                     // Idle: the page cache then holds every acknowledged write's
@@ -370,10 +382,10 @@ impl IoStreamState {
                             tracing::error!(volume = self.vol.name(), error = %e, "writing the log's tail failed")
                         }
                     }
-                    inbound.message().await
+                    inbound.next().await
                 }
             };
-            batch = match next {
+            batch = match next.transpose() {
                 Ok(Some(b)) => b.requests,
                 Ok(None) => break,
                 Err(e) => {

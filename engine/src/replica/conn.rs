@@ -1,5 +1,6 @@
-//! The engine's connection to one replica: the volume's ordered I/O stream, with
-//! requests batched onto it and replies matched back to their callers by id.
+//! One replica of the volume as the engine sees it: its state (healthy, rebuilding,
+//! failed with a reason), the fence all replicas share, and the ordered I/O stream,
+//! with requests batched onto it and replies matched back to their callers by id.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -7,16 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use parking_lot::Mutex;
-use tether_proto::replica::replica_client::ReplicaClient;
 use tether_proto::replica::{
-    io_request::Op, ErrorCode, IoBatch, IoReplyBatch, IoRequest, OpenReply, OpenRequest,
+    io_request::Op, ErrorCode, IoBatch, IoRequest, OpenReply, OpenRequest,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::Streaming;
 
-use tether_proto::wire::MAX_MESSAGE;
+use super::link::{Inbound, NoLink, Outbound, ReplicaLink};
+
 /// A batch stops growing past this many payload bytes.
 const BATCH_BYTES: usize = 4 << 20;
 /// A batch stops growing past this many requests.
@@ -182,7 +182,7 @@ pub struct ReplicaConn {
     /// Address as given on the command line.
     pub addr: String,
     volume: String,
-    client: ReplicaClient<Channel>,
+    link: Arc<dyn ReplicaLink>,
     tx: mpsc::UnboundedSender<IoRequest>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<IoRequest>>>,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -196,65 +196,13 @@ pub struct ReplicaConn {
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// Connects a gRPC channel to a replica daemon; with `tls`, over mutual TLS (the
-/// replica must present a certificate from the CA, for the address's host name or IP).
-pub async fn connect(
-    addr: &str,
-    timeout: Duration,
-    tls: Option<&crate::tls::Identity>,
-) -> Result<ReplicaClient<Channel>, String> {
-    let uri = match (addr.contains("://"), tls) {
-        (true, _) => addr.to_string(),
-        (false, Some(_)) => format!("https://{addr}"),
-        (false, None) => format!("http://{addr}"),
-    };
-    if tls.is_some() && uri.starts_with("http://") {
-        return Err(format!(
-            "replica {addr}: an http:// address cannot use TLS; give host:port or https://"
-        ));
-    }
-    let mut endpoint = Endpoint::from_shared(uri)
-        .map_err(|e| format!("bad replica address {addr:?}: {e}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(timeout)
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(timeout);
-    if let Some(id) = tls {
-        crate::tls::install_provider();
-        endpoint = endpoint
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(&id.ca))
-                    .identity(Identity::from_pem(&id.cert, &id.key))
-                    .timeout(timeout),
-            )
-            .map_err(|e| format!("replica {addr}: TLS configuration refused: {e}"))?;
-    }
-    let channel = tokio::time::timeout(timeout, endpoint.connect())
-        .await
-        .map_err(|_| format!("replica {addr}: no connection within {timeout:?}"))?
-        .map_err(|e| {
-            let hint = if tls.is_some() {
-                "check that the replica serves TLS, trusts this engine's CA, and has a certificate for this address"
-            } else {
-                "if the replica requires TLS, give the engine --tls-cert, --tls-key and --tls-ca"
-            };
-            format!("replica {addr}: cannot connect: {} ({hint})", error_chain(&e))
-        })?;
-    Ok(ReplicaClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE))
-}
-
 impl ReplicaConn {
     /// A connection to `addr` for `volume`; the stream opens with [`ReplicaConn::start`].
     /// A fencing reply on it trips `fence`.
     pub fn new(
         addr: &str,
         volume: &str,
-        client: ReplicaClient<Channel>,
+        link: Arc<dyn ReplicaLink>,
         fence: Arc<Fence>,
     ) -> Arc<ReplicaConn> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -262,7 +210,7 @@ impl ReplicaConn {
             addr: addr.to_string(),
             volume: volume.to_string(),
             fence,
-            client,
+            link,
             tx,
             rx: Mutex::new(Some(rx)),
             pending: Mutex::new(HashMap::new()),
@@ -276,21 +224,21 @@ impl ReplicaConn {
 
     /// A connection that is failed from the start (unreachable, stale, fenced).
     pub fn failed(addr: &str, volume: &str, fence: Arc<Fence>, reason: String) -> Arc<ReplicaConn> {
-        let client = ReplicaClient::new(Endpoint::from_static("http://0.0.0.0:1").connect_lazy());
-        let c = ReplicaConn::new(addr, volume, client, fence);
+        let link = Arc::new(NoLink(reason.clone()));
+        let c = ReplicaConn::new(addr, volume, link, fence);
         c.mark_failed(reason);
         c
     }
 
-    /// A handle for unary calls to the replica daemon.
-    pub fn client(&self) -> ReplicaClient<Channel> {
-        self.client.clone()
+    /// The replica daemon, for unary calls.
+    pub fn link(&self) -> &dyn ReplicaLink {
+        &*self.link
     }
 
     /// Opens (and with `create`, creates) the volume on this replica; a refusal of
     /// the epoch trips the fence.
     pub async fn open(&self, req: OpenRequest) -> Result<OpenReply, tonic::Status> {
-        let r = self.client.clone().open(req).await.map(|r| r.into_inner());
+        let r = self.link.open(req).await;
         if let Err(s) = &r {
             self.check_fenced(s);
         }
@@ -347,9 +295,8 @@ impl ReplicaConn {
             },
         );
         let inbound = self
-            .client
-            .clone()
-            .io(outbound)
+            .link
+            .io(Outbound(Box::pin(outbound)))
             .await
             .map_err(|s| {
                 self.check_fenced(&s);
@@ -358,16 +305,15 @@ impl ReplicaConn {
                     self.addr,
                     s.message()
                 )
-            })?
-            .into_inner();
+            })?;
         let me = self.clone();
         *self.reader.lock() = Some(tokio::spawn(async move { me.read_replies(inbound).await }));
         Ok(())
     }
 
-    async fn read_replies(&self, mut inbound: Streaming<IoReplyBatch>) {
+    async fn read_replies(&self, mut inbound: Inbound) {
         let why = loop {
-            match inbound.message().await {
+            match inbound.next().await.transpose() {
                 Ok(Some(batch)) => {
                     for r in batch.replies {
                         let result = match ErrorCode::try_from(r.error) {
@@ -524,18 +470,6 @@ impl ReplicaConn {
             let _ = tokio::time::timeout(timeout, h).await;
         }
     }
-}
-
-/// An error with its causes, so a TLS failure says why (unknown CA, bad name...).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn payload_len(r: &IoRequest) -> usize {

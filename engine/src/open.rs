@@ -1,0 +1,378 @@
+//! Opening a volume: probing every replica, deciding the encryption, taking a new
+//! epoch on every replica reached (fencing any older engine there), and choosing whom
+//! to serve from by durable revision. See `docs/DESIGN.md`, "Opening a volume".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_proto::replica::OpenRequest;
+
+use crate::replica::{Connector, Fence, GrpcConnector, ReplicaConn};
+use crate::volume::{self, Volume};
+use crate::{crypt, EngineConfig, EngineError};
+
+/// Opens the volume on every replica over gRPC (with the configured TLS), choosing the
+/// freshest and taking a new epoch.
+pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError> {
+    let connector = GrpcConnector {
+        timeout: cfg.timeout.min(Duration::from_secs(5)),
+        tls: cfg.replica_tls.clone(),
+    };
+    open_volume_with(cfg, Arc::new(connector)).await
+}
+
+/// Opens the volume on every replica reached through `connector`: probes them all,
+/// takes a new epoch on every one reached, and serves from those with the highest
+/// durable revision.
+pub async fn open_volume_with(
+    cfg: &EngineConfig,
+    connector: Arc<dyn Connector>,
+) -> Result<Arc<Volume>, EngineError> {
+    let name = cfg.volume.clone();
+    let cfg_err = |msg: String| EngineError::Config {
+        volume: name.clone(),
+        msg,
+    };
+    if cfg.replicas.is_empty() {
+        return Err(cfg_err("give at least one --replica ADDR".into()));
+    }
+    if let Some(size) = cfg.size {
+        if size == 0 || !size.is_multiple_of(volume::BLOCK) {
+            return Err(cfg_err(format!(
+                "size {size} must be a positive multiple of {} bytes",
+                volume::BLOCK
+            )));
+        }
+    }
+    // Lets this engine reopen its replicas at its own epoch after they come back.
+    let engine_id = {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (t ^ (u64::from(std::process::id()) << 40)) | 1
+    };
+    let fence = Fence::new(&cfg.volume);
+    // Round 1: reach every replica and read its state, changing nothing, so a wrong
+    // or missing key is refused before any replica is touched.
+    let mut probes = futures::future::join_all(
+        cfg.replicas
+            .iter()
+            .map(|a| probe(cfg, &*connector, a, false, String::new(), &fence)),
+    )
+    .await;
+    // A brand-new volume is created only when every replica answered: an unreachable
+    // one may hold the volume already, and creating an empty one beside it would
+    // later rebuild the real data away (or seal it under other parameters).
+    let found = probes.iter().any(|p| p.is_ok());
+    let unreachable: Vec<&str> = cfg
+        .replicas
+        .iter()
+        .zip(&probes)
+        .filter(|(_, p)| matches!(p, Err((_, false))))
+        .map(|(a, _)| a.as_str())
+        .collect();
+    if cfg.size.is_some() && !found && !unreachable.is_empty() {
+        return Err(cfg_err(format!(
+            "no reachable replica holds the volume and {} did not answer; it may hold the volume, so none is created. Start again when every replica is reachable, or leave the unreachable ones out of --replica to create a new volume",
+            unreachable.join(", ")
+        )));
+    }
+    let (params, cipher) = encryption_for(cfg, &cfg.replicas, &probes)?;
+    // Create the volume where it is missing, with the volume's encryption parameters.
+    if cfg.size.is_some() {
+        let created = futures::future::join_all(
+            cfg.replicas
+                .iter()
+                .zip(probes.iter())
+                .filter(|(_, p)| matches!(p, Err((_, true))))
+                .map(|(addr, _)| probe(cfg, &*connector, addr, true, params.clone(), &fence)),
+        )
+        .await;
+        let missing = probes.iter_mut().filter(|p| matches!(p, Err((_, true))));
+        for (p, c) in missing.zip(created) {
+            *p = c;
+        }
+    }
+    let mut reachable = Vec::new();
+    let mut conns: Vec<Arc<ReplicaConn>> = Vec::new();
+    let mut problems = Vec::new();
+    for (addr, p) in cfg.replicas.iter().zip(probes) {
+        match p {
+            Ok((conn, reply)) if reply.encryption != params => {
+                let e = format!(
+                    "replica {addr}: its copy of volume {} is {}, but the volume is {}; it is left out and unchanged: check which copy is right before removing either",
+                    cfg.volume,
+                    if reply.encryption.is_empty() { "unencrypted" } else { "encrypted under other parameters" },
+                    if params.is_empty() { "unencrypted" } else { "encrypted" }
+                );
+                problems.push(e.clone());
+                conn.mark_failed(e);
+                conns.push(conn);
+            }
+            Ok((conn, reply)) => reachable.push((conn, reply)),
+            Err((e, _)) => {
+                problems.push(e.clone());
+                conns.push(ReplicaConn::failed(addr, &cfg.volume, fence.clone(), e));
+            }
+        }
+    }
+    if reachable.is_empty() {
+        return Err(EngineError::NoReplica {
+            volume: name,
+            details: problems.join("; "),
+        });
+    }
+    let size = reachable[0].1.size;
+    for (c, r) in &reachable {
+        if r.size != size {
+            return Err(cfg_err(format!(
+                "replicas disagree on the size: {} has {} bytes, {} has {size}; remove the odd one from --replica",
+                c.addr, r.size, reachable[0].0.addr
+            )));
+        }
+        if r.block_size as u64 != volume::BLOCK {
+            return Err(cfg_err(format!(
+                "replica {} uses block size {}, this engine {}",
+                c.addr,
+                r.block_size,
+                volume::BLOCK
+            )));
+        }
+    }
+    if let Some(want) = cfg.size {
+        if want != size {
+            return Err(cfg_err(format!(
+                "the volume exists with {size} bytes, not {want}; start with --size {size} or without --size (growing is `tether volume expand`, planned)"
+            )));
+        }
+    }
+    let Some(epoch) = reachable
+        .iter()
+        .map(|(_, r)| r.previous_epoch)
+        .max()
+        .unwrap_or(0)
+        .checked_add(1)
+    else {
+        return Err(cfg_err(
+            "a replica reports the largest possible epoch; no newer one can be taken. Inspect the replicas' meta files".into(),
+        ));
+    };
+    // Round 2: take the new epoch on every replica reached, stale and half-rebuilt
+    // ones included, before deciding anything: an older engine still writing to a
+    // replica this engine will not serve from must be fenced there too, or it could
+    // go on acknowledging writes on that replica alone.
+    let take_timeout = cfg.timeout.max(Duration::from_secs(30));
+    let taken = futures::future::join_all(reachable.into_iter().map(|(c, probed)| {
+        let req = OpenRequest {
+            volume: cfg.volume.clone(),
+            size,
+            create: false,
+            epoch,
+            engine_id,
+            rebuild: false,
+            encryption: String::new(),
+        };
+        async move {
+            // Taking the epoch syncs the replica's meta: a busy disk gets longer than
+            // a request, since giving up here leaves the replica out.
+            let r = tokio::time::timeout(take_timeout, c.open(req)).await;
+            (c, probed, r)
+        }
+    }))
+    .await;
+    let mut fresh = Vec::new();
+    let mut raced = Vec::new();
+    for (c, probed, r) in taken {
+        match r {
+            Ok(Ok(reply)) => {
+                tracing::info!(volume = %cfg.volume, replica = %c.addr, revision = reply.revision,
+                    clean = reply.clean, created = probed.created, rebuilding = reply.rebuilding,
+                    previous_epoch = reply.previous_epoch, epoch, "epoch taken");
+                fresh.push((c, reply));
+            }
+            Ok(Err(s)) => {
+                let why = format!("replica {}: taking epoch {epoch}: {}", c.addr, s.message());
+                if tether_proto::wire::code_of(&s) == Some(tether_proto::replica::ErrorCode::Fenced)
+                {
+                    raced.push(why.clone());
+                }
+                problems.push(why.clone());
+                c.mark_failed(why);
+                conns.push(c);
+            }
+            Err(_) => {
+                let why = format!(
+                    "replica {}: no answer while taking epoch {epoch} within {take_timeout:?}",
+                    c.addr
+                );
+                problems.push(why.clone());
+                c.mark_failed(why);
+                conns.push(c);
+            }
+        }
+    }
+    if !raced.is_empty() {
+        return Err(EngineError::Raced {
+            volume: name,
+            details: raced.join("; "),
+        });
+    }
+    // Only the replicas with the highest durable revision may serve: a lower one
+    // missed writes while it was away. Read after the epoch is taken, so no older
+    // engine moves it any more.
+    // A replica with an unfinished rebuild may have the newest writes but miss older
+    // ones: its revision proves nothing, so it never counts as fresh.
+    let newest = fresh
+        .iter()
+        .filter(|(_, r)| !r.rebuilding)
+        .map(|(_, r)| r.revision)
+        .max()
+        .unwrap_or(0);
+    let best: Vec<&str> = fresh
+        .iter()
+        .filter(|(_, r)| r.revision == newest && !r.rebuilding)
+        .map(|(c, _)| c.addr.as_str())
+        .collect();
+    let all_dirty = fresh.iter().all(|(_, r)| !r.clean);
+    tracing::info!(volume = %cfg.volume, revision = newest, serving = ?best, all_dirty,
+        "serving from the replicas with the highest durable revision{}",
+        if all_dirty { " (none closed cleanly: the highest revision is the freshest that is provable)" } else { "" });
+    // Round 3: open the stream on every fresh replica; the others get rebuilt.
+    let taken = futures::future::join_all(fresh.into_iter().map(|(c, r)| async move {
+        if r.rebuilding {
+            return (
+                c,
+                Err("stale: its rebuild did not finish; it rebuilds again".to_string()),
+            );
+        }
+        if r.revision < newest {
+            let why = format!(
+                "stale: revision {} is behind the newest {newest}; it needs a rebuild",
+                r.revision
+            );
+            return (c, Err(why));
+        }
+        let res = c.start(epoch).await;
+        (c, res)
+    }))
+    .await;
+    for (c, res) in taken {
+        if let Err(why) = res {
+            problems.push(format!("replica {}: {why}", c.addr));
+            c.mark_failed(why);
+        }
+        conns.push(c);
+    }
+    // Keep the command-line order so status output is stable.
+    conns.sort_by_key(|c| cfg.replicas.iter().position(|a| *a == c.addr));
+    let healthy = conns.iter().filter(|c| c.is_healthy()).count();
+    if healthy == 0 {
+        return Err(EngineError::NoReplica {
+            volume: name,
+            details: problems.join("; "),
+        });
+    }
+    tracing::info!(volume = %cfg.volume, epoch, revision = newest, healthy, total = conns.len(), size, "volume open");
+    Ok(Arc::new(
+        Volume::new(&cfg.volume, size, epoch, conns, newest, cfg.timeout, fence)
+            .with_policy(cfg.min_replicas, cfg.desired_replicas, engine_id)
+            .with_cipher(cipher, params)
+            .with_connector(connector),
+    ))
+}
+
+/// Opens the volume on the replica at `addr` without taking an epoch (a probe), creating
+/// it when `create` is set.
+async fn probe(
+    cfg: &EngineConfig,
+    connector: &dyn Connector,
+    addr: &str,
+    create: bool,
+    encryption: String,
+    fence: &Arc<Fence>,
+) -> Probe {
+    let req = OpenRequest {
+        volume: cfg.volume.clone(),
+        size: cfg.size.unwrap_or(0),
+        create,
+        epoch: 0,
+        engine_id: 0,
+        rebuild: false,
+        encryption,
+    };
+    let link = connector.connect(addr).await.map_err(|e| (e, false))?;
+    let conn = ReplicaConn::new(addr, &req.volume.clone(), link, fence.clone());
+    let reply = tokio::time::timeout(cfg.timeout, conn.open(req))
+        .await
+        .map_err(|_| {
+            (
+                format!("replica {addr}: no answer to open within {:?}", cfg.timeout),
+                false,
+            )
+        })?
+        .map_err(|s| {
+            (
+                format!("replica {addr}: {}", s.message()),
+                tether_proto::wire::code_of(&s) == Some(tether_proto::replica::ErrorCode::NotFound),
+            )
+        })?;
+    Ok((conn, reply))
+}
+
+type Probe = Result<(Arc<ReplicaConn>, tether_proto::replica::OpenReply), (String, bool)>;
+
+/// Decides the volume's encryption from what the replicas hold and the key given:
+/// the mode is fixed at creation, and a missing or wrong key is refused here.
+fn encryption_for(
+    cfg: &EngineConfig,
+    addrs: &[String],
+    probes: &[Probe],
+) -> Result<(String, Option<crypt::Cipher>), EngineError> {
+    let err = |msg: String| EngineError::Config {
+        volume: cfg.volume.clone(),
+        msg,
+    };
+    let existing: Vec<(&String, &str)> = addrs
+        .iter()
+        .zip(probes)
+        .filter_map(|(a, p)| p.as_ref().ok().map(|(_, r)| (a, r.encryption.as_str())))
+        .collect();
+    let Some(&(first_addr, first)) = existing.first() else {
+        // New everywhere (or unreachable everywhere): created encrypted with a key.
+        return match &cfg.encryption_key {
+            None => Ok((String::new(), None)),
+            Some(key) => {
+                let p = crypt::Params::create(key).map_err(|e| err(e.to_string()))?;
+                let c = p.unlock(key, &cfg.volume).map_err(|e| err(e.to_string()))?;
+                tracing::info!(volume = %cfg.volume, kdf = %p.kdf, "creating an encrypted volume (AES-256-GCM)");
+                Ok((p.encode(), Some(c)))
+            }
+        };
+    };
+    // An encrypted copy wins over an unencrypted one: never fall back to plaintext.
+    let (src_addr, params) = existing
+        .iter()
+        .find(|(_, e)| !e.is_empty())
+        .copied()
+        .unwrap_or((first_addr, first));
+    if params.is_empty() {
+        if cfg.encryption_key.is_some() {
+            return Err(err(format!(
+                "the volume exists unencrypted (on {src_addr}) and an encryption key was given; the mode is fixed at creation: start without --encryption-key-file and {}",
+                crypt::KEY_ENV
+            )));
+        }
+        return Ok((String::new(), None));
+    }
+    let Some(key) = &cfg.encryption_key else {
+        return Err(err(format!(
+            "the volume is encrypted (per {src_addr}); give its key with --encryption-key-file PATH or {}",
+            crypt::KEY_ENV
+        )));
+    };
+    let p = crypt::Params::parse(params, &cfg.volume).map_err(|e| err(e.to_string()))?;
+    let c = p.unlock(key, &cfg.volume).map_err(|e| err(e.to_string()))?;
+    tracing::info!(volume = %cfg.volume, "encryption key checked");
+    Ok((params.to_string(), Some(c)))
+}

@@ -1,0 +1,140 @@
+//! The in-memory replica link: the engine talks to the real replica service and store
+//! in its own process, with no network between. For tests and the simulation; a link
+//! can be cut to stand for a replica that died or fell off the network.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tether_proto::replica::replica_server::Replica;
+use tether_proto::replica::{
+    DeleteSnapshotReply, DeleteSnapshotRequest, HashesReply, HashesRequest, MapReply, MapRequest,
+    OpenReply, OpenRequest, SnapshotsReply, SnapshotsRequest,
+};
+use tether_replica::ReplicaService;
+use tonic::{Request, Status};
+
+use super::link::{Connector, Inbound, Outbound, ReplicaLink};
+
+/// A replica daemon's service, reached without a network.
+#[derive(Clone)]
+pub struct LocalLink {
+    service: ReplicaService,
+    /// Set when the link is cut: every call fails as if the daemon were gone.
+    cut: Arc<AtomicBool>,
+}
+
+impl LocalLink {
+    fn check(&self) -> Result<(), Status> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("the link to this replica is cut"));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaLink for LocalLink {
+    async fn open(&self, req: OpenRequest) -> Result<OpenReply, Status> {
+        self.check()?;
+        Ok(self.service.open(Request::new(req)).await?.into_inner())
+    }
+
+    fn io(&self, outbound: Outbound) -> BoxFuture<'static, Result<Inbound, Status>> {
+        let (service, cut) = (self.service.clone(), self.cut.clone());
+        Box::pin(async move {
+            if cut.load(Ordering::SeqCst) {
+                return Err(Status::unavailable("the link to this replica is cut"));
+            }
+            // A cut breaks the stream both ways, as a dropped connection would: the
+            // replica sees an error (not a clean close), the engine an end.
+            let (c1, c2) = (cut.clone(), cut);
+            let requests = outbound.map(move |batch| {
+                if c1.load(Ordering::SeqCst) {
+                    Err(Status::unavailable("the link to this replica is cut"))
+                } else {
+                    Ok(batch)
+                }
+            });
+            let replies = service.io_stream(Box::pin(requests)).await?;
+            let inbound: Inbound = Box::pin(replies.take_while(move |_| {
+                let open = !c2.load(Ordering::SeqCst);
+                async move { open }
+            }));
+            Ok(inbound)
+        })
+    }
+
+    async fn snapshots(&self, req: SnapshotsRequest) -> Result<SnapshotsReply, Status> {
+        self.check()?;
+        Ok(self
+            .service
+            .snapshots(Request::new(req))
+            .await?
+            .into_inner())
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: DeleteSnapshotRequest,
+    ) -> Result<DeleteSnapshotReply, Status> {
+        self.check()?;
+        Ok(self
+            .service
+            .delete_snapshot(Request::new(req))
+            .await?
+            .into_inner())
+    }
+
+    async fn map(&self, req: MapRequest) -> Result<MapReply, Status> {
+        self.check()?;
+        Ok(self.service.map(Request::new(req)).await?.into_inner())
+    }
+
+    async fn hashes(&self, req: HashesRequest) -> Result<HashesReply, Status> {
+        self.check()?;
+        Ok(self.service.hashes(Request::new(req)).await?.into_inner())
+    }
+}
+
+/// Replica services by address, reached in memory.
+#[derive(Default)]
+pub struct LocalConnector {
+    links: Mutex<HashMap<String, LocalLink>>,
+}
+
+impl LocalConnector {
+    /// Makes `service` reachable at `addr`.
+    pub fn add(&self, addr: &str, service: ReplicaService) {
+        let link = LocalLink {
+            service,
+            cut: Arc::new(AtomicBool::new(false)),
+        };
+        self.links.lock().insert(addr.to_string(), link);
+    }
+
+    /// Cuts (or mends) the link to `addr`: while cut, calls fail and open streams end.
+    pub fn cut(&self, addr: &str, cut: bool) {
+        if let Some(l) = self.links.lock().get(addr) {
+            l.cut.store(cut, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Connector for LocalConnector {
+    async fn connect(&self, addr: &str) -> Result<Arc<dyn ReplicaLink>, String> {
+        let link = self.links.lock().get(addr).cloned();
+        match link {
+            Some(l) => {
+                l.check()
+                    .map_err(|s| format!("replica {addr}: {}", s.message()))?;
+                Ok(Arc::new(l))
+            }
+            None => Err(format!("replica {addr}: no such replica in memory")),
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! The volume core: aligns client I/O to 4 KiB blocks, orders writes with a
+//! volume-wide sequence, fans them out to every healthy replica and collects the
+//! acknowledgements, dropping replicas that fail or stall.
+//!
+//! This file holds the volume's state and its replica set (who is in, who is out, the
+//! fence); the rest is one concern per file:
+//! - `fanout`: writes, zeroes, trims and flushes sent to every replica, and the
+//!   acknowledgement rule;
+//! - `read`: reads from one replica, checked, with repair of bad copies, and verify;
+//! - `admin`: snapshot, revert, delete a snapshot, expand.
+//!
+//! Opening a volume (choosing whom to serve from) is `crate::open`; rebuilding a
+//! replica is `crate::rebuild`, which uses this module and is not used by it.
+
+mod admin;
+mod fanout;
+mod read;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tether_proto::replica::{
+    io_request::Op, DeleteSnapshotRequest, Expand, Flush, Read, Revert, Snapshot, SnapshotsReply,
+    SnapshotsRequest, Write, Zero,
+};
+use tokio::sync::oneshot;
+
+use crate::crypt::Cipher;
+use crate::error::VolumeError;
+use crate::range_lock::RangeLock;
+use crate::replica::{Connector, Down, Fence, Payload, ReplicaConn, ReplicaError};
+
+/// Block size inside the engine and on the replicas.
+pub use tether_proto::wire::BLOCK_SIZE as BLOCK;
+
+/// Zeroes for WRITE_ZEROES without allocating per request.
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+
+/// `n` (at most 1 MiB) zero bytes.
+fn zeroes(n: u64) -> Bytes {
+    Bytes::from_static(&ZEROES[..n as usize])
+}
+
+/// The engine's I/O counters.
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// Read requests served.
+    pub reads: AtomicU64,
+    /// Write requests served (including write-zeroes).
+    pub writes: AtomicU64,
+    /// Flushes served.
+    pub flushes: AtomicU64,
+    /// Trims served.
+    pub trims: AtomicU64,
+    /// Requests that failed.
+    pub errors: AtomicU64,
+    /// Bytes read by clients.
+    pub bytes_read: AtomicU64,
+    /// Bytes written by clients.
+    pub bytes_written: AtomicU64,
+    /// Client connections accepted.
+    pub connections: AtomicU64,
+    /// Block copies that failed their checksum on some replica.
+    pub checksum_errors: AtomicU64,
+}
+
+/// A replicated volume served by this engine.
+pub struct Volume {
+    name: String,
+    size: AtomicU64,
+    epoch: u64,
+    /// Writes hold it shared; snapshot, revert and expand hold it exclusively, so
+    /// they are one cut through the write stream on every replica.
+    gate: tokio::sync::RwLock<()>,
+    /// Snapshot names, kept for export lookups.
+    snapshot_names: Mutex<Vec<String>>,
+    /// NBD clients in transmission right now.
+    attached: AtomicU64,
+    /// Tripped by the first reply from any replica that a newer engine owns the
+    /// volume: nothing is acknowledged after it.
+    fence: Arc<Fence>,
+    replicas: parking_lot::RwLock<Vec<Arc<ReplicaConn>>>,
+    /// Fewer healthy replicas than this: writes fail with EIO.
+    min_replicas: usize,
+    /// The replica count wanted; fewer healthy means degraded.
+    desired: usize,
+    /// Identifies this engine process to replicas when it reopens them.
+    pub engine_id: u64,
+    /// Rebuilds under way, by replica address.
+    pub rebuilds: Mutex<HashMap<String, Arc<crate::progress::Progress>>>,
+    /// When failed replicas are tried next, by address.
+    pub retries: Mutex<HashMap<String, crate::progress::Retry>>,
+    /// Last write sequence handed out; held while a write is queued on every replica,
+    /// so all replicas see writes in the same order.
+    seq: Mutex<u64>,
+    locks: RangeLock,
+    next_reader: AtomicUsize,
+    timeout: Duration,
+    /// Counters shown by `tether volume status`.
+    pub counters: Counters,
+    /// Seals every block before it leaves the engine (encrypted volumes).
+    cipher: Option<Arc<Cipher>>,
+    /// The encryption parameters, given to replicas created for this volume.
+    encryption: String,
+    /// Reaches replicas that join later.
+    connector: Arc<dyn Connector>,
+}
+
+/// The gate (shared) and the range lock over `[start, end)`, held together.
+pub struct Held<'a> {
+    _gate: tokio::sync::RwLockReadGuard<'a, ()>,
+    _range: crate::range_lock::RangeGuard<'a>,
+    start: u64,
+    end: u64,
+}
+
+impl Held<'_> {
+    /// Whether `[start, end)` lies inside the held range.
+    fn covers(&self, start: u64, end: u64) -> bool {
+        self.start <= start && end <= self.end
+    }
+}
+
+/// Blocks as one replica served them, and the replicas whose copies of them failed
+/// their check on the way (to be repaired by whoever holds the blocks).
+struct Served {
+    data: Bytes,
+    good: Arc<ReplicaConn>,
+    bad: Vec<Arc<ReplicaConn>>,
+}
+
+type Waiting = Vec<(
+    Arc<ReplicaConn>,
+    oneshot::Receiver<Result<Payload, ReplicaError>>,
+)>;
+
+impl Volume {
+    /// A volume over `replicas` (healthy ones already streaming), continuing after `seq`;
+    /// `fence` is the one the replicas' connections trip.
+    pub fn new(
+        name: &str,
+        size: u64,
+        epoch: u64,
+        replicas: Vec<Arc<ReplicaConn>>,
+        seq: u64,
+        timeout: Duration,
+        fence: Arc<Fence>,
+    ) -> Volume {
+        Volume {
+            name: name.to_string(),
+            size: AtomicU64::new(size),
+            epoch,
+            gate: tokio::sync::RwLock::new(()),
+            snapshot_names: Mutex::new(Vec::new()),
+            attached: AtomicU64::new(0),
+            fence,
+            replicas: parking_lot::RwLock::new(replicas),
+            min_replicas: 1,
+            desired: 0,
+            engine_id: 0,
+            rebuilds: Mutex::new(HashMap::new()),
+            retries: Mutex::new(HashMap::new()),
+            seq: Mutex::new(seq),
+            locks: RangeLock::default(),
+            next_reader: AtomicUsize::new(0),
+            timeout,
+            counters: Counters::default(),
+            cipher: None,
+            encryption: String::new(),
+            connector: Arc::new(crate::replica::GrpcConnector {
+                timeout: timeout.min(Duration::from_secs(5)),
+                tls: None,
+            }),
+        }
+    }
+
+    /// Encrypts the volume's blocks with `cipher`; `params` are its stored parameters.
+    pub fn with_cipher(mut self, cipher: Option<Cipher>, params: String) -> Volume {
+        self.cipher = cipher.map(Arc::new);
+        self.encryption = params;
+        self
+    }
+
+    /// Reaches replicas that join later through `connector` (gRPC, with or without
+    /// TLS, or in memory).
+    pub fn with_connector(mut self, connector: Arc<dyn Connector>) -> Volume {
+        self.connector = connector;
+        self
+    }
+
+    /// How replicas that join later are reached.
+    pub fn connector(&self) -> &dyn Connector {
+        &*self.connector
+    }
+
+    /// The encryption parameters (empty when the volume is not encrypted).
+    pub fn encryption(&self) -> &str {
+        &self.encryption
+    }
+
+    /// How blocks are encrypted, for status output.
+    pub fn encryption_summary(&self) -> String {
+        match crate::crypt::Params::parse(&self.encryption, &self.name) {
+            Ok(p) if self.cipher.is_some() => format!(
+                "{} ({})",
+                p.cipher,
+                if p.kdf == "raw" {
+                    "32-byte key"
+                } else {
+                    "passphrase, argon2id"
+                }
+            ),
+            _ => "none".to_string(),
+        }
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The engine's epoch on this volume.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// NBD clients attached right now.
+    pub fn attached(&self) -> u64 {
+        self.attached.load(Ordering::Relaxed)
+    }
+
+    /// Sets the replica policy: `min` healthy replicas to accept writes, `desired` in all.
+    pub fn with_policy(mut self, min: usize, desired: usize, engine_id: u64) -> Volume {
+        self.min_replicas = min.max(1);
+        self.desired = desired;
+        self.engine_id = engine_id;
+        self
+    }
+
+    /// Fewer healthy replicas than this fail writes.
+    pub fn min_replicas(&self) -> usize {
+        self.min_replicas
+    }
+
+    /// The wanted number of replicas.
+    pub fn desired(&self) -> usize {
+        self.desired.max(self.replicas.read().len())
+    }
+
+    /// Fewer replicas are healthy than wanted.
+    pub fn degraded(&self) -> bool {
+        self.healthy_count() < self.desired()
+    }
+
+    /// The operation timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A healthy replica to read from or ask.
+    pub fn first_healthy(&self) -> Result<Arc<ReplicaConn>, VolumeError> {
+        self.replicas
+            .read()
+            .iter()
+            .find(|r| r.is_healthy())
+            .cloned()
+            .ok_or_else(|| self.no_replica())
+    }
+
+    /// Adds a replica to the write set (as a rebuild target, write-only), unless the
+    /// operator removed it while its rebuild ran; says whether it joined.
+    pub fn join(&self, r: Arc<ReplicaConn>, rebuild: &crate::progress::Progress) -> bool {
+        // Under the sequence lock: no write is half-queued while the set changes, and
+        // a removal (which takes it too) is either seen here or sees the new member.
+        let _seq = self.seq.lock();
+        if rebuild.is_cancelled() {
+            return false;
+        }
+        let mut reps = self.replicas.write();
+        match reps.iter().position(|x| x.addr == r.addr) {
+            Some(i) => reps[i] = r,
+            None => reps.push(r),
+        }
+        true
+    }
+
+    /// Turns a rebuilt replica read-write, unless the operator removed it meanwhile.
+    pub fn promote(&self, r: &ReplicaConn, rebuild: &crate::progress::Progress) -> bool {
+        let _seq = self.seq.lock();
+        if rebuild.is_cancelled() || !r.is_writable() {
+            return false;
+        }
+        r.set_rebuilding(false);
+        true
+    }
+
+    /// Registers a rebuild of `addr`: a `new` replica, or one of the volume's failed
+    /// replicas that may be retried. Under the sequence lock, like a removal, so a
+    /// removal either stops the rebuild or comes first and prevents it.
+    pub fn begin_rebuild(
+        &self,
+        addr: &str,
+        new: bool,
+    ) -> Result<Arc<crate::progress::Progress>, String> {
+        let _seq = self.seq.lock();
+        let mut rebuilds = self.rebuilds.lock();
+        if rebuilds.contains_key(addr) {
+            return Err(format!("replica {addr} is already rebuilding"));
+        }
+        if !new {
+            let retried = self
+                .replica(addr)
+                .and_then(|r| r.down())
+                .is_some_and(|d| d.retried());
+            if !retried {
+                return Err(format!("replica {addr} is not one to bring back"));
+            }
+        }
+        let p = Arc::new(crate::progress::Progress::new());
+        rebuilds.insert(addr.to_string(), p.clone());
+        Ok(p)
+    }
+
+    /// Unregisters the rebuild `p` of `addr` (not a later one of the same address).
+    pub fn end_rebuild(&self, addr: &str, p: &Arc<crate::progress::Progress>) {
+        let mut rebuilds = self.rebuilds.lock();
+        if rebuilds.get(addr).is_some_and(|x| Arc::ptr_eq(x, p)) {
+            rebuilds.remove(addr);
+        }
+    }
+
+    /// Removes the replica at `addr` from the volume, stopping its rebuild if one
+    /// runs; false if the volume has no such replica.
+    pub fn remove(&self, addr: &str) -> bool {
+        let _seq = self.seq.lock();
+        // A stopped rebuild no longer counts: snapshots and a new `add` may go on.
+        let rebuilding = match self.rebuilds.lock().remove(addr) {
+            Some(p) => {
+                p.cancel();
+                true
+            }
+            None => false,
+        };
+        self.retries.lock().remove(addr);
+        let mut reps = self.replicas.write();
+        match reps.iter().position(|x| x.addr == addr) {
+            Some(i) => {
+                // Also when already out (failed): it must not count as one to bring back.
+                reps.remove(i)
+                    .set_down(Down::Removed, "removed by the operator".into());
+                true
+            }
+            None => rebuilding,
+        }
+    }
+
+    /// The replica at `addr`, if the volume has one.
+    pub fn replica(&self, addr: &str) -> Option<Arc<ReplicaConn>> {
+        self.replicas
+            .read()
+            .iter()
+            .find(|r| r.addr == addr)
+            .cloned()
+    }
+
+    /// All replicas, healthy or not.
+    pub fn replicas(&self) -> Vec<Arc<ReplicaConn>> {
+        self.replicas.read().clone()
+    }
+
+    /// Replicas serving reads and counting for acknowledgements.
+    pub fn healthy_count(&self) -> usize {
+        self.replicas
+            .read()
+            .iter()
+            .filter(|r| r.is_healthy())
+            .count()
+    }
+
+    /// Whether a newer engine has fenced this one off.
+    pub fn is_fenced(&self) -> bool {
+        self.fence.is_tripped()
+    }
+
+    /// The fence this volume's replica connections trip.
+    pub fn fence(&self) -> Arc<Fence> {
+        self.fence.clone()
+    }
+
+    /// Fails the request if a newer engine has fenced this one off; then every
+    /// replica is let go, so nothing more reaches any of them from here.
+    fn check_fence(&self) -> Result<(), VolumeError> {
+        if !self.fence.is_tripped() {
+            return Ok(());
+        }
+        for r in self.replicas() {
+            r.mark_down(
+                Down::Fenced,
+                "a newer engine owns the volume; stop this engine".into(),
+            );
+        }
+        Err(VolumeError::Fenced(format!(
+            "volume {}: a newer engine has taken over this volume; this engine acknowledges nothing more: stop it",
+            self.name
+        )))
+    }
+
+    /// Drops `r` for the error it answered with; a fencing answer also trips the fence.
+    fn fail_err(&self, r: &ReplicaConn, e: &ReplicaError, what: &str) {
+        if let ReplicaError::Fenced(m) = e {
+            self.fence.trip(&r.addr, m);
+        }
+        self.drop_replica(r, e.down(), format!("{what}{e}"));
+    }
+
+    fn fail(&self, r: &ReplicaConn, reason: String) {
+        self.drop_replica(r, Down::Failed, reason)
+    }
+
+    fn drop_replica(&self, r: &ReplicaConn, kind: Down, reason: String) {
+        if r.mark_down(kind, reason) {
+            let left = self.healthy_count();
+            tracing::info!(volume = %self.name, healthy_left = left, "replica set shrank");
+            if left == 0 {
+                tracing::error!(volume = %self.name,
+                    "no healthy replica left: all I/O fails with EIO until the engine is restarted with a good replica");
+            }
+        }
+    }
+
+    fn no_replica(&self) -> VolumeError {
+        VolumeError::Io(format!("volume {}: no healthy replica", self.name))
+    }
+
+    /// Refuses writes while fewer than `--min-replicas` replicas are healthy.
+    fn check_quorum(&self) -> Result<(), VolumeError> {
+        let n = self.healthy_count();
+        if n < self.min_replicas {
+            return Err(VolumeError::Io(format!(
+                "volume {}: {n} healthy replica(s), below --min-replicas {}; writes are refused rather than kept on too few copies",
+                self.name, self.min_replicas
+            )));
+        }
+        Ok(())
+    }
+
+    /// Flushes and closes every replica stream cleanly.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.flush_inner().await {
+            tracing::error!(volume = %self.name, error = %e, "final flush failed");
+        }
+        let reps = self.replicas();
+        futures::future::join_all(reps.iter().map(|r| r.close(Duration::from_secs(5)))).await;
+    }
+
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// A client connected.
+    pub fn connection_opened(&self) {
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        self.attached.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A client went away.
+    pub fn connection_closed(&self) {
+        self.attached.fetch_sub(1, Ordering::Relaxed);
+    }
+}
