@@ -1,7 +1,16 @@
 //! Administration of a volume: snapshots (create, revert, delete) and expansion,
 //! each one cut through the write stream on every healthy replica.
 
-use super::*;
+use std::sync::atomic::Ordering;
+
+use tether_proto::replica::{
+    io_request::Op, DeleteSnapshotRequest, Expand, Revert, Snapshot, SnapshotsReply,
+    SnapshotsRequest,
+};
+
+use super::{Volume, BLOCK};
+use crate::error::VolumeError;
+use crate::replica::ReplicaError;
 
 impl Volume {
     /// Snapshots and space, as one healthy replica sees them.

@@ -1,7 +1,14 @@
 //! Fan-out and acknowledgement: every write, zero, trim and flush goes to every
 //! writable replica in one order, and is acknowledged only when all of them have it.
 
-use super::*;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+use tether_proto::replica::{io_request::Op, Flush, Write, Zero};
+
+use super::{zeroes, Volume, Waiting, BLOCK, ZEROES};
+use crate::error::VolumeError;
+use crate::replica::ReplicaError;
 
 impl Volume {
     /// Queues an operation that changes no block on every healthy replica, in order.

@@ -21,12 +21,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use parking_lot::Mutex;
-use tether_proto::replica::{
-    io_request::Op, DeleteSnapshotRequest, Expand, Flush, Read, Revert, Snapshot, SnapshotsReply,
-    SnapshotsRequest, Write, Zero,
-};
 use tokio::sync::oneshot;
 
 use crate::crypt::Cipher;

@@ -2,7 +2,15 @@
 //! seal on encrypted volumes); bad copies are repaired from a good one under the
 //! caller's hold of the blocks. Also verify, which compares every replica's copy.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tether_proto::replica::{io_request::Op, Read, Write};
+
+use super::{Held, Served, Volume, BLOCK};
+use crate::error::VolumeError;
+use crate::replica::{Payload, ReplicaConn, ReplicaError};
 
 impl Volume {
     /// Rewrites blocks that failed their checksum on `bad` replicas with a good copy
