@@ -5,6 +5,8 @@
 // Test code: a failed step stops the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod plain;
+use plain::Plain;
 use std::path::Path;
 use std::sync::Arc;
 

@@ -4,6 +4,8 @@
 // Test code: a failed step stops the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod plain;
+use plain::Plain;
 use std::sync::Arc;
 
 use tether_replica::disk::OsDisk;

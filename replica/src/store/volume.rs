@@ -282,12 +282,6 @@ impl Volume {
         v.save_meta(&mut inner, |m| m.clean = clean)
     }
 
-    /// Writes whole blocks starting at `block` as write sequence `seq` (unencrypted
-    /// volumes).
-    pub fn write_blocks(&self, seq: u64, block: u64, data: &[u8]) -> Result<(), StoreError> {
-        write::write_sealed(&self.core, seq, block, data, &[])
-    }
-
     /// Writes whole blocks with their seals (`SEAL_BYTES` per block on encrypted
     /// volumes, none otherwise).
     pub fn write_sealed(
@@ -314,12 +308,6 @@ impl Volume {
     /// process keeps what it acknowledged; the server calls it when a stream goes idle.
     pub fn settle(&self) -> Result<(), StoreError> {
         flush::settle(&self.core)
-    }
-
-    /// Reads `count` whole blocks of the head starting at `block`, verifying every
-    /// checksum.
-    pub fn read_blocks(&self, block: u64, count: u32) -> Result<Bytes, StoreError> {
-        Ok(self.read(None, block, count)?.0)
     }
 
     /// Reads whole blocks and their seals (all-zero seals for blocks never written)
