@@ -4,6 +4,7 @@
 pub mod control;
 pub mod crypt;
 pub mod error;
+pub mod membership;
 pub mod metrics;
 pub mod nbd;
 pub mod open;

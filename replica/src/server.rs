@@ -10,17 +10,17 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tether_proto::replica::replica_server::{Replica, ReplicaServer};
 use tether_proto::replica::{
-    io_request::Op, DeleteSnapshotReply, DeleteSnapshotRequest, ErrorCode, HashesReply,
+    io_request::Op, DeleteSnapshotReply, DeleteSnapshotRequest, ErrorCode, Generation, HashesReply,
     HashesRequest, InventoryReply, InventoryRequest, IoBatch, IoReply, IoReplyBatch, IoRequest,
-    MapReply, MapRequest, OpenReply, OpenRequest, SnapshotInfo, SnapshotsReply, SnapshotsRequest,
-    VolumeEntry,
+    MapReply, MapRequest, OpenReply, OpenRequest, RecordGenerationReply, RecordGenerationRequest,
+    SnapshotInfo, SnapshotsReply, SnapshotsRequest, VolumeEntry,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::disk::{Disk, OsDisk};
-use crate::store::{StoreError, StoreOptions, Volume, VolumeSet};
+use crate::store::{GenerationRecord, StoreError, StoreOptions, Volume, VolumeSet};
 
 use tether_proto::wire::MAX_MESSAGE;
 
@@ -125,6 +125,30 @@ fn code(e: &StoreError) -> ErrorCode {
     }
 }
 
+/// A stored generation as the wire carries it.
+pub fn to_wire(g: GenerationRecord) -> Generation {
+    Generation {
+        number: g.number,
+        epoch: g.epoch,
+        replicas: g.replicas,
+        in_sync: g.in_sync,
+        cause: g.cause,
+        salvage: g.salvage,
+    }
+}
+
+/// A generation from the wire, to store.
+pub fn from_wire(g: Generation) -> GenerationRecord {
+    GenerationRecord {
+        number: g.number,
+        epoch: g.epoch,
+        replicas: g.replicas,
+        in_sync: g.in_sync,
+        cause: g.cause,
+        salvage: g.salvage,
+    }
+}
+
 fn reply(id: u64, r: Result<(Bytes, Bytes), StoreError>) -> IoReply {
     match r {
         Ok((data, tags)) => IoReply {
@@ -217,6 +241,7 @@ impl Replica for ReplicaService {
                     clean,
                     rebuilding: vol.rebuilding(),
                     encryption: vol.encryption().unwrap_or_default(),
+                    generation: vol.generation().map(to_wire),
                 })
             },
             &name,
@@ -237,6 +262,30 @@ impl Replica for ReplicaService {
                 Err(status(e))
             }
         }
+    }
+
+    async fn record_generation(
+        &self,
+        req: Request<RecordGenerationRequest>,
+    ) -> Result<Response<RecordGenerationReply>, Status> {
+        let req = req.into_inner();
+        let Some(g) = req.generation else {
+            return Err(tether_proto::wire::status(
+                ErrorCode::Invalid,
+                format!("volume {}: a generation to record is required", req.volume),
+            ));
+        };
+        let vol = self.volumes.get(&req.volume).map_err(status)?;
+        let name = vol.name().to_string();
+        let stored = blocking(
+            move || vol.record_generation(req.epoch, req.engine_id, from_wire(g)),
+            &name,
+        )
+        .await
+        .map_err(status)?;
+        Ok(Response::new(RecordGenerationReply {
+            stored: Some(to_wire(stored)),
+        }))
     }
 
     type IoStream = ReplyStream;

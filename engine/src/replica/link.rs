@@ -12,7 +12,8 @@ use futures::Stream;
 use tether_proto::replica::replica_client::ReplicaClient;
 use tether_proto::replica::{
     DeleteSnapshotReply, DeleteSnapshotRequest, HashesReply, HashesRequest, IoBatch, IoReplyBatch,
-    MapReply, MapRequest, OpenReply, OpenRequest, SnapshotsReply, SnapshotsRequest,
+    MapReply, MapRequest, OpenReply, OpenRequest, RecordGenerationReply, RecordGenerationRequest,
+    SnapshotsReply, SnapshotsRequest,
 };
 use tether_proto::wire::MAX_MESSAGE;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -42,6 +43,11 @@ pub type Inbound = Pin<Box<dyn Stream<Item = Result<IoReplyBatch, Status>> + Sen
 pub trait ReplicaLink: Send + Sync + 'static {
     /// Opens (and creates, or takes an epoch on) a volume.
     async fn open(&self, req: OpenRequest) -> Result<OpenReply, Status>;
+    /// Stores a membership generation if it is newer than the one held.
+    async fn record_generation(
+        &self,
+        req: RecordGenerationRequest,
+    ) -> Result<RecordGenerationReply, Status>;
     /// Opens the ordered I/O stream (a future of its own, owning what it needs).
     fn io(&self, outbound: Outbound) -> BoxFuture<'static, Result<Inbound, Status>>;
     /// Lists a volume's snapshots and space.
@@ -78,6 +84,12 @@ impl ReplicaLink for NoLink {
     async fn open(&self, _: OpenRequest) -> Result<OpenReply, Status> {
         Err(Status::unavailable(self.0.clone()))
     }
+    async fn record_generation(
+        &self,
+        _: RecordGenerationRequest,
+    ) -> Result<RecordGenerationReply, Status> {
+        Err(Status::unavailable(self.0.clone()))
+    }
     fn io(&self, _: Outbound) -> BoxFuture<'static, Result<Inbound, Status>> {
         let why = self.0.clone();
         Box::pin(async move { Err(Status::unavailable(why)) })
@@ -109,6 +121,17 @@ pub struct GrpcLink {
 impl ReplicaLink for GrpcLink {
     async fn open(&self, req: OpenRequest) -> Result<OpenReply, Status> {
         Ok(self.client.clone().open(req).await?.into_inner())
+    }
+    async fn record_generation(
+        &self,
+        req: RecordGenerationRequest,
+    ) -> Result<RecordGenerationReply, Status> {
+        Ok(self
+            .client
+            .clone()
+            .record_generation(req)
+            .await?
+            .into_inner())
     }
     fn io(&self, outbound: Outbound) -> BoxFuture<'static, Result<Inbound, Status>> {
         let mut client = self.client.clone();

@@ -12,7 +12,8 @@ use parking_lot::Mutex;
 use tether_proto::replica::replica_server::Replica;
 use tether_proto::replica::{
     DeleteSnapshotReply, DeleteSnapshotRequest, HashesReply, HashesRequest, MapReply, MapRequest,
-    OpenReply, OpenRequest, SnapshotsReply, SnapshotsRequest,
+    OpenReply, OpenRequest, RecordGenerationReply, RecordGenerationRequest, SnapshotsReply,
+    SnapshotsRequest,
 };
 use tether_replica::ReplicaService;
 use tonic::{Request, Status};
@@ -41,6 +42,18 @@ impl ReplicaLink for LocalLink {
     async fn open(&self, req: OpenRequest) -> Result<OpenReply, Status> {
         self.check()?;
         Ok(self.service.open(Request::new(req)).await?.into_inner())
+    }
+
+    async fn record_generation(
+        &self,
+        req: RecordGenerationRequest,
+    ) -> Result<RecordGenerationReply, Status> {
+        self.check()?;
+        Ok(self
+            .service
+            .record_generation(Request::new(req))
+            .await?
+            .into_inner())
     }
 
     fn io(&self, outbound: Outbound) -> BoxFuture<'static, Result<Inbound, Status>> {

@@ -8,13 +8,43 @@ use tether_proto::wire::SEAL_SIZE as SEAL_BYTES;
 /// The block size every volume has, as meta records it.
 const BLOCK_SIZE: u32 = tether_proto::wire::BLOCK_SIZE as u32;
 
-/// Two slots per block (format 2 had one; such volumes are upgraded on open).
-const FORMAT: u32 = 4;
+/// Membership generations (format 4 had none; 2, one slot per block): older formats
+/// are upgraded on open, so that older versions refuse the volume rather than ignore
+/// its generation.
+const FORMAT: u32 = 6;
 /// Encrypted volumes (64-byte block records): older versions must refuse them.
-const FORMAT_SEALED: u32 = 5;
-/// Formats before the second slot, opened and upgraded.
-const OLD_FORMAT: u32 = 2;
-const OLD_FORMAT_SEALED: u32 = 3;
+const FORMAT_SEALED: u32 = 7;
+/// Formats opened and upgraded: one slot per block (2, 3), no generations (4, 5).
+const OLD_FORMATS: [u32; 2] = [2, 4];
+const OLD_FORMATS_SEALED: [u32; 2] = [3, 5];
+/// Generations kept in the history besides the current one (salvages stay for good).
+const HISTORY: usize = 32;
+
+/// A membership generation as a replica stores it: the replica orders them by
+/// (number, epoch) and does not interpret the rest (the engine's `membership` does).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GenerationRecord {
+    /// Grows by one with every change.
+    pub number: u64,
+    /// The epoch of the engine that made it.
+    pub epoch: u64,
+    /// Every replica of the volume.
+    pub replicas: Vec<String>,
+    /// The replicas holding every write acknowledged under it.
+    pub in_sync: Vec<String>,
+    /// What changed, in words, for status and for the operator.
+    pub cause: String,
+    /// An operator accepted possibly older data (a salvage): kept in the history for good.
+    #[serde(default)]
+    pub salvage: bool,
+}
+
+impl GenerationRecord {
+    /// The order of generations.
+    pub fn key(&self) -> (u64, u64) {
+        (self.number, self.epoch)
+    }
+}
 
 /// One layer of the tree: the head, or a frozen snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -49,6 +79,13 @@ pub(super) struct Meta {
     pub(super) head: u64,
     pub(super) next_layer: u64,
     pub(super) layers: Vec<LayerMeta>,
+    /// The newest membership generation this replica stored; none on volumes made
+    /// before generations, until an engine records the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) generation: Option<GenerationRecord>,
+    /// Earlier generations, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) history: Vec<GenerationRecord>,
 }
 
 impl Meta {
@@ -77,7 +114,27 @@ impl Meta {
                 name: None,
                 frozen_at: None,
             }],
+            generation: None,
+            history: Vec::new(),
         }
+    }
+
+    /// Makes `g` the current generation if it is newer, keeping the one it replaces
+    /// in the history; false if it is not newer.
+    pub(super) fn store_generation(&mut self, g: GenerationRecord) -> bool {
+        if self.generation.as_ref().is_some_and(|c| c.key() >= g.key()) {
+            return false;
+        }
+        if let Some(old) = self.generation.replace(g) {
+            self.history.push(old);
+        }
+        // The oldest ordinary entries go first; salvages stay.
+        while self.history.iter().filter(|h| !h.salvage).count() > HISTORY {
+            if let Some(i) = self.history.iter().position(|h| !h.salvage) {
+                self.history.remove(i);
+            }
+        }
+        true
     }
 
     /// Parses a meta file and checks this version can serve it; also says whether its
@@ -85,8 +142,8 @@ impl Meta {
     pub(super) fn decode(raw: &[u8]) -> Result<(Meta, bool), String> {
         let meta: Meta = serde_json::from_slice(raw).map_err(|e| format!("not valid: {e}"))?;
         let sealed = meta.tag_bytes != 0;
-        let format_ok = ([OLD_FORMAT, FORMAT].contains(&meta.format) && !sealed)
-            || ([OLD_FORMAT_SEALED, FORMAT_SEALED].contains(&meta.format)
+        let format_ok = ((OLD_FORMATS.contains(&meta.format) || meta.format == FORMAT) && !sealed)
+            || ((OLD_FORMATS_SEALED.contains(&meta.format) || meta.format == FORMAT_SEALED)
                 && meta.tag_bytes as usize == SEAL_BYTES);
         if !format_ok || meta.block_size != BLOCK_SIZE {
             return Err(format!(
@@ -94,7 +151,8 @@ impl Meta {
                 meta.format, meta.block_size, meta.tag_bytes
             ));
         }
-        let upgrade = [OLD_FORMAT, OLD_FORMAT_SEALED].contains(&meta.format);
+        let upgrade =
+            OLD_FORMATS.contains(&meta.format) || OLD_FORMATS_SEALED.contains(&meta.format);
         Ok((meta, upgrade))
     }
 

@@ -58,6 +58,7 @@ mod volume;
 mod write;
 
 pub use error::StoreError;
+pub use meta::GenerationRecord;
 pub use options::{validate_name, StoreOptions, DEFAULT_WAL_SIZE};
 pub use read::BAD_BLOCK_HASH;
 pub use set::{Inventory, VolumeEntry, VolumeSet};

@@ -16,7 +16,7 @@ use super::error::{Named, StoreError};
 use super::layer::{self, Layer};
 use super::log::codec::BLOCK;
 use super::log::Log;
-use super::meta::Meta;
+use super::meta::{GenerationRecord, Meta};
 use super::options::StoreOptions;
 use super::snapshot::SnapshotInfo;
 use super::{checkpoint, flush, read, record, snapshot, write};
@@ -229,6 +229,59 @@ impl Volume {
         })?;
         v.epoch.store(epoch, Ordering::Release);
         Ok(stored)
+    }
+
+    /// The newest membership generation stored here, if any.
+    pub fn generation(&self) -> Option<GenerationRecord> {
+        self.core.inner.read().meta.generation.clone()
+    }
+
+    /// Earlier generations, oldest first.
+    pub fn generation_history(&self) -> Vec<GenerationRecord> {
+        self.core.inner.read().meta.history.clone()
+    }
+
+    /// Stores generation `g` from engine `engine_id` at `epoch` if it is newer than the
+    /// one stored (an epoch newer than the stored one is taken, fencing older engines
+    /// here; an older one is refused). Returns the generation stored afterwards.
+    pub fn record_generation(
+        &self,
+        epoch: u64,
+        engine_id: u64,
+        g: GenerationRecord,
+    ) -> Result<GenerationRecord, StoreError> {
+        let v = &*self.core;
+        let _fence = v.epoch_lock.write();
+        let mut inner = v.inner.write();
+        let stored = self.epoch();
+        if epoch < stored {
+            return Err(StoreError::Fenced {
+                volume: self.name().to_string(),
+                epoch,
+                stored,
+            });
+        }
+        let mut next = inner.meta.clone();
+        let newer = next.store_generation(g.clone());
+        if newer || epoch > stored {
+            v.save_meta(&mut inner, |m| {
+                if epoch > m.epoch {
+                    m.engine_id = engine_id;
+                }
+                m.epoch = epoch;
+                m.generation = next.generation.take();
+                m.history = std::mem::take(&mut next.history);
+            })?;
+            v.epoch.store(epoch, Ordering::Release);
+            if newer {
+                tracing::info!(volume = %self.name(), number = g.number, epoch, cause = %g.cause,
+                    in_sync = ?g.in_sync, "membership generation stored");
+            }
+        }
+        match inner.meta.generation.clone() {
+            Some(g) => Ok(g),
+            None => Err(v.invalid("no generation stored".into())),
+        }
     }
 
     /// Runs `f` for an engine at `epoch` if that epoch may still issue requests, with
