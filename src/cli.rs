@@ -94,6 +94,10 @@ pub(crate) struct EngineArgs {
     /// Seconds a replica may take to answer before it is dropped.
     #[arg(long, default_value_t = 8.0)]
     pub(crate) timeout: f64,
+    /// Seconds I/O waits for a change of the in-sync replicas to be recorded on a
+    /// majority before it fails with EIO.
+    #[arg(long, default_value_t = 30.0)]
+    pub(crate) quorum_wait: f64,
     /// With fewer healthy replicas, writes fail with EIO instead of running on too few copies.
     #[arg(long, default_value_t = 1)]
     pub(crate) min_replicas: usize,

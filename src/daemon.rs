@@ -65,13 +65,14 @@ pub(crate) async fn run_engine(a: EngineArgs) -> Result<()> {
         nbd_listen: a.nbd_listen,
         nbd_socket: a.nbd_socket,
         control_socket,
-        timeout: Duration::from_secs_f64(a.timeout),
+        timeout: seconds("--timeout", a.timeout)?,
         min_replicas: a.min_replicas,
         desired_replicas: a.desired_replicas.unwrap_or(0),
         metrics_listen: a.metrics_listen,
         encryption_key,
         replica_tls,
         nbd_tls,
+        quorum_wait: seconds("--quorum-wait", a.quorum_wait)?,
     };
     tether_engine::run(cfg, shutdown_signal()).await?;
     Ok(())
@@ -102,4 +103,10 @@ pub(crate) fn engine_tls(a: &TlsArgs) -> Result<Option<tls::Identity>> {
         (Some(c), Some(k), Some(ca)) => Ok(Some(tls::Identity::load(c, k, ca)?)),
         _ => bail!("TLS towards replicas needs all of --tls-cert, --tls-key and --tls-ca"),
     }
+}
+
+/// A flag's seconds as a duration; a negative, infinite or NaN value is refused.
+fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|e| anyhow::anyhow!("{flag} {s}: {e}; give a number of seconds, 0 or more"))
 }

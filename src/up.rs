@@ -154,6 +154,7 @@ pub(crate) async fn up(o: UpOptions) -> Result<()> {
         replica_tls: engine_tls(&tls_args)?,
         encryption_key,
         nbd_tls: None,
+        quorum_wait: Duration::from_secs(30),
     };
     let security = match (&cfg.encryption_key, &cfg.replica_tls) {
         (Some(_), Some(_)) => format!(

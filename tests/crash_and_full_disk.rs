@@ -97,7 +97,7 @@ fn sigkill_replicas_mid_write_and_flush_loses_nothing_flushed() {
     // The replica killed first missed writes: it is stale and not served from; it
     // rebuilds online and rejoins.
     let log = c.engine().log_text();
-    assert!(log.contains("stale: revision"), "{log}");
+    assert!(log.contains("stale: not in sync"), "{log}");
     c.engine().wait_healthy("vol", 3, Duration::from_secs(60));
     check(&c, &flushed);
     let v = Command::new(BIN)

@@ -94,7 +94,7 @@ fn stale_replica_is_not_served_after_restart() {
     c.restart_all();
     // The replica that missed a write is not served from; it rebuilds and rejoins.
     let log = c.engine().log_text();
-    assert!(log.contains("stale: revision"), "{log}");
+    assert!(log.contains("stale: not in sync"), "{log}");
     for _ in 0..6 {
         let mut client = NbdClient::connect(c.engine().nbd, "vol").unwrap();
         assert_eq!(client.read(0, 4096).unwrap().unwrap(), vec![2u8; 4096]);

@@ -169,12 +169,22 @@ impl Engine for ControlService {
                 v.min_replicas()
             )));
         }
-        if !v.remove(&addr) {
+        let known = v.replica(&addr).is_some()
+            || v.generation().is_some_and(|g| g.replicas.contains(&addr));
+        if !known {
             return Err(Status::not_found(format!(
                 "volume {}: no replica {addr}",
                 v.name()
             )));
         }
+        // Out of the volume's replicas on a majority first: a replica removed only
+        // here could still be counted, or served from, by a later engine.
+        v.record(crate::membership::Change::Remove(addr.clone()))
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!("volume {}: removing {addr}: {e}", v.name()))
+            })?;
+        v.remove(&addr);
         tracing::info!(volume = %v.name(), replica = %addr, "replica removed by the operator");
         Ok(Response::new(ReplicaReply {}))
     }

@@ -53,6 +53,8 @@ pub struct EngineConfig {
     pub replica_tls: Option<tls::Identity>,
     /// TLS for NBD clients (`NBD_OPT_STARTTLS`); when set, plaintext is refused.
     pub nbd_tls: Option<tls::NbdTls>,
+    /// How long I/O waits for a membership change to count before it fails with EIO.
+    pub quorum_wait: Duration,
 }
 
 /// Why the engine could not start or stopped.
@@ -64,6 +66,13 @@ pub enum EngineError {
     /// No replica could serve the volume.
     #[error("volume {volume}: no replica can serve it: {details}")]
     NoReplica { volume: String, details: String },
+    /// The membership rule does not let this engine serve yet.
+    #[error("volume {volume}: not serving yet: {why}; waiting for {}", if waiting_for.is_empty() { "an operator (see `tether volume salvage`)".to_string() } else { waiting_for.join(", ") })]
+    Waiting {
+        volume: String,
+        why: String,
+        waiting_for: Vec<String>,
+    },
     /// Another engine took a newer epoch on a replica while this one was opening.
     #[error("volume {volume}: {details}; another engine took the volume while this one was opening it, so this one does not serve: stop the other engine, or start this one again to take over")]
     Raced { volume: String, details: String },
@@ -126,6 +135,29 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
             e,
         )
     })?;
+    // A taken NBD address fails now, before any replica is touched; the engine
+    // listens for NBD clients only once it serves.
+    if let Some(a) = cfg.nbd_listen {
+        drop(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| listen_err(format!("NBD address {a}"), e))?,
+        );
+    }
+    // Until the membership rule lets it serve, the engine keeps asking.
+    tokio::pin!(shutdown);
+    let volume = loop {
+        match open_volume(&cfg).await {
+            Err(e @ EngineError::Waiting { .. }) => {
+                tracing::warn!(volume = %cfg.volume, error = %e, "waiting before serving; trying again");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+            r => break r?,
+        }
+    };
     let tcp = match cfg.nbd_listen {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
@@ -144,7 +176,6 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
         }
         None => None,
     };
-    let volume = open_volume(&cfg).await?;
     if let Err(e) = volume.space().await {
         tracing::warn!(volume = %cfg.volume, error = %e, "cannot list snapshots yet");
     }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use tether_proto::replica::OpenRequest;
 
+use crate::membership::{self, Plan, Report};
 use crate::replica::{Connector, Fence, GrpcConnector, ReplicaConn};
+use crate::volume::generation;
 use crate::volume::{self, Volume};
 use crate::{crypt, EngineConfig, EngineError};
 
@@ -218,43 +220,84 @@ pub async fn open_volume_with(
             details: raced.join("; "),
         });
     }
-    // Only the replicas with the highest durable revision may serve: a lower one
-    // missed writes while it was away. Read after the epoch is taken, so no older
-    // engine moves it any more.
-    // A replica with an unfinished rebuild may have the newest writes but miss older
-    // ones: its revision proves nothing, so it never counts as fresh.
+    // Who may serve is the membership rule's to say (`crate::membership`), from what
+    // the replicas reported after this engine's epoch was taken there: no older
+    // engine moves their state any more.
+    let reports: Vec<Report> = fresh
+        .iter()
+        .map(|(c, r)| Report {
+            id: c.addr.clone(),
+            generation: r.generation.as_ref().map(generation::from_wire),
+            revision: r.revision,
+            rebuilding: r.rebuilding,
+            clean: r.clean,
+        })
+        .collect();
+    let (base, next, serving) = match membership::plan_open(&cfg.replicas, &reports, epoch) {
+        Plan::Serve {
+            base, next, fresh, ..
+        } => (base, next, fresh),
+        Plan::Wait { why, waiting_for } => {
+            return Err(EngineError::Waiting {
+                volume: name,
+                why,
+                waiting_for: waiting_for.into_iter().collect(),
+            })
+        }
+    };
+    let reached: Vec<Arc<ReplicaConn>> = fresh.iter().map(|(c, _)| c.clone()).collect();
+    let recording = generation::Recording {
+        volume: &cfg.volume,
+        epoch,
+        engine_id,
+        timeout: take_timeout,
+    };
+    let stored = recording.store(&reached, &next, "open").await;
+    if !base.counts(&stored) {
+        return Err(EngineError::Waiting {
+            volume: name,
+            why: format!(
+                "generation {} (this engine's open) is stored on {} replica(s) of {}; {} are needed",
+                next.number,
+                stored.intersection(&base.replicas).count(),
+                base.replicas.len(),
+                base.majority()
+            ),
+            waiting_for: base.replicas.difference(&stored).cloned().collect(),
+        });
+    }
     let newest = fresh
         .iter()
-        .filter(|(_, r)| !r.rebuilding)
+        .filter(|(c, _)| serving.contains(&c.addr))
         .map(|(_, r)| r.revision)
         .max()
         .unwrap_or(0);
-    let best: Vec<&str> = fresh
-        .iter()
-        .filter(|(_, r)| r.revision == newest && !r.rebuilding)
-        .map(|(c, _)| c.addr.as_str())
-        .collect();
-    let all_dirty = fresh.iter().all(|(_, r)| !r.clean);
-    tracing::info!(volume = %cfg.volume, revision = newest, serving = ?best, all_dirty,
-        "serving from the replicas with the highest durable revision{}",
-        if all_dirty { " (none closed cleanly: the highest revision is the freshest that is provable)" } else { "" });
-    // Round 3: open the stream on every fresh replica; the others get rebuilt.
-    let taken = futures::future::join_all(fresh.into_iter().map(|(c, r)| async move {
-        if r.rebuilding {
-            return (
-                c,
-                Err("stale: its rebuild did not finish; it rebuilds again".to_string()),
-            );
+    tracing::info!(volume = %cfg.volume, generation = next.number, revision = newest, serving = ?serving,
+        "serving from the in-sync replicas of the newest generation");
+    // Round 3: open the stream on every replica served from; the others get rebuilt.
+    let taken = futures::future::join_all(fresh.into_iter().map(|(c, r)| {
+        let serving = &serving;
+        let base = &base;
+        async move {
+            if !serving.contains(&c.addr) {
+                let why = if r.rebuilding {
+                    "stale: its rebuild did not finish; it rebuilds again".to_string()
+                } else if !base.in_sync.contains(&c.addr) {
+                    format!(
+                        "stale: not in sync in generation {}; it needs a rebuild",
+                        base.number
+                    )
+                } else {
+                    format!(
+                        "stale: revision {} is behind the newest {newest}; it needs a rebuild",
+                        r.revision
+                    )
+                };
+                return (c, Err(why));
+            }
+            let res = c.start(epoch).await;
+            (c, res)
         }
-        if r.revision < newest {
-            let why = format!(
-                "stale: revision {} is behind the newest {newest}; it needs a rebuild",
-                r.revision
-            );
-            return (c, Err(why));
-        }
-        let res = c.start(epoch).await;
-        (c, res)
     }))
     .await;
     for (c, res) in taken {
@@ -277,6 +320,7 @@ pub async fn open_volume_with(
     Ok(Arc::new(
         Volume::new(&cfg.volume, size, epoch, conns, newest, cfg.timeout, fence)
             .with_policy(cfg.min_replicas, cfg.desired_replicas, engine_id)
+            .with_generation(Some(next), cfg.quorum_wait)
             .with_cipher(cipher, params)
             .with_connector(connector),
     ))

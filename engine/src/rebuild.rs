@@ -23,6 +23,7 @@ use tether_proto::replica::{
     SnapshotsRequest, Write,
 };
 
+use crate::membership::Change;
 use crate::progress::{Progress, Retry};
 use crate::replica::{Down, ReplicaConn};
 use crate::volume::{Volume, BLOCK};
@@ -228,6 +229,12 @@ async fn rebuild(
 
 async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), RebuildError> {
     let source = vol.first_healthy().map_err(|e| e.to_string())?;
+    // A new replica becomes one of the volume's (a voter) before it gets any data.
+    if vol.generation().is_some_and(|g| !g.replicas.contains(addr)) {
+        vol.record(Change::Add(addr.to_string()))
+            .await
+            .map_err(|e| format!("replica {addr} cannot be added: {e}"))?;
+    }
     let link = vol
         .connector()
         .connect(addr)
@@ -365,6 +372,10 @@ async fn fill(
         "finishing the rebuild",
     )
     .await?;
+    // In sync from here on: recorded on a majority before anyone relies on it.
+    vol.record(Change::Join(addr.to_string()))
+        .await
+        .map_err(|e| format!("replica {addr}: its rebuild finished but cannot be recorded: {e}"))?;
     // Under the set's lock, like a removal: a replica removed meanwhile stays out.
     if !vol.promote(target, progress) {
         progress.check(addr)?;

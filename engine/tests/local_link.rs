@@ -1,7 +1,8 @@
 //! The volume core over the in-memory replica link (`replica::local`): the real
 //! replica service and store in this process, no network. What a write acknowledges
-//! is on every replica; a replica whose link is cut drops out while writes go on, and
-//! a later engine opening from it alone finds only what it had.
+//! is on every replica; a replica whose link is cut drops out while writes go on (the
+//! drop recorded on a majority), and a later engine that reaches only it waits instead
+//! of serving what it had.
 
 // Test code: a failed step stops the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -32,6 +33,7 @@ fn cfg(replicas: &[&str], dir: &std::path::Path) -> EngineConfig {
         encryption_key: None,
         replica_tls: None,
         nbd_tls: None,
+        quorum_wait: Duration::from_secs(30),
     }
 }
 
@@ -49,10 +51,10 @@ async fn read(vol: &Volume, block: usize, blocks: usize) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_reach_every_replica_and_a_cut_replica_keeps_only_what_it_had() {
+async fn writes_reach_every_replica_and_a_cut_replica_is_never_served_alone() {
     let dir = tempfile::tempdir().unwrap();
     let c = Arc::new(LocalConnector::default());
-    for name in ["a", "b"] {
+    for name in ["a", "b", "c"] {
         let svc = tether_replica::ReplicaService::new(
             &dir.path().join(name),
             tether_replica::StoreOptions::default(),
@@ -61,37 +63,49 @@ async fn writes_reach_every_replica_and_a_cut_replica_keeps_only_what_it_had() {
         c.add(name, svc);
     }
 
-    let vol = open(&c, &["a", "b"], dir.path()).await;
+    let vol = open(&c, &["a", "b", "c"], dir.path()).await;
     let first = Bytes::from(vec![0x11u8; 32 * BLK]);
     vol.write(0, first.clone(), false).await.unwrap();
     vol.flush().await.unwrap();
     assert_eq!(read(&vol, 0, 32).await, first);
-    // Both replicas hold it: every block's copies agree.
+    // Every replica holds it: every block's copies agree.
     let problems = vol.verify_chunk(0, 256).await;
     assert!(problems.is_empty(), "{problems:?}");
 
-    // Replica b falls off; the next write drops it and is acknowledged by a alone.
-    c.cut("b", true);
+    // Replica c falls off; the next write drops it (recorded on a and b, a majority)
+    // and is acknowledged without it.
+    c.cut("c", true);
     let second = Bytes::from(vec![0x22u8; 8 * BLK]);
     vol.write((64 * BLK) as u64, second.clone(), false)
         .await
         .unwrap();
     vol.flush().await.unwrap();
-    let b_state = vol.replica("b").unwrap().state();
+    let c_state = vol.replica("c").unwrap().state();
     assert!(
-        matches!(b_state, ReplicaState::Failed { .. }),
-        "b is still {}",
-        b_state.name()
+        matches!(c_state, ReplicaState::Failed { .. }),
+        "c is still {}",
+        c_state.name()
     );
+    assert!(!vol.generation().unwrap().in_sync.contains("c"));
     assert_eq!(read(&vol, 64, 8).await, second);
     vol.shutdown().await;
 
-    // A later engine that reaches only b reads what b had: the first write, and not
-    // the second (which b never saw).
-    c.cut("b", false);
+    // An engine that reaches only c (which missed the second write) does not serve:
+    // it waits for the replicas of the newest generation.
+    c.cut("c", false);
     c.cut("a", true);
-    let later = open(&c, &["b"], dir.path()).await;
+    c.cut("b", true);
+    match tether_engine::open_volume_with(&cfg(&["a", "b", "c"], dir.path()), c.clone()).await {
+        Err(tether_engine::EngineError::Waiting { waiting_for, .. }) => {
+            assert!(waiting_for.contains(&"a".to_string()), "{waiting_for:?}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("served from the stale replica alone"),
+    }
+    // With a back, it serves a's data, second write included; c is rebuilt.
+    c.cut("a", false);
+    let later = open(&c, &["a", "b", "c"], dir.path()).await;
     assert_eq!(read(&later, 0, 32).await, first);
-    assert_eq!(read(&later, 64, 8).await, vec![0u8; 8 * BLK]);
+    assert_eq!(read(&later, 64, 8).await, second);
     later.shutdown().await;
 }

@@ -46,6 +46,7 @@ async fn open(replicas: Vec<String>, dir: &std::path::Path) -> Arc<Volume> {
         encryption_key: None,
         replica_tls: None,
         nbd_tls: None,
+        quorum_wait: Duration::from_secs(30),
     };
     tether_engine::open_volume(&cfg).await.unwrap()
 }

@@ -358,6 +358,33 @@ impl Cluster {
         }
     }
 
+    /// Starts an engine without waiting for it to serve (it may wait for replicas).
+    pub fn spawn_engine(&mut self) -> SocketAddr {
+        let nbd: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let control = self.dir.path().join(format!("control-{}.sock", nbd.port()));
+        let log = self.dir.path().join(format!("engine-{}.log", nbd.port()));
+        let child = self
+            .engine_command(None, nbd, &control)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawning the engine");
+        self.engine = Some(Engine {
+            nbd,
+            control,
+            child: Some(child),
+            log,
+        });
+        nbd
+    }
+
+    /// Restarts replica `i` on its old address and data.
+    pub fn restart_replica(&mut self, i: usize) {
+        let r = &self.replicas[i];
+        let (dir, port, args) = (r.dir.clone(), r.addr.port(), r.args.clone());
+        self.replicas[i] = Replica::start_with(&dir, port, &args);
+    }
+
     pub fn engine(&self) -> &Engine {
         self.engine.as_ref().unwrap()
     }

@@ -61,7 +61,7 @@ impl Volume {
                 Err(VolumeError::Io(e))
             }
             None if ok == 0 => Err(self.no_replica()),
-            None => Ok(()),
+            None => self.record_drops().await,
         }
     }
 
@@ -125,6 +125,9 @@ impl Volume {
                 self.name, self.min_replicas
             )));
         }
+        // A replica that missed this write must be out of the in-sync set, durably,
+        // before the write is acknowledged.
+        self.record_drops().await?;
         Ok(())
     }
 

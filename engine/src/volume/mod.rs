@@ -14,6 +14,7 @@
 
 mod admin;
 mod fanout;
+pub mod generation;
 mod read;
 
 use std::collections::HashMap;
@@ -104,6 +105,14 @@ pub struct Volume {
     encryption: String,
     /// Reaches replicas that join later.
     connector: Arc<dyn Connector>,
+    /// The membership generation this engine serves under (`None` until recorded).
+    generation: Mutex<Option<crate::membership::Generation>>,
+    /// One membership change at a time.
+    recording: tokio::sync::Mutex<()>,
+    /// A replica left service since the last drop was recorded.
+    dropped: std::sync::atomic::AtomicBool,
+    /// How long I/O waits for a membership change to count before it fails.
+    quorum_wait: Duration,
 }
 
 /// The gate (shared) and the range lock over `[start, end)`, held together.
@@ -171,6 +180,10 @@ impl Volume {
                 timeout: timeout.min(Duration::from_secs(5)),
                 tls: None,
             }),
+            generation: Mutex::new(None),
+            recording: tokio::sync::Mutex::new(()),
+            dropped: std::sync::atomic::AtomicBool::new(false),
+            quorum_wait: Duration::from_secs(30),
         }
     }
 
@@ -178,6 +191,18 @@ impl Volume {
     pub fn with_cipher(mut self, cipher: Option<Cipher>, params: String) -> Volume {
         self.cipher = cipher.map(Arc::new);
         self.encryption = params;
+        self
+    }
+
+    /// Serves under membership generation `g`, waiting up to `quorum_wait` for a
+    /// change to count before failing I/O.
+    pub fn with_generation(
+        mut self,
+        g: Option<crate::membership::Generation>,
+        quorum_wait: Duration,
+    ) -> Volume {
+        self.generation = Mutex::new(g);
+        self.quorum_wait = quorum_wait;
         self
     }
 
@@ -419,6 +444,7 @@ impl Volume {
 
     fn drop_replica(&self, r: &ReplicaConn, kind: Down, reason: String) {
         if r.mark_down(kind, reason) {
+            self.dropped.store(true, Ordering::SeqCst);
             let left = self.healthy_count();
             tracing::info!(volume = %self.name, healthy_left = left, "replica set shrank");
             if left == 0 {

@@ -1,0 +1,214 @@
+//! The volume's membership generation while it serves: every change of who is in
+//! sync is recorded on the replicas, and counts only once a majority of the previous
+//! generation's replicas stored it (the rule is `crate::membership`). Until a needed
+//! change counts, nothing that depends on it is acknowledged: I/O waits up to
+//! `quorum_wait`, then fails with EIO.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tether_proto::replica::RecordGenerationRequest;
+
+use super::Volume;
+use crate::error::VolumeError;
+use crate::membership::{Change, Generation};
+
+/// A generation as the wire carries it, with what changed.
+pub fn to_wire(g: &Generation, cause: &str) -> tether_proto::replica::Generation {
+    tether_proto::replica::Generation {
+        number: g.number,
+        epoch: g.epoch,
+        replicas: g.replicas.iter().cloned().collect(),
+        in_sync: g.in_sync.iter().cloned().collect(),
+        cause: cause.to_string(),
+        salvage: false,
+    }
+}
+
+/// A generation from the wire.
+pub fn from_wire(g: &tether_proto::replica::Generation) -> Generation {
+    Generation {
+        number: g.number,
+        epoch: g.epoch,
+        replicas: g.replicas.iter().cloned().collect(),
+        in_sync: g.in_sync.iter().cloned().collect(),
+    }
+}
+
+/// Who records a generation, and how long a replica may take.
+pub struct Recording<'a> {
+    /// The volume.
+    pub volume: &'a str,
+    /// The recording engine's epoch and id.
+    pub epoch: u64,
+    pub engine_id: u64,
+    /// How long one replica may take to answer.
+    pub timeout: Duration,
+}
+
+impl Recording<'_> {
+    /// Sends `g` to each of `reps`; returns the ones that stored it (or hold it or a
+    /// newer one already). A fencing refusal trips the engine's fence.
+    pub async fn store(
+        &self,
+        reps: &[std::sync::Arc<crate::replica::ReplicaConn>],
+        g: &Generation,
+        cause: &str,
+    ) -> BTreeSet<String> {
+        let calls = reps.iter().map(|r| {
+            let req = RecordGenerationRequest {
+                volume: self.volume.to_string(),
+                epoch: self.epoch,
+                engine_id: self.engine_id,
+                generation: Some(to_wire(g, cause)),
+            };
+            async move {
+                let res = tokio::time::timeout(self.timeout, r.link().record_generation(req)).await;
+                (r, res)
+            }
+        });
+        let mut stored = BTreeSet::new();
+        for (r, res) in futures::future::join_all(calls).await {
+            match res {
+                Ok(Ok(reply)) => {
+                    if reply
+                        .stored
+                        .as_ref()
+                        .is_some_and(|s| from_wire(s).key() >= g.key())
+                    {
+                        stored.insert(r.addr.clone());
+                    }
+                }
+                Ok(Err(s)) => r.check_fenced(&s),
+                Err(_) => {}
+            }
+        }
+        stored
+    }
+}
+
+impl Volume {
+    /// The generation this engine serves under.
+    pub fn generation(&self) -> Option<Generation> {
+        self.generation.lock().clone()
+    }
+
+    /// Records `change` on every replica this engine knows, retrying until it counts
+    /// or `quorum_wait` passes.
+    pub async fn record(&self, change: Change) -> Result<(), VolumeError> {
+        let _one = self.recording.lock().await;
+        let deadline = Instant::now() + self.quorum_wait;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.record_once(&change).await {
+                Ok(()) => return Ok(()),
+                // A change the rule refuses does not become possible by waiting.
+                Err(e @ VolumeError::Invalid(_)) => return Err(e),
+                Err(e) if Instant::now() + pause >= deadline => return Err(e),
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, error = %e, "membership change does not count yet; I/O waits");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+            self.check_fence()?;
+        }
+    }
+
+    async fn record_once(&self, change: &Change) -> Result<(), VolumeError> {
+        let Some(current) = self.generation() else {
+            return Ok(());
+        };
+        if let Change::Remove(r) = change {
+            if !current.replicas.contains(r) {
+                return Ok(());
+            }
+        }
+        let next = current.next(self.epoch, change).map_err(|e| {
+            VolumeError::Invalid(format!(
+                "volume {}: {change:?} cannot be made: {e}",
+                self.name
+            ))
+        })?;
+        if next.in_sync == current.in_sync && next.replicas == current.replicas {
+            return Ok(());
+        }
+        let cause = match change {
+            Change::Open { .. } => "open".to_string(),
+            Change::Drop(r) => format!("drop {r}"),
+            Change::Join(r) => format!("join {r}"),
+            Change::Add(r) => format!("add {r}"),
+            Change::Remove(r) => format!("remove {r}"),
+        };
+        let stored = self.store_everywhere(&next, &cause).await;
+        self.check_fence()?;
+        if !current.counts(&stored) {
+            return Err(VolumeError::Io(format!(
+                "volume {}: generation {} ({cause}) is stored on {} of {}; {} are needed",
+                self.name,
+                next.number,
+                stored.len(),
+                current.replicas.len(),
+                current.majority()
+            )));
+        }
+        tracing::info!(volume = %self.name, number = next.number, %cause, in_sync = ?next.in_sync, "membership generation counts");
+        *self.generation.lock() = Some(next);
+        Ok(())
+    }
+
+    /// Sends `g` to every replica this engine has a connection to; returns the ones
+    /// that stored it (or hold it already).
+    async fn store_everywhere(&self, g: &Generation, cause: &str) -> BTreeSet<String> {
+        let reps = self.replicas();
+        let to = Recording {
+            volume: &self.name,
+            epoch: self.epoch,
+            engine_id: self.engine_id,
+            timeout: self.timeout,
+        };
+        to.store(&reps, g, cause).await
+    }
+
+    /// Records the drop of every in-sync replica that is out of service now; called
+    /// before acknowledging a request that such a replica missed.
+    pub(super) async fn record_drops(&self) -> Result<(), VolumeError> {
+        // Cheap on the hot path: a flag set by the volume's own drops, and a look at
+        // the in-sync replicas' state for the ones whose stream ended by itself.
+        let flagged = self.dropped.swap(false, Ordering::SeqCst);
+        let lost = {
+            let g = self.generation.lock();
+            let Some(g) = g.as_ref() else {
+                return Ok(());
+            };
+            let reps = self.replicas.read();
+            g.in_sync
+                .iter()
+                .any(|r| !reps.iter().any(|c| &c.addr == r && c.is_healthy()))
+        };
+        if !flagged && !lost {
+            return Ok(());
+        }
+        let Some(g) = self.generation() else {
+            return Ok(());
+        };
+        let healthy: BTreeSet<String> = self
+            .replicas()
+            .iter()
+            .filter(|r| r.is_healthy())
+            .map(|r| r.addr.clone())
+            .collect();
+        for r in g.in_sync.difference(&healthy) {
+            if let Err(e) = self.record(Change::Drop(r.clone())).await {
+                // Not acknowledged; the next request tries again.
+                self.dropped.store(true, Ordering::SeqCst);
+                return Err(match e {
+                    VolumeError::Invalid(m) => VolumeError::Io(m),
+                    e => e,
+                });
+            }
+        }
+        Ok(())
+    }
+}
