@@ -175,6 +175,23 @@ pub(crate) enum VolumeCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Accept the data of some replicas knowingly, when the ones holding newer writes
+    /// are gone for good: a waiting engine then serves from them. Recorded for good.
+    Salvage {
+        /// Volume name.
+        volume: String,
+        /// Serve from these replicas (their data is accepted as it is).
+        #[arg(long = "from", required = true)]
+        from: Vec<String>,
+        /// Every replica of the volume still reachable, `--from` ones included.
+        #[arg(long = "replica", required = true)]
+        replicas: Vec<String>,
+        /// Confirms that writes only the other replicas hold may be lost.
+        #[arg(long)]
+        accept_data_loss: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
 }
 
 #[derive(clap::Args)]

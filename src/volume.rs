@@ -1,4 +1,4 @@
-//! `tether volume status|expand|verify`.
+//! `tether volume status|expand|verify|salvage`.
 
 use anyhow::{bail, Result};
 
@@ -23,6 +23,39 @@ pub(crate) async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
             Ok(())
         }
         VolumeCmd::Verify { target } => verify(&target).await,
+        VolumeCmd::Salvage {
+            volume,
+            from,
+            replicas,
+            accept_data_loss,
+            tls,
+        } => {
+            if !accept_data_loss {
+                bail!(
+                    "volume {volume}: a salvage serves {} as they are and gives up every write only the other replicas hold; if those are gone for good, run again with --accept-data-loss",
+                    from.join(", ")
+                );
+            }
+            let connector = tether_engine::replica::GrpcConnector {
+                timeout: std::time::Duration::from_secs(5),
+                tls: crate::daemon::engine_tls(&tls)?,
+            };
+            let g = tether_engine::open::salvage(
+                &volume,
+                &replicas,
+                &from,
+                &connector,
+                std::time::Duration::from_secs(30),
+            )
+            .await?;
+            println!(
+                "volume {volume}: salvage recorded as generation {}: serving from {} once an engine opens it; replicas {}",
+                g.number,
+                g.in_sync.iter().cloned().collect::<Vec<_>>().join(", "),
+                g.replicas.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+            Ok(())
+        }
     }
 }
 

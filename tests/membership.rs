@@ -67,16 +67,17 @@ fn after_a_power_outage_the_stalest_replica_back_first_is_not_served() {
     assert_eq!(served(&mut c, nbd), vec![B; 4096]);
 }
 
-#[test]
-fn a_rebuild_then_a_restart_does_not_serve_the_older_lineage() {
-    let mut c = Cluster::start(3, "16M");
+/// Issue 13's first sequence up to the restart: r1 missed B, r4 was rebuilt with it,
+/// then r2 and r3 went down; an engine on r1 and r4 waits. Returns its NBD address
+/// and r4's.
+fn rebuild_then_restart(c: &mut Cluster) -> (SocketAddr, String) {
     write_flush(c.engine().nbd, A);
     c.replicas[0].kill9();
     write_flush(c.engine().nbd, B);
     // r4 is added and rebuilt from r2 or r3.
     let r4 = Replica::start(&c.dir.path().join("r4"), free_port());
-    c.engine()
-        .ctl_ok(&["replica", "add", "vol", &r4.addr.to_string()]);
+    let r4_addr = r4.addr.to_string();
+    c.engine().ctl_ok(&["replica", "add", "vol", &r4_addr]);
     c.engine().wait_healthy("vol", 3, Duration::from_secs(60));
     c.engine.as_mut().unwrap().kill9();
     // r2 and r3 are down; r1 (which missed B) and r4 (which has it) are up.
@@ -85,8 +86,56 @@ fn a_rebuild_then_a_restart_does_not_serve_the_older_lineage() {
     c.restart_replica(0);
     c.replicas.push(r4);
     let nbd = c.spawn_engine();
-    assert_waits(&c, nbd);
+    assert_waits(c, nbd);
+    (nbd, r4_addr)
+}
+
+#[test]
+fn a_rebuild_then_a_restart_does_not_serve_the_older_lineage() {
+    let mut c = Cluster::start(3, "16M");
+    let (nbd, _) = rebuild_then_restart(&mut c);
     // r2 returns beside r4: three of the four replicas of the newest generation.
     c.restart_replica(1);
     assert_eq!(served(&mut c, nbd), vec![B; 4096]);
+}
+
+#[test]
+fn a_salvage_serves_what_the_operator_chose_and_is_refused_without_confirmation() {
+    let mut c = Cluster::start(3, "16M");
+    let (nbd, r4) = rebuild_then_restart(&mut c);
+    let r1 = c.replicas[0].addr.to_string();
+    let salvage = |confirm: bool| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args([
+            "volume",
+            "salvage",
+            "vol",
+            "--from",
+            &r4,
+            "--replica",
+            &r1,
+            "--replica",
+            &r4,
+        ]);
+        if confirm {
+            cmd.arg("--accept-data-loss");
+        }
+        cmd.output().unwrap()
+    };
+    let refused = salvage(false);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("--accept-data-loss"), "{why}");
+    assert!(TcpStream::connect(nbd).is_err(), "served without a salvage");
+    let done = salvage(true);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    // The waiting engine serves from r4, which holds B.
+    assert_eq!(served(&mut c, nbd), vec![B; 4096]);
+    // The salvage stays in r4's generation history for good.
+    let meta = std::fs::read_to_string(c.replicas[3].dir.join("volumes/vol/meta")).unwrap();
+    assert!(meta.contains("\"salvage\": true"), "{meta}");
 }

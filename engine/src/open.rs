@@ -420,3 +420,122 @@ fn encryption_for(
     tracing::info!(volume = %cfg.volume, "encryption key checked");
     Ok((params.to_string(), Some(c)))
 }
+
+/// An operator's salvage of `volume`: takes a new epoch on every replica in
+/// `replicas` that answers (fencing any engine serving it), and records there a
+/// generation, marked as a salvage, in which only `from` are in sync and the replicas
+/// reached are the volume's. A waiting engine then serves from `from`; writes that
+/// only other replicas held are given up. Returns the generation recorded.
+pub async fn salvage(
+    volume: &str,
+    replicas: &[String],
+    from: &[String],
+    connector: &dyn Connector,
+    timeout: Duration,
+) -> Result<membership::Generation, EngineError> {
+    let err = |msg: String| EngineError::Config {
+        volume: volume.to_string(),
+        msg,
+    };
+    if let Some(f) = from.iter().find(|f| !replicas.contains(f)) {
+        return Err(err(format!(
+            "--from {f} is not among the --replica addresses"
+        )));
+    }
+    let fence = Fence::new(volume);
+    let mut reached = Vec::new();
+    let mut problems = Vec::new();
+    for addr in replicas {
+        let link = match connector.connect(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        let conn = ReplicaConn::new(addr, volume, link, fence.clone());
+        let req = OpenRequest {
+            volume: volume.to_string(),
+            ..Default::default()
+        };
+        match tokio::time::timeout(timeout, conn.open(req)).await {
+            Ok(Ok(reply)) => reached.push((conn, reply)),
+            Ok(Err(s)) => problems.push(format!("replica {addr}: {}", s.message())),
+            Err(_) => problems.push(format!("replica {addr}: no answer within {timeout:?}")),
+        }
+    }
+    for f in from {
+        if !reached.iter().any(|(c, _)| &c.addr == f) {
+            return Err(err(format!(
+                "replica {f} (--from) did not answer, so its data cannot be served: {}",
+                problems.join("; ")
+            )));
+        }
+    }
+    let epoch = reached
+        .iter()
+        .map(|(_, r)| r.previous_epoch)
+        .max()
+        .unwrap_or(0)
+        .checked_add(1)
+        .ok_or_else(|| err("a replica reports the largest possible epoch".into()))?;
+    let engine_id = 0;
+    let mut reports = Vec::new();
+    for (c, _) in &reached {
+        let req = OpenRequest {
+            volume: volume.to_string(),
+            epoch,
+            engine_id,
+            ..Default::default()
+        };
+        match tokio::time::timeout(timeout, c.open(req)).await {
+            Ok(Ok(r)) => reports.push(Report {
+                id: c.addr.clone(),
+                generation: r.generation.as_ref().map(generation::from_wire),
+                revision: r.revision,
+                rebuilding: r.rebuilding,
+                clean: r.clean,
+            }),
+            Ok(Err(s)) => {
+                return Err(EngineError::Raced {
+                    volume: volume.to_string(),
+                    details: format!("replica {}: taking epoch {epoch}: {}", c.addr, s.message()),
+                })
+            }
+            Err(_) => problems.push(format!(
+                "replica {}: no answer while taking the epoch",
+                c.addr
+            )),
+        }
+    }
+    let all: std::collections::BTreeSet<String> = reports.iter().map(|r| r.id.clone()).collect();
+    let from: std::collections::BTreeSet<String> = from.iter().cloned().collect();
+    let g = membership::salvage(&reports, &from, &all, epoch);
+    let mut wire = generation::to_wire(&g, &format!(
+        "salvage: serve from {} by an operator's choice; writes only other replicas held are given up",
+        from.iter().cloned().collect::<Vec<_>>().join(", ")
+    ));
+    wire.salvage = true;
+    let conns: Vec<Arc<ReplicaConn>> = reached.iter().map(|(c, _)| c.clone()).collect();
+    let mut stored = Vec::new();
+    for c in &conns {
+        let req = tether_proto::replica::RecordGenerationRequest {
+            volume: volume.to_string(),
+            epoch,
+            engine_id,
+            generation: Some(wire.clone()),
+        };
+        if let Ok(Ok(_)) = tokio::time::timeout(timeout, c.link().record_generation(req)).await {
+            stored.push(c.addr.clone());
+        }
+    }
+    if !from.iter().all(|f| stored.contains(f)) {
+        return Err(err(format!(
+            "the salvage generation could not be stored on every --from replica (stored on {})",
+            stored.join(", ")
+        )));
+    }
+    tracing::warn!(volume, generation = g.number, from = ?from, stored = ?stored,
+        "salvage recorded: an operator accepted the data of these replicas");
+    Ok(g)
+}
