@@ -154,6 +154,8 @@ impl Volume {
             )));
         }
         tracing::info!(volume = %self.name, number = next.number, %cause, in_sync = ?next.in_sync, "membership generation counts");
+        self.in_sync_count
+            .store(next.in_sync.len(), Ordering::SeqCst);
         *self.generation.lock() = Some(next);
         Ok(())
     }
@@ -174,32 +176,26 @@ impl Volume {
     /// Records the drop of every in-sync replica that is out of service now; called
     /// before acknowledging a request that such a replica missed.
     pub(super) async fn record_drops(&self) -> Result<(), VolumeError> {
-        // Cheap on the hot path: a flag set by the volume's own drops, and a look at
-        // the in-sync replicas' state for the ones whose stream ended by itself.
+        // Cheap on the hot path: a flag set by the volume's own drops, and a count of
+        // the healthy replicas for the ones whose stream ended by itself. A replica is
+        // healthy only once its join counted, so while as many are healthy as are in
+        // sync, they are the same ones.
         let flagged = self.dropped.swap(false, Ordering::SeqCst);
-        let lost = {
-            let g = self.generation.lock();
-            let Some(g) = g.as_ref() else {
-                return Ok(());
-            };
-            let reps = self.replicas.read();
-            g.in_sync
-                .iter()
-                .any(|r| !reps.iter().any(|c| &c.addr == r && c.is_healthy()))
-        };
-        if !flagged && !lost {
+        if !flagged && self.healthy_count() == self.in_sync_count.load(Ordering::SeqCst) {
             return Ok(());
         }
         let Some(g) = self.generation() else {
             return Ok(());
         };
-        let healthy: BTreeSet<String> = self
+        // A replica still taking writes misses nothing: that includes one whose rebuild
+        // just counted and is being promoted.
+        let writable: BTreeSet<String> = self
             .replicas()
             .iter()
-            .filter(|r| r.is_healthy())
+            .filter(|r| r.is_writable())
             .map(|r| r.addr.clone())
             .collect();
-        for r in g.in_sync.difference(&healthy) {
+        for r in g.in_sync.difference(&writable) {
             if let Err(e) = self.record(Change::Drop(r.clone())).await {
                 // Not acknowledged; the next request tries again.
                 self.dropped.store(true, Ordering::SeqCst);

@@ -111,6 +111,8 @@ pub struct Volume {
     recording: tokio::sync::Mutex<()>,
     /// A replica left service since the last drop was recorded.
     dropped: std::sync::atomic::AtomicBool,
+    /// How many replicas the current generation has in sync.
+    in_sync_count: AtomicUsize,
     /// How long I/O waits for a membership change to count before it fails.
     quorum_wait: Duration,
 }
@@ -183,6 +185,7 @@ impl Volume {
             generation: Mutex::new(None),
             recording: tokio::sync::Mutex::new(()),
             dropped: std::sync::atomic::AtomicBool::new(false),
+            in_sync_count: AtomicUsize::new(0),
             quorum_wait: Duration::from_secs(30),
         }
     }
@@ -201,6 +204,7 @@ impl Volume {
         g: Option<crate::membership::Generation>,
         quorum_wait: Duration,
     ) -> Volume {
+        self.in_sync_count = AtomicUsize::new(g.as_ref().map_or(0, |g| g.in_sync.len()));
         self.generation = Mutex::new(g);
         self.quorum_wait = quorum_wait;
         self
