@@ -252,7 +252,9 @@ pub async fn open_volume_with(
         engine_id,
         timeout: take_timeout,
     };
-    let stored = recording.store(&reached, &next, "open").await;
+    let stored = recording
+        .store(&reached, &generation::to_wire(&next, "open"))
+        .await;
     if !base.counts(&stored) {
         return Err(EngineError::Waiting {
             volume: name,
@@ -517,22 +519,17 @@ pub async fn salvage(
     ));
     wire.salvage = true;
     let conns: Vec<Arc<ReplicaConn>> = reached.iter().map(|(c, _)| c.clone()).collect();
-    let mut stored = Vec::new();
-    for c in &conns {
-        let req = tether_proto::replica::RecordGenerationRequest {
-            volume: volume.to_string(),
-            epoch,
-            engine_id,
-            generation: Some(wire.clone()),
-        };
-        if let Ok(Ok(_)) = tokio::time::timeout(timeout, c.link().record_generation(req)).await {
-            stored.push(c.addr.clone());
-        }
-    }
-    if !from.iter().all(|f| stored.contains(f)) {
+    let recording = generation::Recording {
+        volume,
+        epoch,
+        engine_id,
+        timeout,
+    };
+    let stored = recording.store(&conns, &wire).await;
+    if !from.is_subset(&stored) {
         return Err(err(format!(
             "the salvage generation could not be stored on every --from replica (stored on {})",
-            stored.join(", ")
+            stored.iter().cloned().collect::<Vec<_>>().join(", ")
         )));
     }
     tracing::warn!(volume, generation = g.number, from = ?from, stored = ?stored,

@@ -20,6 +20,11 @@ use tonic::{Request, Status};
 
 use super::link::{Connector, Inbound, Outbound, ReplicaLink};
 
+/// What every call over a cut link gets.
+fn cut_off() -> Status {
+    Status::unavailable("the link to this replica is cut")
+}
+
 /// A replica daemon's service, reached without a network.
 #[derive(Clone)]
 pub struct LocalLink {
@@ -31,7 +36,7 @@ pub struct LocalLink {
 impl LocalLink {
     fn check(&self) -> Result<(), Status> {
         if self.cut.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("the link to this replica is cut"));
+            return Err(cut_off());
         }
         Ok(())
     }
@@ -60,14 +65,14 @@ impl ReplicaLink for LocalLink {
         let (service, cut) = (self.service.clone(), self.cut.clone());
         Box::pin(async move {
             if cut.load(Ordering::SeqCst) {
-                return Err(Status::unavailable("the link to this replica is cut"));
+                return Err(cut_off());
             }
             // A cut breaks the stream both ways, as a dropped connection would: the
             // replica sees an error (not a clean close), the engine an end.
             let (c1, c2) = (cut.clone(), cut);
             let requests = outbound.map(move |batch| {
                 if c1.load(Ordering::SeqCst) {
-                    Err(Status::unavailable("the link to this replica is cut"))
+                    Err(cut_off())
                 } else {
                     Ok(batch)
                 }

@@ -19,10 +19,7 @@ impl Volume {
         let req = SnapshotsRequest {
             volume: self.name.clone(),
         };
-        let reply = tokio::time::timeout(self.timeout, r.link().snapshots(req))
-            .await
-            .map_err(|_| VolumeError::Io(format!("replica {}: no answer", r.addr)))?
-            .map_err(|s| VolumeError::Io(format!("replica {}: {}", r.addr, s.message())))?;
+        let reply = self.ask(&r, r.link().snapshots(req)).await?;
         *self.snapshot_names.lock() = reply.snapshots.iter().map(|s| s.name.clone()).collect();
         Ok(reply)
     }

@@ -48,20 +48,20 @@ pub struct Recording<'a> {
 }
 
 impl Recording<'_> {
-    /// Sends `g` to each of `reps`; returns the ones that stored it (or hold it or a
-    /// newer one already). A fencing refusal trips the engine's fence.
+    /// Sends `wire` to each of `reps`; returns the ones that stored it (or hold it or
+    /// a newer one already). A fencing refusal trips the engine's fence.
     pub async fn store(
         &self,
         reps: &[std::sync::Arc<crate::replica::ReplicaConn>],
-        g: &Generation,
-        cause: &str,
+        wire: &tether_proto::replica::Generation,
     ) -> BTreeSet<String> {
+        let key = from_wire(wire).key();
         let calls = reps.iter().map(|r| {
             let req = RecordGenerationRequest {
                 volume: self.volume.to_string(),
                 epoch: self.epoch,
                 engine_id: self.engine_id,
-                generation: Some(to_wire(g, cause)),
+                generation: Some(wire.clone()),
             };
             async move {
                 let res = tokio::time::timeout(self.timeout, r.link().record_generation(req)).await;
@@ -75,7 +75,7 @@ impl Recording<'_> {
                     if reply
                         .stored
                         .as_ref()
-                        .is_some_and(|s| from_wire(s).key() >= g.key())
+                        .is_some_and(|s| from_wire(s).key() >= key)
                     {
                         stored.insert(r.addr.clone());
                     }
@@ -170,18 +170,16 @@ impl Volume {
             engine_id: self.engine_id,
             timeout: self.timeout,
         };
-        to.store(&reps, g, cause).await
+        to.store(&reps, &to_wire(g, cause)).await
     }
 
     /// Records the drop of every in-sync replica that is out of service now; called
     /// before acknowledging a request that such a replica missed.
     pub(super) async fn record_drops(&self) -> Result<(), VolumeError> {
-        // Cheap on the hot path: a flag set by the volume's own drops, and a count of
-        // the healthy replicas for the ones whose stream ended by itself. A replica is
-        // healthy only once its join counted, so while as many are healthy as are in
-        // sync, they are the same ones.
-        let flagged = self.dropped.swap(false, Ordering::SeqCst);
-        if !flagged && self.healthy_count() == self.in_sync_count.load(Ordering::SeqCst) {
+        // Cheap on the hot path: a replica is healthy only once its join counted, so
+        // while as many are healthy as are in sync, they are the same ones and no drop
+        // is owed (whether the volume dropped a replica or its stream ended by itself).
+        if self.healthy_count() == self.in_sync_count.load(Ordering::SeqCst) {
             return Ok(());
         }
         let Some(g) = self.generation() else {
@@ -198,7 +196,6 @@ impl Volume {
         for r in g.in_sync.difference(&writable) {
             if let Err(e) = self.record(Change::Drop(r.clone())).await {
                 // Not acknowledged; the next request tries again.
-                self.dropped.store(true, Ordering::SeqCst);
                 return Err(match e {
                     VolumeError::Invalid(m) => VolumeError::Io(m),
                     e => e,

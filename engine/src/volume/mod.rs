@@ -109,8 +109,6 @@ pub struct Volume {
     generation: Mutex<Option<crate::membership::Generation>>,
     /// One membership change at a time.
     recording: tokio::sync::Mutex<()>,
-    /// A replica left service since the last drop was recorded.
-    dropped: std::sync::atomic::AtomicBool,
     /// How many replicas the current generation has in sync.
     in_sync_count: AtomicUsize,
     /// How long I/O waits for a membership change to count before it fails.
@@ -184,7 +182,6 @@ impl Volume {
             }),
             generation: Mutex::new(None),
             recording: tokio::sync::Mutex::new(()),
-            dropped: std::sync::atomic::AtomicBool::new(false),
             in_sync_count: AtomicUsize::new(0),
             quorum_wait: Duration::from_secs(30),
         }
@@ -448,13 +445,36 @@ impl Volume {
 
     fn drop_replica(&self, r: &ReplicaConn, kind: Down, reason: String) {
         if r.mark_down(kind, reason) {
-            self.dropped.store(true, Ordering::SeqCst);
             let left = self.healthy_count();
             tracing::info!(volume = %self.name, healthy_left = left, "replica set shrank");
             if left == 0 {
                 tracing::error!(volume = %self.name,
                     "no healthy replica left: all I/O fails with EIO until the engine is restarted with a good replica");
             }
+        }
+    }
+
+    /// A unary call to replica `r`, within the timeout; a fencing refusal trips the
+    /// fence, as a stream reply's does.
+    async fn ask<T>(
+        &self,
+        r: &ReplicaConn,
+        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, VolumeError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(s)) => {
+                r.check_fenced(&s);
+                Err(VolumeError::Io(format!(
+                    "replica {}: {}",
+                    r.addr,
+                    s.message()
+                )))
+            }
+            Err(_) => Err(VolumeError::Io(format!(
+                "replica {}: no answer within {:?}",
+                r.addr, self.timeout
+            ))),
         }
     }
 

@@ -372,10 +372,7 @@ impl Volume {
             block: first,
             count: end - first,
         };
-        let map = tokio::time::timeout(self.timeout, r.link().map(req))
-            .await
-            .map_err(|_| VolumeError::Io(format!("replica {}: no answer", r.addr)))?
-            .map_err(|s| VolumeError::Io(format!("replica {}: {}", r.addr, s.message())))?;
+        let map = self.ask(&r, r.link().map(req)).await?;
         let stop = offset + u64::from(len);
         let mut runs: Vec<(u32, bool)> = Vec::new();
         for x in map.extents {

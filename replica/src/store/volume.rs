@@ -254,13 +254,7 @@ impl Volume {
         let _fence = v.epoch_lock.write();
         let mut inner = v.inner.write();
         let stored = self.epoch();
-        if epoch < stored {
-            return Err(StoreError::Fenced {
-                volume: self.name().to_string(),
-                epoch,
-                stored,
-            });
-        }
+        self.check_epoch(epoch)?;
         let mut next = inner.meta.clone();
         let newer = next.store_generation(g.clone());
         if newer || epoch > stored {
