@@ -101,6 +101,9 @@ struct Replica {
     /// The generation stored (arena index + 1; 0: none).
     generation: u16,
     rebuilding: bool,
+    /// An engine has it open, or had it open when it died: set at open, never cleared
+    /// (the model's engines only crash).
+    dirty: bool,
 }
 
 impl Replica {
@@ -155,6 +158,8 @@ struct Bounds {
     replicas: usize,
     /// Replicas that exist at the start (the others can be added).
     initial: usize,
+    /// The initial replicas hold copies made before generations (none stored).
+    legacy: bool,
     writes: u8,
     engines: usize,
     depth: usize,
@@ -202,13 +207,26 @@ impl State {
         for r in replicas.iter_mut().take(b.initial) {
             r.exists = true;
             r.up = true;
-            r.generation = first;
+            r.generation = if b.legacy { 0 } else { first };
+        }
+        let mut flushed = 0;
+        if b.legacy {
+            // Copies an older version left behind, closed cleanly: write 1
+            // acknowledged and flushed on all of them.
+            for r in replicas.iter_mut().take(b.initial) {
+                r.history[0] = 1;
+                r.len = 1;
+                r.durable = 1;
+                r.revision = 1;
+                r.durable_revision = 1;
+            }
+            flushed = bit(1);
         }
         State {
             replicas,
             engines: [Engine::Down; MAX_ENGINES],
-            next_write: 1,
-            flushed: 0,
+            next_write: if b.legacy { 2 } else { 1 },
+            flushed,
             excused: 0,
             recorded_epoch: 0,
             fence_broken: false,
@@ -377,7 +395,7 @@ fn open(s: &State, e: usize, rule: Rule, a: &mut Arena) -> Option<State> {
                 generation: a.get(r.generation).cloned(),
                 revision: u64::from(r.revision),
                 rebuilding: r.rebuilding,
-                clean: false,
+                clean: !r.dirty,
             });
         }
     }
@@ -407,6 +425,9 @@ fn open(s: &State, e: usize, rule: Rule, a: &mut Arena) -> Option<State> {
         .map(|i| n.replicas[i].revision)
         .max()
         .unwrap_or(0);
+    for i in bits(fresh) {
+        n.replicas[i].dirty = true;
+    }
     // An older engine still serving finds out at its next request, when a replica
     // refuses its epoch; the fence invariant checks that one always does.
     n.engines[e] = Engine::Serving {
@@ -769,6 +790,7 @@ fn generations_keep_every_flushed_write_with_three_replicas_and_two_engines() {
         Bounds {
             replicas: 3,
             initial: 3,
+            legacy: false,
             writes: 2,
             engines: 2,
             depth: depth_from_env(10),
@@ -783,8 +805,24 @@ fn generations_keep_every_flushed_write_with_a_fourth_replica_added() {
         Bounds {
             replicas: 4,
             initial: 3,
+            legacy: false,
             writes: 2,
             engines: 1,
+            depth: depth_from_env(10),
+        },
+    );
+}
+
+#[test]
+fn copies_made_before_generations_keep_every_flushed_write() {
+    must_hold(
+        "3 replicas without generations, 2 engines",
+        Bounds {
+            replicas: 3,
+            initial: 3,
+            legacy: true,
+            writes: 3,
+            engines: 2,
             depth: depth_from_env(10),
         },
     );
@@ -795,6 +833,7 @@ fn the_revision_rule_loses_flushed_writes() {
     let b = Bounds {
         replicas: 3,
         initial: 3,
+        legacy: false,
         writes: 2,
         engines: 1,
         depth: 9,
@@ -884,6 +923,7 @@ fn the_revision_rule_fails_the_three_named_cases_and_generations_do_not() {
     let four = Bounds {
         replicas: 4,
         initial: 3,
+        legacy: false,
         writes: 3,
         engines: 2,
         depth: 0,
