@@ -125,7 +125,7 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
             msg: "give --nbd-listen ADDR or --nbd-socket PATH".into(),
         });
     }
-    // Bind everything before touching replicas, so a taken port fails fast.
+    // The control socket is bound before replicas are touched, so a taken path fails fast.
     let control = control::bind(&cfg.control_socket).map_err(|e| {
         listen_err(
             format!(
