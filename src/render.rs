@@ -43,24 +43,11 @@ pub(crate) fn snapshots(volume: &str, list: &[Snapshot]) {
 pub(crate) fn status(s: &StatusReply, json: bool) {
     let c = s.counters.unwrap_or_default();
     if json {
-        let replicas: Vec<String> = s
-            .replicas
-            .iter()
-            .map(|r| {
-                format!(
-                    "{{\"address\":{:?},\"state\":{:?},\"reason\":{:?},\"rebuild_done\":{},\"rebuild_total\":{},\"rebuild_copied\":{},\"retry_in_seconds\":{},\"failed_attempts\":{}}}",
-                    r.address, r.state, r.reason, r.rebuild_done_blocks, r.rebuild_total_blocks, r.rebuild_copied_bytes, r.retry_in_seconds, r.failed_attempts
-                )
-            })
-            .collect();
-        println!(
-            "{{\"volume\":{:?},\"size\":{},\"block_size\":{},\"epoch\":{},\"nbd\":{:?},\"head_allocated\":{},\"wal_allocated\":{},\"attached\":{},\"degraded\":{},\"encryption\":{:?},\"replica_tls\":{},\"snapshots\":[{}],\"replicas\":[{}],\
-             \"counters\":{{\"reads\":{},\"writes\":{},\"flushes\":{},\"trims\":{},\"errors\":{},\"bytes_read\":{},\"bytes_written\":{},\"nbd_connections\":{},\"checksum_errors\":{}}}}}",
-            s.volume, s.size, s.block_size, s.epoch, s.nbd_address, s.head_allocated, s.wal_allocated, s.attached_clients, s.degraded, s.encryption, s.replica_tls,
-            s.snapshots.iter().map(|x| format!("{{\"name\":{:?},\"seq\":{},\"allocated\":{}}}", x.name, x.seq, x.allocated)).collect::<Vec<_>>().join(","),
-            replicas.join(","),
-            c.reads, c.writes, c.flushes, c.trims, c.errors, c.bytes_read, c.bytes_written, c.nbd_connections, c.checksum_errors
-        );
+        println!("{}", status_json(s));
+        return;
+    }
+    if s.state == "waiting" {
+        waiting(s);
         return;
     }
     let healthy = s.replicas.iter().filter(|r| r.state == "healthy").count();
@@ -73,6 +60,20 @@ pub(crate) fn status(s: &StatusReply, json: bool) {
     );
     println!("nbd       {}", s.nbd_address);
     println!("epoch     {}", s.epoch);
+    println!(
+        "members   generation {}, in sync: {}",
+        s.generation,
+        s.in_sync.join(", ")
+    );
+    for x in &s.salvages {
+        println!("  SALVAGED {x}");
+    }
+    if !s.io_held.is_empty() {
+        println!(
+            "I/O HELD  {}  (fails with EIO after --quorum-wait)",
+            s.io_held
+        );
+    }
     println!(
         "security  encryption {}, replicas over {}",
         s.encryption,
@@ -131,4 +132,58 @@ pub(crate) fn status(s: &StatusReply, json: bool) {
         "          read {} bytes, written {} bytes, {} NBD connections, {} bad block copies seen",
         c.bytes_read, c.bytes_written, c.nbd_connections, c.checksum_errors
     );
+}
+
+/// Prints the status of an engine that does not serve yet.
+fn waiting(s: &StatusReply) {
+    println!("volume    {}", s.volume);
+    println!(
+        "state     WAITING for {} s, {} attempt(s) to open: {}",
+        s.waiting_seconds, s.open_attempts, s.waiting_reason
+    );
+    if s.waiting_for.is_empty() {
+        println!("waits for an operator: no replica's answer would let it serve (see `tether volume salvage`)");
+    } else {
+        println!("waits for {}", s.waiting_for.join(", "));
+    }
+    for r in &s.replicas {
+        println!("  {:<24} {}", r.address, r.state);
+    }
+}
+
+/// A volume's status as JSON, for scripts.
+fn status_json(s: &StatusReply) -> serde_json::Value {
+    let c = s.counters.unwrap_or_default();
+    let replicas: Vec<serde_json::Value> = s
+        .replicas
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "address": r.address, "state": r.state, "reason": r.reason,
+                "rebuild_done": r.rebuild_done_blocks, "rebuild_total": r.rebuild_total_blocks,
+                "rebuild_copied": r.rebuild_copied_bytes, "retry_in_seconds": r.retry_in_seconds,
+                "failed_attempts": r.failed_attempts,
+            })
+        })
+        .collect();
+    let snapshots: Vec<serde_json::Value> = s
+        .snapshots
+        .iter()
+        .map(|x| serde_json::json!({"name": x.name, "seq": x.seq, "allocated": x.allocated}))
+        .collect();
+    serde_json::json!({
+        "volume": s.volume, "state": s.state, "size": s.size, "block_size": s.block_size,
+        "epoch": s.epoch, "nbd": s.nbd_address, "head_allocated": s.head_allocated,
+        "wal_allocated": s.wal_allocated, "attached": s.attached_clients, "degraded": s.degraded,
+        "encryption": s.encryption, "replica_tls": s.replica_tls,
+        "generation": s.generation, "in_sync": s.in_sync, "salvages": s.salvages,
+        "io_held": s.io_held, "waiting_reason": s.waiting_reason, "waiting_for": s.waiting_for,
+        "waiting_seconds": s.waiting_seconds, "open_attempts": s.open_attempts,
+        "snapshots": snapshots, "replicas": replicas,
+        "counters": {
+            "reads": c.reads, "writes": c.writes, "flushes": c.flushes, "trims": c.trims,
+            "errors": c.errors, "bytes_read": c.bytes_read, "bytes_written": c.bytes_written,
+            "nbd_connections": c.nbd_connections, "checksum_errors": c.checksum_errors,
+        },
+    })
 }

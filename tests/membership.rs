@@ -24,7 +24,8 @@ fn write_flush(nbd: SocketAddr, byte: u8) {
 }
 
 /// Waits until the engine's log says it waits before serving; it must not listen
-/// for NBD meanwhile.
+/// for NBD meanwhile, and its status names r2 and r3 (and not r1) as the replicas it
+/// waits for.
 fn assert_waits(c: &Cluster, nbd: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !c.engine().log_text().contains("not serving yet") {
@@ -38,6 +39,25 @@ fn assert_waits(c: &Cluster, nbd: SocketAddr) {
     assert!(
         TcpStream::connect(nbd).is_err(),
         "the engine listens for NBD while it may not serve"
+    );
+    let st = c.engine().status_json("vol");
+    assert_eq!(st["state"], "waiting", "{st}");
+    let waiting_for: Vec<String> = st["waiting_for"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    for (i, waited) in [(0, false), (1, true), (2, true)] {
+        let addr = c.replicas[i].addr.to_string();
+        assert_eq!(waiting_for.contains(&addr), waited, "r{}: {st}", i + 1);
+    }
+    assert!(
+        st["waiting_reason"]
+            .as_str()
+            .unwrap()
+            .contains("generation"),
+        "{st}"
     );
 }
 
@@ -135,7 +155,13 @@ fn a_salvage_serves_what_the_operator_chose_and_is_refused_without_confirmation(
     );
     // The waiting engine serves from r4, which holds B.
     assert_eq!(served(&mut c, nbd), vec![B; 4096]);
-    // The salvage stays in r4's generation history for good.
+    // Status shows the salvage, and goes on showing it for good: it is in r4's
+    // generation history.
+    let st = c.engine().status_json("vol");
+    assert_eq!(st["state"], "serving", "{st}");
+    let salvages = st["salvages"].as_array().unwrap();
+    assert_eq!(salvages.len(), 1, "{st}");
+    assert!(salvages[0].as_str().unwrap().contains(&r4), "{st}");
     let meta = std::fs::read_to_string(c.replicas[3].dir.join("volumes/vol/meta")).unwrap();
     assert!(meta.contains("\"salvage\": true"), "{meta}");
 }

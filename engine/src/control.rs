@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use crate::error::VolumeError;
+use crate::phase::{EngineState, Waiting};
 use crate::volume::Volume;
 
 fn status_of(e: VolumeError) -> Status {
@@ -35,18 +36,50 @@ pub fn default_socket(volume: &str) -> PathBuf {
     dir.join(format!("{volume}.sock"))
 }
 
-/// The control service over one volume.
+/// The control service over one engine: it answers status from the start, and the
+/// other requests once the engine serves.
 pub struct ControlService {
-    volume: Arc<Volume>,
-    nbd_address: String,
+    state: Arc<EngineState>,
 }
 
 impl ControlService {
-    /// Serves status for `volume`, reachable at `nbd_address`.
-    pub fn new(volume: Arc<Volume>, nbd_address: String) -> ControlService {
-        ControlService {
-            volume,
-            nbd_address,
+    /// Serves the control API of the engine whose phase is `state`.
+    pub fn new(state: Arc<EngineState>) -> ControlService {
+        ControlService { state }
+    }
+
+    /// The served volume, or UNAVAILABLE saying what the engine waits for.
+    fn volume(&self) -> Result<Arc<Volume>, Status> {
+        self.state
+            .serving()
+            .map(|(v, _)| v)
+            .map_err(|w| Status::unavailable(w.describe(&self.state.volume)))
+    }
+
+    /// Status of an engine that does not serve yet.
+    fn waiting_status(&self, w: &Waiting) -> StatusReply {
+        StatusReply {
+            volume: self.state.volume.clone(),
+            state: "waiting".into(),
+            waiting_reason: w.why.clone(),
+            waiting_for: w.waiting_for.clone(),
+            waiting_seconds: w.since.elapsed().as_secs(),
+            open_attempts: w.attempts,
+            replicas: self
+                .state
+                .replicas
+                .iter()
+                .map(|a| ReplicaStatus {
+                    address: a.clone(),
+                    state: if w.waiting_for.contains(a) {
+                        "waited for".into()
+                    } else {
+                        "not serving".into()
+                    },
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
         }
     }
 }
@@ -67,7 +100,11 @@ fn snapshot_list(space: &tether_proto::replica::SnapshotsReply) -> Vec<Snapshot>
 #[tonic::async_trait]
 impl Engine for ControlService {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        let v = &self.volume;
+        let (v, nbd_address) = match self.state.serving() {
+            Ok(s) => s,
+            Err(w) => return Ok(Response::new(self.waiting_status(&w))),
+        };
+        let generation = v.generation();
         let c = &v.counters;
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let space = v.space().await.ok();
@@ -122,7 +159,7 @@ impl Engine for ControlService {
                 nbd_connections: get(&c.connections),
                 checksum_errors: get(&c.checksum_errors),
             }),
-            nbd_address: self.nbd_address.clone(),
+            nbd_address,
             head_allocated: space.as_ref().map_or(0, |s| s.head_allocated),
             wal_allocated: space.as_ref().map_or(0, |s| s.wal_allocated),
             snapshots,
@@ -132,6 +169,14 @@ impl Engine for ControlService {
             degraded: v.degraded(),
             encryption: v.encryption_summary(),
             replica_tls: v.connector().tls(),
+            state: "serving".into(),
+            io_held: v.io_held().unwrap_or_default(),
+            generation: generation.as_ref().map_or(0, |g| g.number),
+            in_sync: generation
+                .map(|g| g.in_sync.into_iter().collect())
+                .unwrap_or_default(),
+            salvages: v.salvages().to_vec(),
+            ..Default::default()
         }))
     }
 
@@ -140,7 +185,7 @@ impl Engine for ControlService {
         req: Request<ReplicaRequest>,
     ) -> Result<Response<ReplicaReply>, Status> {
         let addr = req.into_inner().address;
-        let v = &self.volume;
+        let v = &self.volume()?;
         if v.replicas()
             .iter()
             .any(|r| r.addr == addr && r.is_writable())
@@ -160,7 +205,7 @@ impl Engine for ControlService {
         req: Request<ReplicaRequest>,
     ) -> Result<Response<ReplicaReply>, Status> {
         let addr = req.into_inner().address;
-        let v = &self.volume;
+        let v = &self.volume()?;
         let healthy = v.replica(&addr).is_some_and(|r| r.is_healthy());
         if healthy && v.healthy_count() <= v.min_replicas() {
             return Err(Status::failed_precondition(format!(
@@ -195,8 +240,9 @@ impl Engine for ControlService {
     ) -> Result<Response<SnapshotReply>, Status> {
         let name = req.into_inner().name;
         let started = std::time::Instant::now();
-        self.volume.snapshot(&name).await.map_err(status_of)?;
-        tracing::info!(volume = %self.volume.name(), snapshot = %name,
+        let v = self.volume()?;
+        v.snapshot(&name).await.map_err(status_of)?;
+        tracing::info!(volume = %v.name(), snapshot = %name,
             ms = started.elapsed().as_millis() as u64, "snapshot taken on all replicas");
         Ok(Response::new(SnapshotReply {}))
     }
@@ -205,7 +251,7 @@ impl Engine for ControlService {
         &self,
         _req: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotList>, Status> {
-        let space = self.volume.space().await.map_err(status_of)?;
+        let space = self.volume()?.space().await.map_err(status_of)?;
         Ok(Response::new(SnapshotList {
             snapshots: snapshot_list(&space),
         }))
@@ -216,7 +262,7 @@ impl Engine for ControlService {
         req: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotReply>, Status> {
         let name = req.into_inner().name;
-        self.volume
+        self.volume()?
             .delete_snapshot(&name)
             .await
             .map_err(status_of)?;
@@ -228,13 +274,13 @@ impl Engine for ControlService {
         req: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotReply>, Status> {
         let name = req.into_inner().name;
-        self.volume.revert(&name).await.map_err(status_of)?;
+        self.volume()?.revert(&name).await.map_err(status_of)?;
         Ok(Response::new(SnapshotReply {}))
     }
 
     async fn expand(&self, req: Request<ExpandRequest>) -> Result<Response<ExpandReply>, Status> {
         let size = self
-            .volume
+            .volume()?
             .expand(req.into_inner().size)
             .await
             .map_err(status_of)?;
@@ -248,7 +294,7 @@ impl Engine for ControlService {
         &self,
         _req: Request<VerifyRequest>,
     ) -> Result<Response<Self::VerifyStream>, Status> {
-        let v = self.volume.clone();
+        let v = self.volume()?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let total = v.size() / crate::volume::BLOCK;

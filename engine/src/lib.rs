@@ -8,6 +8,7 @@ pub mod membership;
 pub mod metrics;
 pub mod nbd;
 pub mod open;
+pub mod phase;
 pub mod progress;
 pub mod range_lock;
 pub mod rebuild;
@@ -67,7 +68,10 @@ pub enum EngineError {
     #[error("volume {volume}: no replica can serve it: {details}")]
     NoReplica { volume: String, details: String },
     /// The membership rule does not let this engine serve yet.
-    #[error("volume {volume}: not serving yet: {why}; waiting for {}", if waiting_for.is_empty() { "an operator (see `tether volume salvage`)".to_string() } else { waiting_for.join(", ") })]
+    #[error(
+        "volume {volume}: not serving yet: {why}; waiting for {}",
+        phase::waiting_list(waiting_for)
+    )]
     Waiting {
         volume: String,
         why: String,
@@ -144,18 +148,48 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
                 .map_err(|e| listen_err(format!("NBD address {a}"), e))?,
         );
     }
+    // Status and metrics answer from the start, so a waiting engine says what it
+    // waits for; the other control requests wait until it serves.
+    let state = phase::EngineState::new(&cfg.volume, &cfg.replicas);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| listen_err(format!("metrics address {addr}"), e))?;
+        tasks.spawn(metrics::serve(l, state.clone()));
+    }
+    let svc = control::ControlService::new(state.clone());
+    tasks.spawn(async move {
+        if let Err(e) = control::serve(control, svc).await {
+            tracing::error!(error = %e, "control API stopped");
+        }
+    });
     // Until the membership rule lets it serve, the engine keeps asking.
     tokio::pin!(shutdown);
-    let volume = loop {
+    let opened = loop {
         match open_volume(&cfg).await {
             Err(e @ EngineError::Waiting { .. }) => {
                 tracing::warn!(volume = %cfg.volume, error = %e, "waiting before serving; trying again");
+                if let EngineError::Waiting {
+                    why, waiting_for, ..
+                } = e
+                {
+                    state.wait(why, waiting_for);
+                }
                 tokio::select! {
-                    _ = &mut shutdown => return Ok(()),
+                    _ = &mut shutdown => break None,
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 }
             }
-            r => break r?,
+            r => break Some(r),
+        }
+    };
+    let volume = match opened {
+        Some(Ok(v)) => v,
+        done => {
+            tasks.abort_all();
+            let _ = std::fs::remove_file(&cfg.control_socket);
+            return done.transpose().map(|_| ());
         }
     };
     let tcp = match cfg.nbd_listen {
@@ -186,20 +220,8 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
         (None, Some(p)) => format!("nbd+unix:///{}?socket={}", cfg.volume, p.display()),
         (None, None) => String::new(),
     };
-    let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(rebuild::watch(volume.clone()));
-    if let Some(addr) = cfg.metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| listen_err(format!("metrics address {addr}"), e))?;
-        tasks.spawn(metrics::serve(l, volume.clone()));
-    }
-    let svc = control::ControlService::new(volume.clone(), nbd_address.clone());
-    tasks.spawn(async move {
-        if let Err(e) = control::serve(control, svc).await {
-            tracing::error!(error = %e, "control API stopped");
-        }
-    });
+    state.serve(volume.clone(), nbd_address.clone());
     if let Some(l) = tcp {
         // Small NBD replies must not wait for delayed ACKs.
         let conns =

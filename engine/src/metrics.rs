@@ -7,15 +7,57 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::phase::EngineState;
 use crate::volume::Volume;
 
-/// Renders the volume's metrics in the Prometheus text format.
-pub fn render(v: &Volume) -> String {
+/// Renders the engine's metrics in the Prometheus text format: whether it serves, and
+/// the volume's metrics once it does.
+pub fn render(state: &EngineState) -> String {
+    let (serving, waiting_for, mut out) = match state.serving() {
+        Ok((v, _)) => (1, 0, render_volume(&v)),
+        Err(w) => (0, w.waiting_for.len() as u64, String::new()),
+    };
+    let phase: [(&str, &str, u64); 2] = [
+        (
+            "tether_volume_serving",
+            "1 once the engine serves; 0 while the membership rule does not let it yet.",
+            serving,
+        ),
+        (
+            "tether_volume_waiting_replicas",
+            "Replicas a waiting engine needs an answer from before it may serve.",
+            waiting_for,
+        ),
+    ];
+    for (metric, help, value) in phase {
+        let _ = writeln!(
+            out,
+            "# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric}{{volume=\"{}\"}} {value}",
+            state.volume
+        );
+    }
+    out
+}
+
+/// Renders the served volume's metrics.
+fn render_volume(v: &Volume) -> String {
     let healthy = v.healthy_count() as u64;
     let desired = v.desired() as u64;
     let c = &v.counters;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let metrics: [(&str, &str, &str, u64); 13] = [
+    let metrics: [(&str, &str, &str, u64); 15] = [
+        (
+            "tether_volume_io_held",
+            "gauge",
+            "1 while I/O waits for a membership change to count (it fails with EIO after --quorum-wait).",
+            u64::from(v.io_held().is_some()),
+        ),
+        (
+            "tether_volume_generation",
+            "gauge",
+            "The membership generation the engine serves under.",
+            v.generation().map_or(0, |g| g.number),
+        ),
         (
             "tether_volume_replicas_healthy",
             "gauge",
@@ -107,7 +149,7 @@ pub fn render(v: &Volume) -> String {
 }
 
 /// Serves `GET /metrics` (any path, in fact) until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, v: Arc<Volume>) {
+pub async fn serve(listener: tokio::net::TcpListener, v: Arc<EngineState>) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             continue;
@@ -125,5 +167,26 @@ pub async fn serve(listener: tokio::net::TcpListener, v: Arc<Volume>) {
             let _ = s.write_all(resp.as_bytes()).await;
             let _ = s.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_engine_says_it_does_not_serve_and_how_many_replicas_it_waits_for() {
+        let state = EngineState::new("v", &["r1".into(), "r2".into(), "r3".into()]);
+        state.wait("not enough".into(), vec!["r2".into(), "r3".into()]);
+        let text = render(&state);
+        assert!(
+            text.contains("tether_volume_serving{volume=\"v\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tether_volume_waiting_replicas{volume=\"v\"} 2"),
+            "{text}"
+        );
+        assert!(!text.contains("tether_volume_writes_total"), "{text}");
     }
 }

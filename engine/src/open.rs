@@ -246,6 +246,10 @@ pub async fn open_volume_with(
         }
     };
     let reached: Vec<Arc<ReplicaConn>> = fresh.iter().map(|(c, _)| c.clone()).collect();
+    let fresh_salvages: Vec<_> = fresh
+        .iter()
+        .flat_map(|(_, r)| r.salvages.iter().cloned())
+        .collect();
     let recording = generation::Recording {
         volume: &cfg.volume,
         epoch,
@@ -318,11 +322,16 @@ pub async fn open_volume_with(
             details: problems.join("; "),
         });
     }
+    // Every salvage any replica remembers, oldest first, each once.
+    let mut salvages: Vec<_> = fresh_salvages.into_iter().collect();
+    salvages.sort_by_key(|g| (g.number, g.epoch));
+    salvages.dedup_by_key(|g| (g.number, g.epoch));
     tracing::info!(volume = %cfg.volume, epoch, revision = newest, healthy, total = conns.len(), size, "volume open");
     Ok(Arc::new(
         Volume::new(&cfg.volume, size, epoch, conns, newest, cfg.timeout, fence)
             .with_policy(cfg.min_replicas, cfg.desired_replicas, engine_id)
             .with_generation(Some(next), cfg.quorum_wait)
+            .with_salvages(salvages.iter().map(generation::describe_salvage).collect())
             .with_cipher(cipher, params)
             .with_connector(connector),
     ))

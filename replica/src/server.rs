@@ -242,6 +242,13 @@ impl Replica for ReplicaService {
                     rebuilding: vol.rebuilding(),
                     encryption: vol.encryption().unwrap_or_default(),
                     generation: vol.generation().map(to_wire),
+                    salvages: vol
+                        .generation_history()
+                        .into_iter()
+                        .chain(vol.generation())
+                        .filter(|g| g.salvage)
+                        .map(to_wire)
+                        .collect(),
                 })
             },
             &name,

@@ -26,6 +26,17 @@ pub fn to_wire(g: &Generation, cause: &str) -> tether_proto::replica::Generation
     }
 }
 
+/// A salvage from the wire, in words.
+pub fn describe_salvage(g: &tether_proto::replica::Generation) -> String {
+    format!(
+        "generation {} (epoch {}): {}; in sync: {}",
+        g.number,
+        g.epoch,
+        g.cause,
+        g.in_sync.join(", ")
+    )
+}
+
 /// A generation from the wire.
 pub fn from_wire(g: &tether_proto::replica::Generation) -> Generation {
     Generation {
@@ -94,26 +105,47 @@ impl Volume {
         self.generation.lock().clone()
     }
 
+    /// Every salvage in the volume's history, in words (for status).
+    pub fn salvages(&self) -> &[String] {
+        &self.salvages
+    }
+
+    /// Keeps the salvages in the volume's history, to show them for good.
+    pub fn with_salvages(mut self, salvages: Vec<String>) -> Volume {
+        self.salvages = salvages;
+        self
+    }
+
+    /// Why I/O is held right now (a needed membership change does not count yet).
+    pub fn io_held(&self) -> Option<String> {
+        self.io_held.lock().clone()
+    }
+
     /// Records `change` on every replica this engine knows, retrying until it counts
     /// or `quorum_wait` passes.
     pub async fn record(&self, change: Change) -> Result<(), VolumeError> {
         let _one = self.recording.lock().await;
         let deadline = Instant::now() + self.quorum_wait;
         let mut pause = Duration::from_millis(100);
-        loop {
+        let r = loop {
             match self.record_once(&change).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => break Ok(()),
                 // A change the rule refuses does not become possible by waiting.
-                Err(e @ VolumeError::Invalid(_)) => return Err(e),
-                Err(e) if Instant::now() + pause >= deadline => return Err(e),
+                Err(e @ VolumeError::Invalid(_)) => break Err(e),
+                Err(e) if Instant::now() + pause >= deadline => break Err(e),
                 Err(e) => {
                     tracing::warn!(volume = %self.name, error = %e, "membership change does not count yet; I/O waits");
+                    *self.io_held.lock() = Some(e.to_string());
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
             }
-            self.check_fence()?;
-        }
+            if let Err(e) = self.check_fence() {
+                break Err(e);
+            }
+        };
+        *self.io_held.lock() = None;
+        r
     }
 
     async fn record_once(&self, change: &Change) -> Result<(), VolumeError> {

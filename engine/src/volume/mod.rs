@@ -113,6 +113,10 @@ pub struct Volume {
     in_sync_count: AtomicUsize,
     /// How long I/O waits for a membership change to count before it fails.
     quorum_wait: Duration,
+    /// Why I/O is held right now, while a needed membership change does not count.
+    io_held: Mutex<Option<String>>,
+    /// Every salvage in the volume's generation history, in words.
+    salvages: Vec<String>,
 }
 
 /// The gate (shared) and the range lock over `[start, end)`, held together.
@@ -184,6 +188,8 @@ impl Volume {
             recording: tokio::sync::Mutex::new(()),
             in_sync_count: AtomicUsize::new(0),
             quorum_wait: Duration::from_secs(30),
+            io_held: Mutex::new(None),
+            salvages: Vec::new(),
         }
     }
 
