@@ -17,7 +17,19 @@ mod volume;
 
 use cli::{Cli, Cmd, TlsCmd};
 
-fn main() -> Result<()> {
+/// Runs the command; an error is printed as its chain of causes, for people, without
+/// a backtrace (those are for bugs, and an error here is an answer).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

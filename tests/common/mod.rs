@@ -293,6 +293,24 @@ impl Cluster {
         c
     }
 
+    /// Replicas over the data directories `dirs` (made elsewhere, e.g. by an older
+    /// binary) under this cluster's directory, and no engine yet.
+    pub fn over_dirs(dir: tempfile::TempDir, dirs: &[PathBuf]) -> Cluster {
+        let replicas = dirs
+            .iter()
+            .map(|d| Replica::start(d, free_port()))
+            .collect();
+        Cluster {
+            dir,
+            volume: "vol".to_string(),
+            replicas,
+            engine: None,
+            extra_engine_args: Vec::new(),
+            proxies: Vec::new(),
+            engine_env: Vec::new(),
+        }
+    }
+
     /// The address the engine uses for replica `i`.
     pub fn replica_addr(&self, i: usize) -> SocketAddr {
         self.proxies
