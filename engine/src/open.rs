@@ -257,7 +257,9 @@ pub async fn open_volume_with(
         timeout: take_timeout,
     };
     let stored = recording
-        .store(&reached, &generation::to_wire(&next, "open"))
+        .store(&reached, &generation::to_wire(&next, "open"), |s| {
+            base.counts(s)
+        })
         .await;
     if !base.counts(&stored) {
         return Err(EngineError::Waiting {
@@ -534,7 +536,9 @@ pub async fn salvage(
         engine_id,
         timeout,
     };
-    let stored = recording.store(&conns, &wire).await;
+    // Every replica reached is told, not just enough of them: the operator's choice
+    // should be everywhere it can be.
+    let stored = recording.store(&conns, &wire, |_| false).await;
     if !from.is_subset(&stored) {
         return Err(err(format!(
             "the salvage generation could not be stored on every --from replica (stored on {})",

@@ -154,6 +154,18 @@ impl Engine {
         }
     }
 
+    /// The volume's status, or `None` while the engine does not answer (yet).
+    pub fn try_status_json(&self, volume: &str) -> Option<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args(["volume", "status", volume, "--json", "--control-socket"])
+            .arg(&self.control)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())?
+    }
+
     pub fn status_json(&self, volume: &str) -> serde_json::Value {
         let out = Command::new(BIN)
             .args(["volume", "status", volume, "--json", "--control-socket"])

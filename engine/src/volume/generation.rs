@@ -59,40 +59,52 @@ pub struct Recording<'a> {
 }
 
 impl Recording<'_> {
-    /// Sends `wire` to each of `reps`; returns the ones that stored it (or hold it or
-    /// a newer one already). A fencing refusal trips the engine's fence.
+    /// Sends `wire` to each of `reps` and returns the ones that stored it (or hold it or
+    /// a newer one already), as soon as `enough` holds for them or every replica has
+    /// answered or timed out. Replicas that have not answered by then still get it, in
+    /// the background: a frozen replica must not hold up a change a majority made. A
+    /// fencing refusal trips the engine's fence.
     pub async fn store(
         &self,
         reps: &[std::sync::Arc<crate::replica::ReplicaConn>],
         wire: &tether_proto::replica::Generation,
+        enough: impl Fn(&BTreeSet<String>) -> bool,
     ) -> BTreeSet<String> {
         let key = from_wire(wire).key();
-        let calls = reps.iter().map(|r| {
-            let req = RecordGenerationRequest {
-                volume: self.volume.to_string(),
-                epoch: self.epoch,
-                engine_id: self.engine_id,
-                generation: Some(wire.clone()),
-            };
-            async move {
-                let res = tokio::time::timeout(self.timeout, r.link().record_generation(req)).await;
-                (r, res)
-            }
-        });
+        let mut calls: futures::stream::FuturesUnordered<_> = reps
+            .iter()
+            .map(|r| {
+                let req = RecordGenerationRequest {
+                    volume: self.volume.to_string(),
+                    epoch: self.epoch,
+                    engine_id: self.engine_id,
+                    generation: Some(wire.clone()),
+                };
+                let (r, timeout) = (r.clone(), self.timeout);
+                tokio::spawn(async move {
+                    let res = tokio::time::timeout(timeout, r.link().record_generation(req)).await;
+                    let stored = match res {
+                        Ok(Ok(reply)) => reply
+                            .stored
+                            .as_ref()
+                            .is_some_and(|s| from_wire(s).key() >= key),
+                        Ok(Err(s)) => {
+                            r.check_fenced(&s);
+                            false
+                        }
+                        Err(_) => false,
+                    };
+                    (r.addr.clone(), stored)
+                })
+            })
+            .collect();
         let mut stored = BTreeSet::new();
-        for (r, res) in futures::future::join_all(calls).await {
-            match res {
-                Ok(Ok(reply)) => {
-                    if reply
-                        .stored
-                        .as_ref()
-                        .is_some_and(|s| from_wire(s).key() >= key)
-                    {
-                        stored.insert(r.addr.clone());
-                    }
+        while let Some(done) = futures::StreamExt::next(&mut calls).await {
+            if let Ok((addr, true)) = done {
+                stored.insert(addr);
+                if enough(&stored) {
+                    break;
                 }
-                Ok(Err(s)) => r.check_fenced(&s),
-                Err(_) => {}
             }
         }
         stored
@@ -173,7 +185,9 @@ impl Volume {
             Change::Add(r) => format!("add {r}"),
             Change::Remove(r) => format!("remove {r}"),
         };
-        let stored = self.store_everywhere(&next, &cause).await;
+        let stored = self
+            .store_everywhere(&next, &cause, |s| current.counts(s))
+            .await;
         self.check_fence()?;
         if !current.counts(&stored) {
             return Err(VolumeError::Io(format!(
@@ -193,8 +207,13 @@ impl Volume {
     }
 
     /// Sends `g` to every replica this engine has a connection to; returns the ones
-    /// that stored it (or hold it already).
-    async fn store_everywhere(&self, g: &Generation, cause: &str) -> BTreeSet<String> {
+    /// that stored it (or hold it already) once `enough` holds for them.
+    async fn store_everywhere(
+        &self,
+        g: &Generation,
+        cause: &str,
+        enough: impl Fn(&BTreeSet<String>) -> bool,
+    ) -> BTreeSet<String> {
         let reps = self.replicas();
         let to = Recording {
             volume: &self.name,
@@ -202,7 +221,7 @@ impl Volume {
             engine_id: self.engine_id,
             timeout: self.timeout,
         };
-        to.store(&reps, &to_wire(g, cause)).await
+        to.store(&reps, &to_wire(g, cause), enough).await
     }
 
     /// Records the drop of every in-sync replica that is out of service now; called
