@@ -14,7 +14,8 @@
 //! recording. States are small `Copy` values (generations are interned), and the
 //! search keeps a 64-bit fingerprint of each state seen, as TLC does.
 //!
-//! The tests search to depth 10 (about a minute together); deeper runs are opt-in:
+//! The tests search to depth 10 (9 with partitions between each engine and each
+//! replica; about 90 s together); deeper runs are opt-in:
 //! `TETHER_MODEL_DEPTH=11 cargo test --release -p tether-engine --test membership_model
 //! -- --nocapture` (27 million states with two engines, 2.6 GB, two minutes).
 
@@ -91,6 +92,8 @@ struct Replica {
     exists: bool,
     /// Running and reachable.
     up: bool,
+    /// Engines it is cut off from (bit e: engine e), while others still reach it.
+    cut_from: Mask,
     /// Write ids applied, oldest first; the first `durable` survive a crash.
     history: [u8; MAX_WRITES],
     len: u8,
@@ -160,6 +163,8 @@ struct Bounds {
     initial: usize,
     /// The initial replicas hold copies made before generations (none stored).
     legacy: bool,
+    /// A replica can be cut off from one engine while the other still reaches it.
+    partitions: bool,
     writes: u8,
     engines: usize,
     depth: usize,
@@ -171,6 +176,9 @@ enum Step {
     Crash(u8),
     Cut(u8),
     Return(u8),
+    /// Engine, replica: the network between them fails, or heals.
+    Partition(u8, u8),
+    Heal(u8, u8),
     Open(u8),
     EngineCrash(u8),
     Write(u8, u8),
@@ -188,6 +196,8 @@ impl std::fmt::Display for Step {
             Step::Crash(i) => write!(f, "crash {}", r(i)),
             Step::Cut(i) => write!(f, "cut off {}", r(i)),
             Step::Return(i) => write!(f, "{} returns", r(i)),
+            Step::Partition(e, i) => write!(f, "cut {} off from engine {e}", r(i)),
+            Step::Heal(e, i) => write!(f, "{} reconnects to engine {e}", r(i)),
             Step::Open(e) => write!(f, "engine {e} opens"),
             Step::EngineCrash(e) => write!(f, "engine {e} crashes"),
             Step::Write(e, w) => write!(f, "engine {e} writes {w}"),
@@ -233,8 +243,10 @@ impl State {
         }
     }
 
-    fn reachable(&self, i: usize) -> bool {
-        self.replicas[i].exists && self.replicas[i].up
+    /// Whether engine `e` reaches replica `i`.
+    fn reachable(&self, e: usize, i: usize) -> bool {
+        let r = &self.replicas[i];
+        r.exists && r.up && r.cut_from & bit(e) == 0
     }
 
     fn existing(&self) -> Mask {
@@ -243,13 +255,13 @@ impl State {
             .fold(0, |m, i| m | bit(i))
     }
 
-    /// Stores `g` on every reachable replica that `epoch` may still write (taking the
-    /// epoch there, as the replica does); returns which stored it.
-    fn record(&mut self, a: &mut Arena, epoch: u8, g: &Generation) -> Mask {
+    /// Stores `g` on every replica engine `e` reaches that `epoch` may still write
+    /// (taking the epoch there, as the replica does); returns which stored it.
+    fn record(&mut self, a: &mut Arena, e: usize, epoch: u8, g: &Generation) -> Mask {
         let gi = a.put(g.clone());
         let mut stored = 0;
         for i in 0..MAX_REPLICAS {
-            if !self.reachable(i) || self.replicas[i].epoch > epoch {
+            if !self.reachable(e, i) || self.replicas[i].epoch > epoch {
                 continue;
             }
             let r = &mut self.replicas[i];
@@ -276,7 +288,7 @@ impl State {
         let Ok(next) = g.next(u64::from(epoch), change) else {
             return false;
         };
-        let stored = self.record(a, epoch, &next);
+        let stored = self.record(a, e, epoch, &next);
         if !g.counts(&ids(stored)) {
             return false;
         }
@@ -314,6 +326,18 @@ fn successors(s: &State, b: Bounds, rule: Rule, a: &mut Arena, out: &mut Vec<(St
             let mut n = *s;
             n.replicas[i].up = true;
             out.push((Step::Return(ri), n));
+        }
+        if r.exists && b.partitions {
+            for e in 0..b.engines {
+                let mut n = *s;
+                n.replicas[i].cut_from ^= bit(e);
+                let step = if r.cut_from & bit(e) == 0 {
+                    Step::Partition(e as u8, ri)
+                } else {
+                    Step::Heal(e as u8, ri)
+                };
+                out.push((step, n));
+            }
         }
     }
     for e in 0..b.engines {
@@ -387,7 +411,7 @@ fn open(s: &State, e: usize, rule: Rule, a: &mut Arena) -> Option<State> {
     let epoch = n.replicas.iter().map(|r| r.epoch).max().unwrap_or(0) + 1;
     let mut reports = Vec::new();
     for i in 0..MAX_REPLICAS {
-        if n.reachable(i) {
+        if n.reachable(e, i) {
             n.replicas[i].epoch = epoch;
             let r = n.replicas[i];
             reports.push(Report {
@@ -406,7 +430,7 @@ fn open(s: &State, e: usize, rule: Rule, a: &mut Arena) -> Option<State> {
             Plan::Serve {
                 base, next, fresh, ..
             } => {
-                let stored = n.record(a, epoch, &next);
+                let stored = n.record(a, e, epoch, &next);
                 if !base.counts(&ids(stored)) {
                     return None;
                 }
@@ -456,7 +480,7 @@ fn fan_out(n: &mut State, e: usize, apply: impl Fn(&mut Replica)) -> Option<Mask
     };
     let mut missing = 0;
     for i in bits(writable) {
-        if !n.reachable(i) || broken & bit(i) != 0 {
+        if !n.reachable(e, i) || broken & bit(i) != 0 {
             missing |= bit(i);
         } else if n.replicas[i].epoch > epoch {
             n.engines[e] = Engine::Down;
@@ -598,7 +622,11 @@ fn rebuild_finish(s: &State, e: usize, i: usize, rule: Rule, a: &mut Arena) -> O
         return None;
     };
     let si = bits(writable & !rebuilding & !broken).next()?;
-    if !n.reachable(i) || !n.reachable(si) || broken & bit(i) != 0 || n.replicas[i].epoch > epoch {
+    if !n.reachable(e, i)
+        || !n.reachable(e, si)
+        || broken & bit(i) != 0
+        || n.replicas[i].epoch > epoch
+    {
         return None;
     }
     let source = n.replicas[si];
@@ -678,7 +706,7 @@ fn check(s: &State) -> Result<(), String> {
         }
         for i in bits(writable & !rebuilding & !broken) {
             let replica = &s.replicas[i];
-            if !replica.up {
+            if !s.reachable(e, i) {
                 continue;
             }
             for w in bits(s.flushed) {
@@ -791,9 +819,26 @@ fn generations_keep_every_flushed_write_with_three_replicas_and_two_engines() {
             replicas: 3,
             initial: 3,
             legacy: false,
+            partitions: false,
             writes: 2,
             engines: 2,
             depth: depth_from_env(10),
+        },
+    );
+}
+
+#[test]
+fn generations_keep_every_flushed_write_when_each_engine_sees_other_replicas() {
+    must_hold(
+        "3 replicas, 2 engines, partitions between each engine and each replica",
+        Bounds {
+            replicas: 3,
+            initial: 3,
+            legacy: false,
+            partitions: true,
+            writes: 2,
+            engines: 2,
+            depth: depth_from_env(9),
         },
     );
 }
@@ -806,6 +851,7 @@ fn generations_keep_every_flushed_write_with_a_fourth_replica_added() {
             replicas: 4,
             initial: 3,
             legacy: false,
+            partitions: false,
             writes: 2,
             engines: 1,
             depth: depth_from_env(10),
@@ -821,6 +867,7 @@ fn copies_made_before_generations_keep_every_flushed_write() {
             replicas: 3,
             initial: 3,
             legacy: true,
+            partitions: false,
             writes: 3,
             engines: 2,
             depth: depth_from_env(10),
@@ -834,6 +881,7 @@ fn the_revision_rule_loses_flushed_writes() {
         replicas: 3,
         initial: 3,
         legacy: false,
+        partitions: false,
         writes: 2,
         engines: 1,
         depth: 9,
@@ -924,6 +972,7 @@ fn the_revision_rule_fails_the_three_named_cases_and_generations_do_not() {
         replicas: 4,
         initial: 3,
         legacy: false,
+        partitions: false,
         writes: 3,
         engines: 2,
         depth: 0,
