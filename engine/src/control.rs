@@ -123,7 +123,7 @@ impl Engine for ControlService {
                     if r.down().is_some_and(|d| d.retried()) {
                         st.retry_in_seconds = t
                             .next
-                            .saturating_duration_since(std::time::Instant::now())
+                            .saturating_duration_since(tokio::time::Instant::now())
                             .as_secs();
                         st.failed_attempts = t.attempts;
                     }
@@ -239,7 +239,7 @@ impl Engine for ControlService {
         req: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotReply>, Status> {
         let name = req.into_inner().name;
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let v = self.volume()?;
         v.snapshot(&name).await.map_err(status_of)?;
         tracing::info!(volume = %v.name(), snapshot = %name,
@@ -300,7 +300,7 @@ impl Engine for ControlService {
             let total = v.size() / crate::volume::BLOCK;
             const CHUNK: u64 = 256;
             let mut done = 0;
-            let mut last_report = std::time::Instant::now();
+            let mut last_report = tokio::time::Instant::now();
             let mut pending = Vec::new();
             while done < total {
                 let n = CHUNK.min(total - done);
@@ -314,7 +314,7 @@ impl Engine for ControlService {
                 }
                 done += n;
                 if done == total || last_report.elapsed().as_millis() > 500 || !pending.is_empty() {
-                    last_report = std::time::Instant::now();
+                    last_report = tokio::time::Instant::now();
                     let p = VerifyProgress {
                         blocks_done: done,
                         blocks_total: total,

@@ -2,7 +2,7 @@
 //! metrics still answer, and say which replicas the engine waits for.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use parking_lot::RwLock;
 

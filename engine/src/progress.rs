@@ -4,10 +4,11 @@
 //! for it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tether_proto::wire::BLOCK_SIZE;
+use tokio::time::Instant;
 
 /// How far a rebuild has come, for `tether volume status`.
 pub struct Progress {

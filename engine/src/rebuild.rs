@@ -16,12 +16,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tether_proto::replica::{
     io_request::Op, DeleteSnapshotRequest, Expand, HashesRequest, OpenRequest, Snapshot,
     SnapshotsRequest, Write,
 };
+use tokio::time::Instant;
 
 use crate::membership::Change;
 use crate::progress::{Progress, Retry};

@@ -9,4 +9,4 @@ pub mod sim;
 pub mod store;
 
 pub use server::{serve, serve_with, ReplicaService, ServerTls};
-pub use store::{StoreError, StoreOptions, Volume, VolumeSet, BLOCK_SIZE};
+pub use store::{Execution, Job, StoreError, StoreOptions, Volume, VolumeSet, BLOCK_SIZE};

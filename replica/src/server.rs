@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::disk::{Disk, OsDisk};
-use crate::store::{GenerationRecord, StoreError, StoreOptions, Volume, VolumeSet};
+use crate::store::{Execution, GenerationRecord, StoreError, StoreOptions, Volume, VolumeSet};
 
 use tether_proto::wire::MAX_MESSAGE;
 
@@ -28,6 +28,7 @@ use tether_proto::wire::MAX_MESSAGE;
 #[derive(Clone)]
 pub struct ReplicaService {
     volumes: Arc<VolumeSet>,
+    blocking: Blocking,
 }
 
 impl ReplicaService {
@@ -47,8 +48,12 @@ impl ReplicaService {
         if let Some(w) = &opts.wal_dir {
             std::fs::create_dir_all(w)?;
         }
+        let blocking = Blocking {
+            inline: matches!(opts.execution, Execution::Scheduled(_)),
+        };
         Ok(ReplicaService {
             volumes: Arc::new(VolumeSet::new(data_dir, disk, opts)?),
+            blocking,
         })
     }
 
@@ -79,13 +84,15 @@ impl ReplicaService {
         }
         let (tx, rx) = mpsc::channel(64);
         let epoch = first.epoch;
+        let blocking = self.blocking;
         tokio::spawn(async move {
             let v = vol.clone();
-            if let Err(e) = blocking(move || v.set_clean(false), vol.name()).await {
+            if let Err(e) = blocking.run(move || v.set_clean(false), vol.name()).await {
                 tracing::error!(volume = vol.name(), error = %e, "cannot mark volume in use");
             }
             let mut stream = IoStreamState {
                 vol,
+                blocking,
                 epoch,
                 last_seq: None,
                 tx,
@@ -171,16 +178,30 @@ fn done(r: Result<(), StoreError>) -> Result<(Bytes, Bytes), StoreError> {
     r.map(|_| (Bytes::new(), Bytes::new()))
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-    volume: &str,
-) -> Result<T, StoreError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(StoreError::Invalid {
-            volume: volume.to_string(),
-            what: format!("internal task failed: {e}"),
-        }),
+/// Where store calls that block (they sync files) run.
+#[derive(Clone, Copy)]
+struct Blocking {
+    /// On the caller's thread: the simulation, whose disk is memory and whose seed
+    /// must replay. Otherwise on tokio's blocking pool.
+    inline: bool,
+}
+
+impl Blocking {
+    async fn run<T: Send + 'static>(
+        self,
+        f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+        volume: &str,
+    ) -> Result<T, StoreError> {
+        if self.inline {
+            return f();
+        }
+        match tokio::task::spawn_blocking(f).await {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Invalid {
+                volume: volume.to_string(),
+                what: format!("internal task failed: {e}"),
+            }),
+        }
     }
 }
 
@@ -193,7 +214,7 @@ impl Replica for ReplicaService {
         let req = req.into_inner();
         let volumes = self.volumes.clone();
         let name = req.volume.clone();
-        let r = blocking(
+        let r = self.blocking.run(
             move || {
                 let (vol, created) = if req.create {
                     let enc = (!req.encryption.is_empty()).then_some(req.encryption.as_str());
@@ -284,12 +305,14 @@ impl Replica for ReplicaService {
         };
         let vol = self.volumes.get(&req.volume).map_err(status)?;
         let name = vol.name().to_string();
-        let stored = blocking(
-            move || vol.record_generation(req.epoch, req.engine_id, from_wire(g)),
-            &name,
-        )
-        .await
-        .map_err(status)?;
+        let stored = self
+            .blocking
+            .run(
+                move || vol.record_generation(req.epoch, req.engine_id, from_wire(g)),
+                &name,
+            )
+            .await
+            .map_err(status)?;
         Ok(Response::new(RecordGenerationReply {
             stored: Some(to_wire(stored)),
         }))
@@ -309,7 +332,9 @@ impl Replica for ReplicaService {
         _req: Request<InventoryRequest>,
     ) -> Result<Response<InventoryReply>, Status> {
         let volumes = self.volumes.clone();
-        let (found, problems) = tokio::task::spawn_blocking(move || volumes.inventory())
+        let (found, problems) = self
+            .blocking
+            .run(move || Ok(volumes.inventory()), "")
             .await
             .map_err(|e| Status::internal(format!("listing volumes: {e}")))?
             .map_err(|e| Status::internal(format!("listing volumes: {e}")))?;
@@ -361,15 +386,17 @@ impl Replica for ReplicaService {
         let req = req.into_inner();
         let vol = self.volumes.get(&req.volume).map_err(status)?;
         let name = vol.name().to_string();
-        let hashes = blocking(
-            move || {
-                let snap = (!req.snapshot.is_empty()).then_some(req.snapshot.as_str());
-                vol.hashes(snap, req.block, req.count)
-            },
-            &name,
-        )
-        .await
-        .map_err(status)?;
+        let hashes = self
+            .blocking
+            .run(
+                move || {
+                    let snap = (!req.snapshot.is_empty()).then_some(req.snapshot.as_str());
+                    vol.hashes(snap, req.block, req.count)
+                },
+                &name,
+            )
+            .await
+            .map_err(status)?;
         Ok(Response::new(HashesReply { hashes }))
     }
 
@@ -397,7 +424,8 @@ impl Replica for ReplicaService {
         let vol = self.volumes.get(&req.volume).map_err(status)?;
         vol.check_epoch(req.epoch).map_err(status)?;
         let name = vol.name().to_string();
-        blocking(move || vol.delete_snapshot(&req.name), &name)
+        self.blocking
+            .run(move || vol.delete_snapshot(&req.name), &name)
             .await
             .map_err(status)?;
         Ok(Response::new(DeleteSnapshotReply {}))
@@ -410,6 +438,7 @@ const IDLE: std::time::Duration = std::time::Duration::from_millis(200);
 
 struct IoStreamState {
     vol: Arc<Volume>,
+    blocking: Blocking,
     epoch: u64,
     last_seq: Option<u64>,
     tx: mpsc::Sender<Result<IoReplyBatch, Status>>,
@@ -457,18 +486,20 @@ impl IoStreamState {
         let v = self.vol.clone();
         let name = v.name().to_string();
         let epoch = self.epoch;
-        let closed = blocking(
-            move || {
-                v.sync()?;
-                // A fenced engine's close says nothing about the newer engine's use.
-                match v.under_epoch(epoch, || v.set_clean(true)) {
-                    Err(StoreError::Fenced { .. }) => Ok(()),
-                    r => r,
-                }
-            },
-            &name,
-        )
-        .await;
+        let closed = self
+            .blocking
+            .run(
+                move || {
+                    v.sync()?;
+                    // A fenced engine's close says nothing about the newer engine's use.
+                    match v.under_epoch(epoch, || v.set_clean(true)) {
+                        Err(StoreError::Fenced { .. }) => Ok(()),
+                        r => r,
+                    }
+                },
+                &name,
+            )
+            .await;
         match closed {
             Ok(()) => tracing::info!(volume = %name, "engine closed the volume cleanly"),
             Err(e) => tracing::error!(volume = %name, error = %e, "closing the volume failed"),
@@ -502,7 +533,11 @@ impl IoStreamState {
     ) -> Result<(Bytes, Bytes), StoreError> {
         let v = self.vol.clone();
         let epoch = self.epoch;
-        done(blocking(move || v.under_epoch(epoch, || f(&v)), self.vol.name()).await)
+        done(
+            self.blocking
+                .run(move || v.under_epoch(epoch, || f(&v)), self.vol.name())
+                .await,
+        )
     }
 
     /// Answers `rest` with the fencing error before the stream ends:
@@ -569,10 +604,11 @@ impl IoStreamState {
                     Ok(()) => {
                         let v = self.vol.clone();
                         let tx = self.tx.clone();
+                        let blocking = self.blocking;
                         self.flushes.retain(|h| !h.is_finished());
                         self.flushes.push(tokio::spawn(async move {
                             let name = v.name().to_string();
-                            let r = blocking(move || v.sync(), &name).await;
+                            let r = blocking.run(move || v.sync(), &name).await;
                             let batch = IoReplyBatch {
                                 replies: vec![reply(id, done(r))],
                             };

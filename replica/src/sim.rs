@@ -5,7 +5,7 @@
 //! Simplification: creating, replacing and removing files is durable at once (the
 //! real store fsyncs the directory for each of them).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,7 +46,11 @@ fn apply(buf: &mut Vec<u8>, c: &Change) {
 
 #[derive(Default)]
 struct SimState {
-    files: HashMap<PathBuf, SimFileState>,
+    /// Ordered, so a crash draws its choices in the same order on every run.
+    files: BTreeMap<PathBuf, SimFileState>,
+    /// Grows with every `power_cut`: handles from an earlier boot belong to a process
+    /// that died with the power, and every call through them fails.
+    boot: u64,
     fail_syncs: bool,
     /// Writes fail with ENOSPC once live bytes exceed this.
     capacity: Option<u64>,
@@ -58,6 +62,15 @@ struct SimState {
 }
 
 impl SimState {
+    /// Fails calls through a handle of a process that died in a power cut.
+    fn alive(&self, boot: u64) -> io::Result<()> {
+        if boot == self.boot {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(5))
+        }
+    }
+
     /// Counts one mutating operation; errors once the countdown has run out.
     fn tick(&mut self) -> io::Result<()> {
         match self.countdown.as_mut() {
@@ -75,11 +88,13 @@ impl SimState {
 #[derive(Clone, Default)]
 pub struct SimDisk {
     state: Arc<Mutex<SimState>>,
+    boot: u64,
 }
 
 struct SimFile {
     path: PathBuf,
     state: Arc<Mutex<SimState>>,
+    boot: u64,
 }
 
 impl SimDisk {
@@ -115,6 +130,19 @@ impl SimDisk {
                 }
             }
             f.live = f.durable.clone();
+        }
+    }
+
+    /// Loses power as `crash` does, and with it the process using the disk: every
+    /// call through this handle, its clones and its files fails from now on. Returns
+    /// the handle for the process that starts after the power returns.
+    pub fn power_cut(&self, pick: impl FnMut() -> bool) -> SimDisk {
+        self.crash(pick);
+        let mut st = self.state.lock();
+        st.boot += 1;
+        SimDisk {
+            state: self.state.clone(),
+            boot: st.boot,
         }
     }
 
@@ -165,6 +193,7 @@ impl SimDisk {
 impl DiskFile for SimFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         let st = self.state.lock();
+        st.alive(self.boot)?;
         let f = st.files.get(&self.path).ok_or(io::ErrorKind::NotFound)?;
         buf.fill(0);
         let s = (off as usize).min(f.live.len());
@@ -175,6 +204,7 @@ impl DiskFile for SimFile {
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let mut st = self.state.lock();
+        st.alive(self.boot)?;
         st.tick()?;
         let total: u64 = st.files.values().map(|f| f.live.len() as u64).sum();
         let cap = st.capacity;
@@ -194,6 +224,7 @@ impl DiskFile for SimFile {
 
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         let mut st = self.state.lock();
+        st.alive(self.boot)?;
         st.tick()?;
         let f = st
             .files
@@ -207,11 +238,13 @@ impl DiskFile for SimFile {
 
     fn len(&self) -> io::Result<u64> {
         let st = self.state.lock();
+        st.alive(self.boot)?;
         Ok(st.files.get(&self.path).map_or(0, |f| f.live.len() as u64))
     }
 
     fn sync(&self) -> io::Result<()> {
         let mut st = self.state.lock();
+        st.alive(self.boot)?;
         st.tick()?;
         if st.fail_syncs {
             return Err(io::Error::from_raw_os_error(5));
@@ -236,6 +269,7 @@ impl DiskFile for SimFile {
 
     fn allocate(&self, len: u64) -> io::Result<()> {
         let mut st = self.state.lock();
+        st.alive(self.boot)?;
         let f = st
             .files
             .get_mut(&self.path)
@@ -251,6 +285,7 @@ impl DiskFile for SimFile {
 impl Disk for SimDisk {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DiskFile>> {
         let mut st = self.state.lock();
+        st.alive(self.boot)?;
         if !st.files.contains_key(path) {
             if !create {
                 return Err(io::ErrorKind::NotFound.into());
@@ -261,15 +296,19 @@ impl Disk for SimDisk {
         Ok(Arc::new(SimFile {
             path: path.to_path_buf(),
             state: self.state.clone(),
+            boot: self.boot,
         }))
     }
 
     fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
-        Ok(self.state.lock().files.get(path).map(|f| f.live.clone()))
+        let st = self.state.lock();
+        st.alive(self.boot)?;
+        Ok(st.files.get(path).map(|f| f.live.clone()))
     }
 
     fn replace(&self, path: &Path, contents: &[u8]) -> io::Result<()> {
         let mut st = self.state.lock();
+        st.alive(self.boot)?;
         st.tick()?;
         if st.fail_syncs {
             return Err(io::Error::from_raw_os_error(5));
@@ -287,6 +326,7 @@ impl Disk for SimDisk {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         let mut st = self.state.lock();
+        st.alive(self.boot)?;
         st.tick()?;
         st.files.remove(path);
         Ok(())
@@ -294,6 +334,7 @@ impl Disk for SimDisk {
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let st = self.state.lock();
+        st.alive(self.boot)?;
         let mut names: Vec<String> = st
             .files
             .keys()

@@ -109,6 +109,7 @@ fn open_with(disk: &SimDisk, sealed: bool, direct: u8) -> Result<Arc<Volume>, St
         direct_after_writes,
         // Small, so the log also changes halves for direct data.
         direct_limit: 40 << 10,
+        ..StoreOptions::default()
     };
     let set = VolumeSet::new(Path::new("/sim"), Arc::new(disk.clone()), opts).unwrap();
     let enc = sealed.then_some("{}");

@@ -269,7 +269,9 @@ impl ReplicaConn {
                 if let Some(h) = hello {
                     return Some((h, (None, rx, close)));
                 }
+                // Biased, so a simulation replays: queued requests go before a close.
                 let first = tokio::select! {
+                    biased;
                     r = rx.recv() => r?,
                     _ = close.notified() => return None,
                 };

@@ -6,9 +6,10 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tether_proto::replica::RecordGenerationRequest;
+use tokio::time::Instant;
 
 use super::Volume;
 use crate::error::VolumeError;

@@ -10,6 +10,7 @@ use super::flush;
 use super::layer::{self, Files};
 use super::log::codec::{self, WalHeader, BLOCK};
 use super::log::Recent;
+use super::options::Execution;
 use super::record::{self, BlockRecord, State};
 use crate::extents::{ExtentMap, Shift};
 
@@ -119,22 +120,28 @@ pub(super) fn finish(v: &Core) -> Result<(), StoreError> {
     checkpoint_frozen(v)
 }
 
-/// Starts checkpointing the frozen half on a thread of its own.
+/// Starts checkpointing the frozen half in the background: on a thread of its own, or
+/// as a job for the simulation's scheduler.
 pub(super) fn spawn(v: &Core) {
     let Some(me) = v.me.get().and_then(std::sync::Weak::upgrade) else {
         return;
     };
+    let job = move || {
+        let _c = me.ckpt.lock();
+        if me.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = checkpoint_frozen(&me) {
+            tracing::warn!(volume = %me.name(), error = %e, "background checkpoint failed; the next write retries it");
+        }
+    };
+    if let Execution::Scheduled(schedule) = &v.execution {
+        schedule(Box::new(job));
+        return;
+    }
     let spawned = std::thread::Builder::new()
         .name("tether-checkpoint".into())
-        .spawn(move || {
-            let _c = me.ckpt.lock();
-            if me.closed.load(Ordering::Acquire) {
-                return;
-            }
-            if let Err(e) = checkpoint_frozen(&me) {
-                tracing::warn!(volume = %me.name(), error = %e, "background checkpoint failed; the next write retries it");
-            }
-        });
+        .spawn(job);
     if let Err(e) = spawned {
         tracing::warn!(volume = %v.name(), error = %e, "cannot start a checkpoint thread; writes will checkpoint inline");
     }

@@ -65,6 +65,8 @@ pub(super) struct Core {
     pub(super) direct_min_blocks: u64,
     pub(super) direct_after_writes: u64,
     pub(super) direct_limit: u64,
+    /// Where background checkpoints run.
+    pub(super) execution: super::options::Execution,
     /// Writes since the last flush.
     pub(super) since_flush: AtomicU64,
     /// Data went into the head layer since its files were last synced.

@@ -59,7 +59,7 @@ mod write;
 
 pub use error::StoreError;
 pub use meta::GenerationRecord;
-pub use options::{validate_name, StoreOptions, DEFAULT_WAL_SIZE};
+pub use options::{validate_name, Execution, Job, StoreOptions, DEFAULT_WAL_SIZE};
 pub use read::BAD_BLOCK_HASH;
 pub use set::{Inventory, VolumeEntry, VolumeSet};
 pub use snapshot::SnapshotInfo;

@@ -1,6 +1,7 @@
 //! What a daemon's operator chooses for its store, and which names it accepts.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::error::StoreError;
 
@@ -24,6 +25,29 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
+/// A job the store hands to a scheduler: the checkpoint of a frozen log half.
+pub type Job = Box<dyn FnOnce() + Send>;
+
+/// How the store and its server run work that would block or run in the background.
+#[derive(Clone, Default)]
+pub enum Execution {
+    /// Blocking calls on tokio's blocking pool, background work on threads (the daemon).
+    #[default]
+    Threads,
+    /// Everything on the caller's thread, background work handed to `schedule`, which
+    /// runs it when it chooses: the deterministic simulation, where a seed must replay.
+    Scheduled(Arc<dyn Fn(Job) + Send + Sync>),
+}
+
+impl std::fmt::Debug for Execution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Execution::Threads => "Threads",
+            Execution::Scheduled(_) => "Scheduled",
+        })
+    }
+}
+
 /// Where a store keeps things and how big its log is.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -40,6 +64,8 @@ pub struct StoreOptions {
     /// checkpointed (and 16 times as much with rewrites): bounds what recovery reads
     /// to check them.
     pub direct_limit: u64,
+    /// Threads, or a scheduler's hands (the simulation).
+    pub execution: Execution,
 }
 
 impl Default for StoreOptions {
@@ -50,6 +76,7 @@ impl Default for StoreOptions {
             direct_min_blocks: 16,
             direct_after_writes: 64,
             direct_limit: 1 << 30,
+            execution: Execution::Threads,
         }
     }
 }

@@ -133,6 +133,7 @@ impl Volume {
             direct_min_blocks: opts.direct_min_blocks.max(1),
             direct_after_writes: opts.direct_after_writes,
             direct_limit: opts.direct_limit,
+            execution: opts.execution.clone(),
             since_flush: AtomicU64::new(0),
             // Replay may map direct data that is only in the page cache (after a
             // kill, not a power cut): the recovery checkpoint must sync the slots.

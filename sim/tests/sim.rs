@@ -1,0 +1,95 @@
+//! The deterministic simulation in CI: a bounded number of seeds, a determinism check,
+//! and the replay of one seed.
+//!
+//! - `TETHER_SIM_SEEDS=N` runs N seeds instead of CI's budget (from `TETHER_SIM_FROM`,
+//!   default 1);
+//! - `TETHER_SIM_SEED=S ... replay -- --nocapture` replays seed S and prints its trace.
+
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tether_sim::Config;
+
+fn env(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn seeds_keep_every_promise() {
+    let cfg = Config::default();
+    let from = env("TETHER_SIM_FROM").unwrap_or(1);
+    let budget = Duration::from_secs(env("TETHER_SIM_SECONDS").unwrap_or(60));
+    let count = env("TETHER_SIM_SEEDS");
+    let started = Instant::now();
+    let mut runs = 0u64;
+    let mut reached: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut steps = 0;
+    let mut writes = (0, 0, 0, 0);
+    loop {
+        let done = match count {
+            Some(n) => runs >= n,
+            None => started.elapsed() >= budget,
+        };
+        if done {
+            break;
+        }
+        let seed = from + runs;
+        match tether_sim::run(seed, &cfg) {
+            Ok(r) => {
+                for k in r.faults.keys() {
+                    *reached.entry(k).or_default() += 1;
+                }
+                steps += r.steps;
+                writes.0 += r.writes.0;
+                writes.1 += r.writes.1;
+                writes.2 += r.writes.2;
+                writes.3 += r.writes.3;
+            }
+            Err(f) => panic!("{f}"),
+        }
+        runs += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{runs} seeds from {from} in {secs:.1} s ({:.0} per minute), {} steps each",
+        runs as f64 * 60.0 / secs,
+        steps / runs.max(1) as usize
+    );
+    eprintln!(
+        "writes: {} acknowledged, {} flushed, {} excused (every holder crashed before a flush), {} failed",
+        writes.0, writes.1, writes.2, writes.3
+    );
+    for (k, n) in reached {
+        eprintln!("  {k}: in {:.0} % of runs", n as f64 * 100.0 / runs as f64);
+    }
+}
+
+#[test]
+fn a_seed_replays_byte_for_byte() {
+    let cfg = Config::default();
+    for seed in [7, 8] {
+        let a = tether_sim::run(seed, &cfg).map_err(|f| f.to_string()).unwrap();
+        let b = tether_sim::run(seed, &cfg).map_err(|f| f.to_string()).unwrap();
+        assert_eq!(a.trace.join("\n"), b.trace.join("\n"), "seed {seed}");
+        assert!(a.trace.len() > 100, "{}", a.trace.len());
+    }
+}
+
+#[test]
+fn replay() {
+    let Some(seed) = env("TETHER_SIM_SEED") else {
+        return;
+    };
+    match tether_sim::run(seed, &Config::default()) {
+        Ok(r) => {
+            for line in &r.trace {
+                println!("{line}");
+            }
+            println!("seed {seed}: every promise kept; faults {:?}", r.faults);
+        }
+        Err(f) => panic!("{f}"),
+    }
+}
