@@ -8,7 +8,11 @@
 //! - **no flushed write lost**: a read never returns a cell older than the newest
 //!   write to it that was acknowledged before the read began, unless every replica
 //!   that held that write crashed before a flush covered it (then it may fall back to
-//!   the one before, by the same rule);
+//!   the one before, by the same rule). The holders of a write are the replicas in
+//!   sync when it was acknowledged; one that crashed while the write was in flight,
+//!   or that the newest engine no longer counts in sync, stops being one: NBD lets a
+//!   crash lose writes no flush covered, and tether keeps them only while a replica
+//!   it serves from holds them;
 //! - **no read of data that was never written there**;
 //! - **no acknowledgement to a fenced engine**: no write sent after a newer engine
 //!   opened is acknowledged by an older one;
@@ -55,17 +59,27 @@ pub fn cell_write(cell: u64, bytes: &[u8]) -> Result<u64, String> {
 enum Fate {
     Pending,
     /// Acknowledged at that event, held by those replicas (until they crash).
-    Acked { at: u64, holders: BTreeSet<String> },
+    Acked {
+        at: u64,
+        holders: BTreeSet<String>,
+    },
     /// Acknowledged, and a later flush covered it: never lost.
-    Flushed { at: u64 },
+    Flushed {
+        at: u64,
+    },
     /// Acknowledged, but every replica that held it crashed before a flush.
-    Excused { at: u64 },
+    Excused {
+        at: u64,
+    },
     /// Failed: its cells may hold it or what was there before.
     Failed,
 }
 
 struct Write {
     cells: std::ops::Range<u64>,
+    /// Each replica's crash count when it was sent: a replica that crashed while the
+    /// write was in flight may have lost it, even if the engine counted it in sync.
+    crashes: BTreeMap<String, u64>,
     engine: usize,
     epoch: u64,
     issued: u64,
@@ -90,6 +104,8 @@ pub struct Auditor {
     pending: BTreeMap<u64, Pending>,
     /// (event, epoch) of every engine open that completed.
     opens: Vec<(u64, u64)>,
+    /// How often each replica crashed.
+    crashes: BTreeMap<String, u64>,
     /// The first broken promise.
     pub failure: Option<String>,
 }
@@ -122,6 +138,7 @@ impl Auditor {
             id,
             Write {
                 cells,
+                crashes: self.crashes.clone(),
                 engine,
                 epoch,
                 issued,
@@ -134,21 +151,24 @@ impl Auditor {
     /// Write `id` was acknowledged, with `in_sync` the replicas holding it.
     pub fn write_acked(&mut self, id: u64, in_sync: BTreeSet<String>) {
         let at = self.tick();
-        let Some(w) = self.writes.get(&id) else { return };
+        let Some(w) = self.writes.get(&id) else {
+            return;
+        };
         let (issued, epoch, engine) = (w.issued, w.epoch, w.engine);
-        if let Some((opened, newer)) = self
-            .opens
-            .iter()
-            .find(|(t, e)| *t < issued && *e > epoch)
-        {
+        if let Some((opened, newer)) = self.opens.iter().find(|(t, e)| *t < issued && *e > epoch) {
             self.fail(format!(
                 "write {id} was acknowledged by engine incarnation {engine} at epoch {epoch}, sent after an engine at epoch {newer} opened (event {opened})"
             ));
         }
         if let Some(w) = self.writes.get_mut(&id) {
-            w.fate = Fate::Acked {
-                at,
-                holders: in_sync,
+            let holders: BTreeSet<String> = in_sync
+                .into_iter()
+                .filter(|r| self.crashes.get(r) == w.crashes.get(r))
+                .collect();
+            w.fate = if holders.is_empty() {
+                Fate::Excused { at }
+            } else {
+                Fate::Acked { at, holders }
             };
         }
     }
@@ -209,9 +229,23 @@ impl Auditor {
     /// Replica `addr` crashed: acknowledged, unflushed writes lose it as a holder.
     pub fn replica_crashed(&mut self, addr: &str) {
         self.tick();
+        *self.crashes.entry(addr.to_string()).or_default() += 1;
         for w in self.writes.values_mut() {
             if let Fate::Acked { at, holders } = &mut w.fate {
                 holders.remove(addr);
+                if holders.is_empty() {
+                    w.fate = Fate::Excused { at: *at };
+                }
+            }
+        }
+    }
+
+    /// The newest engine serves from `in_sync`: a replica out of it no longer counts
+    /// as a holder (the engine will not read from it, and rebuilds it from the others).
+    pub fn in_sync(&mut self, in_sync: &BTreeSet<String>) {
+        for w in self.writes.values_mut() {
+            if let Fate::Acked { at, holders } = &mut w.fate {
+                holders.retain(|r| in_sync.contains(r));
                 if holders.is_empty() {
                     w.fate = Fate::Excused { at: *at };
                 }

@@ -75,9 +75,11 @@ impl Shared {
     /// Adds `line` to the trace, stamped with the virtual time since the start.
     fn log(&self, line: String) {
         let t = tokio::time::Instant::now().duration_since(self.started);
-        self.trace
-            .lock()
-            .push(format!("{:>4}.{:03} {line}", t.as_secs(), t.subsec_millis()));
+        self.trace.lock().push(format!(
+            "{:>4}.{:03} {line}",
+            t.as_secs(),
+            t.subsec_millis()
+        ));
     }
 }
 
@@ -276,6 +278,18 @@ impl World {
             .collect()
     }
 
+    /// Tells the auditor which replicas the newest serving engine counts in sync.
+    fn observe(&self) {
+        let newest = self
+            .serving()
+            .into_iter()
+            .filter(|(_, _, v)| !v.is_fenced())
+            .max_by_key(|(_, _, v)| v.epoch());
+        if let Some(g) = newest.and_then(|(_, _, v)| v.generation()) {
+            self.shared.audit.lock().in_sync(&g.in_sync);
+        }
+    }
+
     /// Client `c` sends one request through a serving engine, if there is one.
     fn client_request(&mut self, c: usize) {
         if *self.busy[c].lock() {
@@ -460,6 +474,7 @@ impl World {
             // Let the requests and the engines move on before the next choice.
             let d = Duration::from_millis(self.rng.below(20));
             tokio::time::sleep(d).await;
+            self.observe();
             self.shared.audit.lock().check_waits(WAIT_LIMIT);
             if let Some(why) = self.failure() {
                 return Err(self.fail(why));
@@ -545,6 +560,7 @@ impl World {
                 job();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+            self.observe();
             self.shared.audit.lock().check_waits(WAIT_LIMIT);
             if let Some(why) = self.failure() {
                 return Err(self.fail(why));
@@ -562,7 +578,9 @@ impl World {
         self.next_id += 1;
         let id = self.next_id;
         let began = self.shared.audit.lock().read_sent(id, 0..cells);
-        self.log(format!("final read {id} of every cell through engine {inc}"));
+        self.log(format!(
+            "final read {id} of every cell through engine {inc}"
+        ));
         match vol.read(0, (cells * CELL) as u32).await {
             Ok(parts) => {
                 self.shared

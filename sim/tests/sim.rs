@@ -71,8 +71,12 @@ fn seeds_keep_every_promise() {
 fn a_seed_replays_byte_for_byte() {
     let cfg = Config::default();
     for seed in [7, 8] {
-        let a = tether_sim::run(seed, &cfg).map_err(|f| f.to_string()).unwrap();
-        let b = tether_sim::run(seed, &cfg).map_err(|f| f.to_string()).unwrap();
+        let a = tether_sim::run(seed, &cfg)
+            .map_err(|f| f.to_string())
+            .unwrap();
+        let b = tether_sim::run(seed, &cfg)
+            .map_err(|f| f.to_string())
+            .unwrap();
         assert_eq!(a.trace.join("\n"), b.trace.join("\n"), "seed {seed}");
         assert!(a.trace.len() > 100, "{}", a.trace.len());
     }
@@ -90,6 +94,11 @@ fn replay() {
             }
             println!("seed {seed}: every promise kept; faults {:?}", r.faults);
         }
-        Err(f) => panic!("{f}"),
+        Err(f) => {
+            for line in &f.trace {
+                println!("{line}");
+            }
+            panic!("{f}")
+        }
     }
 }

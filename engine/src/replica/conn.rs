@@ -2,7 +2,7 @@
 //! failed with a reason), the fence all replicas share, and the ordered I/O stream,
 //! with requests batched onto it and replies matched back to their callers by id.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,7 +185,9 @@ pub struct ReplicaConn {
     link: Arc<dyn ReplicaLink>,
     tx: mpsc::UnboundedSender<IoRequest>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<IoRequest>>>,
-    pending: Mutex<HashMap<u64, Pending>>,
+    /// Ordered, so failing them all wakes their waiters in one order (a simulation
+    /// replays).
+    pending: Mutex<BTreeMap<u64, Pending>>,
     next_id: AtomicU64,
     /// `Phase` as a number: read on every request, so an atomic, not a lock.
     phase: AtomicU8,
@@ -213,7 +215,7 @@ impl ReplicaConn {
             link,
             tx,
             rx: Mutex::new(Some(rx)),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             phase: AtomicU8::new(Phase::Healthy as u8),
             down: Mutex::new((Down::Failed, String::new())),
@@ -450,7 +452,7 @@ impl ReplicaConn {
             return false;
         }
         tracing::warn!(volume = %self.volume, replica = %self.addr, %reason, "replica dropped from the volume");
-        let drained: Vec<_> = self.pending.lock().drain().collect();
+        let drained = std::mem::take(&mut *self.pending.lock());
         for (_, p) in drained {
             let _ = p.send(Err(ReplicaError::Gone(reason.clone())));
         }
