@@ -40,9 +40,10 @@ pub struct GenerationRecord {
 }
 
 impl GenerationRecord {
-    /// The order of generations.
+    /// The order of generations: by epoch (the ballot), then by number; the same
+    /// order as the engine's `membership::Generation::key`.
     pub fn key(&self) -> (u64, u64) {
-        (self.number, self.epoch)
+        (self.epoch, self.number)
     }
 }
 
