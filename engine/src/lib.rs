@@ -116,6 +116,31 @@ async fn accept_loop<S>(
     }
 }
 
+/// Opens the volume through `connector`, asking again every 2 s while the membership
+/// rule does not let it serve; each wait is logged and noted in `state` (for status and
+/// metrics). Any other error ends it.
+pub async fn open_when_allowed(
+    cfg: &EngineConfig,
+    connector: Arc<dyn replica::Connector>,
+    state: &phase::EngineState,
+) -> Result<Arc<volume::Volume>, EngineError> {
+    loop {
+        match open_volume_with(cfg, connector.clone()).await {
+            Err(EngineError::Waiting {
+                volume,
+                why,
+                waiting_for,
+            }) => {
+                tracing::warn!(%volume, "not serving yet: {why}; waiting for {}; trying again",
+                    phase::waiting_list(&waiting_for));
+                state.wait(why, waiting_for);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Runs the engine until `shutdown` resolves, then flushes and closes cleanly.
 pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Result<(), EngineError> {
     let listen_err = |what: String, source| EngineError::Listen {
@@ -164,25 +189,11 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
             tracing::error!(error = %e, "control API stopped");
         }
     });
-    // Until the membership rule lets it serve, the engine keeps asking.
+    let connector = Arc::new(open::grpc_connector(&cfg));
     tokio::pin!(shutdown);
-    let opened = loop {
-        match open_volume(&cfg).await {
-            Err(e @ EngineError::Waiting { .. }) => {
-                tracing::warn!(volume = %cfg.volume, error = %e, "waiting before serving; trying again");
-                if let EngineError::Waiting {
-                    why, waiting_for, ..
-                } = e
-                {
-                    state.wait(why, waiting_for);
-                }
-                tokio::select! {
-                    _ = &mut shutdown => break None,
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-            }
-            r => break Some(r),
-        }
+    let opened = tokio::select! {
+        _ = &mut shutdown => None,
+        r = open_when_allowed(&cfg, connector, &state) => Some(r),
     };
     let volume = match opened {
         Some(Ok(v)) => v,

@@ -16,11 +16,15 @@ use crate::{crypt, EngineConfig, EngineError};
 /// Opens the volume on every replica over gRPC (with the configured TLS), choosing the
 /// freshest and taking a new epoch.
 pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError> {
-    let connector = GrpcConnector {
+    open_volume_with(cfg, Arc::new(grpc_connector(cfg))).await
+}
+
+/// The gRPC connector `cfg` asks for (its timeout and TLS).
+pub fn grpc_connector(cfg: &EngineConfig) -> GrpcConnector {
+    GrpcConnector {
         timeout: cfg.timeout.min(Duration::from_secs(5)),
         tls: cfg.replica_tls.clone(),
-    };
-    open_volume_with(cfg, Arc::new(connector)).await
+    }
 }
 
 /// Opens the volume on every replica reached through `connector`: probes them all,

@@ -218,9 +218,11 @@ impl World {
         );
         self.slots[s].incarnation = Some(inc);
         self.log(format!("engine {inc} starts in slot {s}"));
+        let state = tether_engine::phase::EngineState::new(&cfg.volume, &cfg.replicas);
         let opener = tokio::spawn(async move {
+            // Waiting is the engine's own loop; any other error, an operator's restart.
             for _ in 0..100 {
-                match tether_engine::open_volume_with(&cfg, connector.clone()).await {
+                match tether_engine::open_when_allowed(&cfg, connector.clone(), &state).await {
                     Ok(v) => {
                         shared.audit.lock().opened(v.epoch());
                         shared.log(format!(
@@ -236,15 +238,13 @@ impl World {
                     }
                     Err(e) => {
                         let kind = match e {
-                            EngineError::Waiting { waiting_for, .. } => {
-                                format!("waiting for {waiting_for:?}")
-                            }
-                            EngineError::Raced { .. } => "raced".into(),
-                            EngineError::NoReplica { .. } => "no replica".into(),
-                            EngineError::Config { .. } => "config".into(),
-                            EngineError::Listen { .. } => "listen".into(),
+                            EngineError::Raced { .. } => "raced",
+                            EngineError::NoReplica { .. } => "no replica",
+                            EngineError::Waiting { .. } => "waiting",
+                            EngineError::Config { .. } => "config",
+                            EngineError::Listen { .. } => "listen",
                         };
-                        shared.log(format!("engine {inc} cannot serve yet: {kind}"));
+                        shared.log(format!("engine {inc} cannot serve: {kind}; restarted"));
                         tokio::time::sleep(Duration::from_secs(2)).await;
                     }
                 }
