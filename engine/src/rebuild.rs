@@ -230,6 +230,17 @@ async fn rebuild(
 
 async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), RebuildError> {
     let source = vol.first_healthy().map_err(|e| e.to_string())?;
+    // A replica the generation still counts in sync (its failure not recorded yet)
+    // leaves it first: its join at the end must be a change of its own, or a drop
+    // recorded late (for a request its old connection missed) would undo the join
+    // while the rebuilt replica took writes alone (simulation, seed 3277).
+    if vol.generation().is_some_and(|g| g.in_sync.contains(addr)) {
+        vol.record(Change::Drop(addr.to_string()))
+            .await
+            .map_err(|e| {
+                format!("replica {addr} cannot be rebuilt before its drop is recorded: {e}")
+            })?;
+    }
     // A new replica becomes one of the volume's (a voter) before it gets any data.
     if vol.generation().is_some_and(|g| !g.replicas.contains(addr)) {
         vol.record(Change::Add(addr.to_string()))

@@ -59,9 +59,14 @@ fn decode(b: &[u8], block: u64) -> Result<u32, String> {
     Ok(tag)
 }
 
+/// A version whose write failed (it may or may not have happened): no revision
+/// promises it.
+const MAYBE: u64 = u64::MAX;
+
 /// Per block: every version since the last durable point (first = durable).
 struct Model {
-    versions: Vec<Vec<u32>>,
+    /// (write sequence, tag) of each version.
+    versions: Vec<Vec<(u64, u32)>>,
     snapshots: Vec<(String, Vec<u32>)>,
     /// Snapshots an interrupted operation may or may not have created or deleted.
     maybe_snapshots: Vec<(String, Vec<u32>)>,
@@ -74,7 +79,7 @@ struct Model {
 impl Model {
     fn new() -> Model {
         Model {
-            versions: vec![vec![0]; BLOCKS as usize],
+            versions: vec![vec![(0, 0)]; BLOCKS as usize],
             snapshots: Vec::new(),
             maybe_snapshots: Vec::new(),
             next_tag: 1,
@@ -89,7 +94,7 @@ impl Model {
         }
     }
     fn current(&self) -> Vec<u32> {
-        self.versions.iter().map(|v| *v.last().unwrap()).collect()
+        self.versions.iter().map(|v| v.last().unwrap().1).collect()
     }
 }
 
@@ -170,15 +175,17 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
                     Vec::new()
                 };
                 let r = v.write_sealed(*seq, block, &data, &seals);
+                let s = if r.is_ok() { *seq } else { MAYBE };
                 for b in block..block + count {
-                    m.versions[b as usize].push(tag);
+                    m.versions[b as usize].push((s, tag));
                 }
                 r.is_err()
             }
             Op::Zero { block, count } => {
                 let r = v.zero_blocks(*seq, block, count);
+                let s = if r.is_ok() { *seq } else { MAYBE };
                 for b in block..block + count {
-                    m.versions[b as usize].push(0);
+                    m.versions[b as usize].push((s, 0));
                 }
                 r.is_err()
             }
@@ -218,12 +225,12 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
                 let (name, content) = m.snapshots[i % m.snapshots.len()].clone();
                 match v.revert(&name) {
                     Ok(()) => {
-                        m.versions = content.into_iter().map(|t| vec![t]).collect();
+                        m.versions = content.into_iter().map(|t| vec![(0, t)]).collect();
                         false
                     }
                     Err(_) => {
                         for (b, t) in content.into_iter().enumerate() {
-                            m.versions[b].push(t);
+                            m.versions[b].push((MAYBE, t));
                         }
                         true
                     }
@@ -255,11 +262,19 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
 
 fn check_recovered(v: &Volume, m: &mut Model) -> Result<(), String> {
     let got = read_all(v, None).map_err(|e| format!("after recovery: {e}"))?;
+    // The revision the replica reports promises every write up to it: an engine
+    // serves from the replicas with the highest, as if they held the same data.
+    let (revision, _) = v.revision();
     for (b, tag) in got.iter().enumerate() {
-        if !m.versions[b].contains(tag) {
+        let versions = &m.versions[b];
+        let floor = versions
+            .iter()
+            .rposition(|&(s, _)| s <= revision)
+            .unwrap_or(0);
+        if !versions[floor..].iter().any(|&(_, t)| t == *tag) {
             return Err(format!(
-                "block {b} recovered as version {tag}, allowed {:?} (first = last flushed)",
-                m.versions[b]
+                "block {b} recovered as version {tag} at revision {revision}, allowed {:?} of (seq, version) {versions:?} (first = last flushed)",
+                &versions[floor..]
             ));
         }
     }
@@ -288,7 +303,7 @@ fn check_recovered(v: &Volume, m: &mut Model) -> Result<(), String> {
         ));
     }
     // Recovery made what it found durable.
-    m.versions = got.into_iter().map(|t| vec![t]).collect();
+    m.versions = got.into_iter().map(|t| vec![(0, t)]).collect();
     Ok(())
 }
 

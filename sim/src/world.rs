@@ -75,11 +75,10 @@ impl Shared {
     /// Adds `line` to the trace, stamped with the virtual time since the start.
     fn log(&self, line: String) {
         let t = tokio::time::Instant::now().duration_since(self.started);
-        self.trace.lock().push(format!(
-            "{:>4}.{:03} {line}",
-            t.as_secs(),
-            t.subsec_millis()
-        ));
+        let line = format!("{:>4}.{:03} {line}", t.as_secs(), t.subsec_millis());
+        // With TETHER_SIM_LOG, between the engine's and the replicas' own lines.
+        tracing::info!(target: "sim", "{line}");
+        self.trace.lock().push(line);
     }
 }
 
@@ -336,7 +335,7 @@ impl World {
                             let in_sync: BTreeSet<String> =
                                 vol.generation().map(|g| g.in_sync).unwrap_or_default();
                             shared.audit.lock().write_acked(id, in_sync);
-                            shared.log(format!("write {id} acknowledged"));
+                            shared.log(format!("write {id} acknowledged by {}", healthy(&vol)));
                         }
                         Err(e) => {
                             shared.audit.lock().write_failed(id);
@@ -377,7 +376,7 @@ impl World {
                     match vol.flush().await {
                         Ok(()) => {
                             shared.audit.lock().flush_acked(id, began);
-                            shared.log(format!("flush {id} acknowledged"));
+                            shared.log(format!("flush {id} acknowledged by {}", healthy(&vol)));
                         }
                         Err(e) => {
                             shared.audit.lock().request_done(id);
@@ -606,4 +605,15 @@ fn kind(e: &tether_engine::error::VolumeError) -> &'static str {
         VolumeError::NoSpace(_) => "ENOSPC",
         VolumeError::Fenced(_) => "fenced",
     }
+}
+
+/// The replicas `vol` counts for acknowledgements now, for the trace.
+fn healthy(vol: &Volume) -> String {
+    let names: Vec<String> = vol
+        .replicas()
+        .iter()
+        .filter(|r| r.is_healthy())
+        .map(|r| r.addr.clone())
+        .collect();
+    names.join(", ")
 }

@@ -165,10 +165,12 @@ impl Volume {
         let Some(current) = self.generation() else {
             return Ok(());
         };
-        if let Change::Remove(r) = change {
-            if !current.replicas.contains(r) {
-                return Ok(());
-            }
+        match change {
+            Change::Remove(r) if !current.replicas.contains(r) => return Ok(()),
+            // Asked for when it failed, but it takes writes again (its rebuild joined
+            // since): it missed nothing that is still to be acknowledged.
+            Change::Drop(r) if self.replica(r).is_some_and(|c| c.is_writable()) => return Ok(()),
+            _ => {}
         }
         let next = current.next(self.epoch, change).map_err(|e| {
             VolumeError::Invalid(format!(

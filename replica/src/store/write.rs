@@ -93,6 +93,7 @@ pub(super) fn zero_blocks(v: &Core, seq: u64, block: u64, count: u64) -> Result<
             count: n as u32,
             tag: 0,
             slot: 0,
+            more: b + n < count,
         };
         append_waiting(v, h, &[], &[])?;
         b += n;
@@ -106,18 +107,31 @@ fn append_waiting(v: &Core, h: RecordHeader, sides: &[u8], data: &[u8]) -> Resul
         {
             let mut inner = v.inner.write();
             v.check_live()?;
-            if make_room(v, &mut inner, h.total_len(), 0)? {
-                return push_record(v, &mut inner, h, sides, data);
+            match make_room(v, &mut inner, h.total_len(), 0)? {
+                Room::Ready => return push_record(v, &mut inner, h, sides, data),
+                Room::Moved => continue,
+                Room::Busy => {}
             }
         }
         checkpoint::finish(v)?;
     }
 }
 
+/// What `make_room` did.
+enum Room {
+    /// The record fits the live half.
+    Ready,
+    /// The live half was full: it is frozen for the checkpoint and appends moved to
+    /// the other half. Choose again what the record looks like (a durable version
+    /// may have become the one a direct write must not overwrite).
+    Moved,
+    /// The live half is full and the other is still being checkpointed: wait.
+    Busy,
+}
+
 /// Makes room in the live half for a record of `len` bytes that comes with `direct`
-/// bytes written straight into the head; false when the live half is full and the
-/// other half is still being checkpointed (the caller waits and retries).
-fn make_room(v: &Core, inner: &mut Inner, len: u64, direct: u64) -> Result<bool, StoreError> {
+/// bytes written straight into the head.
+fn make_room(v: &Core, inner: &mut Inner, len: u64, direct: u64) -> Result<Room, StoreError> {
     // Recovery reads every block written directly in the log's window from the layer
     // to check it, and every direct record's data: bound both (rewrites of the same
     // blocks cost it memory reads, not disk reads).
@@ -128,22 +142,32 @@ fn make_room(v: &Core, inner: &mut Inner, len: u64, direct: u64) -> Result<bool,
             && c.direct_in_half > 0
             && (window > v.direct_limit
                 || c.direct_in_half + direct > DIRECT_REWRITES * v.direct_limit));
-    if full {
-        if c.frozen.is_some() {
-            return Ok(false);
-        }
-        // The checkpoint reads the frozen half from the file.
-        flush::write_tail(v, inner)?;
-        checkpoint::freeze_live(v, inner);
-        checkpoint::spawn(v);
+    if !full {
+        return Ok(Room::Ready);
     }
-    if inner.log.off + len > v.log.half_range(inner.log.half).1 {
+    if c.frozen.is_some() {
+        return Ok(Room::Busy);
+    }
+    let (start, end) = v.log.half_range(1 - c.half);
+    if start + len > end {
         return Err(v.invalid(format!(
             "a record of {len} bytes does not fit half of the {} byte log",
             v.log.size
         )));
     }
-    Ok(true)
+    // Durable before the other half gets its first record: replay takes a record it
+    // cannot read as the end of this half and goes on in the other, so a power cut
+    // must not keep a record there while losing one here (that replica would report
+    // a revision it lacks writes of: simulation seed 967). One fdatasync per half of
+    // the log. The checkpoint reads the frozen half from the file.
+    let upto = flush::mark_sync(v, inner)?;
+    {
+        let _s = v.sync_lock.lock();
+        flush::sync_locked(v, &v.head(inner)?.files(), upto)?;
+    }
+    checkpoint::freeze_live(v, inner);
+    checkpoint::spawn(v);
+    Ok(Room::Moved)
 }
 
 /// Appends one record where `make_room` made room, and maps its blocks.
@@ -163,7 +187,11 @@ fn push_record(
         flush::write_tail(v, inner)?;
     }
     v.log.index(&mut inner.log, placed);
-    inner.revision = inner.revision.max(h.seq);
+    // A write split into several records counts once its last one is in: a
+    // checkpoint's header must not promise a write whose rest may be lost.
+    if !h.more {
+        inner.revision = inner.revision.max(h.seq);
+    }
     Ok(())
 }
 
@@ -180,8 +208,9 @@ struct Run<'a> {
 }
 
 /// Writes the first run of blocks that goes one way: through the log, or straight
-/// into one slot of the head. Returns how many blocks, or `None` when both halves of
-/// the log are busy (wait for the checkpoint, then retry).
+/// into one slot of the head. Returns how many blocks (0 when the log just moved to
+/// its other half: call again), or `None` when both halves of the log are busy (wait
+/// for the checkpoint, then retry).
 fn write_run(v: &Core, inner: &mut Inner, run: Run<'_>) -> Result<Option<u64>, StoreError> {
     let Run {
         seq,
@@ -242,6 +271,8 @@ fn write_run(v: &Core, inner: &mut Inner, run: Run<'_>) -> Result<Option<u64>, S
         None => None,
     };
     let n = run_end - block;
+    // `data` holds the rest of the write.
+    let more = n < (data.len() / BLOCK) as u64;
     let side = 4 + v.tag;
     let sides = &sides[..n as usize * side];
     let data = &data[..n as usize * BLOCK];
@@ -253,18 +284,24 @@ fn write_run(v: &Core, inner: &mut Inner, run: Run<'_>) -> Result<Option<u64>, S
         count: n as u32,
         tag: v.tag as u8,
         slot: 0,
+        more,
     };
     let Some(slot) = slot else {
-        if !make_room(v, inner, h.total_len(), 0)? {
-            return Ok(None);
-        }
-        push_record(v, inner, h, sides, data)?;
-        return Ok(Some(n));
+        return match make_room(v, inner, h.total_len(), 0)? {
+            Room::Ready => {
+                push_record(v, inner, h, sides, data)?;
+                Ok(Some(n))
+            }
+            Room::Moved => Ok(Some(0)),
+            Room::Busy => Ok(None),
+        };
     };
     h.kind = RecordKind::Direct;
     h.slot = slot;
-    if !make_room(v, inner, h.total_len(), data.len() as u64)? {
-        return Ok(None);
+    match make_room(v, inner, h.total_len(), data.len() as u64)? {
+        Room::Ready => {}
+        Room::Moved => return Ok(Some(0)),
+        Room::Busy => return Ok(None),
     }
     let head = v.head(inner)?;
     let (file, path) = head.slot(slot);

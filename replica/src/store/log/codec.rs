@@ -4,7 +4,7 @@
 //! ```text
 //! offset 0, 512: header slots  magic "TTHRWAL1" | gen u64 | revision u64 | half u8 |
 //!                              0 0 0 | crc32c u32
-//! offset 4096:   records       magic u32 | kind u8 | tag u8 | 0 0 | gen u64 | seq u64 |
+//! offset 4096:   records       magic u32 | kind u8 | tag u8 | slot u8 | more u8 | gen u64 | seq u64 |
 //!                              block u64 | count u32 | crc32c u32      (40 bytes)
 //!                              then for a write: count × side entry (crc32c u32 of the
 //!                              block's data and tag, then `tag` bytes of the engine's
@@ -106,6 +106,9 @@ pub struct RecordHeader {
     pub tag: u8,
     /// For a direct write: which slot of the head layer holds the data (0 or 1).
     pub slot: u8,
+    /// More records of the same write follow this one: replay counts a write in the
+    /// revision only once its last record is back.
+    pub more: bool,
 }
 
 impl RecordHeader {
@@ -160,7 +163,7 @@ pub fn encode_record(h: &RecordHeader, sides: &[u8]) -> Vec<u8> {
         RecordKind::Zero => 2,
         RecordKind::Direct => 3,
     });
-    b.extend_from_slice(&[h.tag, h.slot, 0]);
+    b.extend_from_slice(&[h.tag, h.slot, u8::from(h.more)]);
     b.extend_from_slice(&h.gen.to_le_bytes());
     b.extend_from_slice(&h.seq.to_le_bytes());
     b.extend_from_slice(&h.block.to_le_bytes());
@@ -184,7 +187,7 @@ pub fn decode_header(b: &[u8], gen: u64) -> Option<RecordHeader> {
         3 => RecordKind::Direct,
         _ => return None,
     };
-    if b[6] > 1 || (b[6] != 0 && kind != RecordKind::Direct) {
+    if b[6] > 1 || (b[6] != 0 && kind != RecordKind::Direct) || b[7] > 1 {
         return None;
     }
     let h = RecordHeader {
@@ -195,6 +198,7 @@ pub fn decode_header(b: &[u8], gen: u64) -> Option<RecordHeader> {
         count: le32(&b[32..36]),
         tag: b[5],
         slot: b[6],
+        more: b[7] == 1,
     };
     (h.gen == gen && h.count > 0).then_some(h)
 }
@@ -235,14 +239,14 @@ mod tests {
 
     proptest! {
         #[test]
-        fn record_roundtrip(seq: u64, block: u64, count in 1u32..64, kind in 0u8..4, gen: u64, sealed: bool) {
+        fn record_roundtrip(seq: u64, block: u64, count in 1u32..64, kind in 0u8..4, gen: u64, sealed: bool, more: bool) {
             let (kind, slot) = match kind {
                 0 => (RecordKind::Zero, 0),
                 1 => (RecordKind::Write, 0),
                 k => (RecordKind::Direct, k - 2),
             };
             let tag = if sealed { 32 } else { 0 };
-            let h = RecordHeader { kind, gen, seq, block, count, tag, slot };
+            let h = RecordHeader { kind, gen, seq, block, count, tag, slot, more };
             let side: Vec<u8> = (0..h.sides_len()).map(|i| i as u8).collect();
             let b = encode_record(&h, &side);
             prop_assert_eq!(decode_header(&b, gen), Some(h));
@@ -254,7 +258,7 @@ mod tests {
 
         #[test]
         fn any_flipped_bit_is_caught(seq: u64, count in 1u32..8, bit in 0usize..(40 + 8) * 8) {
-            let h = RecordHeader { kind: RecordKind::Write, gen: 3, seq, block: 9, count, tag: 0, slot: 0 };
+            let h = RecordHeader { kind: RecordKind::Write, gen: 3, seq, block: 9, count, tag: 0, slot: 0, more: false };
             let side: Vec<u8> = (0..count * 4).map(|i| i as u8).collect();
             let mut b = encode_record(&h, &side);
             let bit = bit % (b.len() * 8);

@@ -12,6 +12,8 @@ use crate::store::layer::Layer;
 /// A valid record found by replay, before it is applied.
 struct Replayed {
     seq: u64,
+    /// More records of the same write follow.
+    more: bool,
     block: u64,
     end: u64,
     value: Recent,
@@ -113,7 +115,11 @@ impl Log {
             for (s, e) in r.matched() {
                 c.recent.insert(s, e, r.value.shift(s - r.block));
             }
-            revision = revision.max(r.seq);
+            // A write counts once its last record is back (those before it are too:
+            // `found` is in the order records were appended).
+            if !r.more {
+                revision = revision.max(r.seq);
+            }
         }
         Ok(Replay {
             records: applied,
@@ -228,6 +234,7 @@ impl Log {
             };
             found.push(Replayed {
                 seq: h.seq,
+                more: h.more,
                 block: h.block,
                 end,
                 value,
