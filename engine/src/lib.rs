@@ -232,6 +232,7 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
         (None, None) => String::new(),
     };
     tasks.spawn(rebuild::watch(volume.clone()));
+    tasks.spawn(volume::lease::keep(volume.clone()));
     state.serve(volume.clone(), nbd_address.clone());
     if let Some(l) = tcp {
         // Small NBD replies must not wait for delayed ACKs.

@@ -9,8 +9,8 @@ use tether_proto::replica::OpenRequest;
 
 use crate::membership::{self, Plan, Report};
 use crate::replica::{Connector, Fence, GrpcConnector, ReplicaConn};
-use crate::volume::generation;
 use crate::volume::{self, Volume};
+use crate::volume::{generation, lease};
 use crate::{crypt, EngineConfig, EngineError};
 
 /// Opens the volume on every replica over gRPC (with the configured TLS), choosing the
@@ -250,6 +250,11 @@ pub async fn open_volume_with(
         }
     };
     let reached: Vec<Arc<ReplicaConn>> = fresh.iter().map(|(c, _)| c.clone()).collect();
+    // Whether an older engine may hold a read lease there, and since when it is quiet.
+    let idle: Vec<(bool, u64)> = fresh
+        .iter()
+        .map(|(_, r)| (r.clean || r.previous_epoch == 0, r.idle_ms))
+        .collect();
     let fresh_salvages: Vec<_> = fresh
         .iter()
         .flat_map(|(_, r)| r.salvages.iter().cloned())
@@ -332,6 +337,17 @@ pub async fn open_volume_with(
     let mut salvages: Vec<_> = fresh_salvages.into_iter().collect();
     salvages.sort_by_key(|g| (g.number, g.epoch));
     salvages.dedup_by_key(|g| (g.number, g.epoch));
+    // An older engine may still answer reads for the rest of its lease: wait it out
+    // before anything is acknowledged here (`volume::lease`).
+    let wait = lease::wait_to_serve(
+        idle.iter()
+            .map(|&(clean, ms)| (!clean).then_some(Duration::from_millis(ms))),
+    );
+    if !wait.is_zero() {
+        tracing::info!(volume = %cfg.volume, epoch, ms = wait.as_millis() as u64,
+            "waiting for the previous engine's read lease to end before serving");
+        tokio::time::sleep(wait).await;
+    }
     tracing::info!(volume = %cfg.volume, epoch, revision = newest, healthy, total = conns.len(), size, "volume open");
     Ok(Arc::new(
         Volume::new(&cfg.volume, size, epoch, conns, newest, cfg.timeout, fence)

@@ -1,5 +1,6 @@
 //! The replica daemon's gRPC service: opening volumes and the ordered I/O stream.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -29,6 +30,49 @@ use tether_proto::wire::MAX_MESSAGE;
 pub struct ReplicaService {
     volumes: Arc<VolumeSet>,
     blocking: Blocking,
+    heard: Heard,
+}
+
+/// When each volume last received I/O or a generation from an engine, on this process's
+/// clock: a newer
+/// engine that takes the epoch learns how long ago the older one was last confirmed
+/// here, and so how much of its read lease may be left.
+#[derive(Clone)]
+struct Heard {
+    started: tokio::time::Instant,
+    last: Arc<parking_lot::Mutex<HashMap<String, tokio::time::Instant>>>,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard {
+            started: tokio::time::Instant::now(),
+            last: Default::default(),
+        }
+    }
+
+    /// A batch of I/O for `volume` arrived (before any of it applies).
+    fn note(&self, volume: &str) {
+        let now = tokio::time::Instant::now();
+        let mut last = self.last.lock();
+        match last.get_mut(volume) {
+            Some(t) => *t = now,
+            None => {
+                last.insert(volume.to_string(), now);
+            }
+        }
+    }
+
+    /// How long before `at` `volume` last received I/O (or this process started).
+    fn idle_before(&self, volume: &str, at: tokio::time::Instant) -> std::time::Duration {
+        let last = self
+            .last
+            .lock()
+            .get(volume)
+            .copied()
+            .unwrap_or(self.started);
+        at.saturating_duration_since(last)
+    }
 }
 
 impl ReplicaService {
@@ -54,6 +98,7 @@ impl ReplicaService {
         Ok(ReplicaService {
             volumes: Arc::new(VolumeSet::new(data_dir, disk, opts)?),
             blocking,
+            heard: Heard::new(),
         })
     }
 
@@ -85,6 +130,7 @@ impl ReplicaService {
         let (tx, rx) = mpsc::channel(64);
         let epoch = first.epoch;
         let blocking = self.blocking;
+        let heard = self.heard.clone();
         tokio::spawn(async move {
             let v = vol.clone();
             if let Err(e) = blocking.run(move || v.set_clean(false), vol.name()).await {
@@ -97,6 +143,7 @@ impl ReplicaService {
                 last_seq: None,
                 tx,
                 flushes: Vec::new(),
+                heard,
             };
             stream.run(first.requests, inbound).await;
         });
@@ -214,6 +261,10 @@ impl Replica for ReplicaService {
         let req = req.into_inner();
         let volumes = self.volumes.clone();
         let name = req.volume.clone();
+        let taking = req.epoch != 0;
+        // Before the epoch is taken, so the idle time reported is never longer than
+        // the true one.
+        let at = tokio::time::Instant::now();
         let r = self.blocking.run(
             move || {
                 let (vol, created) = if req.create {
@@ -270,13 +321,18 @@ impl Replica for ReplicaService {
                         .filter(|g| g.salvage)
                         .map(to_wire)
                         .collect(),
+                    idle_ms: 0,
                 })
             },
             &name,
         )
         .await;
         match r {
-            Ok(reply) => {
+            Ok(mut reply) => {
+                if taking {
+                    // Read after the take: every batch heard before it is counted.
+                    reply.idle_ms = self.heard.idle_before(&name, at).as_millis() as u64;
+                }
                 tracing::info!(volume = %name, epoch = req.epoch, revision = reply.revision, "volume opened");
                 Ok(Response::new(reply))
             }
@@ -303,6 +359,8 @@ impl Replica for ReplicaService {
                 format!("volume {}: a generation to record is required", req.volume),
             ));
         };
+        // Before anything applies: an engine's read lease counts from it.
+        self.heard.note(&req.volume);
         let vol = self.volumes.get(&req.volume).map_err(status)?;
         let name = vol.name().to_string();
         let stored = self
@@ -443,6 +501,7 @@ struct IoStreamState {
     last_seq: Option<u64>,
     tx: mpsc::Sender<Result<IoReplyBatch, Status>>,
     flushes: Vec<tokio::task::JoinHandle<()>>,
+    heard: Heard,
 }
 
 impl IoStreamState {
@@ -558,6 +617,9 @@ impl IoStreamState {
 
     /// Applies one batch in order; returns false when the stream must end.
     async fn process(&mut self, batch: Vec<IoRequest>) -> bool {
+        // Before anything applies: an open that takes a newer epoch after this point
+        // counts this batch as heard, whether it applies before the open or is fenced.
+        self.heard.note(self.vol.name());
         let mut replies = Vec::with_capacity(batch.len());
         let mut batch = batch.into_iter();
         while let Some(req) = batch.next() {

@@ -229,9 +229,9 @@ impl World {
                             v.epoch(),
                             v.generation().map(|g| (g.number, g.in_sync))
                         ));
-                        tasks
-                            .lock()
-                            .push(tokio::spawn(tether_engine::rebuild::watch(v.clone())));
+                        let mut tasks = tasks.lock();
+                        tasks.push(tokio::spawn(tether_engine::rebuild::watch(v.clone())));
+                        tasks.push(tokio::spawn(tether_engine::volume::lease::keep(v.clone())));
                         *volume.lock() = Some(v);
                         return;
                     }

@@ -97,10 +97,13 @@ fn a_seed_replays_byte_for_byte() {
 /// - 3277: a drop of a replica recorded late, after the replica's rebuild had joined,
 ///   left a replica taking writes that the generation did not count in sync; a flushed
 ///   write was lost at the next open (now: a rebuild records the drop first, and a
-///   drop of a replica that takes writes again is not recorded).
+///   drop of a replica that takes writes again is not recorded);
+/// - 3752: an engine cut off from the others by a partition answered reads from the one
+///   replica it still reached, older than writes a newer engine had acknowledged (now:
+///   the read lease, `tether_engine::volume::lease`).
 #[test]
 fn former_finds() {
-    for seed in [534, 967, 3277] {
+    for seed in [534, 967, 3277, 3752] {
         let r = tether_sim::run(seed, &Config::default());
         assert!(
             r.is_ok(),

@@ -14,6 +14,7 @@ use tether_proto::replica::{
     io_request::Op, ErrorCode, IoBatch, IoRequest, OpenReply, OpenRequest,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
 
 use super::link::{Inbound, NoLink, Outbound, ReplicaLink};
 
@@ -175,7 +176,8 @@ pub struct Payload {
     pub tags: Bytes,
 }
 
-type Pending = oneshot::Sender<Result<Payload, ReplicaError>>;
+/// A request's waiter, with when it was sent.
+type Pending = (Instant, oneshot::Sender<Result<Payload, ReplicaError>>);
 
 /// One replica of the volume, as the engine sees it.
 pub struct ReplicaConn {
@@ -188,6 +190,9 @@ pub struct ReplicaConn {
     /// Ordered, so failing them all wakes their waiters in one order (a simulation
     /// replays).
     pending: Mutex<BTreeMap<u64, Pending>>,
+    /// When the latest request was sent that the replica answered without error: it
+    /// held this engine's epoch then (every request is checked against it).
+    confirmed: Mutex<Option<Instant>>,
     next_id: AtomicU64,
     /// `Phase` as a number: read on every request, so an atomic, not a lock.
     phase: AtomicU8,
@@ -216,6 +221,7 @@ impl ReplicaConn {
             tx,
             rx: Mutex::new(Some(rx)),
             pending: Mutex::new(BTreeMap::new()),
+            confirmed: Mutex::new(None),
             next_id: AtomicU64::new(1),
             phase: AtomicU8::new(Phase::Healthy as u8),
             down: Mutex::new((Down::Failed, String::new())),
@@ -334,7 +340,10 @@ impl ReplicaConn {
                                 Err(ReplicaError::from_code(code.ok(), r.message))
                             }
                         };
-                        if let Some(p) = self.pending.lock().remove(&r.id) {
+                        if let Some((sent, p)) = self.pending.lock().remove(&r.id) {
+                            if result.is_ok() {
+                                self.confirm(sent);
+                            }
                             let _ = p.send(result);
                         }
                     }
@@ -355,7 +364,7 @@ impl ReplicaConn {
     pub fn submit(&self, op: Op) -> oneshot::Receiver<Result<Payload, ReplicaError>> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.pending.lock().insert(id, tx);
+        self.pending.lock().insert(id, (Instant::now(), tx));
         // Checked after inserting: mark_failed drains after leaving the writable
         // phases, so either it sees this entry or this sees the phase.
         let refused = if self.fence.is_tripped() {
@@ -371,11 +380,26 @@ impl ReplicaConn {
             None
         };
         if let Some(e) = refused {
-            if let Some(p) = self.pending.lock().remove(&id) {
+            if let Some((_, p)) = self.pending.lock().remove(&id) {
                 let _ = p.send(Err(e));
             }
         }
         rx
+    }
+
+    /// Notes that the replica held this engine's epoch when a request sent at `sent`
+    /// reached it.
+    pub fn confirm(&self, sent: Instant) {
+        let mut c = self.confirmed.lock();
+        if c.is_none_or(|t| t < sent) {
+            *c = Some(sent);
+        }
+    }
+
+    /// When the latest request was sent that the replica confirmed this engine's
+    /// epoch with (see `crate::volume::lease`).
+    pub fn confirmed(&self) -> Option<Instant> {
+        *self.confirmed.lock()
     }
 
     /// Whether the replica is in the read-write set.
@@ -453,7 +477,7 @@ impl ReplicaConn {
         }
         tracing::warn!(volume = %self.volume, replica = %self.addr, %reason, "replica dropped from the volume");
         let drained = std::mem::take(&mut *self.pending.lock());
-        for (_, p) in drained {
+        for (_, (_, p)) in drained {
             let _ = p.send(Err(ReplicaError::Gone(reason.clone())));
         }
         self.close.notify_one();

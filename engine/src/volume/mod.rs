@@ -7,7 +7,9 @@
 //! - `fanout`: writes, zeroes, trims and flushes sent to every replica, and the
 //!   acknowledgement rule;
 //! - `read`: reads from one replica, checked, with repair of bad copies, and verify;
-//! - `admin`: snapshot, revert, delete a snapshot, expand.
+//! - `admin`: snapshot, revert, delete a snapshot, expand;
+//! - `generation`: recording membership changes while serving;
+//! - `lease`: the read lease, so an engine a newer one replaced answers no read.
 //!
 //! Opening a volume (choosing whom to serve from) is `crate::open`; rebuilding a
 //! replica is `crate::rebuild`, which uses this module and is not used by it.
@@ -15,6 +17,7 @@
 mod admin;
 mod fanout;
 pub mod generation;
+pub mod lease;
 mod read;
 
 use std::collections::HashMap;
@@ -109,6 +112,8 @@ pub struct Volume {
     generation: Mutex<Option<crate::membership::Generation>>,
     /// One membership change at a time.
     recording: tokio::sync::Mutex<()>,
+    /// One renewal of the read lease at a time.
+    renewing: tokio::sync::Mutex<()>,
     /// How many replicas the current generation has in sync.
     in_sync_count: AtomicUsize,
     /// How long I/O waits for a membership change to count before it fails.
@@ -186,6 +191,7 @@ impl Volume {
             }),
             generation: Mutex::new(None),
             recording: tokio::sync::Mutex::new(()),
+            renewing: tokio::sync::Mutex::new(()),
             in_sync_count: AtomicUsize::new(0),
             quorum_wait: Duration::from_secs(30),
             io_held: Mutex::new(None),

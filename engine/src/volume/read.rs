@@ -334,6 +334,7 @@ impl Volume {
         if len == 0 {
             return Ok(Vec::new());
         }
+        self.ensure_lease().await?;
         let (first, end) = Self::blocks_of(offset, u64::from(len));
         let count = (end - first) as u32;
         let served = self.read_blocks_of(snapshot, first, count).await?;
@@ -365,6 +366,7 @@ impl Volume {
         offset: u64,
         len: u32,
     ) -> Result<Vec<(u32, bool)>, VolumeError> {
+        self.ensure_lease().await?;
         let (first, end) = Self::blocks_of(offset, u64::from(len));
         let r = self.first_healthy()?;
         let req = tether_proto::replica::MapRequest {
