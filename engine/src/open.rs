@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_proto::replica::OpenRequest;
+use tether_proto::replica::io_request::Op;
+use tether_proto::replica::{Expand, OpenRequest};
 
 use crate::membership::{self, Plan, Report};
 use crate::replica::{Connector, Fence, GrpcConnector, ReplicaConn};
@@ -64,7 +65,7 @@ pub async fn open_volume_with(
     let mut probes = futures::future::join_all(
         cfg.replicas
             .iter()
-            .map(|a| probe(cfg, &*connector, a, false, String::new(), &fence)),
+            .map(|a| probe(cfg, &*connector, a, None, String::new(), &fence)),
     )
     .await;
     // A brand-new volume is created only when every replica answered: an unreachable
@@ -85,14 +86,22 @@ pub async fn open_volume_with(
         )));
     }
     let (params, cipher) = encryption_for(cfg, &cfg.replicas, &probes)?;
-    // Create the volume where it is missing, with the volume's encryption parameters.
-    if cfg.size.is_some() {
+    // Create the volume where it is missing, with the volume's encryption parameters
+    // and, when it exists elsewhere, its size: a replica added to the volume (a voter
+    // from then on) that lost its copy before its rebuild made it durable holds no
+    // generation, and must be able to answer and store one again, or a volume whose
+    // majority needs it waits for good (simulation, seed 1078 with operator steps).
+    let existing = probes
+        .iter()
+        .filter_map(|p| p.as_ref().ok().map(|(_, r)| r.size))
+        .max();
+    if let Some(size) = existing.or(cfg.size) {
         let created = futures::future::join_all(
             cfg.replicas
                 .iter()
                 .zip(probes.iter())
                 .filter(|(_, p)| matches!(p, Err((_, true))))
-                .map(|(addr, _)| probe(cfg, &*connector, addr, true, params.clone(), &fence)),
+                .map(|(addr, _)| probe(cfg, &*connector, addr, Some(size), params.clone(), &fence)),
         )
         .await;
         let missing = probes.iter_mut().filter(|p| matches!(p, Err((_, true))));
@@ -129,14 +138,11 @@ pub async fn open_volume_with(
             details: problems.join("; "),
         });
     }
-    let size = reachable[0].1.size;
+    // Volumes only grow, and an expansion goes to every replica: one that has less
+    // missed it (it was out, or the engine stopped halfway). Served, it is grown
+    // below; stale, its rebuild grows it (simulation, seed 18 with operator steps).
+    let size = reachable.iter().map(|(_, r)| r.size).max().unwrap_or(0);
     for (c, r) in &reachable {
-        if r.size != size {
-            return Err(cfg_err(format!(
-                "replicas disagree on the size: {} has {} bytes, {} has {size}; remove the odd one from --replica",
-                c.addr, r.size, reachable[0].0.addr
-            )));
-        }
         if r.block_size as u64 != volume::BLOCK {
             return Err(cfg_err(format!(
                 "replica {} uses block size {}, this engine {}",
@@ -312,7 +318,10 @@ pub async fn open_volume_with(
                 };
                 return (c, Err(why));
             }
-            let res = c.start(epoch).await;
+            let mut res = c.start(epoch).await;
+            if res.is_ok() && r.size < size {
+                res = grow(&c, size, take_timeout).await;
+            }
             (c, res)
         }
     }))
@@ -359,20 +368,37 @@ pub async fn open_volume_with(
     ))
 }
 
+/// Grows a replica that missed an expansion to `size`, on its stream.
+async fn grow(c: &ReplicaConn, size: u64, timeout: Duration) -> Result<(), String> {
+    let rx = c.submit(Op::Expand(Expand { size }));
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(Ok(_))) => {
+            tracing::info!(replica = %c.addr, size, "grown to the volume's size: it missed an expansion");
+            Ok(())
+        }
+        Ok(Ok(Err(e))) => Err(format!(
+            "growing to {size} bytes (an expansion it missed): {e}"
+        )),
+        Ok(Err(_)) | Err(_) => Err(format!(
+            "growing to {size} bytes (an expansion it missed): no answer"
+        )),
+    }
+}
+
 /// Opens the volume on the replica at `addr` without taking an epoch (a probe), creating
-/// it when `create` is set.
+/// it with `create` bytes when given.
 async fn probe(
     cfg: &EngineConfig,
     connector: &dyn Connector,
     addr: &str,
-    create: bool,
+    create: Option<u64>,
     encryption: String,
     fence: &Arc<Fence>,
 ) -> Probe {
     let req = OpenRequest {
         volume: cfg.volume.clone(),
-        size: cfg.size.unwrap_or(0),
-        create,
+        size: create.unwrap_or(0),
+        create: create.is_some(),
         epoch: 0,
         engine_id: 0,
         rebuild: false,

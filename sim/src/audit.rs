@@ -106,6 +106,8 @@ pub struct Auditor {
     opens: Vec<(u64, u64)>,
     /// How often each replica crashed.
     crashes: BTreeMap<String, u64>,
+    /// When the last revert ended: what the cells held before it may be back.
+    reverted: u64,
     /// The first broken promise.
     pub failure: Option<String>,
 }
@@ -179,6 +181,24 @@ impl Auditor {
         if let Some(w) = self.writes.get_mut(&id) {
             w.fate = Fate::Failed;
         }
+    }
+
+    /// An operator's request `id` is sent (`request_done` ends it).
+    pub fn other_sent(&mut self, id: u64, what: String) {
+        self.pending.insert(
+            id,
+            Pending {
+                what,
+                started: Instant::now(),
+            },
+        );
+        self.tick();
+    }
+
+    /// A revert to a snapshot ended (done, or maybe on some replicas): a cell may hold
+    /// any write sent to it before, so only writes acknowledged after it set a floor.
+    pub fn reverted(&mut self) {
+        self.reverted = self.tick();
     }
 
     /// A flush is sent: returns the event it began at.
@@ -274,7 +294,7 @@ impl Auditor {
         // The newest write the read must not be older than.
         let floor = history.iter().rposition(|id| {
             self.writes.get(id).is_some_and(|w| match w.fate {
-                Fate::Acked { at, .. } | Fate::Flushed { at } => at < began,
+                Fate::Acked { at, .. } | Fate::Flushed { at } => at < began && at > self.reverted,
                 _ => false,
             })
         });

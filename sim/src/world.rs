@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ use crate::audit::{cell_bytes, Auditor, CELL};
 use crate::net::{Delays, Net};
 use crate::rng::Rng;
 use crate::{Failure, Report};
+
+mod admin;
 
 const BLOCK: u64 = 4096;
 /// Blocks each client owns.
@@ -35,6 +38,8 @@ pub struct Config {
     pub steps: usize,
     /// Replicas of the volume.
     pub replicas: usize,
+    /// Replicas running beside them that an operator may add.
+    pub spares: usize,
     /// Clients, each with one request in flight at most.
     pub clients: usize,
     /// Engine slots (2: a second engine may start while the first serves).
@@ -46,6 +51,7 @@ impl Default for Config {
         Config {
             steps: 500,
             replicas: 3,
+            spares: 1,
             clients: 3,
             engines: 2,
         }
@@ -97,12 +103,24 @@ pub(crate) struct World {
     shared: Arc<Shared>,
     next_id: u64,
     faults: BTreeMap<&'static str, usize>,
+    /// The replicas the operator lists for every engine it starts.
+    members: Arc<Mutex<Vec<String>>>,
+    /// A revert runs: clients wait (they would be detached).
+    reverting: Arc<Mutex<bool>>,
+    /// Snapshots asked for so far (their names count up).
+    snapshots: u64,
+    /// The volume was grown: engines open without a size (read at each attempt, as
+    /// an operator would fix the command line).
+    expanded: Arc<AtomicBool>,
 }
 
 impl World {
     pub(crate) fn new(seed: u64, cfg: Config) -> Result<World, Failure> {
         let mut rng = Rng::new(seed);
-        let addrs: Vec<String> = (1..=cfg.replicas).map(|i| format!("r{i}")).collect();
+        let addrs: Vec<String> = (1..=cfg.replicas + cfg.spares)
+            .map(|i| format!("r{i}"))
+            .collect();
+        let members = addrs[..cfg.replicas].to_vec();
         let delays = Delays::new(Rng::new(rng.next_u64()), 30, Duration::from_millis(20));
         let net = Net::new(&addrs, delays);
         // Only the replica services' directories live there; their data is on the
@@ -119,8 +137,8 @@ impl World {
             seed,
             rng,
             dir,
-            disks: (0..cfg.replicas).map(|_| SimDisk::new()).collect(),
-            up: vec![false; cfg.replicas],
+            disks: addrs.iter().map(|_| SimDisk::new()).collect(),
+            up: vec![false; addrs.len()],
             addrs,
             net,
             jobs: Arc::new(Mutex::new(VecDeque::new())),
@@ -135,6 +153,10 @@ impl World {
             }),
             next_id: 0,
             faults: BTreeMap::new(),
+            members: Arc::new(Mutex::new(members)),
+            reverting: Arc::new(Mutex::new(false)),
+            snapshots: 0,
+            expanded: Arc::new(AtomicBool::new(false)),
             cfg,
         })
     }
@@ -190,7 +212,7 @@ impl World {
         EngineConfig {
             volume: "vol".into(),
             size: Some(VOLUME_SIZE),
-            replicas: self.addrs.clone(),
+            replicas: self.members.lock().clone(),
             nbd_listen: None,
             nbd_socket: None,
             control_socket: self.dir.path().join("control.sock"),
@@ -215,12 +237,19 @@ impl World {
             self.slots[s].volume.clone(),
             self.slots[s].tasks.clone(),
         );
+        let (expanded, members) = (self.expanded.clone(), self.members.clone());
         self.slots[s].incarnation = Some(inc);
         self.log(format!("engine {inc} starts in slot {s}"));
         let state = tether_engine::phase::EngineState::new(&cfg.volume, &cfg.replicas);
         let opener = tokio::spawn(async move {
             // Waiting is the engine's own loop; any other error, an operator's restart.
             for _ in 0..100 {
+                // What the operator lists now: replicas added or removed since.
+                let mut cfg = cfg.clone();
+                cfg.replicas = members.lock().clone();
+                if expanded.load(Ordering::SeqCst) {
+                    cfg.size = None;
+                }
                 match tether_engine::open_when_allowed(&cfg, connector.clone(), &state).await {
                     Ok(v) => {
                         shared.audit.lock().opened(v.epoch());
@@ -243,7 +272,9 @@ impl World {
                             EngineError::Config { .. } => "config",
                             EngineError::Listen { .. } => "listen",
                         };
-                        shared.log(format!("engine {inc} cannot serve: {kind}; restarted"));
+                        shared.log(format!(
+                            "engine {inc} cannot serve: {kind} ({e}); restarted"
+                        ));
                         tokio::time::sleep(Duration::from_secs(2)).await;
                     }
                 }
@@ -291,7 +322,7 @@ impl World {
 
     /// Client `c` sends one request through a serving engine, if there is one.
     fn client_request(&mut self, c: usize) {
-        if *self.busy[c].lock() {
+        if *self.busy[c].lock() || *self.reverting.lock() {
             return;
         }
         let serving = self.serving();
@@ -392,7 +423,7 @@ impl World {
     /// One step of the scheduler.
     async fn step(&mut self) -> Result<(), Failure> {
         let roll = self.rng.below(100);
-        let r = self.rng.below(self.cfg.replicas as u64) as usize;
+        let r = self.rng.below(self.addrs.len() as u64) as usize;
         let s = self.rng.below(self.cfg.engines as u64) as usize;
         match roll {
             0..=64 => {
@@ -450,6 +481,7 @@ impl World {
                 });
                 self.start_engine(s);
             }
+            92..=94 => self.admin(),
             _ => {
                 let d = Duration::from_millis(1 + self.rng.below(400));
                 self.log(format!("time passes: {d:?}"));
@@ -464,7 +496,7 @@ impl World {
     /// Runs the steps, then heals everything and checks that every cell reads back as
     /// the promises say.
     pub(crate) async fn run(mut self) -> Result<Report, Failure> {
-        for i in 0..self.cfg.replicas {
+        for i in 0..self.addrs.len() {
             self.start_replica(i)?;
         }
         self.start_engine(0);
@@ -498,7 +530,7 @@ impl World {
     async fn settle(&mut self) -> Result<(), Failure> {
         self.log("settling: every link healed, every replica up".into());
         self.net.heal_all();
-        for i in 0..self.cfg.replicas {
+        for i in 0..self.addrs.len() {
             if !self.up[i] {
                 self.start_replica(i)?;
             }
