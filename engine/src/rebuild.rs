@@ -234,7 +234,7 @@ async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), R
     // leaves it first: its join at the end must be a change of its own, or a drop
     // recorded late (for a request its old connection missed) would undo the join
     // while the rebuilt replica took writes alone (simulation, seed 3277).
-    if vol.generation().is_some_and(|g| g.in_sync.contains(addr)) {
+    if vol.in_sync_claimed().contains(addr) {
         vol.record(Change::Drop(addr.to_string()))
             .await
             .map_err(|e| {

@@ -530,6 +530,16 @@ impl World {
     async fn settle(&mut self) -> Result<(), Failure> {
         self.log("settling: every link healed, every replica up".into());
         self.net.heal_all();
+        // An engine still opening waits with the replica list it started with; the
+        // operator restarts it with today's (replicas were added or removed since).
+        let opening: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| {
+                self.slots[s].incarnation.is_some() && self.slots[s].volume.lock().is_none()
+            })
+            .collect();
+        for s in opening {
+            self.crash_engine(s);
+        }
         for i in 0..self.addrs.len() {
             if !self.up[i] {
                 self.start_replica(i)?;

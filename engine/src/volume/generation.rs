@@ -162,25 +162,39 @@ impl Volume {
     }
 
     async fn record_once(&self, change: &Change) -> Result<(), VolumeError> {
-        let Some(current) = self.generation() else {
+        let Some(counted) = self.generation() else {
             return Ok(());
         };
-        match change {
-            Change::Remove(r) if !current.replicas.contains(r) => return Ok(()),
+        // Built on the newest generation stored anywhere, counted or not: one this
+        // engine stored on a minority may be adopted by a later engine, so the change
+        // must outrank it (a join that did not count, then writes acknowledged without
+        // the replica, lost a flushed write when a later engine adopted the join:
+        // simulation, seed 12621).
+        let current = match self.uncounted.lock().clone() {
+            Some(u) if u.key() > counted.key() => u,
+            _ => counted.clone(),
+        };
+        let made = match change {
+            Change::Remove(r) if !current.replicas.contains(r) => current.clone(),
             // Asked for when it failed, but it takes writes again (its rebuild joined
             // since): it missed nothing that is still to be acknowledged.
             Change::Drop(r) if self.replica(r).is_some_and(|c| c.is_writable()) => return Ok(()),
-            _ => {}
-        }
-        let next = current.next(self.epoch, change).map_err(|e| {
-            VolumeError::Invalid(format!(
-                "volume {}: {change:?} cannot be made: {e}",
-                self.name
-            ))
-        })?;
-        if next.in_sync == current.in_sync && next.replicas == current.replicas {
-            return Ok(());
-        }
+            _ => current.next(self.epoch, change).map_err(|e| {
+                VolumeError::Invalid(format!(
+                    "volume {}: {change:?} cannot be made: {e}",
+                    self.name
+                ))
+            })?,
+        };
+        let next = if made.in_sync == current.in_sync && made.replicas == current.replicas {
+            if current.key() == counted.key() {
+                return Ok(());
+            }
+            // The change is the uncounted generation's: make that one count.
+            current.clone()
+        } else {
+            made
+        };
         let cause = match change {
             Change::Open { .. } => "open".to_string(),
             Change::Drop(r) => format!("drop {r}"),
@@ -188,11 +202,11 @@ impl Volume {
             Change::Add(r) => format!("add {r}"),
             Change::Remove(r) => format!("remove {r}"),
         };
-        let stored = self
-            .store_everywhere(&next, &cause, |s| current.counts(s))
-            .await;
+        let counts = |s: &BTreeSet<String>| counted.counts(s) && current.counts(s);
+        let stored = self.store_everywhere(&next, &cause, counts).await;
         self.check_fence()?;
-        if !current.counts(&stored) {
+        if !counts(&stored) {
+            *self.uncounted.lock() = Some(next.clone());
             return Err(VolumeError::Io(format!(
                 "volume {}: generation {} ({cause}) is stored on {} of {}; {} are needed",
                 self.name,
@@ -206,6 +220,7 @@ impl Volume {
         self.in_sync_count
             .store(next.in_sync.len(), Ordering::SeqCst);
         *self.generation.lock() = Some(next);
+        *self.uncounted.lock() = None;
         Ok(())
     }
 
@@ -227,18 +242,28 @@ impl Volume {
         to.store(&reps, &to_wire(g, cause), enough).await
     }
 
+    /// The replicas a generation this engine stored counts in sync: the counted one's,
+    /// and an uncounted newer one's (a later engine may adopt either).
+    pub fn in_sync_claimed(&self) -> BTreeSet<String> {
+        let mut claimed = self.generation().map(|g| g.in_sync).unwrap_or_default();
+        if let Some(u) = self.uncounted.lock().as_ref() {
+            claimed.extend(u.in_sync.iter().cloned());
+        }
+        claimed
+    }
+
     /// Records the drop of every in-sync replica that is out of service now; called
     /// before acknowledging a request that such a replica missed.
     pub(super) async fn record_drops(&self) -> Result<(), VolumeError> {
         // Cheap on the hot path: a replica is healthy only once its join counted, so
         // while as many are healthy as are in sync, they are the same ones and no drop
         // is owed (whether the volume dropped a replica or its stream ended by itself).
-        if self.healthy_count() == self.in_sync_count.load(Ordering::SeqCst) {
+        if self.healthy_count() == self.in_sync_count.load(Ordering::SeqCst)
+            && self.uncounted.lock().is_none()
+        {
             return Ok(());
         }
-        let Some(g) = self.generation() else {
-            return Ok(());
-        };
+        let claimed = self.in_sync_claimed();
         // A replica still taking writes misses nothing: that includes one whose rebuild
         // just counted and is being promoted.
         let writable: BTreeSet<String> = self
@@ -247,7 +272,7 @@ impl Volume {
             .filter(|r| r.is_writable())
             .map(|r| r.addr.clone())
             .collect();
-        for r in g.in_sync.difference(&writable) {
+        for r in claimed.difference(&writable) {
             if let Err(e) = self.record(Change::Drop(r.clone())).await {
                 // Not acknowledged; the next request tries again.
                 return Err(match e {

@@ -110,6 +110,10 @@ pub struct Volume {
     connector: Arc<dyn Connector>,
     /// The membership generation this engine serves under (`None` until recorded).
     generation: Mutex<Option<crate::membership::Generation>>,
+    /// The newest generation this engine stored that did not count (yet): it may be
+    /// on some replicas, and a later engine may adopt it, so the next change builds on
+    /// it and the replicas it counts in sync are treated as in sync until then.
+    uncounted: Mutex<Option<crate::membership::Generation>>,
     /// One membership change at a time.
     recording: tokio::sync::Mutex<()>,
     /// One renewal of the read lease at a time.
@@ -190,6 +194,7 @@ impl Volume {
                 tls: None,
             }),
             generation: Mutex::new(None),
+            uncounted: Mutex::new(None),
             recording: tokio::sync::Mutex::new(()),
             renewing: tokio::sync::Mutex::new(()),
             in_sync_count: AtomicUsize::new(0),
