@@ -1,6 +1,8 @@
 //! A history checker in the spirit of Jepsen: concurrent clients write blocks whose
 //! contents name the write and read blocks back, while a nemesis kills, pauses,
-//! restarts and cuts replicas and restarts the engine. Every read must see the latest
+//! restarts and cuts replicas and restarts the engine, and a membership nemesis restarts
+//! the engine with some replicas only (stale ones alone included), removes and adds back
+//! a replica, and starts a second engine while the first serves. Every read must see the latest
 //! acknowledged write of its block or one concurrent with it; after healing, a final
 //! flush and a full restart, every acknowledged-and-flushed write must be there.
 //!
@@ -124,6 +126,45 @@ fn client(sh: Arc<Shared>, w: u64, seed: u64) {
     }
 }
 
+/// Starts an engine that lists only replicas `keep`; returns its NBD address and
+/// process.
+fn partial_engine(c: &Cluster, keep: &[usize]) -> (SocketAddr, std::process::Child) {
+    let nbd: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let control = c.path(&format!("control-{}.sock", nbd.port()));
+    let mut cmd = c.engine_command(None, nbd, &control);
+    // engine_command lists every replica: keep the first arguments and the engine's
+    // extra ones, with only the chosen replicas.
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().to_string())
+        .collect();
+    let mut kept = Vec::new();
+    let mut it = args.into_iter().peekable();
+    while let Some(a) = it.next() {
+        if a == "--replica" {
+            let addr = it.next().unwrap_or_default();
+            let chosen = keep.iter().any(|&k| c.replica_addr(k).to_string() == addr);
+            if chosen {
+                kept.extend(["--replica".to_string(), addr]);
+            }
+        } else {
+            kept.push(a);
+        }
+    }
+    let log = c.path(&format!("engine-{}.log", nbd.port()));
+    let child = std::process::Command::new(BIN)
+        .args(&kept)
+        .envs(
+            cmd.get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    (nbd, child)
+}
+
 #[test]
 fn reads_see_acknowledged_writes_under_a_nemesis() {
     let secs: u64 = std::env::var("TETHER_HISTORY_SECS")
@@ -198,8 +239,11 @@ fn reads_see_acknowledged_writes_under_a_nemesis() {
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(rng.random_range(300..900)));
         let i = rng.random_range(0..3);
-        // One replica at a time is hurt, so the volume stays available.
-        let action = rng.random_range(0..6);
+        // One replica at a time is hurt, so the volume stays available. Actions 6 to 8
+        // are the membership nemesis: an engine restarted with some of the replicas
+        // (stale ones alone included), a replica removed and added back, and a
+        // second engine started while the first serves.
+        let action = rng.random_range(0..9);
         actions.push(action);
         match action {
             0 => {
@@ -225,13 +269,65 @@ fn reads_see_acknowledged_writes_under_a_nemesis() {
                 c.proxies[i].cut();
             }
             4 => c.proxies[i].cut(),
-            _ => {
+            5 => {
                 // The engine dies and comes back (on a new port); clients reconnect.
                 if let Some(mut e) = c.engine.take() {
                     e.kill9();
                 }
                 c.start_engine(None);
                 *sh.addr.lock().unwrap() = c.engine().nbd;
+            }
+            6 => {
+                // An engine that reaches only some replicas: it serves if the rule lets
+                // it (clients follow it), or waits; then the operator restarts it with
+                // all of them.
+                if let Some(mut e) = c.engine.take() {
+                    e.kill9();
+                }
+                let keep: Vec<usize> = (0..3).filter(|_| rng.random_bool(0.5)).collect();
+                let keep = if keep.is_empty() { vec![i] } else { keep };
+                let partial = partial_engine(&c, &keep);
+                *sh.addr.lock().unwrap() = partial.0;
+                std::thread::sleep(Duration::from_millis(rng.random_range(1000..4000)));
+                let (_, mut child) = partial;
+                let _ = child.kill();
+                let _ = child.wait();
+                c.start_engine(None);
+                *sh.addr.lock().unwrap() = c.engine().nbd;
+            }
+            7 => {
+                // `replica rm`, then `replica add` of the same one (it is rebuilt); a
+                // refusal (too few healthy replicas) is an answer too.
+                let addr = c.replica_addr(i).to_string();
+                let ctl = |args: &[&str]| {
+                    std::process::Command::new(BIN)
+                        .args(args)
+                        .arg("--control-socket")
+                        .arg(&c.engine().control)
+                        .output()
+                        .unwrap()
+                };
+                let rm = ctl(&["replica", "rm", "vol", &addr]);
+                std::thread::sleep(Duration::from_millis(rng.random_range(200..1500)));
+                if rm.status.success() {
+                    let add = ctl(&["replica", "add", "vol", &addr]);
+                    assert!(
+                        add.status.success(),
+                        "replica add {addr}: {}",
+                        String::from_utf8_lossy(&add.stderr)
+                    );
+                }
+            }
+            _ => {
+                // A second engine starts while the first serves: it takes over (the
+                // first is fenced) and clients follow it; the first is then stopped.
+                let old = c.engine.take();
+                c.start_engine(None);
+                *sh.addr.lock().unwrap() = c.engine().nbd;
+                std::thread::sleep(Duration::from_millis(rng.random_range(200..1500)));
+                if let Some(mut e) = old {
+                    e.kill9();
+                }
             }
         }
         // Let rebuilds catch up before the next blow, as an operator would.
