@@ -131,7 +131,7 @@ fn client(sh: Arc<Shared>, w: u64, seed: u64) {
 fn partial_engine(c: &Cluster, keep: &[usize]) -> (SocketAddr, std::process::Child) {
     let nbd: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let control = c.path(&format!("control-{}.sock", nbd.port()));
-    let mut cmd = c.engine_command(None, nbd, &control);
+    let cmd = c.engine_command(None, nbd, &control);
     // engine_command lists every replica: keep the first arguments and the engine's
     // extra ones, with only the chosen replicas.
     let args: Vec<String> = cmd
