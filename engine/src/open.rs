@@ -303,7 +303,12 @@ pub async fn open_volume_with(
         let base = &base;
         async move {
             if !serving.contains(&c.addr) {
-                let why = if r.rebuilding {
+                let why = if !base.replicas.contains(&c.addr) {
+                    format!(
+                        "not one of the volume's replicas in generation {} (removed, or never added); `tether replica add` adds it",
+                        base.number
+                    )
+                } else if r.rebuilding {
                     "stale: its rebuild did not finish; it rebuilds again".to_string()
                 } else if !base.in_sync.contains(&c.addr) {
                     format!(

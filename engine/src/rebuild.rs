@@ -191,7 +191,7 @@ pub fn start(
 ) -> Result<tokio::task::JoinHandle<Result<(), RebuildError>>, String> {
     let progress = vol.begin_rebuild(addr, new)?;
     let (vol, addr) = (vol.clone(), addr.to_string());
-    Ok(tokio::spawn(rebuild(vol, addr, progress)))
+    Ok(tokio::spawn(rebuild(vol, addr, progress, new)))
 }
 
 /// Runs the rebuild registered as `progress`.
@@ -199,8 +199,9 @@ async fn rebuild(
     vol: Arc<Volume>,
     addr: String,
     progress: Arc<Progress>,
+    new: bool,
 ) -> Result<(), RebuildError> {
-    let res = run(&vol, &addr, &progress).await;
+    let res = run(&vol, &addr, &progress, new).await;
     vol.end_rebuild(&addr, &progress);
     match &res {
         Ok(()) => {
@@ -228,7 +229,12 @@ async fn rebuild(
     res
 }
 
-async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), RebuildError> {
+async fn run(
+    vol: &Arc<Volume>,
+    addr: &str,
+    progress: &Progress,
+    new: bool,
+) -> Result<(), RebuildError> {
     let source = vol.first_healthy().map_err(|e| e.to_string())?;
     // A replica the generation still counts in sync (its failure not recorded yet)
     // leaves it first: its join at the end must be a change of its own, or a drop
@@ -241,8 +247,15 @@ async fn run(vol: &Arc<Volume>, addr: &str, progress: &Progress) -> Result<(), R
                 format!("replica {addr} cannot be rebuilt before its drop is recorded: {e}")
             })?;
     }
-    // A new replica becomes one of the volume's (a voter) before it gets any data.
+    // A new replica becomes one of the volume's (a voter) before it gets any data. A
+    // retry never adds one: the replica was removed meanwhile (simulation, seed 4309).
     if vol.generation().is_some_and(|g| !g.replicas.contains(addr)) {
+        if !new {
+            return Err(format!(
+                "replica {addr} is no longer one of the volume's replicas; it is not rebuilt (`tether replica add` adds it)"
+            )
+            .into());
+        }
         vol.record(Change::Add(addr.to_string()))
             .await
             .map_err(|e| format!("replica {addr} cannot be added: {e}"))?;
@@ -408,8 +421,16 @@ pub async fn watch(vol: Arc<Volume>) {
             return;
         }
         let now = Instant::now();
+        let voters = vol.generation().map(|g| g.replicas);
         for r in vol.replicas() {
             if !r.down().is_some_and(|d| d.retried()) {
+                continue;
+            }
+            // Listed on this engine's command line but removed from the volume (by
+            // `replica rm` through another engine, maybe after this one started): a
+            // retry must not add it back; `tether replica add` does (simulation, seed
+            // 3065 with links that reach restarted replicas).
+            if voters.as_ref().is_some_and(|v| !v.contains(&r.addr)) {
                 continue;
             }
             let due = vol
