@@ -190,9 +190,11 @@ pub struct ReplicaConn {
     /// Ordered, so failing them all wakes their waiters in one order (a simulation
     /// replays).
     pending: Mutex<BTreeMap<u64, Pending>>,
-    /// When the latest request was sent that the replica answered without error: it
-    /// held this engine's epoch then (every request is checked against it).
-    confirmed: Mutex<Option<Instant>>,
+    /// When the latest request was sent that the replica answered without error (it
+    /// held this engine's epoch then: every request is checked against it), as
+    /// nanoseconds after `born` plus one; 0 if none. An atomic: every reply sets it.
+    confirmed: AtomicU64,
+    born: Instant,
     next_id: AtomicU64,
     /// `Phase` as a number: read on every request, so an atomic, not a lock.
     phase: AtomicU8,
@@ -221,7 +223,8 @@ impl ReplicaConn {
             tx,
             rx: Mutex::new(Some(rx)),
             pending: Mutex::new(BTreeMap::new()),
-            confirmed: Mutex::new(None),
+            confirmed: AtomicU64::new(0),
+            born: Instant::now(),
             next_id: AtomicU64::new(1),
             phase: AtomicU8::new(Phase::Healthy as u8),
             down: Mutex::new((Down::Failed, String::new())),
@@ -390,16 +393,17 @@ impl ReplicaConn {
     /// Notes that the replica held this engine's epoch when a request sent at `sent`
     /// reached it.
     pub fn confirm(&self, sent: Instant) {
-        let mut c = self.confirmed.lock();
-        if c.is_none_or(|t| t < sent) {
-            *c = Some(sent);
-        }
+        let at = sent.saturating_duration_since(self.born).as_nanos() as u64 + 1;
+        self.confirmed.fetch_max(at, Ordering::Relaxed);
     }
 
     /// When the latest request was sent that the replica confirmed this engine's
     /// epoch with (see `crate::volume::lease`).
     pub fn confirmed(&self) -> Option<Instant> {
-        *self.confirmed.lock()
+        match self.confirmed.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.born + Duration::from_nanos(at - 1)),
+        }
     }
 
     /// Whether the replica is in the read-write set.

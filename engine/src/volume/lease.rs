@@ -54,14 +54,17 @@ impl Volume {
     /// Whether a majority of the generation's replicas confirmed this engine's epoch
     /// within the lease.
     pub fn lease_holds(&self) -> bool {
-        let Some(g) = self.generation() else {
+        // Every read asks: look in place, without copying the generation or the set.
+        let g = self.generation.lock();
+        let Some(g) = g.as_ref() else {
             // Not serving under a generation yet: no newer engine can have served
             // since (it would have recorded one).
             return true;
         };
         let now = Instant::now();
         let confirmed = self
-            .replicas()
+            .replicas
+            .read()
             .iter()
             .filter(|r| g.replicas.contains(&r.addr))
             .filter(|r| {
