@@ -44,6 +44,8 @@ pub struct Config {
     pub clients: usize,
     /// Engine slots (2: a second engine may start while the first serves).
     pub engines: usize,
+    /// A byte of a replica's layer may rot (once per run at most).
+    pub bit_rot: bool,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             spares: 1,
             clients: 3,
             engines: 2,
+            bit_rot: false,
         }
     }
 }
@@ -109,6 +112,8 @@ pub(crate) struct World {
     reverting: Arc<Mutex<bool>>,
     /// Snapshots asked for so far (their names count up).
     snapshots: u64,
+    /// A byte of a replica's layer rotted (once per run at most).
+    rotted: bool,
     /// The volume was grown: engines open without a size (read at each attempt, as
     /// an operator would fix the command line).
     expanded: Arc<AtomicBool>,
@@ -156,6 +161,7 @@ impl World {
             members: Arc::new(Mutex::new(members)),
             reverting: Arc::new(Mutex::new(false)),
             snapshots: 0,
+            rotted: false,
             expanded: Arc::new(AtomicBool::new(false)),
             cfg,
         })
@@ -482,6 +488,7 @@ impl World {
                 self.start_engine(s);
             }
             92..=94 => self.admin(),
+            95 if self.cfg.bit_rot && !self.rotted && self.up[r] => self.rot(r),
             _ => {
                 let d = Duration::from_millis(1 + self.rng.below(400));
                 self.log(format!("time passes: {d:?}"));
@@ -615,26 +622,73 @@ impl World {
         else {
             return Err("no engine serves".into());
         };
-        let cells = self.cfg.clients as u64 * CLIENT_BLOCKS * BLOCK / CELL;
-        self.next_id += 1;
-        let id = self.next_id;
-        let began = self.shared.audit.lock().read_sent(id, 0..cells);
-        self.log(format!(
-            "final read {id} of every cell through engine {inc}"
-        ));
-        match vol.read(0, (cells * CELL) as u32).await {
-            Ok(parts) => {
-                self.shared
-                    .audit
-                    .lock()
-                    .read_done(id, began, 0, &parts.concat());
-                Ok(())
-            }
-            Err(e) => {
-                self.shared.audit.lock().request_done(id);
-                Err(e.to_string())
+        let per_block = BLOCK / CELL;
+        let blocks = self.cfg.clients as u64 * CLIENT_BLOCKS;
+        self.log(format!("final read of every cell through engine {inc}"));
+        // Block by block: after bit rot, a block whose every good copy was lost with
+        // other faults fails with EIO (one copy cannot be trusted); the rest is checked.
+        for b in 0..blocks {
+            self.next_id += 1;
+            let id = self.next_id;
+            let first = b * per_block;
+            let began = self
+                .shared
+                .audit
+                .lock()
+                .read_sent(id, first..first + per_block);
+            match vol.read(b * BLOCK, BLOCK as u32).await {
+                Ok(parts) => {
+                    self.shared
+                        .audit
+                        .lock()
+                        .read_done(id, began, first, &parts.concat());
+                }
+                Err(e) => {
+                    self.shared.audit.lock().request_done(id);
+                    if !(self.rotted && e.to_string().contains("good copy")) {
+                        return Err(e.to_string());
+                    }
+                    self.log(format!("block {b} has no good copy left after the bit rot"));
+                }
             }
         }
+        Ok(())
+    }
+
+    /// A byte of one of replica `r`'s layer files rots, where the clients' cells are.
+    fn rot(&mut self, r: usize) {
+        let dir = self
+            .dir
+            .path()
+            .join(&self.addrs[r])
+            .join("volumes/vol/layers");
+        let disk: &dyn tether_replica::disk::Disk = &self.disks[r];
+        let mut files: Vec<String> = disk
+            .list(&dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f.ends_with(".data") || f.ends_with(".alt"))
+            .collect();
+        files.sort();
+        let Some(file) = self.rng.pick(&files).cloned() else {
+            return;
+        };
+        let off = self
+            .rng
+            .below(self.cfg.clients as u64 * CLIENT_BLOCKS * BLOCK);
+        self.rotted = true;
+        self.fault("bit rot");
+        self.log(format!(
+            "{}: a byte of layers/{file} at offset {off} rots",
+            self.addrs[r]
+        ));
+        self.disks[r].corrupt(&dir.join(&file), off);
+        let per_block = BLOCK / CELL;
+        let block = off / BLOCK;
+        self.shared
+            .audit
+            .lock()
+            .rotted(block * per_block..(block + 1) * per_block);
     }
 }
 

@@ -121,7 +121,65 @@ impl ReplicaLink for LocalLink {
 /// Replica services by address, reached in memory.
 #[derive(Default)]
 pub struct LocalConnector {
-    links: Mutex<HashMap<String, LocalLink>>,
+    links: Arc<Mutex<HashMap<String, LocalLink>>>,
+}
+
+/// A connection to an address, as a gRPC channel is: each call reaches the service
+/// running there now (a restarted replica is reached again), while an I/O stream
+/// stays with the service it was opened to and ends when that one goes.
+struct Routed {
+    links: Arc<Mutex<HashMap<String, LocalLink>>>,
+    addr: String,
+}
+
+impl Routed {
+    fn current(&self) -> Result<LocalLink, Status> {
+        self.links
+            .lock()
+            .get(&self.addr)
+            .cloned()
+            .ok_or_else(cut_off)
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaLink for Routed {
+    async fn open(&self, req: OpenRequest) -> Result<OpenReply, Status> {
+        self.current()?.open(req).await
+    }
+
+    async fn record_generation(
+        &self,
+        req: RecordGenerationRequest,
+    ) -> Result<RecordGenerationReply, Status> {
+        self.current()?.record_generation(req).await
+    }
+
+    fn io(&self, outbound: Outbound) -> BoxFuture<'static, Result<Inbound, Status>> {
+        match self.current() {
+            Ok(l) => l.io(outbound),
+            Err(s) => Box::pin(async move { Err(s) }),
+        }
+    }
+
+    async fn snapshots(&self, req: SnapshotsRequest) -> Result<SnapshotsReply, Status> {
+        self.current()?.snapshots(req).await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: DeleteSnapshotRequest,
+    ) -> Result<DeleteSnapshotReply, Status> {
+        self.current()?.delete_snapshot(req).await
+    }
+
+    async fn map(&self, req: MapRequest) -> Result<MapReply, Status> {
+        self.current()?.map(req).await
+    }
+
+    async fn hashes(&self, req: HashesRequest) -> Result<HashesReply, Status> {
+        self.current()?.hashes(req).await
+    }
 }
 
 impl LocalConnector {
@@ -150,7 +208,10 @@ impl Connector for LocalConnector {
             Some(l) => {
                 l.check()
                     .map_err(|s| format!("replica {addr}: {}", s.message()))?;
-                Ok(Arc::new(l))
+                Ok(Arc::new(Routed {
+                    links: self.links.clone(),
+                    addr: addr.to_string(),
+                }))
             }
             None => Err(format!("replica {addr}: no such replica in memory")),
         }
