@@ -156,6 +156,7 @@ impl Volume {
             volume = name,
             records = replayed.records,
             bytes = replayed.bytes,
+            rotted = replayed.rotted,
             revision = core.inner.read().revision,
             ms = started.elapsed().as_millis() as u64,
             "volume recovered"

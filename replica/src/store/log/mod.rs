@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use codec::{RecordHeader, RecordKind, WalHeader, BLOCK, RECORDS_START};
+use codec::{RecordHeader, RecordKind, SyncMark, WalHeader, BLOCK, MARK_SLOTS, RECORDS_START};
 
 use super::error::{Named, StoreError};
 use crate::disk::{Disk, DiskFile};
@@ -86,6 +86,8 @@ pub(super) struct Log {
     /// How far a running sync may reach: a version below this may be promised any
     /// moment, so a direct write must not reuse its slot (it goes through the log).
     pub(super) syncing: AtomicU64,
+    /// The last sync mark written (or found at open); written under `sync_lock`.
+    mark: parking_lot::Mutex<SyncMark>,
     vol: Named,
 }
 
@@ -112,6 +114,11 @@ pub(super) struct Cursor {
     /// syncs promise anything, and every sync writes the tail first, in order.
     pub(super) tail: Vec<u8>,
     pub(super) tail_off: u64,
+    /// Generation and offset of the latest direct record placed: a sync that reaches
+    /// it writes a sync mark once the slots are durable.
+    pub(super) last_direct: Option<(u64, u64)>,
+    /// The sync mark found at open, for replay.
+    pub(super) mark: Option<SyncMark>,
 }
 
 impl Cursor {
@@ -190,9 +197,13 @@ impl Log {
             }
             _ => size,
         };
-        let mut slots = [0u8; 1024];
+        let mut slots = [0u8; 2048];
         file.read_at(&mut slots, 0)
             .map_err(vol.io("reading the log header", path))?;
+        let mark = MARK_SLOTS
+            .iter()
+            .filter_map(|&o| SyncMark::decode(&slots[o as usize..]))
+            .max_by_key(|m| m.seq);
         let header = [
             WalHeader::decode(&slots[..512]),
             WalHeader::decode(&slots[512..]),
@@ -213,6 +224,7 @@ impl Log {
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             syncing: AtomicU64::new(0),
+            mark: parking_lot::Mutex::new(mark.unwrap_or_default()),
             vol: vol.clone(),
         };
         let cursor = Cursor {
@@ -226,6 +238,8 @@ impl Log {
             direct_in_half: 0,
             tail: Vec::with_capacity(TAIL_BYTES + 4096),
             tail_off: RECORDS_START,
+            last_direct: None,
+            mark,
         };
         Ok((log, cursor))
     }
@@ -245,6 +259,30 @@ impl Log {
         self.file
             .write_at(&h.encode(), h.slot_offset())
             .and_then(|_| self.file.sync())
+    }
+
+    /// Writes a sync mark reaching `(gen, off)` if the last one does not cover the direct
+    /// record at `direct`; no sync (the log's next fdatasync makes it durable). The
+    /// caller holds `sync_lock` and synced the head layer's slots after the reach was
+    /// taken.
+    pub(super) fn write_mark(
+        &self,
+        gen: u64,
+        off: u64,
+        direct: Option<(u64, u64)>,
+    ) -> std::io::Result<()> {
+        let mut last = self.mark.lock();
+        if direct.is_none_or(|(g, o)| last.covers(g, o)) {
+            return Ok(());
+        }
+        let next = SyncMark {
+            seq: last.seq + 1,
+            gen,
+            off,
+        };
+        self.file.write_at(&next.encode(), next.slot_offset())?;
+        *last = next;
+        Ok(())
     }
 
     /// fdatasync of the log file.
@@ -299,6 +337,7 @@ impl Log {
         let head = codec::encode_record(&h, sides);
         let off = c.off;
         if h.kind == RecordKind::Direct {
+            c.last_direct = Some((c.gen, off));
             if c.tail.is_empty() {
                 c.tail_off = off;
             }

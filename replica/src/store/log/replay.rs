@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::codec::{self, RecordKind, BLOCK};
+use super::codec::{self, RecordKind, SyncMark, BLOCK};
 use super::{Cursor, Log, Recent};
 use crate::extents::Shift;
 use crate::store::error::StoreError;
@@ -19,6 +19,10 @@ struct Replayed {
     value: Recent,
     /// Direct records: block ranges whose slot no longer matches the record.
     unmatched: Vec<(u64, u64)>,
+    /// Direct records a sync mark covers: block ranges whose slot no longer matches
+    /// although it was synced. Mapped all the same: unless a later record covers them,
+    /// they rotted, and read as checksum errors (never as an older version).
+    rotted: Vec<(u64, u64)>,
 }
 
 impl Replayed {
@@ -37,20 +41,24 @@ impl Replayed {
     }
 }
 
-/// What replay found: records applied, bytes read, and the highest write sequence.
+/// What replay found: records applied, bytes read, the highest write sequence, and
+/// blocks that rotted in a synced slot.
 pub(in crate::store) struct Replay {
     pub(in crate::store) records: usize,
     pub(in crate::store) bytes: u64,
     pub(in crate::store) revision: u64,
+    pub(in crate::store) rotted: u64,
 }
 
 /// How many of the records replay found to apply. A direct record's block whose slot
 /// no longer matches is fine if a later applied record covers the block (its slot was
 /// reused after a newer version, or overwritten before it was ever synced). If none
-/// does, no sync completed after that record (a sync would have left a matching
-/// version at or after it), so it and everything after it were never flushed: drop
-/// them, as a torn log record ends the log. Stopping there leaves every write up to
-/// the revision present, so replicas with equal revisions hold the same data.
+/// does and no sync mark covers the record, no sync completed after that record (a
+/// sync would have left a matching version at or after it, and a mark), so it and
+/// everything after it were never flushed: drop them, as a torn log record ends the
+/// log. Stopping there leaves every write up to the revision present, so replicas with
+/// equal revisions hold the same data. (Blocks of a covered record are in `rotted`,
+/// not `unmatched`: they never stop replay.)
 fn applicable_prefix(found: &[Replayed]) -> usize {
     let mut limit = found.len();
     loop {
@@ -94,7 +102,8 @@ impl Log {
         let mut bytes = 0;
         for (h, g) in [(first_half, gen), (1 - first_half, gen + 1)] {
             let before = found.len();
-            let (end, complete) = self.replay_half(head, blocks, tag, h, g, &mut found)?;
+            let (end, complete) =
+                self.replay_half(head, blocks, tag, (h, g), c.mark, &mut found)?;
             let (start, _) = self.half_range(h);
             bytes += end - start;
             c.half = h;
@@ -115,16 +124,39 @@ impl Log {
             for (s, e) in r.matched() {
                 c.recent.insert(s, e, r.value.shift(s - r.block));
             }
+            for &(s, e) in &r.rotted {
+                c.recent.insert(s, e, r.value.shift(s - r.block));
+            }
             // A write counts once its last record is back (those before it are too:
             // `found` is in the order records were appended).
             if !r.more {
                 revision = revision.max(r.seq);
             }
         }
+        // Rotted blocks that no later record replaced: they read as checksum errors
+        // until the engine repairs them from another replica.
+        let mut rotted = 0;
+        for r in &found[..applied] {
+            for &(s, e) in &r.rotted {
+                for b in s..e {
+                    if c.recent
+                        .run(b, b + 1)
+                        .is_ok_and(|(v, _)| v == r.value.shift(b - r.block))
+                    {
+                        rotted += 1;
+                    }
+                }
+            }
+        }
+        if rotted > 0 {
+            tracing::error!(volume = %self.vol.0, blocks = rotted,
+                "blocks of synced direct writes no longer match their checksums (bit rot): they read as checksum errors until the engine repairs them from another replica");
+        }
         Ok(Replay {
             records: applied,
             bytes,
             revision,
+            rotted,
         })
     }
 
@@ -135,8 +167,8 @@ impl Log {
         head: &Layer,
         blocks: u64,
         tag: usize,
-        half: u8,
-        gen: u64,
+        (half, gen): (u8, u64),
+        mark: Option<SyncMark>,
         found: &mut Vec<Replayed>,
     ) -> Result<(u64, bool), StoreError> {
         let (start, limit) = self.half_range(half);
@@ -232,6 +264,11 @@ impl Log {
                 }
                 RecordKind::Zero => Recent::Zero,
             };
+            let rotted = if mark.is_some_and(|m| m.covers(gen, off)) {
+                std::mem::take(&mut unmatched)
+            } else {
+                Vec::new()
+            };
             found.push(Replayed {
                 seq: h.seq,
                 more: h.more,
@@ -239,6 +276,7 @@ impl Log {
                 end,
                 value,
                 unmatched,
+                rotted,
             });
             off += h.total_len();
         }
