@@ -108,10 +108,6 @@ pub struct Auditor {
     crashes: BTreeMap<String, u64>,
     /// When the last revert ended: what the cells held before it may be back.
     reverted: u64,
-    /// Cells of a block that rotted on a replica: a copy that replica alone held may
-    /// be gone (replay cannot tell rot in a slot from a write that never reached it),
-    /// so they keep only the check that every byte is some write's.
-    rotted: BTreeSet<u64>,
     /// The first broken promise.
     pub failure: Option<String>,
 }
@@ -203,12 +199,6 @@ impl Auditor {
     /// any write sent to it before, so only writes acknowledged after it set a floor.
     pub fn reverted(&mut self) {
         self.reverted = self.tick();
-    }
-
-    /// A block holding `cells` rotted on one replica.
-    pub fn rotted(&mut self, cells: std::ops::Range<u64>) {
-        self.tick();
-        self.rotted.extend(cells);
     }
 
     /// A flush is sent: returns the event it began at.
@@ -317,7 +307,6 @@ impl Auditor {
             }
         };
         match (floor, pos) {
-            _ if self.rotted.contains(&cell) => Ok(()),
             (Some(f), p) if p.is_none_or(|p| p < f) => Err(format!(
                 "cell {cell} holds {}, older than write {} ({:?}), acknowledged before the read began",
                 p.map_or("nothing".to_string(), |p| format!("write {}", history[p])),

@@ -56,7 +56,7 @@ impl Default for Config {
             spares: 1,
             clients: 3,
             engines: 2,
-            bit_rot: false,
+            bit_rot: true,
         }
     }
 }
@@ -683,12 +683,6 @@ impl World {
             self.addrs[r]
         ));
         self.disks[r].corrupt(&dir.join(&file), off);
-        let per_block = BLOCK / CELL;
-        let block = off / BLOCK;
-        self.shared
-            .audit
-            .lock()
-            .rotted(block * per_block..(block + 1) * per_block);
     }
 }
 
