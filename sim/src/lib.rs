@@ -43,6 +43,8 @@ pub struct Failure {
     pub why: String,
     /// The steps up to it.
     pub trace: Vec<String>,
+    /// The run had bit rot left out (the replay command must say so too).
+    pub no_rot: bool,
 }
 
 impl std::fmt::Display for Failure {
@@ -55,7 +57,8 @@ impl std::fmt::Display for Failure {
         }
         write!(
             f,
-            "replay: TETHER_SIM_SEED={} cargo test --release -p tether-sim --test sim replay -- --nocapture",
+            "replay: {}TETHER_SIM_SEED={} cargo test --release -p tether-sim --test sim replay -- --nocapture",
+            if self.no_rot { "TETHER_SIM_ROT=0 " } else { "" },
             self.seed
         )
     }
@@ -71,6 +74,7 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Report, Failure> {
             seed,
             why: format!("cannot start the runtime: {e}"),
             trace: Vec::new(),
+            no_rot: !cfg.bit_rot,
         })?;
     rt.block_on(async { world::World::new(seed, cfg.clone())?.run().await })
 }

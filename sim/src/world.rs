@@ -137,6 +137,7 @@ impl World {
                 seed,
                 why: format!("no temporary directory: {e}"),
                 trace: Vec::new(),
+                no_rot: !cfg.bit_rot,
             })?;
         Ok(World {
             seed,
@@ -184,6 +185,7 @@ impl World {
             seed: self.seed,
             why,
             trace: self.shared.trace.lock().clone(),
+            no_rot: !self.cfg.bit_rot,
         }
     }
 
