@@ -297,14 +297,41 @@ impl Engine for ControlService {
         let v = self.volume()?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            let total = v.size() / crate::volume::BLOCK;
-            const CHUNK: u64 = 256;
+            // Only blocks that hold data on some replica: a hole everywhere reads as
+            // zeroes everywhere, so a thin volume's verify follows its data.
+            let mut runs = Vec::new();
+            for r in v.replicas().iter().filter(|r| r.is_healthy()) {
+                match v.allocated(r, "").await {
+                    Ok(a) => runs.extend(a),
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!(
+                                "volume {}: cannot verify: {e}",
+                                v.name()
+                            ))))
+                            .await;
+                        return;
+                    }
+                }
+            }
+            let runs = crate::volume::allocation::union(runs);
+            let total: u64 = runs.iter().map(|r| r.1 - r.0).sum();
             let mut done = 0;
             let mut last_report = tokio::time::Instant::now();
             let mut pending = Vec::new();
-            while done < total {
-                let n = CHUNK.min(total - done);
-                for (block, replica, what) in v.verify_chunk(done, n as u32).await {
+            if total == 0 {
+                let _ = tx
+                    .send(Ok(VerifyProgress {
+                        blocks_done: 0,
+                        blocks_total: 0,
+                        problems: Vec::new(),
+                        done: true,
+                    }))
+                    .await;
+                return;
+            }
+            for (block, n) in crate::volume::allocation::split(&runs, 256) {
+                for (block, replica, what) in v.verify_chunk(block, n as u32).await {
                     tracing::warn!(volume = %v.name(), block, %replica, %what, "verify found a problem");
                     pending.push(VerifyProblem {
                         block,

@@ -114,7 +114,7 @@ impl ReplicaService {
                 "empty I/O stream: its first message must name the volume",
             )
         })?;
-        let vol = self.volumes.get(&first.volume).map_err(status)?;
+        let vol = self.volume(&first.volume).await?;
         vol.check_epoch(first.epoch).map_err(status)?;
         if first.epoch != vol.epoch() {
             return Err(tether_proto::wire::status(
@@ -175,7 +175,7 @@ fn code(e: &StoreError) -> ErrorCode {
         StoreError::NoSpace { .. } => ErrorCode::NoSpace,
         StoreError::Checksum { .. } => ErrorCode::Checksum,
         StoreError::Poisoned { .. } => ErrorCode::Poisoned,
-        StoreError::Io { .. } => ErrorCode::Io,
+        StoreError::Io { .. } | StoreError::WouldBlock { .. } => ErrorCode::Io,
     }
 }
 
@@ -223,6 +223,21 @@ fn reply(id: u64, r: Result<(Bytes, Bytes), StoreError>) -> IoReply {
 
 fn done(r: Result<(), StoreError>) -> Result<(Bytes, Bytes), StoreError> {
     r.map(|_| (Bytes::new(), Bytes::new()))
+}
+
+impl ReplicaService {
+    /// The open volume `name`, opened (and replayed) on the blocking pool if needed, so
+    /// no async thread waits for a volume's replay.
+    async fn volume(&self, name: &str) -> Result<Arc<Volume>, Status> {
+        if let Some(v) = self.volumes.get_open(name) {
+            return Ok(v);
+        }
+        let (volumes, n) = (self.volumes.clone(), name.to_string());
+        self.blocking
+            .run(move || volumes.get(&n), name)
+            .await
+            .map_err(status)
+    }
 }
 
 /// Where store calls that block (they sync files) run.
@@ -361,7 +376,7 @@ impl Replica for ReplicaService {
         };
         // Before anything applies: an engine's read lease counts from it.
         self.heard.note(&req.volume);
-        let vol = self.volumes.get(&req.volume).map_err(status)?;
+        let vol = self.volume(&req.volume).await?;
         let name = vol.name().to_string();
         let stored = self
             .blocking
@@ -421,10 +436,15 @@ impl Replica for ReplicaService {
         &self,
         req: Request<SnapshotsRequest>,
     ) -> Result<Response<SnapshotsReply>, Status> {
-        let vol = self.volumes.get(&req.into_inner().volume).map_err(status)?;
-        let (head_allocated, wal_allocated) = vol.allocated();
-        let snapshots = vol
-            .snapshots()
+        let vol = self.volume(&req.into_inner().volume).await?;
+        let name = vol.name().to_string();
+        let v = vol.clone();
+        let ((head_allocated, wal_allocated), snapshots) = self
+            .blocking
+            .run(move || Ok((v.allocated(), v.snapshots())), &name)
+            .await
+            .map_err(status)?;
+        let snapshots = snapshots
             .into_iter()
             .map(|s| SnapshotInfo {
                 name: s.name,
@@ -442,7 +462,7 @@ impl Replica for ReplicaService {
 
     async fn hashes(&self, req: Request<HashesRequest>) -> Result<Response<HashesReply>, Status> {
         let req = req.into_inner();
-        let vol = self.volumes.get(&req.volume).map_err(status)?;
+        let vol = self.volume(&req.volume).await?;
         let name = vol.name().to_string();
         let hashes = self
             .blocking
@@ -460,9 +480,18 @@ impl Replica for ReplicaService {
 
     async fn map(&self, req: Request<MapRequest>) -> Result<Response<MapReply>, Status> {
         let req = req.into_inner();
-        let vol = self.volumes.get(&req.volume).map_err(status)?;
-        let extents = vol
-            .map(req.block, req.count)
+        let vol = self.volume(&req.volume).await?;
+        let name = vol.name().to_string();
+        let extents = self
+            .blocking
+            .run(
+                move || {
+                    let snap = (!req.snapshot.is_empty()).then_some(req.snapshot.as_str());
+                    vol.map(snap, req.block, req.count)
+                },
+                &name,
+            )
+            .await
             .map_err(status)?
             .into_iter()
             .map(|(s, e, allocated)| tether_proto::replica::Extent {
@@ -479,7 +508,7 @@ impl Replica for ReplicaService {
         req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotReply>, Status> {
         let req = req.into_inner();
-        let vol = self.volumes.get(&req.volume).map_err(status)?;
+        let vol = self.volume(&req.volume).await?;
         vol.check_epoch(req.epoch).map_err(status)?;
         let name = vol.name().to_string();
         self.blocking
@@ -519,9 +548,12 @@ impl IoStreamState {
                 Err(_) => {
                     // Idle: the page cache then holds every acknowledged write's
                     // record, so a killed process (not a power cut) keeps them.
-                    match self.vol.settle() {
+                    // Not if it would wait (a checkpoint holds the volume): the next
+                    // idle moment tries again.
+                    match crate::store::without_waiting(|| self.vol.settle()) {
                         // Already reported when it was poisoned.
-                        Ok(()) | Err(StoreError::Poisoned { .. }) => {}
+                        Ok(())
+                        | Err(StoreError::Poisoned { .. } | StoreError::WouldBlock { .. }) => {}
                         Err(e) => {
                             tracing::error!(volume = self.vol.name(), error = %e, "writing the log's tail failed")
                         }
@@ -584,6 +616,26 @@ impl IoStreamState {
         Ok(())
     }
 
+    /// Applies a write or read while no newer engine can take the volume: on this
+    /// async thread if it needs nothing the store would wait for (the common case:
+    /// data into the page cache, no thread hop), else on the blocking pool, so a slow
+    /// disk or a long checkpoint of this volume never stalls another volume's stream.
+    async fn apply<T: Send + 'static>(
+        &self,
+        f: impl Fn(&Volume) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (v, epoch) = (&self.vol, self.epoch);
+        match crate::store::without_waiting(|| v.under_epoch(epoch, || f(v))) {
+            Err(StoreError::WouldBlock { .. }) => {
+                let v = v.clone();
+                self.blocking
+                    .run(move || v.under_epoch(epoch, || f(&v)), self.vol.name())
+                    .await
+            }
+            r => r,
+        }
+    }
+
     /// Runs a change to the layer tree off the async runtime (it syncs files), while
     /// no newer engine can take the volume.
     async fn admin(
@@ -629,19 +681,19 @@ impl IoStreamState {
             let id = req.id;
             let epoch = self.epoch;
             let r = match req.op {
-                Some(Op::Write(w)) => {
-                    let in_order = self.check_seq(w.seq);
-                    let vol = &self.vol;
-                    done(in_order.and_then(|_| {
-                        vol.under_epoch(epoch, || {
-                            vol.write_sealed(w.seq, w.block, &w.data, &w.tags)
-                        })
-                    }))
-                }
+                Some(Op::Write(w)) => match self.check_seq(w.seq) {
+                    Ok(()) => done(
+                        self.apply(move |v| v.write_sealed(w.seq, w.block, &w.data, &w.tags))
+                            .await,
+                    ),
+                    Err(e) => Err(e),
+                },
                 Some(Op::Read(r)) => {
-                    let snapshot = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());
-                    let vol = &self.vol;
-                    vol.under_epoch(epoch, || vol.read(snapshot, r.block, r.count))
+                    self.apply(move |v| {
+                        let snapshot = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());
+                        v.read(snapshot, r.block, r.count)
+                    })
+                    .await
                 }
                 Some(Op::Snapshot(sn)) => match self.check_seq(sn.seq) {
                     Ok(()) => self.admin(move |v| v.snapshot(&sn.name)).await,
@@ -650,15 +702,13 @@ impl IoStreamState {
                 Some(Op::Revert(rv)) => self.admin(move |v| v.revert(&rv.name)).await,
                 Some(Op::RebuildDone(_)) => self.admin(|v| v.set_rebuilding(false)).await,
                 Some(Op::Expand(x)) => self.admin(move |v| v.expand(x.size)).await,
-                Some(Op::Zero(z)) => {
-                    let in_order = self.check_seq(z.seq);
-                    let vol = &self.vol;
-                    done(in_order.and_then(|_| {
-                        vol.under_epoch(epoch, || {
-                            vol.zero_blocks(z.seq, z.block, u64::from(z.count))
-                        })
-                    }))
-                }
+                Some(Op::Zero(z)) => match self.check_seq(z.seq) {
+                    Ok(()) => done(
+                        self.apply(move |v| v.zero_blocks(z.seq, z.block, u64::from(z.count)))
+                            .await,
+                    ),
+                    Err(e) => Err(e),
+                },
                 Some(Op::Flush(_)) => match self.vol.check_epoch(epoch) {
                     Err(e) => Err(e),
                     // fdatasync runs off the stream so later writes keep flowing; it

@@ -122,10 +122,18 @@ fn a_seed_replays_byte_for_byte() {
 /// - 19917 (with bit rot): a byte rotted in the slot of a synced direct write whose
 ///   record was still in the log; replay took it for a write a power cut tore and
 ///   dropped it and every later record, flushed ones too (now: a sync mark says how
-///   far the slots are synced, and a rotted block reads as a checksum error).
+///   far the slots are synced, and a rotted block reads as a checksum error);
+/// - 5294: a rebuild that follows the source's map of allocated blocks, from a source
+///   that had lost power before its map was read, found nothing to copy and joined a
+///   replica without an acknowledged write (now: the source must still be healthy when
+///   the copy ends, copied or not);
+/// - 22941: a join stored on two of four replicas, then the joined replica's drop
+///   stored on one; the engine claimed only the newer of the two, acknowledged a write
+///   without the replica, and the next engine adopted the join (now: every generation
+///   sent since the last that counted keeps its claims until one counts).
 #[test]
 fn former_finds() {
-    for seed in [145, 534, 967, 3277, 3752, 12621, 19917] {
+    for seed in [145, 534, 967, 3277, 3752, 5294, 12621, 19917, 22941] {
         let r = tether_sim::run(seed, &config());
         assert!(
             r.is_ok(),

@@ -112,6 +112,15 @@ impl Recording<'_> {
     }
 }
 
+/// What this engine sent since its last generation that counted.
+#[derive(Debug, Clone)]
+pub(super) struct Uncounted {
+    /// The newest: the next change builds on it, to outrank all of them.
+    newest: Generation,
+    /// Every replica any of them counts in sync.
+    claims: BTreeSet<String>,
+}
+
 impl Volume {
     /// The generation this engine serves under.
     pub fn generation(&self) -> Option<Generation> {
@@ -170,8 +179,8 @@ impl Volume {
         // must outrank it (a join that did not count, then writes acknowledged without
         // the replica, lost a flushed write when a later engine adopted the join:
         // simulation, seed 12621).
-        let current = match self.uncounted.lock().clone() {
-            Some(u) if u.key() > counted.key() => u,
+        let current = match self.uncounted.lock().as_ref() {
+            Some(u) if u.newest.key() > counted.key() => u.newest.clone(),
             _ => counted.clone(),
         };
         let made = match change {
@@ -204,8 +213,25 @@ impl Volume {
         };
         // Claimed from the moment it is sent, not once it counts: a request that a
         // replica this generation names in sync missed is not acknowledged before that
-        // replica's drop (`record_drops` waits for this record to end).
-        let before = self.uncounted.lock().replace(next.clone());
+        // replica's drop (`record_drops` waits for this record to end). The claims of
+        // earlier uncounted generations stay: a later engine that does not see this one
+        // may adopt one of them (simulation, seed 22941: a join stored on two of four
+        // replicas, then a drop of the joined replica stored on one; a write went on
+        // without it, and the next engine adopted the join).
+        let before = {
+            let mut u = self.uncounted.lock();
+            let before = u.clone();
+            let mut claims = before
+                .as_ref()
+                .map(|b| b.claims.clone())
+                .unwrap_or_default();
+            claims.extend(next.in_sync.iter().cloned());
+            *u = Some(Uncounted {
+                newest: next.clone(),
+                claims,
+            });
+            before
+        };
         if let Change::Join(r) = change {
             // Checked after claiming, so a request acknowledged without the replica
             // either saw the claim (and waits for its drop) or failed it before this
@@ -225,7 +251,6 @@ impl Volume {
         let stored = self.store_everywhere(&next, &cause, counts).await;
         self.check_fence()?;
         if !counts(&stored) {
-            *self.uncounted.lock() = Some(next.clone());
             return Err(VolumeError::Io(format!(
                 "volume {}: generation {} ({cause}) is stored on {} of {}; {} are needed",
                 self.name,
@@ -262,11 +287,11 @@ impl Volume {
     }
 
     /// The replicas a generation this engine stored counts in sync: the counted one's,
-    /// and an uncounted newer one's (a later engine may adopt either).
+    /// and those of every one sent since (a later engine may adopt any of them).
     pub fn in_sync_claimed(&self) -> BTreeSet<String> {
         let mut claimed = self.generation().map(|g| g.in_sync).unwrap_or_default();
         if let Some(u) = self.uncounted.lock().as_ref() {
-            claimed.extend(u.in_sync.iter().cloned());
+            claimed.extend(u.claims.iter().cloned());
         }
         claimed
     }

@@ -15,6 +15,7 @@
 //! replica is `crate::rebuild`, which uses this module and is not used by it.
 
 mod admin;
+pub mod allocation;
 mod fanout;
 pub mod generation;
 pub mod lease;
@@ -110,10 +111,11 @@ pub struct Volume {
     connector: Arc<dyn Connector>,
     /// The membership generation this engine serves under (`None` until recorded).
     generation: Mutex<Option<crate::membership::Generation>>,
-    /// The newest generation this engine stored that did not count (yet): it may be
-    /// on some replicas, and a later engine may adopt it, so the next change builds on
-    /// it and the replicas it counts in sync are treated as in sync until then.
-    uncounted: Mutex<Option<crate::membership::Generation>>,
+    /// Generations this engine sent since the last one that counted: any may be on
+    /// some replicas, and a later engine may adopt any of them (whichever is the newest
+    /// it finds), so the next change builds on the newest, and every replica one of
+    /// them counts in sync is treated as in sync until a change counts.
+    uncounted: Mutex<Option<generation::Uncounted>>,
     /// One membership change at a time.
     recording: tokio::sync::Mutex<()>,
     /// One renewal of the read lease at a time.

@@ -373,6 +373,7 @@ impl Volume {
             volume: self.name.clone(),
             block: first,
             count: end - first,
+            snapshot: String::new(),
         };
         let map = self.ask(&r, r.link().map(req)).await?;
         let stop = offset + u64::from(len);

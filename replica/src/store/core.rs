@@ -75,10 +75,69 @@ pub(super) struct Core {
     pub(super) head_files: Mutex<Files>,
 }
 
+thread_local! {
+    /// Set while the caller runs on an async worker thread (see `without_waiting`).
+    static NO_WAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` promising not to wait: where the store would wait for a lock another
+/// thread holds, for a checkpoint, or for an fdatasync, it returns
+/// `StoreError::WouldBlock` instead, having changed nothing that running `f` again
+/// would not redo the same way. The replica server applies writes and reads on its
+/// async threads this way (no thread hop, which cost 13–24 %), and runs a request that
+/// would wait on the blocking pool, so one volume's slow disk or long checkpoint never
+/// holds up another volume's streams.
+pub fn without_waiting<T>(f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            NO_WAIT.with(|n| n.set(self.0));
+        }
+    }
+    let _reset = Reset(NO_WAIT.with(|n| n.replace(true)));
+    f()
+}
+
 impl Core {
     /// The volume's name.
     pub(super) fn name(&self) -> &str {
         &self.vol.0
+    }
+
+    /// `WouldBlock` if the caller promised not to wait (see `without_waiting`).
+    pub(super) fn may_wait(&self) -> Result<(), StoreError> {
+        if NO_WAIT.with(|n| n.get()) {
+            return Err(StoreError::WouldBlock {
+                volume: self.name().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The main lock for writing, or `WouldBlock` if it is held and the caller may not
+    /// wait.
+    pub(super) fn write_inner(
+        &self,
+    ) -> Result<parking_lot::RwLockWriteGuard<'_, Inner>, StoreError> {
+        match self.inner.try_write() {
+            Some(g) => Ok(g),
+            None => {
+                self.may_wait()?;
+                Ok(self.inner.write())
+            }
+        }
+    }
+
+    /// The main lock for reading, or `WouldBlock` if a writer holds it and the caller
+    /// may not wait.
+    pub(super) fn read_inner(&self) -> Result<parking_lot::RwLockReadGuard<'_, Inner>, StoreError> {
+        match self.inner.try_read() {
+            Some(g) => Ok(g),
+            None => {
+                self.may_wait()?;
+                Ok(self.inner.read())
+            }
+        }
     }
 
     /// Maps an I/O error on `path`; borrows, so the success path allocates nothing.

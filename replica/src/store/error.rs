@@ -51,6 +51,11 @@ pub enum StoreError {
     /// A sync failed earlier; nothing written since can be promised.
     #[error("volume {volume}: replica is poisoned after a failed sync ({reason}); it refuses writes until rebuilt")]
     Poisoned { volume: String, reason: String },
+    /// Under `without_waiting`: the request would have waited for a lock or the disk,
+    /// and nothing of it is lost by running it again where waiting is allowed. Never
+    /// reaches the wire.
+    #[error("volume {volume}: the request would wait; run it again off the async threads")]
+    WouldBlock { volume: String },
 }
 
 /// Maps an I/O error of `op` on `path` of `volume`; a full disk gets its own kind.

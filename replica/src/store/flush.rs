@@ -34,7 +34,7 @@ pub(super) fn sync(v: &Core) -> Result<(), StoreError> {
 /// keeps what it acknowledged.
 pub(super) fn settle(v: &Core) -> Result<(), StoreError> {
     v.check_writable()?;
-    let mut inner = v.inner.write();
+    let mut inner = v.write_inner()?;
     v.check_live()?;
     write_tail(v, &mut inner)
 }

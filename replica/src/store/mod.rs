@@ -57,6 +57,7 @@ mod snapshot;
 mod volume;
 mod write;
 
+pub use self::core::without_waiting;
 pub use error::StoreError;
 pub use meta::GenerationRecord;
 pub use options::{validate_name, Execution, Job, StoreOptions, DEFAULT_WAL_SIZE};

@@ -29,7 +29,7 @@ pub(super) fn read(
     count: u32,
 ) -> Result<(Bytes, Bytes), StoreError> {
     v.check_range(block, u64::from(count), true)?;
-    let inner = v.inner.read();
+    let inner = v.read_inner()?;
     match snapshot {
         None => read_chain(v, &inner, &inner.chain, block, count),
         Some(name) => {
@@ -180,15 +180,33 @@ pub(super) fn hashes(
     }
 }
 
-/// Which blocks of `[block, block+count)` hold data, as (start, end, allocated).
-pub(super) fn map(v: &Core, block: u64, count: u64) -> Result<Vec<(u64, u64, bool)>, StoreError> {
+/// Which blocks of `[block, block+count)` hold data in the head (or in snapshot
+/// `name`), as (start, end, allocated).
+pub(super) fn map(
+    v: &Core,
+    snapshot: Option<&str>,
+    block: u64,
+    count: u64,
+) -> Result<Vec<(u64, u64, bool)>, StoreError> {
     v.check_range(block, count, false)?;
     let inner = v.inner.read();
+    let chain = match snapshot {
+        None => inner.chain.clone(),
+        Some(name) => {
+            let id = inner
+                .meta
+                .snapshot(name)
+                .ok_or_else(|| v.invalid(format!("no snapshot named {name}")))?
+                .id;
+            inner.meta.chain(id).map_err(|w| v.invalid(w))?
+        }
+    };
+    let with_log = chain.first() == Some(&inner.meta.head);
     let end = block + count;
     let mut out: Vec<(u64, u64, bool)> = Vec::new();
     let mut p = block;
     while p < end {
-        let (src, run_end) = source(&inner, &inner.chain, true, p, end);
+        let (src, run_end) = source(&inner, &chain, with_log, p, end);
         let allocated = matches!(
             src,
             Source::Layer(_) | Source::Log(Recent::Data { .. } | Recent::Direct { .. })

@@ -39,12 +39,17 @@ pub struct VolumeEntry {
     pub snapshots: usize,
 }
 
+/// One name's place in the set: its own lock, held while that volume is opened (and
+/// replayed), so opening one volume never waits for another's replay.
+type Slot = Arc<Mutex<Option<Arc<Volume>>>>;
+
 /// All volumes held by one replica daemon under its data directory.
 pub struct VolumeSet {
     root: PathBuf,
     disk: Arc<dyn Disk>,
     opts: StoreOptions,
-    open: Mutex<HashMap<String, Arc<Volume>>>,
+    /// Held only to find or add a slot: never across disk I/O.
+    open: Mutex<HashMap<String, Slot>>,
 }
 
 impl VolumeSet {
@@ -91,12 +96,13 @@ impl VolumeSet {
     /// is copied again. A volume that is not poisoned is returned as it is.
     pub fn reopen_poisoned(&self, name: &str) -> Result<Arc<Volume>, StoreError> {
         validate_name(name)?;
-        let mut open = self.open.lock();
-        if let Some(old) = open.get(name).cloned() {
+        let slot = self.slot(name);
+        let mut open = slot.lock();
+        if let Some(old) = open.clone() {
             let Some(reason) = old.poisoned() else {
                 return Ok(old);
             };
-            open.remove(name);
+            *open = None;
             old.retire("reopened from disk for a rebuild");
             drop(old);
             tracing::warn!(volume = %name, %reason, "reopening a poisoned volume from disk for its rebuild");
@@ -106,24 +112,42 @@ impl VolumeSet {
         self.load_locked(&mut open, name, None).map(|(v, _)| v)
     }
 
-    /// Opens (and with `create`, creates) `name` once, under the set's lock.
+    /// The volume `name` if it is open and nobody is opening it right now; never waits
+    /// (for a request on an async thread: `get` may replay a log).
+    pub fn get_open(&self, name: &str) -> Option<Arc<Volume>> {
+        let slot = self.open.lock().get(name).cloned()?;
+        let v = slot.try_lock()?.clone();
+        v
+    }
+
+    /// The slot of `name`, added if missing.
+    fn slot(&self, name: &str) -> Slot {
+        self.open
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Opens (and with `create`, creates) `name` once, under its slot's lock.
     fn load(
         &self,
         name: &str,
         create: Option<(u64, Option<&str>)>,
     ) -> Result<(Arc<Volume>, bool), StoreError> {
         validate_name(name)?;
-        let mut open = self.open.lock();
+        let slot = self.slot(name);
+        let mut open = slot.lock();
         self.load_locked(&mut open, name, create)
     }
 
     fn load_locked(
         &self,
-        open: &mut HashMap<String, Arc<Volume>>,
+        open: &mut Option<Arc<Volume>>,
         name: &str,
         create: Option<(u64, Option<&str>)>,
     ) -> Result<(Arc<Volume>, bool), StoreError> {
-        if let Some(v) = open.get(name) {
+        if let Some(v) = open.as_ref() {
             return Ok((v.clone(), false));
         }
         let (dir, wal, disk) = (self.root.join(name), self.wal_path(name), self.disk.clone());
@@ -138,14 +162,18 @@ impl VolumeSet {
             (r, _) => (r?, false),
         };
         let v = Arc::new(vol);
-        open.insert(name.to_string(), v.clone());
+        *open = Some(v.clone());
         Ok((v, created))
     }
 
     /// Every volume on disk as its meta file describes it, without opening any; a
     /// volume whose meta cannot be read is reported by name with the reason.
     pub fn inventory(&self) -> io::Result<Inventory> {
-        let open: Vec<String> = self.open.lock().keys().cloned().collect();
+        let open: Vec<String> = self
+            .open_volumes()
+            .iter()
+            .map(|v| v.name().to_string())
+            .collect();
         let mut found = Vec::new();
         let mut problems = Vec::new();
         for name in self.names()? {
@@ -187,8 +215,12 @@ impl VolumeSet {
         Ok(names)
     }
 
-    /// Volumes that are open right now.
+    /// Volumes that are open right now (not ones still being opened).
     pub fn open_volumes(&self) -> Vec<Arc<Volume>> {
-        self.open.lock().values().cloned().collect()
+        let slots: Vec<Slot> = self.open.lock().values().cloned().collect();
+        slots
+            .iter()
+            .filter_map(|s| s.try_lock().and_then(|v| v.clone()))
+            .collect()
     }
 }

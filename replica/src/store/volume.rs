@@ -287,7 +287,13 @@ impl Volume {
         epoch: u64,
         f: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let _fence = self.core.epoch_lock.read();
+        let _fence = match self.core.epoch_lock.try_read() {
+            Some(g) => g,
+            None => {
+                self.core.may_wait()?;
+                self.core.epoch_lock.read()
+            }
+        };
         self.check_epoch(epoch)?;
         f()
     }
@@ -381,9 +387,15 @@ impl Volume {
         read::hashes(&self.core, snapshot, block, count)
     }
 
-    /// Which blocks of `[block, block+count)` hold data, as (start, end, allocated).
-    pub fn map(&self, block: u64, count: u64) -> Result<Vec<(u64, u64, bool)>, StoreError> {
-        read::map(&self.core, block, count)
+    /// Which blocks of `[block, block+count)` hold data in the head (or in `snapshot`),
+    /// as (start, end, allocated).
+    pub fn map(
+        &self,
+        snapshot: Option<&str>,
+        block: u64,
+        count: u64,
+    ) -> Result<Vec<(u64, u64, bool)>, StoreError> {
+        read::map(&self.core, snapshot, block, count)
     }
 
     /// Freezes the head as snapshot `name` and starts a new empty head.

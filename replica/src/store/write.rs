@@ -60,7 +60,7 @@ pub(super) fn write_sealed(
     while b < count {
         let wrote = write_run(
             v,
-            &mut v.inner.write(),
+            &mut *v.write_inner()?,
             Run {
                 seq,
                 block: block + b,
@@ -72,7 +72,10 @@ pub(super) fn write_sealed(
         )?;
         match wrote {
             Some(n) => b += n,
-            None => checkpoint::finish(v)?,
+            None => {
+                v.may_wait()?;
+                checkpoint::finish(v)?
+            }
         }
     }
     Ok(())
@@ -105,7 +108,7 @@ pub(super) fn zero_blocks(v: &Core, seq: u64, block: u64, count: u64) -> Result<
 fn append_waiting(v: &Core, h: RecordHeader, sides: &[u8], data: &[u8]) -> Result<(), StoreError> {
     loop {
         {
-            let mut inner = v.inner.write();
+            let mut inner = v.write_inner()?;
             v.check_live()?;
             match make_room(v, &mut inner, h.total_len(), 0)? {
                 Room::Ready => return push_record(v, &mut inner, h, sides, data),
@@ -113,6 +116,7 @@ fn append_waiting(v: &Core, h: RecordHeader, sides: &[u8], data: &[u8]) -> Resul
                 Room::Busy => {}
             }
         }
+        v.may_wait()?;
         checkpoint::finish(v)?;
     }
 }
@@ -148,6 +152,8 @@ fn make_room(v: &Core, inner: &mut Inner, len: u64, direct: u64) -> Result<Room,
     if c.frozen.is_some() {
         return Ok(Room::Busy);
     }
+    // Moving to the other half syncs this one first (below).
+    v.may_wait()?;
     let (start, end) = v.log.half_range(1 - c.half);
     if start + len > end {
         return Err(v.invalid(format!(
