@@ -98,6 +98,10 @@ pub(crate) struct EngineArgs {
     /// majority before it fails with EIO.
     #[arg(long, default_value_t = 30.0)]
     pub(crate) quorum_wait: f64,
+    /// MiB per second a rebuild may copy, so it does not starve client I/O (0: as fast
+    /// as the disks and the network go).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) rebuild_rate: u64,
     /// With fewer healthy replicas, writes fail with EIO instead of running on too few copies.
     #[arg(long, default_value_t = 1)]
     pub(crate) min_replicas: usize,

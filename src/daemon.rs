@@ -73,6 +73,7 @@ pub(crate) async fn run_engine(a: EngineArgs) -> Result<()> {
         replica_tls,
         nbd_tls,
         quorum_wait: seconds("--quorum-wait", a.quorum_wait)?,
+        rebuild_rate: a.rebuild_rate << 20,
     };
     tether_engine::run(cfg, shutdown_signal()).await?;
     Ok(())

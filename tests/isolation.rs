@@ -127,6 +127,7 @@ fn config(volume: &str, replicas: &[String], dir: &Path) -> EngineConfig {
         replica_tls: None,
         nbd_tls: None,
         quorum_wait: Duration::from_secs(30),
+        rebuild_rate: 0,
     }
 }
 

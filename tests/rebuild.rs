@@ -367,3 +367,33 @@ fn wal_dir_puts_the_log_on_another_disk() {
     let _ = rep.kill();
     let _ = rep.wait();
 }
+
+#[test]
+fn rebuild_rate_paces_the_copy() {
+    let c = Cluster::start_with(2, "64M", &["--replicas", "3", "--rebuild-rate", "8"]);
+    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    for i in 0..32u64 {
+        assert_eq!(cl.write(i << 20, &vec![i as u8 + 1; 1 << 20]).unwrap(), 0);
+    }
+    assert_eq!(cl.flush().unwrap(), 0);
+    let new = Replica::start(&c.dir.path().join("new"), free_port());
+    let started = Instant::now();
+    let out = ctl(&c, &["replica", "add", "vol", &new.addr.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.engine().wait_healthy("vol", 3, Duration::from_secs(60));
+    // 32 MiB at 8 MiB/s: never faster than the limit (a lower bound only: how much
+    // slower depends on the machine).
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(3500),
+        "rebuilt 32 MiB in {took:?} at 8 MiB/s"
+    );
+    assert!(copied_bytes(&c.engine().log_text()) >= 32 << 20);
+    let v = ctl(&c, &["volume", "verify", "vol"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    drop(new);
+}

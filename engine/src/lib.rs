@@ -56,6 +56,8 @@ pub struct EngineConfig {
     pub nbd_tls: Option<tls::NbdTls>,
     /// How long I/O waits for a membership change to count before it fails with EIO.
     pub quorum_wait: Duration,
+    /// Bytes per second a rebuild may copy (0: no limit).
+    pub rebuild_rate: u64,
 }
 
 /// Why the engine could not start or stopped.

@@ -367,6 +367,7 @@ pub async fn open_volume_with(
         Volume::new(&cfg.volume, size, epoch, conns, newest, cfg.timeout, fence)
             .with_policy(cfg.min_replicas, cfg.desired_replicas, engine_id)
             .with_generation(Some(next), cfg.quorum_wait)
+            .with_rebuild_rate(cfg.rebuild_rate)
             .with_salvages(salvages.iter().map(generation::describe_salvage).collect())
             .with_cipher(cipher, params)
             .with_connector(connector),

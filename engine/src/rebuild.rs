@@ -286,9 +286,18 @@ async fn copy_piece(
             })
         };
         wait(vol, target, w, "copying blocks").await?;
-        progress
+        let copied = progress
             .copied
-            .fetch_add(u64::from(cnt) * BLOCK, Ordering::Relaxed);
+            .fetch_add(u64::from(cnt) * BLOCK, Ordering::Relaxed)
+            + u64::from(cnt) * BLOCK;
+        // Paced to `--rebuild-rate`: a piece that got ahead of it waits.
+        if vol.rebuild_rate() > 0 {
+            let due = Duration::from_secs_f64(copied as f64 / vol.rebuild_rate() as f64);
+            let ahead = due.saturating_sub(progress.started.elapsed());
+            if !ahead.is_zero() {
+                tokio::time::sleep(ahead).await;
+            }
+        }
     }
     progress.done.fetch_add(n, Ordering::Relaxed);
     Ok(())

@@ -34,6 +34,7 @@ fn cfg(replicas: &[&str], dir: &std::path::Path) -> EngineConfig {
         replica_tls: None,
         nbd_tls: None,
         quorum_wait: Duration::from_secs(30),
+        rebuild_rate: 0,
     }
 }
 

@@ -47,6 +47,7 @@ async fn open(replicas: Vec<String>, dir: &std::path::Path) -> Arc<Volume> {
         replica_tls: None,
         nbd_tls: None,
         quorum_wait: Duration::from_secs(30),
+        rebuild_rate: 0,
     };
     tether_engine::open_volume(&cfg).await.unwrap()
 }

@@ -232,6 +232,7 @@ impl World {
             replica_tls: None,
             nbd_tls: None,
             quorum_wait: QUORUM_WAIT,
+            rebuild_rate: 0,
         }
     }
 

@@ -124,6 +124,8 @@ pub struct Volume {
     in_sync_count: AtomicUsize,
     /// How long I/O waits for a membership change to count before it fails.
     quorum_wait: Duration,
+    /// Bytes per second a rebuild may copy (0: no limit).
+    rebuild_rate: u64,
     /// Why I/O is held right now, while a needed membership change does not count.
     io_held: Mutex<Option<String>>,
     /// Every salvage in the volume's generation history, in words.
@@ -201,9 +203,22 @@ impl Volume {
             renewing: tokio::sync::Mutex::new(()),
             in_sync_count: AtomicUsize::new(0),
             quorum_wait: Duration::from_secs(30),
+            rebuild_rate: 0,
             io_held: Mutex::new(None),
             salvages: Vec::new(),
         }
+    }
+
+    /// Limits rebuilds to `bytes` per second (0: no limit), so one does not starve
+    /// client I/O.
+    pub fn with_rebuild_rate(mut self, bytes: u64) -> Volume {
+        self.rebuild_rate = bytes;
+        self
+    }
+
+    /// Bytes per second a rebuild may copy (0: no limit).
+    pub fn rebuild_rate(&self) -> u64 {
+        self.rebuild_rate
     }
 
     /// Encrypts the volume's blocks with `cipher`; `params` are its stored parameters.
