@@ -153,154 +153,156 @@ fn pieces(src: &[(u64, u64)], dst: &[(u64, u64)]) -> Vec<Piece> {
         .collect()
 }
 
-/// Makes `target`'s head read like `source`'s `snapshot` (or head, when empty).
-async fn copy(
-    vol: &Volume,
-    source: &ReplicaConn,
-    target: &ReplicaConn,
-    snapshot: &str,
+/// One copy into `target`'s head of `source`'s `snapshot` (or head, when empty; then
+/// under the volume's range locks).
+struct Copying<'a> {
+    vol: &'a Volume,
+    source: &'a ReplicaConn,
+    target: &'a ReplicaConn,
+    snapshot: &'a str,
     lock: bool,
-    progress: &Progress,
-) -> Result<(), String> {
-    let total = vol.size() / BLOCK;
-    if lock {
-        // Writes sent before the target joined the write set reach only the source:
-        // wait for them (every write holds its range until it is answered), so the map
-        // below shows them. Every later write reaches both sides.
-        drop(vol.hold(0, total).await);
-    }
-    let (src, dst) =
-        futures::future::join(vol.allocated(source, snapshot), vol.allocated(target, "")).await;
-    let pieces = pieces(&src?, &dst?);
-    progress.total.fetch_add(
-        pieces.iter().map(|p| p.count).sum::<u64>(),
-        Ordering::Relaxed,
-    );
-    let mut done = futures::StreamExt::buffered(
-        futures::stream::iter(
-            pieces
-                .into_iter()
-                .map(|p| copy_piece(vol, source, target, snapshot, lock, progress, p)),
-        ),
-        IN_FLIGHT,
-    );
-    while let Some(r) = futures::StreamExt::next(&mut done).await {
-        r?;
-        still_going(vol, source, target, progress)?;
-    }
-    // Also when there was nothing to copy: the maps are only as good as the source
-    // was healthy since (a source that failed stays failed, so this covers them). A
-    // source that lost power before its map showed nothing, and a rebuild that copied
-    // nothing joined a replica that lacked an acknowledged write (simulation, seed
-    // 5294).
-    still_going(vol, source, target, progress)
+    progress: &'a Progress,
 }
 
-/// Whether the rebuild may go on: not removed, not fenced, both sides up.
-fn still_going(
-    vol: &Volume,
-    source: &ReplicaConn,
-    target: &ReplicaConn,
-    progress: &Progress,
-) -> Result<(), String> {
-    progress.check(&target.addr)?;
-    if vol.is_fenced() {
-        return Err("a newer engine owns the volume".into());
-    }
-    if !target.is_writable() {
-        return Err(format!(
-            "replica {} failed during the rebuild: {}",
-            target.addr,
-            target.reason()
-        ));
-    }
-    if !source.is_healthy() {
-        return Err(format!(
-            "source replica {} failed during the rebuild",
-            source.addr
-        ));
-    }
-    Ok(())
-}
-
-/// Brings one piece over, under the volume's range lock when copying the head.
-async fn copy_piece(
-    vol: &Volume,
-    source: &ReplicaConn,
-    target: &ReplicaConn,
-    snapshot: &str,
-    lock: bool,
-    progress: &Progress,
-    p: Piece,
-) -> Result<(), String> {
-    let (b, n) = (p.block, p.count);
-    let _held = if lock {
-        Some(vol.hold(b, b + n).await)
-    } else {
-        None
-    };
-    // Runs of blocks (offsets in the piece) that differ.
-    let differ: Vec<(usize, usize)> = if p.target_has_data {
-        let (hs, ht) = futures::future::join(
-            hashes(vol, source, snapshot, b, n as u32),
-            hashes(vol, target, "", b, n as u32),
+impl Copying<'_> {
+    /// Makes the target's head read like the source's snapshot (or head).
+    async fn run(&self) -> Result<(), String> {
+        let (vol, source, target) = (self.vol, self.source, self.target);
+        let total = vol.size() / BLOCK;
+        if self.lock {
+            // Writes sent before the target joined the write set reach only the
+            // source: wait for them (every write holds its range until it is
+            // answered), so the map below shows them. Every later write reaches both.
+            drop(vol.hold(0, total).await);
+        }
+        let (src, dst) = futures::future::join(
+            vol.allocated(source, self.snapshot),
+            vol.allocated(target, ""),
         )
         .await;
-        let (hs, ht) = (hs?, ht?);
-        let mut runs = Vec::new();
-        let mut i = 0;
-        while i < n as usize {
-            if hs[i] == ht[i] {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while i < n as usize && hs[i] != ht[i] {
-                i += 1;
-            }
-            runs.push((start, i));
+        let pieces = pieces(&src?, &dst?);
+        self.progress.total.fetch_add(
+            pieces.iter().map(|p| p.count).sum::<u64>(),
+            Ordering::Relaxed,
+        );
+        let mut done = futures::StreamExt::buffered(
+            futures::stream::iter(pieces.into_iter().map(|p| self.piece(p))),
+            IN_FLIGHT,
+        );
+        while let Some(r) = futures::StreamExt::next(&mut done).await {
+            r?;
+            self.still_going()?;
         }
-        runs
-    } else {
-        vec![(0, n as usize)]
-    };
-    for (s, e) in differ {
-        let (blk, cnt) = (b + s as u64, (e - s) as u32);
-        let w = if p.source_has_data {
-            // Verbatim: ciphertext and seals as stored, so a rebuild never encrypts;
-            // and only a copy that opens, from whichever healthy replica has one.
-            let copy = vol.read_good_raw(source, snapshot, blk, cnt).await?;
-            Op::Write(Write {
-                seq: 0,
-                block: blk,
-                data: copy.data,
-                tags: copy.tags,
-            })
-        } else {
-            // A hole on the source: zeroed, not written with zeroes, so the target
-            // stays as thin as the source.
-            Op::Zero(Zero {
-                seq: 0,
-                block: blk,
-                count: cnt,
-            })
-        };
-        wait(vol, target, w, "copying blocks").await?;
-        let copied = progress
-            .copied
-            .fetch_add(u64::from(cnt) * BLOCK, Ordering::Relaxed)
-            + u64::from(cnt) * BLOCK;
-        // Paced to `--rebuild-rate`: a piece that got ahead of it waits.
-        if vol.rebuild_rate() > 0 {
-            let due = Duration::from_secs_f64(copied as f64 / vol.rebuild_rate() as f64);
-            let ahead = due.saturating_sub(progress.started.elapsed());
-            if !ahead.is_zero() {
-                tokio::time::sleep(ahead).await;
-            }
-        }
+        // Also when there was nothing to copy: the maps are only as good as the source
+        // was healthy since (a source that failed stays failed, so this covers them).
+        // A source that lost power before its map showed nothing, and a rebuild that
+        // copied nothing joined a replica that lacked an acknowledged write
+        // (simulation, seed 5294).
+        self.still_going()
     }
-    progress.done.fetch_add(n, Ordering::Relaxed);
-    Ok(())
+
+    /// Whether the rebuild may go on: not removed, not fenced, both sides up.
+    fn still_going(&self) -> Result<(), String> {
+        let (source, target) = (self.source, self.target);
+        self.progress.check(&target.addr)?;
+        if self.vol.is_fenced() {
+            return Err("a newer engine owns the volume".into());
+        }
+        if !target.is_writable() {
+            return Err(format!(
+                "replica {} failed during the rebuild: {}",
+                target.addr,
+                target.reason()
+            ));
+        }
+        if !source.is_healthy() {
+            return Err(format!(
+                "source replica {} failed during the rebuild",
+                source.addr
+            ));
+        }
+        Ok(())
+    }
+
+    /// Brings one piece over, under the volume's range lock when copying the head.
+    async fn piece(&self, p: Piece) -> Result<(), String> {
+        let (vol, source, target, snapshot, progress) = (
+            self.vol,
+            self.source,
+            self.target,
+            self.snapshot,
+            self.progress,
+        );
+        let lock = self.lock;
+        let (b, n) = (p.block, p.count);
+        let _held = if lock {
+            Some(vol.hold(b, b + n).await)
+        } else {
+            None
+        };
+        // Runs of blocks (offsets in the piece) that differ.
+        let differ: Vec<(usize, usize)> = if p.target_has_data {
+            let (hs, ht) = futures::future::join(
+                hashes(vol, source, snapshot, b, n as u32),
+                hashes(vol, target, "", b, n as u32),
+            )
+            .await;
+            let (hs, ht) = (hs?, ht?);
+            let mut runs = Vec::new();
+            let mut i = 0;
+            while i < n as usize {
+                if hs[i] == ht[i] {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < n as usize && hs[i] != ht[i] {
+                    i += 1;
+                }
+                runs.push((start, i));
+            }
+            runs
+        } else {
+            vec![(0, n as usize)]
+        };
+        for (s, e) in differ {
+            let (blk, cnt) = (b + s as u64, (e - s) as u32);
+            let w = if p.source_has_data {
+                // Verbatim: ciphertext and seals as stored, so a rebuild never encrypts;
+                // and only a copy that opens, from whichever healthy replica has one.
+                let copy = vol.read_good_raw(source, snapshot, blk, cnt).await?;
+                Op::Write(Write {
+                    seq: 0,
+                    block: blk,
+                    data: copy.data,
+                    tags: copy.tags,
+                })
+            } else {
+                // A hole on the source: zeroed, not written with zeroes, so the target
+                // stays as thin as the source.
+                Op::Zero(Zero {
+                    seq: 0,
+                    block: blk,
+                    count: cnt,
+                })
+            };
+            wait(vol, target, w, "copying blocks").await?;
+            let copied = progress
+                .copied
+                .fetch_add(u64::from(cnt) * BLOCK, Ordering::Relaxed)
+                + u64::from(cnt) * BLOCK;
+            // Paced to `--rebuild-rate`: a piece that got ahead of it waits.
+            if vol.rebuild_rate() > 0 {
+                let due = Duration::from_secs_f64(copied as f64 / vol.rebuild_rate() as f64);
+                let ahead = due.saturating_sub(progress.started.elapsed());
+                if !ahead.is_zero() {
+                    tokio::time::sleep(ahead).await;
+                }
+            }
+        }
+        progress.done.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// Starts rebuilding the replica at `addr` online: a new one (`new`, from
@@ -492,7 +494,16 @@ async fn fill(
     }
     for s in &theirs[keep..] {
         *progress.phase.lock() = format!("snapshot {}", s.name);
-        copy(vol, source, target, &s.name, false, progress).await?;
+        Copying {
+            vol,
+            source,
+            target,
+            snapshot: &s.name,
+            lock: false,
+            progress,
+        }
+        .run()
+        .await?;
         let op = Op::Snapshot(Snapshot {
             seq: 0,
             name: s.name.clone(),
@@ -505,7 +516,16 @@ async fn fill(
     if !vol.join(target.clone(), progress) {
         return Err(format!("replica {addr} was removed by the operator"));
     }
-    copy(vol, source, target, "", true, progress).await?;
+    Copying {
+        vol,
+        source,
+        target,
+        snapshot: "",
+        lock: true,
+        progress,
+    }
+    .run()
+    .await?;
     // Durably clear the replica's rebuild mark; only then may a later engine trust
     // its revision.
     progress.check(addr)?;

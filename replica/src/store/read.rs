@@ -30,18 +30,26 @@ pub(super) fn read(
 ) -> Result<(Bytes, Bytes), StoreError> {
     v.check_range(block, u64::from(count), true)?;
     let inner = v.read_inner()?;
-    match snapshot {
-        None => read_chain(v, &inner, &inner.chain, block, count),
-        Some(name) => {
-            let id = inner
-                .meta
-                .snapshot(name)
-                .ok_or_else(|| v.invalid(format!("no snapshot named {name}")))?
-                .id;
-            let chain = inner.meta.chain(id).map_err(|w| v.invalid(w))?;
-            read_chain(v, &inner, &chain, block, count)
-        }
-    }
+    let chain = chain_of(v, &inner, snapshot)?;
+    read_chain(v, &inner, &chain, block, count)
+}
+
+/// The layers a read of the head (or of `snapshot`) goes through, newest first.
+fn chain_of<'a>(
+    v: &Core,
+    inner: &'a Inner,
+    snapshot: Option<&str>,
+) -> Result<std::borrow::Cow<'a, [u64]>, StoreError> {
+    let Some(name) = snapshot else {
+        return Ok(std::borrow::Cow::Borrowed(&inner.chain));
+    };
+    let id = inner
+        .meta
+        .snapshot(name)
+        .ok_or_else(|| v.invalid(format!("no snapshot named {name}")))?
+        .id;
+    let chain = inner.meta.chain(id).map_err(|w| v.invalid(w))?;
+    Ok(std::borrow::Cow::Owned(chain))
 }
 
 fn read_chain(
@@ -190,17 +198,7 @@ pub(super) fn map(
 ) -> Result<Vec<(u64, u64, bool)>, StoreError> {
     v.check_range(block, count, false)?;
     let inner = v.inner.read();
-    let chain = match snapshot {
-        None => inner.chain.clone(),
-        Some(name) => {
-            let id = inner
-                .meta
-                .snapshot(name)
-                .ok_or_else(|| v.invalid(format!("no snapshot named {name}")))?
-                .id;
-            inner.meta.chain(id).map_err(|w| v.invalid(w))?
-        }
-    };
+    let chain = chain_of(v, &inner, snapshot)?;
     let with_log = chain.first() == Some(&inner.meta.head);
     let end = block + count;
     let mut out: Vec<(u64, u64, bool)> = Vec::new();
