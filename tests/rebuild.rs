@@ -432,3 +432,39 @@ fn returning_replica_copies_about_what_changed_across_an_engine_restart() {
     let v = ctl(&c, &["volume", "verify", "vol"]);
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
+
+/// The number after `key=` in the engine's last "rebuild finished" line.
+fn finished_field(log: &str, key: &str) -> Option<u64> {
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("rebuild finished"))
+        .filter_map(|l| l.split(&format!("{key}=")).nth(1))
+        .find_map(|r| r.split_whitespace().next()?.parse().ok())
+}
+
+#[test]
+fn a_thin_volumes_rebuild_looks_only_at_its_data() {
+    let c = Cluster::start_with(2, "1G", &["--replicas", "3"]);
+    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    // 4 MiB in 64 KiB pieces, 16 MiB apart, in a 1 GiB volume.
+    for i in 0..64u64 {
+        assert_eq!(cl.write(i << 24, &vec![i as u8 + 1; 64 << 10]).unwrap(), 0);
+    }
+    assert_eq!(cl.flush().unwrap(), 0);
+    let new = Replica::start(&c.dir.path().join("new"), free_port());
+    let out = ctl(&c, &["replica", "add", "vol", &new.addr.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.engine().wait_healthy("vol", 3, Duration::from_secs(120));
+    let log = c.engine().log_text();
+    // 1024 blocks hold data; the volume has 262,144.
+    let compared = finished_field(&log, "compared");
+    assert_eq!(compared, Some(1024), "blocks compared, from: {log}");
+    assert_eq!(finished_field(&log, "copied"), Some(4 << 20));
+    let v = ctl(&c, &["volume", "verify", "vol"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    drop(new);
+}

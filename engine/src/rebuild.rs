@@ -332,6 +332,7 @@ async fn rebuild(
         Ok(()) => {
             vol.retries.lock().remove(&addr);
             tracing::info!(volume = %vol.name(), replica = %addr,
+                compared = progress.total.load(Ordering::Relaxed),
                 copied = progress.copied.load(Ordering::Relaxed),
                 secs = progress.started.elapsed().as_secs(), "rebuild finished: replica is healthy")
         }

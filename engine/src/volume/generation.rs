@@ -307,36 +307,27 @@ impl Volume {
         {
             return Ok(());
         }
-        // Until nothing is owed: while a drop is recorded, a rebuild's join may count
-        // for a replica whose stream ends after the join's check, and that replica
-        // missed this request too.
-        for _ in 0..8 {
-            let claimed = self.in_sync_claimed();
-            // A replica still taking writes misses nothing: that includes one whose
-            // rebuild just counted and is being promoted.
-            let writable: BTreeSet<String> = self
-                .replicas()
-                .iter()
-                .filter(|r| r.is_writable())
-                .map(|r| r.addr.clone())
-                .collect();
-            let owed: Vec<String> = claimed.difference(&writable).cloned().collect();
-            if owed.is_empty() {
-                return Ok(());
-            }
-            for r in owed {
-                if let Err(e) = self.record(Change::Drop(r)).await {
-                    // Not acknowledged; the next request tries again.
-                    return Err(match e {
-                        VolumeError::Invalid(m) => VolumeError::Io(m),
-                        e => e,
-                    });
-                }
+        // One pass is enough: a generation claims its replicas before it is sent and a
+        // join checks its replica after that, so a replica that missed this request is
+        // either claimed already (and dropped here) or its join is refused.
+        let claimed = self.in_sync_claimed();
+        // A replica still taking writes misses nothing: that includes one whose rebuild
+        // just counted and is being promoted.
+        let writable: BTreeSet<String> = self
+            .replicas()
+            .iter()
+            .filter(|r| r.is_writable())
+            .map(|r| r.addr.clone())
+            .collect();
+        for r in claimed.difference(&writable) {
+            if let Err(e) = self.record(Change::Drop(r.clone())).await {
+                // Not acknowledged; the next request tries again.
+                return Err(match e {
+                    VolumeError::Invalid(m) => VolumeError::Io(m),
+                    e => e,
+                });
             }
         }
-        Err(VolumeError::Io(format!(
-            "volume {}: the replicas in sync keep changing; the request is not acknowledged, try again",
-            self.name
-        )))
+        Ok(())
     }
 }

@@ -117,8 +117,6 @@ pub(super) struct Cursor {
     /// Generation and offset of the latest direct record placed: a sync that reaches
     /// it writes a sync mark once the slots are durable.
     pub(super) last_direct: Option<(u64, u64)>,
-    /// The sync mark found at open, for replay.
-    pub(super) mark: Option<SyncMark>,
 }
 
 impl Cursor {
@@ -200,10 +198,12 @@ impl Log {
         let mut slots = [0u8; 2048];
         file.read_at(&mut slots, 0)
             .map_err(vol.io("reading the log header", path))?;
+        // None in a log made before marks existed: the default covers nothing.
         let mark = MARK_SLOTS
             .iter()
             .filter_map(|&o| SyncMark::decode(&slots[o as usize..]))
-            .max_by_key(|m| m.seq);
+            .max_by_key(|m| m.seq)
+            .unwrap_or_default();
         let header = [
             WalHeader::decode(&slots[..512]),
             WalHeader::decode(&slots[512..]),
@@ -224,7 +224,7 @@ impl Log {
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             syncing: AtomicU64::new(0),
-            mark: parking_lot::Mutex::new(mark.unwrap_or_default()),
+            mark: parking_lot::Mutex::new(mark),
             vol: vol.clone(),
         };
         let cursor = Cursor {
@@ -239,7 +239,6 @@ impl Log {
             tail: Vec::with_capacity(TAIL_BYTES + 4096),
             tail_off: RECORDS_START,
             last_direct: None,
-            mark,
         };
         Ok((log, cursor))
     }
@@ -259,6 +258,11 @@ impl Log {
         self.file
             .write_at(&h.encode(), h.slot_offset())
             .and_then(|_| self.file.sync())
+    }
+
+    /// The last sync mark written, or the one found at open.
+    pub(super) fn mark(&self) -> SyncMark {
+        *self.mark.lock()
     }
 
     /// Writes a sync mark reaching `(gen, off)` if the last one does not cover the direct

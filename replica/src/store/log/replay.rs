@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::codec::{self, RecordKind, SyncMark, BLOCK};
+use super::codec::{self, RecordKind, BLOCK};
 use super::{Cursor, Log, Recent};
 use crate::extents::Shift;
 use crate::store::error::StoreError;
@@ -102,8 +102,7 @@ impl Log {
         let mut bytes = 0;
         for (h, g) in [(first_half, gen), (1 - first_half, gen + 1)] {
             let before = found.len();
-            let (end, complete) =
-                self.replay_half(head, blocks, tag, (h, g), c.mark, &mut found)?;
+            let (end, complete) = self.replay_half(head, blocks, tag, (h, g), &mut found)?;
             let (start, _) = self.half_range(h);
             bytes += end - start;
             c.half = h;
@@ -168,9 +167,10 @@ impl Log {
         blocks: u64,
         tag: usize,
         (half, gen): (u8, u64),
-        mark: Option<SyncMark>,
         found: &mut Vec<Replayed>,
     ) -> Result<(u64, bool), StoreError> {
+        // The mark found at open: replay runs before any sync writes a new one.
+        let mark = self.mark();
         let (start, limit) = self.half_range(half);
         let mut off = start;
         let rerr = |e| self.vol.io("replaying the log", &self.path)(e);
@@ -264,7 +264,7 @@ impl Log {
                 }
                 RecordKind::Zero => Recent::Zero,
             };
-            let rotted = if mark.is_some_and(|m| m.covers(gen, off)) {
+            let rotted = if mark.covers(gen, off) {
                 std::mem::take(&mut unmatched)
             } else {
                 Vec::new()
