@@ -47,8 +47,8 @@ pub(super) fn checkpoint(v: &Core, inner: &mut Inner) -> Result<(), StoreError> 
         head.apply(&changes);
     }
     let (older, live) = extents.split_at(frozen);
-    reclaim(v, inner, older, Some(&inner.log.recent));
-    reclaim(v, inner, live, None);
+    free_stale(v, inner, &stale_runs(v, older), Some(&inner.log.recent));
+    free_stale(v, inner, &stale_runs(v, live), None);
     let c = &mut inner.log;
     c.header = next;
     c.gen = next.gen;
@@ -102,16 +102,27 @@ pub(super) fn checkpoint_frozen(v: &Core) -> Result<(), StoreError> {
         }
     };
     write_header(v, &next)?;
-    let mut inner = v.inner.write();
-    // Snapshots and reverts take `ckpt` first, so the head is still `head_id`.
-    if let Some(head) = inner.layers.get_mut(&head_id) {
-        head.apply(&changes);
+    {
+        let mut inner = v.inner.write();
+        // Snapshots and reverts take `ckpt` first, so the head is still `head_id`.
+        if let Some(head) = inner.layers.get_mut(&head_id) {
+            head.apply(&changes);
+        }
+        inner.log.header = next;
+        inner.log.frozen = None;
     }
-    reclaim(v, &inner, &extents, Some(&inner.log.recent));
-    inner.log.header = next;
-    inner.log.frozen = None;
+    // Stale copies are freed a batch at a time, so writers wait for one batch of
+    // punches at most; a write in between that reaches one of these blocks is newer
+    // (in the live half, or a half frozen since) and is skipped.
+    for batch in stale_runs(v, &extents).chunks(STALE_BATCH) {
+        let inner = v.inner.read();
+        free_stale(v, &inner, batch, Some(&inner.log.recent));
+    }
     Ok(())
 }
+
+/// Stale runs freed under one hold of the volume's lock.
+const STALE_BATCH: usize = 256;
 
 /// Waits for a running background checkpoint, or does it here if none is running
 /// (or it failed: then its error is this caller's).
@@ -243,41 +254,67 @@ fn copy_to_head(
     Ok(changes)
 }
 
-/// Punches the other slot of large direct extents whose version the head's block
-/// records now name durably, except where `newer` (the live half) holds a newer
-/// write: that slot holds only a stale copy. The caller holds `inner` for writing (a
-/// write after it may reuse the slot). Small extents keep their stale copy (one punch
-/// per block would cost more than the space) until rewritten or trimmed.
-fn reclaim(
-    v: &Core,
-    inner: &Inner,
-    extents: &[(u64, u64, Recent)],
-    newer: Option<&ExtentMap<Recent>>,
-) {
+/// The runs of the head's slots that hold only a stale copy once `extents` are
+/// checkpointed, as (slot, start, end): the other slot of a direct write (it held the
+/// version before), and slot 1 under a write copied from the log into slot 0 (if a
+/// direct write ever went there). Adjacent runs are merged: one punch each.
+fn stale_runs(v: &Core, extents: &[(u64, u64, Recent)]) -> Vec<(u8, u64, u64)> {
+    let alt = v.alt_used.load(Ordering::Acquire);
+    let mut runs: Vec<(u8, u64, u64)> = Vec::new();
+    for &(s, e, val) in extents {
+        let slot = match val {
+            Recent::Direct { slot, .. } => layer::other(slot),
+            Recent::Data { .. } if alt => 1,
+            _ => continue,
+        };
+        match runs.last_mut() {
+            Some(last) if last.0 == slot && last.2 == s => last.2 = e,
+            _ => runs.push((slot, s, e)),
+        }
+    }
+    runs
+}
+
+/// Punches stale `runs` (see `stale_runs`) out of the head's slots, except where
+/// `newer` (the live half) or a half frozen since holds a newer write: a write after
+/// the checkpoint may have put that one into the stale slot. The caller holds `inner`
+/// (shared is enough: a write chooses its slot and logs its record under the
+/// exclusive lock). This is what bounds the head to about one copy of each block:
+/// without it, every block rewritten directly after a flush keeps its old version in
+/// the other slot until rewritten again (1.95 times the data after rewriting random
+/// 4 KiB blocks).
+fn free_stale(v: &Core, inner: &Inner, runs: &[(u8, u64, u64)], newer: Option<&ExtentMap<Recent>>) {
     let Some(head) = inner.layers.get(&inner.meta.head) else {
         return;
     };
-    for &(s, e, val) in extents {
-        let Recent::Direct { slot, .. } = val else {
-            continue;
-        };
-        if e - s < v.direct_min_blocks {
-            continue;
-        }
-        let (file, path) = head.slot(layer::other(slot));
+    let maps: Vec<&ExtentMap<Recent>> = newer
+        .into_iter()
+        .chain(inner.log.frozen.as_deref())
+        .collect();
+    for &(slot, s, e) in runs {
+        let (file, path) = head.slot(slot);
         let mut p = s;
         while p < e {
-            let (skip, end) = match newer.map(|m| (m.get(p), m.next_start(p))) {
-                Some((Some((_, end)), _)) => (true, end.min(e)),
-                Some((None, Some(next))) => (false, next.min(e)),
-                _ => (false, e),
-            };
-            if !skip {
-                let (off, len) = (p * BLOCK as u64, (end - p) * BLOCK as u64);
-                if let Err(err) = file.punch(off, len) {
-                    tracing::warn!(volume = %v.name(), path = %path.display(), error = %err,
-                        "could not free a stale slot; the space stays used until the blocks are rewritten");
+            // The next block from `p` that a newer write holds, and where it ends.
+            let mut end = e;
+            let mut skip_to = None;
+            for m in &maps {
+                match (m.get(p), m.next_start(p)) {
+                    (Some((_, until)), _) => {
+                        skip_to = Some(skip_to.map_or(until, |t: u64| t.max(until)));
+                    }
+                    (None, Some(next)) => end = end.min(next),
+                    _ => {}
                 }
+            }
+            if let Some(t) = skip_to {
+                p = t.min(e).max(p + 1);
+                continue;
+            }
+            let (off, len) = (p * BLOCK as u64, (end - p) * BLOCK as u64);
+            if let Err(err) = file.punch(off, len) {
+                tracing::warn!(volume = %v.name(), path = %path.display(), error = %err,
+                    "could not free a stale slot; the space stays used until the blocks are rewritten");
             }
             p = end;
         }

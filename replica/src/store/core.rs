@@ -71,6 +71,9 @@ pub(super) struct Core {
     pub(super) since_flush: AtomicU64,
     /// Data went into the head layer since its files were last synced.
     pub(super) direct_dirty: AtomicBool,
+    /// A direct write went into the head's second slot (`.alt`) since it was opened:
+    /// a checkpoint then also frees slot 1 under blocks copied from the log.
+    pub(super) alt_used: AtomicBool,
     /// The head layer's files, for flushes (a leaf lock, taken after `sync_lock`).
     pub(super) head_files: Mutex<Files>,
 }

@@ -101,6 +101,7 @@ impl Volume {
             return Err(vol.invalid(format!("head layer {} is not in meta", meta.head)));
         };
         let head_files = head.files();
+        let alt_used = !matches!(head_files.alt.allocated(), Ok(0));
         let chain = meta.chain(meta.head).map_err(|w| vol.invalid(w))?;
         let (log, mut cursor) = Log::open(&*disk, &wal_path, opts.wal_size, &vol)?;
         let replayed = log.replay(&mut cursor, head, blocks, tag)?;
@@ -138,6 +139,7 @@ impl Volume {
             // Replay may map direct data that is only in the page cache (after a
             // kill, not a power cut): the recovery checkpoint must sync the slots.
             direct_dirty: AtomicBool::new(true),
+            alt_used: AtomicBool::new(alt_used),
             head_files: Mutex::new(head_files),
         };
         let core = Arc::new(core);

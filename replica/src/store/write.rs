@@ -325,6 +325,9 @@ fn write_run(v: &Core, inner: &mut Inner, run: Run<'_>) -> Result<Option<u64>, S
     }
     // Before the record counts in `written`: see `flush::sync_locked`.
     v.direct_dirty.store(true, Ordering::SeqCst);
+    if slot == 1 {
+        v.alt_used.store(true, Ordering::Release);
+    }
     push_record(v, inner, h, sides, &[])?;
     inner.log.direct_in_half += data.len() as u64;
     Ok(Some(n))
