@@ -295,6 +295,10 @@ pub async fn open_volume_with(
         .map(|(_, r)| r.revision)
         .max()
         .unwrap_or(0);
+    let clean_start = fresh
+        .iter()
+        .filter(|(c, _)| serving.contains(&c.addr))
+        .all(|(_, r)| r.clean);
     tracing::info!(volume = %cfg.volume, generation = next.number, revision = newest, serving = ?serving,
         "serving from the in-sync replicas of the newest generation");
     // Round 3: open the stream on every replica served from; the others get rebuilt.
@@ -368,6 +372,7 @@ pub async fn open_volume_with(
             .with_policy(cfg.min_replicas, cfg.desired_replicas, engine_id)
             .with_generation(Some(next), cfg.quorum_wait)
             .with_rebuild_rate(cfg.rebuild_rate)
+            .with_clean_start(clean_start)
             .with_salvages(salvages.iter().map(generation::describe_salvage).collect())
             .with_cipher(cipher, params)
             .with_connector(connector),

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use crate::membership::Change;
 use crate::progress::{Progress, Retry};
 use crate::replica::{Down, ReplicaConn};
-use crate::volume::allocation::{split, union};
+use crate::volume::allocation::{intersect, split, union};
 use crate::volume::{Volume, BLOCK};
 
 /// Why a rebuild stopped, and whether it got as far as the target replica (only a
@@ -140,8 +140,11 @@ fn meets(runs: &[(u64, u64)], at: &mut usize, s: u64, e: u64) -> bool {
 /// Splits the blocks allocated on either side (`src`, `dst`: sorted, disjoint runs)
 /// into pieces of at most `CHUNK` blocks. Blocks that are holes on both sides read as
 /// zeroes on both and are never looked at: a thin volume's rebuild follows its data.
-fn pieces(src: &[(u64, u64)], dst: &[(u64, u64)]) -> Vec<Piece> {
-    let union = union(src.iter().chain(dst).copied());
+fn pieces(src: &[(u64, u64)], dst: &[(u64, u64)], within: Option<&[(u64, u64)]>) -> Vec<Piece> {
+    let mut union = union(src.iter().chain(dst).copied());
+    if let Some(w) = within {
+        union = intersect(&union, w);
+    }
     let (mut at_src, mut at_dst) = (0, 0);
     split(&union, CHUNK)
         .map(|(block, count)| Piece {
@@ -175,12 +178,25 @@ impl Copying<'_> {
             // answered), so the map below shows them. Every later write reaches both.
             drop(vol.hold(0, total).await);
         }
-        let (src, dst) = futures::future::join(
+        let (src, dst, changed) = futures::future::join3(
             vol.allocated(source, self.snapshot),
             vol.allocated(target, ""),
+            vol.changed_since_away(source, target),
         )
         .await;
-        let pieces = pieces(&src?, &dst?);
+        // The source's record of what was written since the target left (taken after
+        // the wait above: it covers every write the target may lack) narrows the
+        // look to those blocks; without one, everything allocated is compared.
+        let changed = changed?;
+        let pieces = pieces(&src?, &dst?, changed.as_deref());
+        tracing::info!(volume = %vol.name(), replica = %target.addr, source = %source.addr,
+        snapshot = self.snapshot, record = changed.is_some(),
+        blocks = pieces.iter().map(|p| p.count).sum::<u64>(),
+        "rebuild compares the blocks {}", if changed.is_some() {
+            "the source's record says were written since the replica left"
+        } else {
+            "allocated on either side (the source keeps no record for this replica)"
+        });
         self.progress.total.fetch_add(
             pieces.iter().map(|p| p.count).sum::<u64>(),
             Ordering::Relaxed,
@@ -605,7 +621,7 @@ mod tests {
     #[test]
     fn pieces_cover_data_on_either_side_and_nothing_else() {
         // Source: 10..12 and 1000..1300; target: 11..20.
-        let got = pieces(&[(10, 12), (1000, 1300)], &[(11, 20)]);
+        let got = pieces(&[(10, 12), (1000, 1300)], &[(11, 20)], None);
         assert_eq!(
             got,
             vec![
@@ -615,8 +631,13 @@ mod tests {
             ]
         );
         // A new replica of an empty volume: nothing at all.
-        assert!(pieces(&[], &[]).is_empty());
+        assert!(pieces(&[], &[], None).is_empty());
         // Data only on the target: its blocks are zeroed.
-        assert_eq!(pieces(&[], &[(5, 6)]), vec![p(5, 1, true, false)]);
+        assert_eq!(pieces(&[], &[(5, 6)], None), vec![p(5, 1, true, false)]);
+        // With the source's record of what changed: only those blocks.
+        assert_eq!(
+            pieces(&[(10, 12), (1000, 1300)], &[(11, 20)], Some(&[(15, 1001)])),
+            vec![p(15, 5, true, false), p(1000, 1, false, true)]
+        );
     }
 }

@@ -337,6 +337,7 @@ impl Replica for ReplicaService {
                         .map(to_wire)
                         .collect(),
                     idle_ms: 0,
+                    copy: vol.copy(),
                 })
             },
             &name,
@@ -482,6 +483,35 @@ impl Replica for ReplicaService {
         let req = req.into_inner();
         let vol = self.volume(&req.volume).await?;
         let name = vol.name().to_string();
+        if !req.changed_for.is_empty() {
+            let changed = self
+                .blocking
+                .run(
+                    move || {
+                        Ok(vol.changed(
+                            &req.changed_for,
+                            req.changed_for_copy,
+                            req.block,
+                            req.count,
+                        ))
+                    },
+                    &name,
+                )
+                .await
+                .map_err(status)?;
+            return Ok(Response::new(MapReply {
+                no_record: changed.is_none(),
+                extents: changed
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(s, e)| tether_proto::replica::Extent {
+                        block: s,
+                        count: e - s,
+                        allocated: true,
+                    })
+                    .collect(),
+            }));
+        }
         let extents = self
             .blocking
             .run(
@@ -500,7 +530,10 @@ impl Replica for ReplicaService {
                 allocated,
             })
             .collect();
-        Ok(Response::new(MapReply { extents }))
+        Ok(Response::new(MapReply {
+            extents,
+            no_record: false,
+        }))
     }
 
     async fn delete_snapshot(
@@ -702,6 +735,15 @@ impl IoStreamState {
                 Some(Op::Revert(rv)) => self.admin(move |v| v.revert(&rv.name)).await,
                 Some(Op::RebuildDone(_)) => self.admin(|v| v.set_rebuilding(false)).await,
                 Some(Op::Expand(x)) => self.admin(move |v| v.expand(x.size)).await,
+                Some(Op::Away(a)) if a.replica.is_empty() => Err(StoreError::Invalid {
+                    volume: self.vol.name().to_string(),
+                    what: "an away request without a replica".to_string(),
+                }),
+                Some(Op::Away(a)) => {
+                    let runs: Vec<(u64, u64)> = a.runs.iter().map(|x| (x.block, x.count)).collect();
+                    self.admin(move |v| v.away(&a.replica, a.copy, &runs, a.unknown))
+                        .await
+                }
                 Some(Op::Zero(z)) => match self.check_seq(z.seq) {
                     Ok(()) => done(
                         self.apply(move |v| v.zero_blocks(z.seq, z.block, u64::from(z.count)))

@@ -203,6 +203,8 @@ pub struct ReplicaConn {
     fence: Arc<Fence>,
     close: Arc<Notify>,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The copy of the volume there, as its last open said (0 until one did).
+    copy: AtomicU64,
 }
 
 impl ReplicaConn {
@@ -230,6 +232,7 @@ impl ReplicaConn {
             down: Mutex::new((Down::Failed, String::new())),
             close: Arc::new(Notify::new()),
             reader: Mutex::new(None),
+            copy: AtomicU64::new(0),
         })
     }
 
@@ -250,10 +253,16 @@ impl ReplicaConn {
     /// the epoch trips the fence.
     pub async fn open(&self, req: OpenRequest) -> Result<OpenReply, tonic::Status> {
         let r = self.link.open(req).await;
-        if let Err(s) = &r {
-            self.check_fenced(s);
+        match &r {
+            Ok(reply) => self.copy.store(reply.copy, Ordering::Relaxed),
+            Err(s) => self.check_fenced(s),
         }
         r
+    }
+
+    /// The copy of the volume on this replica, as its last open said (0: unknown).
+    pub fn copy(&self) -> u64 {
+        self.copy.load(Ordering::Relaxed)
     }
 
     /// Trips the fence when a unary call's status says a newer engine owns the volume.

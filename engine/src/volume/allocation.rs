@@ -34,6 +34,24 @@ pub fn split(runs: &[(u64, u64)], max: u64) -> impl Iterator<Item = (u64, u64)> 
     })
 }
 
+/// Runs `a` that are also in `b` (both sorted and disjoint), cut to them.
+pub fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if s < e {
+            out.push((s, e));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
 impl Volume {
     /// The runs of blocks that hold data on replica `r`, in its head or `snapshot`.
     pub async fn allocated(
@@ -41,6 +59,27 @@ impl Volume {
         r: &ReplicaConn,
         snapshot: &str,
     ) -> Result<Vec<(u64, u64)>, String> {
+        Ok(self.mapped(r, snapshot, "", 0).await?.unwrap_or_default())
+    }
+
+    /// The runs of blocks written on replica `r` since `away` (its copy of the volume
+    /// as it is now) left the in-sync set, or `None` if `r` keeps no record of it.
+    pub async fn changed_since_away(
+        &self,
+        r: &ReplicaConn,
+        away: &ReplicaConn,
+    ) -> Result<Option<Vec<(u64, u64)>>, String> {
+        self.mapped(r, "", &away.addr, away.copy()).await
+    }
+
+    /// `Map` over the whole volume: allocated runs, or with `changed_for` the record's.
+    async fn mapped(
+        &self,
+        r: &ReplicaConn,
+        snapshot: &str,
+        changed_for: &str,
+        changed_for_copy: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, String> {
         let total = self.size() / super::BLOCK;
         let mut out = Vec::new();
         let mut b = 0;
@@ -51,6 +90,8 @@ impl Volume {
                 block: b,
                 count: n,
                 snapshot: snapshot.to_string(),
+                changed_for: changed_for.to_string(),
+                changed_for_copy,
             };
             let reply = match tokio::time::timeout(self.timeout, r.link().map(req)).await {
                 Ok(Ok(reply)) => reply,
@@ -64,6 +105,9 @@ impl Volume {
                 }
                 Err(_) => return Err(format!("mapping allocated blocks on {}: no answer", r.addr)),
             };
+            if reply.no_record {
+                return Ok(None);
+            }
             out.extend(
                 reply
                     .extents
@@ -73,7 +117,7 @@ impl Volume {
             );
             b += n;
         }
-        Ok(union(out))
+        Ok(Some(union(out)))
     }
 }
 
@@ -89,5 +133,9 @@ mod tests {
         );
         let got: Vec<_> = split(&[(0, 5), (10, 11)], 2).collect();
         assert_eq!(got, vec![(0, 2), (2, 2), (4, 1), (10, 1)]);
+        assert_eq!(
+            intersect(&[(0, 10), (20, 30)], &[(5, 22), (25, 26), (29, 40)]),
+            vec![(5, 10), (20, 22), (25, 26), (29, 30)]
+        );
     }
 }

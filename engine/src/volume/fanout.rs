@@ -69,7 +69,16 @@ impl Volume {
     pub(super) fn submit_ordered(&self, make: impl Fn(u64) -> Op) -> Waiting {
         let mut seq = self.seq.lock();
         *seq += 1;
-        self.queue_all(&make(*seq))
+        let op = make(*seq);
+        let blocks = match &op {
+            Op::Write(w) => Some((w.block, w.block + w.data.len() as u64 / BLOCK)),
+            Op::Zero(z) => Some((z.block, z.block + u64::from(z.count))),
+            _ => None,
+        };
+        if let Some((s, e)) = blocks {
+            self.unflushed.lock().wrote(s, e, *seq);
+        }
+        self.queue_all(&op)
     }
 
     /// Waits for every replica's answer; succeeds if all that remain healthy accepted.
@@ -200,11 +209,15 @@ impl Volume {
 
     pub(super) async fn flush_inner(&self) -> Result<(), VolumeError> {
         self.check_fence()?;
-        let waiting = {
+        let (waiting, upto) = {
             let seq = self.seq.lock();
-            self.queue_all(&Op::Flush(Flush { seq: *seq }))
+            (self.queue_all(&Op::Flush(Flush { seq: *seq })), *seq)
         };
-        self.wait_all(waiting).await
+        self.wait_all(waiting).await?;
+        // Every replica still in sync made writes up to `upto` durable, and every one
+        // that left was given them in its `Away` before this flush counted.
+        self.unflushed.lock().flushed(upto);
+        Ok(())
     }
 
     /// Deallocates the whole blocks inside `[offset, offset+len)`.

@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tether_proto::replica::RecordGenerationRequest;
+use tether_proto::replica::io_request::Op;
+use tether_proto::replica::{Away, Extent, RecordGenerationRequest};
 use tokio::time::Instant;
 
 use super::Volume;
@@ -147,6 +148,17 @@ impl Volume {
     /// or `quorum_wait` passes.
     pub async fn record(&self, change: Change) -> Result<(), VolumeError> {
         let _one = self.recording.lock().await;
+        // Only a replica that is still counted in sync leaves now: after its drop
+        // counted, a record started here would begin too late (simulation, seed 296:
+        // a late second request for the same drop started a record that lacked a
+        // write the replica had lost).
+        if let Change::Drop(r) = &change {
+            if self.in_sync_claimed().contains(r)
+                && !self.replica(r).is_some_and(|c| c.is_writable())
+            {
+                self.send_away(r).await;
+            }
+        }
         let deadline = Instant::now() + self.quorum_wait;
         let mut pause = Duration::from_millis(100);
         let r = loop {
@@ -168,6 +180,52 @@ impl Volume {
         };
         *self.io_held.lock() = None;
         r
+    }
+
+    /// Tells every replica that takes writes that `r` left the in-sync set, with what
+    /// was written since the last flush every in-sync replica made (what `r` may lack
+    /// or hold differently): from that point in the write stream they keep a durable
+    /// record of what `r` misses, so its rebuild copies only that. Waits for their
+    /// answers, so every replica that stays in sync keeps the record before the drop
+    /// counts; one that cannot keep it drops it, and a rebuild from it compares
+    /// everything.
+    async fn send_away(&self, r: &str) {
+        let copy = self.replica(r).map_or(0, |c| c.copy());
+        let waiting = {
+            let _seq = self.seq.lock();
+            let runs = self.unflushed.lock().runs();
+            self.queue_all(&Op::Away(Away {
+                replica: r.to_string(),
+                copy,
+                unknown: runs.is_none(),
+                runs: runs
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(block, count)| Extent {
+                        block,
+                        count,
+                        allocated: true,
+                    })
+                    .collect(),
+            }))
+        };
+        let timeout = self.timeout;
+        let answers = futures::future::join_all(
+            waiting
+                .into_iter()
+                .map(|(m, rx)| async move { (m, tokio::time::timeout(timeout, rx).await) }),
+        )
+        .await;
+        for (m, answer) in answers {
+            let problem = match answer {
+                Ok(Ok(Ok(_))) => continue,
+                Ok(Ok(Err(e))) => e.to_string(),
+                Ok(Err(_)) => "connection lost".to_string(),
+                Err(_) => format!("no answer within {timeout:?}"),
+            };
+            tracing::warn!(volume = %self.name, replica = %m.addr, away = r, error = %problem,
+                "a replica keeps no record of what the dropped replica misses; its rebuild from there compares every block");
+        }
     }
 
     async fn record_once(&self, change: &Change) -> Result<(), VolumeError> {

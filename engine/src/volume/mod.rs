@@ -20,6 +20,7 @@ mod fanout;
 pub mod generation;
 pub mod lease;
 mod read;
+mod unflushed;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -98,6 +99,9 @@ pub struct Volume {
     /// Last write sequence handed out; held while a write is queued on every replica,
     /// so all replicas see writes in the same order.
     seq: Mutex<u64>,
+    /// What was written since the last flush every in-sync replica made (taken while
+    /// holding `seq`).
+    unflushed: Mutex<unflushed::Unflushed>,
     locks: RangeLock,
     next_reader: AtomicUsize,
     timeout: Duration,
@@ -187,6 +191,7 @@ impl Volume {
             rebuilds: Mutex::new(HashMap::new()),
             retries: Mutex::new(HashMap::new()),
             seq: Mutex::new(seq),
+            unflushed: Mutex::new(unflushed::Unflushed::new(false)),
             locks: RangeLock::default(),
             next_reader: AtomicUsize::new(0),
             timeout,
@@ -207,6 +212,14 @@ impl Volume {
             io_held: Mutex::new(None),
             salvages: Vec::new(),
         }
+    }
+
+    /// Says that every replica served from was closed cleanly: none holds an earlier
+    /// engine's unflushed writes, so a replica that leaves before this engine's first
+    /// flush can still be given exactly what it may lack (`Op::Away`).
+    pub fn with_clean_start(self, clean: bool) -> Volume {
+        *self.unflushed.lock() = unflushed::Unflushed::new(clean);
+        self
     }
 
     /// Limits rebuilds to `bytes` per second (0: no limit), so one does not starve

@@ -374,6 +374,8 @@ impl Volume {
             block: first,
             count: end - first,
             snapshot: String::new(),
+            changed_for: String::new(),
+            changed_for_copy: 0,
         };
         let map = self.ask(&r, r.link().map(req)).await?;
         let stop = offset + u64::from(len);

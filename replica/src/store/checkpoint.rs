@@ -42,6 +42,8 @@ pub(super) fn checkpoint(v: &Core, inner: &mut Inner) -> Result<(), StoreError> 
         revision: inner.revision,
         half: inner.log.half,
     };
+    // The log's records stop being replayed: their away marks must be in the file.
+    v.save_away(inner)?;
     write_header(v, &next)?;
     if let Some(head) = inner.layers.get_mut(&head_id) {
         head.apply(&changes);
@@ -93,14 +95,19 @@ pub(super) fn checkpoint_frozen(v: &Core) -> Result<(), StoreError> {
     // While a half is frozen nothing else moves the generation, the half or the
     // header (that takes `ckpt`), so the header is written without holding up
     // writers for its fdatasync; appends to the live half are not its business.
-    let next = {
+    let (next, away) = {
         let inner = v.inner.read();
-        WalHeader {
+        let next = WalHeader {
             gen: inner.log.gen,
             revision: frozen_rev.max(inner.log.header.revision),
             half: inner.log.half,
-        }
+        };
+        (next, v.away_to_save(&inner))
     };
+    // The frozen half stops being replayed: its away marks must be in the file.
+    if let Some((version, bytes)) = away {
+        v.write_away(version, &bytes)?;
+    }
     write_header(v, &next)?;
     {
         let mut inner = v.inner.write();

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{Mutex, RwLock};
 
+use super::away::Away;
 use super::error::{Named, StoreError};
 use super::layer::{Files, Layer};
 use super::log::codec::BLOCK;
@@ -29,6 +30,10 @@ pub(super) struct Inner {
     /// A snapshot is being merged into the head: every write goes through the log,
     /// so the merge's copies and direct writes never meet in a slot.
     pub(super) log_only: bool,
+    /// What was written while other replicas were away, and a count of its changes
+    /// (see `save_away`).
+    pub(super) away: Away,
+    pub(super) away_version: u64,
 }
 
 /// One volume's replica: its files, its state and its locks.
@@ -76,6 +81,8 @@ pub(super) struct Core {
     pub(super) alt_used: AtomicBool,
     /// The head layer's files, for flushes (a leaf lock, taken after `sync_lock`).
     pub(super) head_files: Mutex<Files>,
+    /// The `away_version` the `away` file holds (a leaf lock, taken after `inner`).
+    pub(super) away_saved: Mutex<u64>,
 }
 
 thread_local! {
@@ -218,6 +225,51 @@ impl Core {
     }
 
     /// Refuses writes for good after a failed sync, and says so.
+    /// Makes the away records as `inner` holds them durable, unless a newer version
+    /// was written already (writers serialise on `away_saved`, so an older state never
+    /// overwrites a newer one). A failure poisons the volume: the file could then hold
+    /// a record that misses blocks.
+    pub(super) fn save_away(&self, inner: &Inner) -> Result<(), StoreError> {
+        match self.away_to_save(inner) {
+            Some((version, bytes)) => self.write_away(version, &bytes),
+            None => Ok(()),
+        }
+    }
+
+    /// The away records' version and bytes, if that version is not in the file yet.
+    pub(super) fn away_to_save(&self, inner: &Inner) -> Option<(u64, Vec<u8>)> {
+        let version = inner.away_version;
+        (version > *self.away_saved.lock()).then(|| (version, inner.away.encode()))
+    }
+
+    /// Writes the away records of `version` (see `save_away`); no lock needed.
+    pub(super) fn write_away(&self, version: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut saved = self.away_saved.lock();
+        if version <= *saved {
+            return Ok(());
+        }
+        self.check_live()?;
+        let path = self.dir.join("away");
+        self.disk.replace(&path, bytes).map_err(|e| {
+            self.poison(format!(
+                "writing the record of what was written while other replicas were away ({}) failed: {e}",
+                path.display()
+            ))
+        })?;
+        *saved = version;
+        Ok(())
+    }
+
+    /// Ends every away record (this replica no longer knows how it differs from the
+    /// others) and makes that durable.
+    pub(super) fn end_away(&self, inner: &mut Inner) -> Result<(), StoreError> {
+        if inner.away.end_all() {
+            inner.away_version += 1;
+            self.save_away(inner)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn poison(&self, reason: String) -> StoreError {
         tracing::error!(volume = %self.name(), %reason, "replica poisoned: it refuses writes until rebuilt");
         *self.poisoned.lock() = Some(reason.clone());

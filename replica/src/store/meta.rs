@@ -87,6 +87,27 @@ pub(super) struct Meta {
     /// Earlier generations, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) history: Vec<GenerationRecord>,
+    /// Names this copy of the volume: a copy made again in the same place (a lost
+    /// disk) gets another, so a record of what an earlier copy missed never applies
+    /// to it. 0 on volumes made before; given one when opened.
+    #[serde(default)]
+    pub(super) copy: u64,
+}
+
+/// A new copy's name: unique in time and within the process, never 0.
+pub(super) fn new_copy_id() -> u64 {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // splitmix64 of both, so ids made close together differ in every bit.
+    let mut z = nanos ^ n.rotate_left(40) ^ (u64::from(std::process::id()) << 20);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) | 1
 }
 
 impl Meta {
@@ -117,6 +138,7 @@ impl Meta {
             }],
             generation: None,
             history: Vec::new(),
+            copy: new_copy_id(),
         }
     }
 
@@ -141,7 +163,7 @@ impl Meta {
     /// Parses a meta file and checks this version can serve it; also says whether its
     /// format must be upgraded (older versions would misread the second slot).
     pub(super) fn decode(raw: &[u8]) -> Result<(Meta, bool), String> {
-        let meta: Meta = serde_json::from_slice(raw).map_err(|e| format!("not valid: {e}"))?;
+        let mut meta: Meta = serde_json::from_slice(raw).map_err(|e| format!("not valid: {e}"))?;
         let sealed = meta.tag_bytes != 0;
         let format_ok = ((OLD_FORMATS.contains(&meta.format) || meta.format == FORMAT) && !sealed)
             || ((OLD_FORMATS_SEALED.contains(&meta.format) || meta.format == FORMAT_SEALED)
@@ -152,8 +174,12 @@ impl Meta {
                 meta.format, meta.block_size, meta.tag_bytes
             ));
         }
-        let upgrade =
+        let mut upgrade =
             OLD_FORMATS.contains(&meta.format) || OLD_FORMATS_SEALED.contains(&meta.format);
+        if meta.copy == 0 {
+            meta.copy = new_copy_id();
+            upgrade = true;
+        }
         Ok((meta, upgrade))
     }
 

@@ -11,6 +11,7 @@
 //!                    3 data in slot 1); 64 bytes with the engine's 32-byte seal on
 //!                    encrypted volumes
 //!   wal              the log (or <wal-dir>/<volume>.wal)
+//!   away             what was written while other replicas were away
 //! ```
 //!
 //! A small write that a flush may soon wait for is appended to the log and
@@ -35,6 +36,7 @@
 //! | `layer` | a layer's files and the blocks it holds |
 //! | `log` | the log file, its in-memory index and tail; `log/replay` |
 //! | `core` | a volume's state, its locks, the checks all operations share |
+//! | `away` | what was written while another replica was away (for its rebuild) |
 //! | `flush` | durability: group commit, poisoning on a failed sync |
 //! | `checkpoint` | copying the log into the head layer |
 //! | `write`, `read` | the write path and the read path |
@@ -42,6 +44,7 @@
 //! | `volume` | `Volume`: opening, recovery, and every operation's public face |
 //! | `set` | `VolumeSet`: the daemon's volumes, and the inventory |
 
+mod away;
 mod checkpoint;
 mod core;
 mod error;

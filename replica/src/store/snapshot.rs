@@ -260,6 +260,8 @@ pub(super) fn revert(v: &Core, name: &str) -> Result<(), StoreError> {
     let mut inner = v.inner.write();
     let target = layer_of(v, &inner.meta, name)?;
     checkpoint::checkpoint(v, &mut inner)?;
+    // The head changes without writes: no record says how.
+    v.end_away(&mut inner)?;
     let id = inner.meta.next_layer;
     let old = inner.meta.head;
     let layer = Layer::create(&*v.disk, &v.dir, id, &v.vol)?;

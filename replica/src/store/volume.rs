@@ -11,6 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
+use super::away::Away;
 use super::core::{Core, Inner};
 use super::error::{Named, StoreError};
 use super::layer::{self, Layer};
@@ -106,6 +107,7 @@ impl Volume {
         let (log, mut cursor) = Log::open(&*disk, &wal_path, opts.wal_size, &vol)?;
         let replayed = log.replay(&mut cursor, head, blocks, tag)?;
         let revision = cursor.header.revision.max(replayed.revision);
+        let (away, away_version) = load_away(&*disk, &dir, &meta, &cursor, &vol)?;
         let core = Core {
             vol,
             dir,
@@ -122,6 +124,8 @@ impl Volume {
                 log: cursor,
                 revision,
                 log_only: false,
+                away,
+                away_version,
             }),
             sync_lock: Mutex::new(()),
             admin: Mutex::new(()),
@@ -141,6 +145,7 @@ impl Volume {
             direct_dirty: AtomicBool::new(true),
             alt_used: AtomicBool::new(alt_used),
             head_files: Mutex::new(head_files),
+            away_saved: Mutex::new(0),
         };
         let core = Arc::new(core);
         let _ = core.me.set(Arc::downgrade(&core));
@@ -272,6 +277,17 @@ impl Volume {
             })?;
             v.epoch.store(epoch, Ordering::Release);
             if newer {
+                // A replica counted in sync again holds everything: its record ends.
+                // After a salvage nobody knows how the others differ from this one.
+                let ended = if g.salvage {
+                    inner.away.end_all()
+                } else {
+                    g.in_sync.iter().fold(false, |e, r| inner.away.end(r) | e)
+                };
+                if ended {
+                    inner.away_version += 1;
+                    v.save_away(&inner)?;
+                }
                 tracing::info!(volume = %self.name(), number = g.number, epoch, cause = %g.cause,
                     in_sync = ?g.in_sync, "membership generation stored");
             }
@@ -324,8 +340,61 @@ impl Volume {
         if !on {
             // Everything copied must be durable before the mark goes.
             checkpoint::checkpoint(v, &mut inner)?;
+        } else {
+            v.end_away(&mut inner)?;
         }
         v.save_meta(&mut inner, |m| m.rebuilding = on)
+    }
+
+    /// Starts (or adds to) the record of what is written while replica `replica` is
+    /// away, with `runs` (block, count) it may lack already; durable on return.
+    /// With `unknown`, what the replica may lack is not known: any record for it ends.
+    pub fn away(
+        &self,
+        replica: &str,
+        copy: u64,
+        runs: &[(u64, u64)],
+        unknown: bool,
+    ) -> Result<(), StoreError> {
+        let v = &*self.core;
+        v.check_writable()?;
+        let mut inner = v.write_inner()?;
+        if unknown {
+            if inner.away.end(replica) {
+                inner.away_version += 1;
+                v.save_away(&inner)?;
+            }
+            tracing::info!(volume = %self.name(), away = replica,
+                "keeping no record of what is written while this replica is away: what it lacks already is not known");
+            return Ok(());
+        }
+        inner.away.start(replica, copy, runs.iter().copied());
+        inner.away_version += 1;
+        v.save_away(&inner)?;
+        tracing::info!(volume = %self.name(), away = replica, runs = runs.len(),
+            "keeping a record of what is written while this replica is away");
+        Ok(())
+    }
+
+    /// The runs `[s, e)` of `[block, block + count)` written since copy `copy` on
+    /// `replica` went away, or `None` if this replica keeps no record of that copy.
+    pub fn changed(
+        &self,
+        replica: &str,
+        copy: u64,
+        block: u64,
+        count: u64,
+    ) -> Option<Vec<(u64, u64)>> {
+        let inner = self.core.inner.read();
+        inner
+            .away
+            .changed(replica, copy, block, block.saturating_add(count))
+    }
+
+    /// Names this copy of the volume (see `away`): another copy made in its place
+    /// has another name.
+    pub fn copy(&self) -> u64 {
+        self.core.inner.read().meta.copy
     }
 
     /// Records whether an engine has the volume open (false) or closed it cleanly.
@@ -470,4 +539,49 @@ impl Volume {
         v.retired.store(true, Ordering::Release);
         v.closed.store(true, Ordering::Release);
     }
+}
+
+/// The away records as the file holds them, with the marks of every write replay
+/// found in the log (the file has those only up to the last checkpoint). Version 0
+/// means nothing to write; anything that must reach the file gets a higher one. A
+/// damaged file, or a replica whose rebuild did not finish, keeps no record: rebuilds
+/// of the others then compare everything.
+fn load_away(
+    disk: &dyn Disk,
+    dir: &std::path::Path,
+    meta: &Meta,
+    cursor: &super::log::Cursor,
+    vol: &Named,
+) -> Result<(Away, u64), StoreError> {
+    let path = dir.join("away");
+    let Some(raw) = disk.read_file(&path).map_err(vol.io("reading", &path))? else {
+        return Ok((Away::default(), 0));
+    };
+    let mut away = match Away::decode(&raw) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(volume = %vol.0, path = %path.display(), error = %e,
+                "the record of what was written while other replicas were away is damaged; their rebuilds will compare every block");
+            return Ok((Away::default(), 1));
+        }
+    };
+    if meta.rebuilding {
+        away.end_all();
+        return Ok((away, 1));
+    }
+    if !away.is_empty() {
+        for (s, e, _) in cursor.recent.iter() {
+            away.mark(s, e);
+        }
+        if let Some(f) = &cursor.frozen {
+            for (s, e, _) in f.iter() {
+                away.mark(s, e);
+            }
+        }
+    }
+    let replicas: Vec<&str> = away.replicas().collect();
+    if !replicas.is_empty() {
+        tracing::info!(volume = %vol.0, away = ?replicas, "keeping a record of what is written while these replicas are away");
+    }
+    Ok((away, 1))
 }

@@ -193,6 +193,10 @@ fn push_record(
         flush::write_tail(v, inner)?;
     }
     v.log.index(&mut inner.log, placed);
+    if !inner.away.is_empty() {
+        inner.away.mark(h.block, h.block + u64::from(h.count));
+        inner.away_version += 1;
+    }
     // A write split into several records counts once its last one is in: a
     // checkpoint's header must not promise a write whose rest may be lost.
     if !h.more {
