@@ -63,6 +63,33 @@ fn returning_replica_copies_only_what_it_missed() {
 }
 
 #[test]
+fn a_replica_that_lost_its_disk_is_rebuilt_whole_despite_the_record() {
+    let mut c = Cluster::start(3, "64M");
+    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
+    for i in 0..32u64 {
+        assert_eq!(cl.write(i << 20, &vec![i as u8 + 1; 1 << 20]).unwrap(), 0);
+    }
+    assert_eq!(cl.flush().unwrap(), 0);
+    c.replicas[2].kill9();
+    // The others start a record of what it misses: 1 MiB.
+    assert_eq!(cl.write(40 << 20, &vec![0xee; 1 << 20]).unwrap(), 0);
+    assert_eq!(cl.flush().unwrap(), 0);
+    // It comes back with an empty disk: the record is about the copy it lost.
+    let dir = c.replicas[2].dir.clone();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let port = c.replicas[2].addr.port();
+    c.replicas[2] = Replica::start(&dir, port);
+    c.engine().wait_healthy("vol", 3, Duration::from_secs(60));
+    let copied = copied_bytes(&c.engine().log_text());
+    assert!(
+        copied >= 33 << 20,
+        "copied {copied} bytes into an empty replica of a volume holding 33 MiB"
+    );
+    let v = ctl(&c, &["volume", "verify", "vol"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
+
+#[test]
 fn replica_add_rebuilds_a_new_replica_under_io() {
     let c = Cluster::start_with(2, "64M", &["--replicas", "3"]);
     let addr = c.engine().nbd;

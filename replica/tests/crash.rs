@@ -21,12 +21,20 @@ const B: usize = 4096;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { block: u64, count: u64 },
-    Zero { block: u64, count: u64 },
+    Write {
+        block: u64,
+        count: u64,
+    },
+    Zero {
+        block: u64,
+        count: u64,
+    },
     Flush,
     Snapshot,
     DeleteSnapshot(usize),
     Revert(usize),
+    /// Another replica leaves: the volume keeps a record of what is written from here.
+    Away,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -37,6 +45,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Snapshot),
         1 => any::<usize>().prop_map(Op::DeleteSnapshot),
         1 => any::<usize>().prop_map(Op::Revert),
+        1 => Just(Op::Away),
     ]
 }
 
@@ -75,6 +84,10 @@ struct Model {
     next_snapshot: u32,
     /// The volume is encrypted: writes carry seals.
     sealed: bool,
+    /// What the replica that went away holds (the live contents then), and whether the
+    /// record certainly exists (false: the request failed, or a revert may have ended
+    /// it).
+    away: Option<(Vec<u32>, bool)>,
 }
 
 impl Model {
@@ -86,6 +99,7 @@ impl Model {
             next_tag: 1,
             next_snapshot: 0,
             sealed: false,
+            away: None,
         }
     }
     fn durable_point(&mut self) {
@@ -97,6 +111,43 @@ impl Model {
     fn current(&self) -> Vec<u32> {
         self.versions.iter().map(|v| v.last().unwrap().1).collect()
     }
+
+    /// Blocks with a version since the last durable point: what an engine gives the
+    /// record to start with (a power cut may take them back).
+    fn unflushed(&self) -> Vec<(u64, u64)> {
+        (0..BLOCKS)
+            .filter(|&b| self.versions[b as usize].len() > 1)
+            .map(|b| (b, 1))
+            .collect()
+    }
+}
+
+/// The replica the away records are about.
+const AWAY: &str = "r9";
+
+/// Every block that differs from what the away replica holds must be in the record,
+/// which must exist while the model says it certainly does.
+fn check_away(v: &Volume, m: &Model, contents: &[Option<u32>]) -> Result<(), String> {
+    let Some((base, certain)) = &m.away else {
+        return Ok(());
+    };
+    let Some(record) = v.changed(AWAY, v.copy(), 0, BLOCKS) else {
+        if *certain {
+            return Err("the away record is gone".into());
+        }
+        return Ok(());
+    };
+    for (b, (got, had)) in contents.iter().zip(base).enumerate() {
+        let b = b as u64;
+        // A rotted block (None) is repaired by a write, which the record marks.
+        let differs = got.is_some_and(|g| g != *had);
+        if differs && !record.iter().any(|&(s, e)| s <= b && b < e) {
+            return Err(format!(
+                "block {b} reads {got:?} and the away replica holds {had}, but the record {record:?} misses it"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Opens the volume; `sealed` creates it as an encrypted volume (blocks carry seals).
@@ -263,17 +314,29 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
                 match v.revert(&name) {
                     Ok(()) => {
                         m.versions = content.into_iter().map(|t| vec![(0, t)]).collect();
+                        if m.away.is_some() && v.changed(AWAY, v.copy(), 0, BLOCKS).is_some() {
+                            return Err("a revert left the away record".into());
+                        }
+                        m.away = None;
                         false
                     }
                     Err(_) => {
                         for (b, t) in content.into_iter().enumerate() {
                             m.versions[b].push((MAYBE, t));
                         }
+                        if let Some((_, certain)) = &mut m.away {
+                            *certain = false;
+                        }
                         true
                     }
                 }
             }
-            Op::DeleteSnapshot(_) | Op::Revert(_) => false,
+            Op::Away if m.away.is_none() => {
+                let r = v.away(AWAY, v.copy(), &m.unflushed(), false);
+                m.away = Some((m.current(), r.is_ok()));
+                r.is_err()
+            }
+            Op::DeleteSnapshot(_) | Op::Revert(_) | Op::Away => false,
         };
         if failed {
             return Ok(());
@@ -285,6 +348,8 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
                 m.current()
             ));
         }
+        let live: Vec<Option<u32>> = live.into_iter().map(Some).collect();
+        check_away(v, m, &live).map_err(|e| format!("after {op:?}: {e}"))?;
         for (name, want) in &m.snapshots {
             let got = read_all(v, Some(name))?;
             if &got != want {
@@ -299,6 +364,7 @@ fn run(v: &Volume, m: &mut Model, ops: &[Op], seq: &mut u64) -> Result<(), Strin
 
 fn check_recovered(v: &Volume, m: &mut Model, rotted: Option<u64>) -> Result<(), String> {
     let got = read_rotted(v, None, rotted).map_err(|e| format!("after recovery: {e}"))?;
+    check_away(v, m, &got).map_err(|e| format!("after recovery: {e}"))?;
     // The revision the replica reports promises every write up to it: an engine
     // serves from the replicas with the highest, as if they held the same data.
     let (revision, _) = v.revision();
