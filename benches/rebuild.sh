@@ -7,8 +7,12 @@
 #         idle and under a 4 KiB random-write load (fio, queue depth 16), the load's
 #         IOPS during the rebuild as a fraction of its IOPS without one, and the
 #         disk's own sequential write throughput from the same run (fio on a file).
+#   return: a 4 GiB volume written end to end; one of its three replicas is killed,
+#         1 % of the volume (41 MiB in 1 MiB writes at random offsets) changes, and
+#         the replica restarts: seconds until it is healthy again, and the blocks the
+#         rebuild compared and copied (not part of `all`).
 #
-# Usage: benches/rebuild.sh [--tether BIN] [thin|full|all]
+# Usage: benches/rebuild.sh [--tether BIN] [thin|full|return|all]
 # Needs: fio with the nbd engine, nbdinfo, python3.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,14 +21,14 @@ WHAT=all
 while [[ $# -gt 0 ]]; do
     case $1 in
         --tether) TETHER=$2; shift 2 ;;
-        thin|full|all) WHAT=$1; shift ;;
+        thin|full|return|all) WHAT=$1; shift ;;
         *) sed -n '/^# Usage:/,/^# Needs:/p' "$0" >&2; exit 2 ;;
     esac
 done
 WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/tether-rebuild.XXXXXX")
 PIDS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     [[ -n ${KEEP:-} ]] && echo "kept $WORK" >&2 || rm -rf "$WORK"
 }
@@ -83,7 +87,7 @@ iops() {   # $1 fio json (a fio stopped by a signal prints a line before it)
 
 # Stops everything started and frees the phase's space (4 GiB volumes add up).
 stop() {   # $1 dir
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done; PIDS=(); wait 2>/dev/null || true
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; PIDS=(); wait 2>/dev/null || true
     [[ -n ${KEEP:-} ]] || rm -rf "$1"
 }
 
@@ -126,5 +130,37 @@ if [[ $WHAT == full || $WHAT == all ]]; then
     kill -INT "$FIO"; wait "$FIO" 2>/dev/null || true
     base=$(iops "$d/base.json"); during=$(iops "$d/load.json")
     echo "full, under load: 4 GiB rebuilt in $secs s: $(python3 -c "print(round(4096 / $secs))") MiB/s; 4 KiB random writes: $base IOPS before, $during during ($(python3 -c "print(f'{$during / $base:.2f}')")x)"
+    stop "$d"
+fi
+
+if [[ $WHAT == return ]]; then
+    d=$WORK/return; mkdir -p "$d"
+    start "$d" 4g
+    fio --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1m --iodepth=8 --size=4g \
+        --end_fsync=1 >/dev/null
+    add_and_wait "$d" >/dev/null
+    # A flush after the rebuild: without one the engine cannot tell what the new
+    # replica made durable, and its record would start with the whole volume.
+    fio --name=flush --ioengine=nbd --uri="$URI" --rw=write --bs=4k --size=4k --end_fsync=1 >/dev/null
+    pkill -9 -f -- "--data $d/r3" || true
+    sleep 0.5
+    fio --name=change --ioengine=nbd --uri="$URI" --rw=randwrite --bs=1m --iodepth=8 --size=4g \
+        --io_size=41m --randrepeat=0 --end_fsync=1 >/dev/null
+    t0=$(date +%s.%N)
+    "$TETHER" replica --listen "127.0.0.1:${P[3]}" --data "$d/r3" >>"$d/r3.log" 2>&1 &
+    PIDS+=($!)
+    while :; do
+        if "$TETHER" volume status bench --json --control-socket "$d/c.sock" 2>/dev/null |
+            python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if sum(r["state"]=="healthy" for r in s["replicas"])==3 else 1)'; then
+            break
+        fi
+        sleep 0.1
+    done
+    t1=$(date +%s.%N)
+    last=$(grep 'rebuild finished' "$d/engine.log" | tail -1 || true)
+    compared=$(grep -o 'compared=[0-9]*' <<<"$last" | cut -d= -f2 || true)
+    copied=$(grep -o 'copied=[0-9]*' <<<"$last" | cut -d= -f2 || true)
+    echo "return: 4 GiB volume, 1 % changed while a replica was away: healthy again in $(python3 -c "print(f'{$t1 - $t0:.2f}')") s (compared ${compared:-?} blocks, copied $(( ${copied:-0} >> 20 )) MiB)"
+    pkill -9 -f -- "--data $d/r3" || true
     stop "$d"
 fi
