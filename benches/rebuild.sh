@@ -70,15 +70,17 @@ add_and_wait() {   # $1 dir
     local t0 t1
     t0=$(date +%s.%N)
     "$TETHER" replica add bench "127.0.0.1:${P[3]}" --control-socket "$dir/c.sock" >/dev/null
-    while :; do
-        if "$TETHER" volume status bench --json --control-socket "$dir/c.sock" 2>/dev/null |
-            python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if sum(r["state"]=="healthy" for r in s["replicas"])==3 else 1)'; then
-            break
-        fi
-        sleep 0.1
-    done
+    wait_healthy "$dir"
     t1=$(date +%s.%N)
     python3 -c "print(f'{$t1 - $t0:.2f}')"
+}
+
+# Waits until all three replicas are healthy.
+wait_healthy() {   # $1 dir
+    while ! "$TETHER" volume status bench --json --control-socket "$1/c.sock" 2>/dev/null |
+        python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if sum(r["state"]=="healthy" for r in s["replicas"])==3 else 1)'; do
+        sleep 0.1
+    done
 }
 
 iops() {   # $1 fio json (a fio stopped by a signal prints a line before it)
@@ -149,13 +151,7 @@ if [[ $WHAT == return ]]; then
     t0=$(date +%s.%N)
     "$TETHER" replica --listen "127.0.0.1:${P[3]}" --data "$d/r3" >>"$d/r3.log" 2>&1 &
     PIDS+=($!)
-    while :; do
-        if "$TETHER" volume status bench --json --control-socket "$d/c.sock" 2>/dev/null |
-            python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if sum(r["state"]=="healthy" for r in s["replicas"])==3 else 1)'; then
-            break
-        fi
-        sleep 0.1
-    done
+    wait_healthy "$d"
     t1=$(date +%s.%N)
     last=$(grep 'rebuild finished' "$d/engine.log" | tail -1 || true)
     compared=$(grep -o 'compared=[0-9]*' <<<"$last" | cut -d= -f2 || true)

@@ -26,8 +26,8 @@ fn copied_bytes(log: &str) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-#[test]
-fn returning_replica_copies_only_what_it_missed() {
+/// Three replicas of 64 MiB holding 32 MiB, flushed, and the third one killed.
+fn filled_with_one_replica_down() -> (Cluster, NbdClient) {
     let mut c = Cluster::start(3, "64M");
     let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
     for i in 0..32u64 {
@@ -35,6 +35,12 @@ fn returning_replica_copies_only_what_it_missed() {
     }
     assert_eq!(cl.flush().unwrap(), 0);
     c.replicas[2].kill9();
+    (c, cl)
+}
+
+#[test]
+fn returning_replica_copies_only_what_it_missed() {
+    let (mut c, mut cl) = filled_with_one_replica_down();
     assert_eq!(cl.write(40 << 20, &vec![0xee; 1 << 20]).unwrap(), 0);
     let out = ctl(&c, &["snapshot", "create", "vol", "after"]);
     assert!(
@@ -64,13 +70,7 @@ fn returning_replica_copies_only_what_it_missed() {
 
 #[test]
 fn a_replica_that_lost_its_disk_is_rebuilt_whole_despite_the_record() {
-    let mut c = Cluster::start(3, "64M");
-    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
-    for i in 0..32u64 {
-        assert_eq!(cl.write(i << 20, &vec![i as u8 + 1; 1 << 20]).unwrap(), 0);
-    }
-    assert_eq!(cl.flush().unwrap(), 0);
-    c.replicas[2].kill9();
+    let (mut c, mut cl) = filled_with_one_replica_down();
     // The others start a record of what it misses: 1 MiB.
     assert_eq!(cl.write(40 << 20, &vec![0xee; 1 << 20]).unwrap(), 0);
     assert_eq!(cl.flush().unwrap(), 0);
