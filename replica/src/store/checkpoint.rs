@@ -49,8 +49,10 @@ pub(super) fn checkpoint(v: &Core, inner: &mut Inner) -> Result<(), StoreError> 
         head.apply(&changes);
     }
     let (older, live) = extents.split_at(frozen);
-    free_stale(v, inner, &stale_runs(v, older), Some(&inner.log.recent));
-    free_stale(v, inner, &stale_runs(v, live), None);
+    // Nothing is newer than the live half here (the lock is held throughout); the
+    // frozen half's stale copies must skip the blocks the live half rewrote.
+    free_stale(v, inner, &stale_runs(v, older), &[&inner.log.recent]);
+    free_stale(v, inner, &stale_runs(v, live), &[]);
     let c = &mut inner.log;
     c.header = next;
     c.gen = next.gen;
@@ -58,6 +60,7 @@ pub(super) fn checkpoint(v: &Core, inner: &mut Inner) -> Result<(), StoreError> 
     c.frozen = None;
     c.direct_in_half = 0;
     c.off = v.log.half_range(c.half).0;
+    c.crc = 0;
     v.log
         .synced
         .store(v.log.written.load(Ordering::Acquire), Ordering::Release);
@@ -123,7 +126,10 @@ pub(super) fn checkpoint_frozen(v: &Core) -> Result<(), StoreError> {
     // (in the live half, or a half frozen since) and is skipped.
     for batch in stale_runs(v, &extents).chunks(STALE_BATCH) {
         let inner = v.inner.read();
-        free_stale(v, &inner, batch, Some(&inner.log.recent));
+        let newer: Vec<&ExtentMap<Recent>> = std::iter::once(&inner.log.recent)
+            .chain(inner.log.frozen.as_deref())
+            .collect();
+        free_stale(v, &inner, batch, &newer);
     }
     Ok(())
 }
@@ -282,22 +288,18 @@ fn stale_runs(v: &Core, extents: &[(u64, u64, Recent)]) -> Vec<(u8, u64, u64)> {
     runs
 }
 
-/// Punches stale `runs` (see `stale_runs`) out of the head's slots, except where
-/// `newer` (the live half) or a half frozen since holds a newer write: a write after
-/// the checkpoint may have put that one into the stale slot. The caller holds `inner`
+/// Punches stale `runs` (see `stale_runs`) out of the head's slots, except where one
+/// of the `newer` maps (the live half, a half frozen since) holds a newer write: that
+/// write may be in the stale slot. The caller holds `inner`
 /// (shared is enough: a write chooses its slot and logs its record under the
 /// exclusive lock). This is what bounds the head to about one copy of each block:
 /// without it, every block rewritten directly after a flush keeps its old version in
 /// the other slot until rewritten again (1.95 times the data after rewriting random
 /// 4 KiB blocks).
-fn free_stale(v: &Core, inner: &Inner, runs: &[(u8, u64, u64)], newer: Option<&ExtentMap<Recent>>) {
+fn free_stale(v: &Core, inner: &Inner, runs: &[(u8, u64, u64)], newer: &[&ExtentMap<Recent>]) {
     let Some(head) = inner.layers.get(&inner.meta.head) else {
         return;
     };
-    let maps: Vec<&ExtentMap<Recent>> = newer
-        .into_iter()
-        .chain(inner.log.frozen.as_deref())
-        .collect();
     for &(slot, s, e) in runs {
         let (file, path) = head.slot(slot);
         let mut p = s;
@@ -305,7 +307,7 @@ fn free_stale(v: &Core, inner: &Inner, runs: &[(u8, u64, u64)], newer: Option<&E
             // The next block from `p` that a newer write holds, and where it ends.
             let mut end = e;
             let mut skip_to = None;
-            for m in &maps {
+            for m in newer {
                 match (m.get(p), m.next_start(p)) {
                     (Some((_, until)), _) => {
                         skip_to = Some(skip_to.map_or(until, |t: u64| t.max(until)));
@@ -337,5 +339,6 @@ pub(super) fn freeze_live(v: &Core, inner: &mut Inner) {
     c.half = 1 - c.half;
     c.gen += 1;
     c.off = v.log.half_range(c.half).0;
+    c.crc = 0;
     c.direct_in_half = 0;
 }

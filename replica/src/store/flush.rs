@@ -49,6 +49,8 @@ pub(super) struct Reach {
     off: u64,
     /// The latest direct record placed by then (generation, offset).
     direct: Option<(u64, u64)>,
+    /// crc32c of the live half's bytes up to `off`.
+    crc: u32,
 }
 
 /// Starts a sync and returns how far it will reach: everything appended so far.
@@ -69,6 +71,7 @@ pub(super) fn mark_sync(v: &Core, inner: &mut Inner) -> Result<Reach, StoreError
         gen: inner.log.gen,
         off: inner.log.off,
         direct: inner.log.last_direct,
+        crc: inner.log.crc,
     })
 }
 
@@ -99,7 +102,10 @@ pub(super) fn sync_locked(v: &Core, head: &Files, reach: Reach) -> Result<(), St
     // checksum error until repaired) from a write a power cut tore (replay ends
     // there). Without it, rot in one slot silently dropped that write and every later
     // one, flushed ones too (simulation, seed 19917 with bit rot).
-    if let Err(err) = v.log.write_mark(reach.gen, reach.off, reach.direct) {
+    if let Err(err) = v
+        .log
+        .write_mark(reach.gen, reach.off, reach.crc, reach.direct)
+    {
         return Err(v.poison(format!(
             "writing a sync mark to {} failed: {err}",
             v.log.path.display()

@@ -117,6 +117,9 @@ pub(super) struct Cursor {
     /// Generation and offset of the latest direct record placed: a sync that reaches
     /// it writes a sync mark once the slots are durable.
     pub(super) last_direct: Option<(u64, u64)>,
+    /// crc32c of the bytes placed in the live half, from its start to `off` (what a
+    /// sync mark carries).
+    pub(super) crc: u32,
 }
 
 impl Cursor {
@@ -198,12 +201,11 @@ impl Log {
         let mut slots = [0u8; 2048];
         file.read_at(&mut slots, 0)
             .map_err(vol.io("reading the log header", path))?;
-        // None in a log made before marks existed: the default covers nothing.
-        let mark = MARK_SLOTS
+        let mut marks: Vec<SyncMark> = MARK_SLOTS
             .iter()
             .filter_map(|&o| SyncMark::decode(&slots[o as usize..]))
-            .max_by_key(|m| m.seq)
-            .unwrap_or_default();
+            .collect();
+        marks.sort_by_key(|m| std::cmp::Reverse(m.seq));
         let header = [
             WalHeader::decode(&slots[..512]),
             WalHeader::decode(&slots[512..]),
@@ -224,9 +226,20 @@ impl Log {
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             syncing: AtomicU64::new(0),
-            mark: parking_lot::Mutex::new(mark),
+            mark: parking_lot::Mutex::new(SyncMark::default()),
             vol: vol.clone(),
         };
+        // The newest mark whose covered bytes all reached the disk; none in a log made
+        // before marks existed (the default covers nothing).
+        for m in marks {
+            if log
+                .mark_holds(&header, &m)
+                .map_err(vol.io("reading the log", path))?
+            {
+                *log.mark.lock() = m;
+                break;
+            }
+        }
         let cursor = Cursor {
             header,
             off: RECORDS_START,
@@ -239,8 +252,42 @@ impl Log {
             tail: Vec::with_capacity(TAIL_BYTES + 4096),
             tail_off: RECORDS_START,
             last_direct: None,
+            crc: 0,
         };
         Ok((log, cursor))
+    }
+
+    /// crc32c of the bytes of half `h` from its start up to `off`.
+    pub(super) fn crc_upto(&self, h: u8, off: u64) -> std::io::Result<u32> {
+        let (mut at, end) = self.half_range(h);
+        let end = off.min(end);
+        let mut crc = 0;
+        let mut buf = vec![0u8; 1 << 20];
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            self.file.read_at(&mut buf[..n], at)?;
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            at += n as u64;
+        }
+        Ok(crc)
+    }
+
+    /// Whether every byte `m` covers reached the disk: the log bytes of its half up
+    /// to its offset match its content crc (marks of earlier generations cover no
+    /// record replay reads, and marks written before content crcs are taken as they
+    /// are).
+    fn mark_holds(&self, header: &WalHeader, m: &SyncMark) -> std::io::Result<bool> {
+        let Some(content) = m.content else {
+            return Ok(true);
+        };
+        let half = if m.gen == header.gen {
+            header.half
+        } else if m.gen == header.gen + 1 {
+            1 - header.half
+        } else {
+            return Ok(m.gen < header.gen);
+        };
+        Ok(self.crc_upto(half, m.off)? == content)
     }
 
     /// The byte range of half `h`.
@@ -273,6 +320,7 @@ impl Log {
         &self,
         gen: u64,
         off: u64,
+        content: u32,
         direct: Option<(u64, u64)>,
     ) -> std::io::Result<()> {
         let mut last = self.mark.lock();
@@ -283,6 +331,7 @@ impl Log {
             seq: last.seq + 1,
             gen,
             off,
+            content: Some(content),
         };
         self.file.write_at(&next.encode(), next.slot_offset())?;
         *last = next;
@@ -340,6 +389,12 @@ impl Log {
         let h = RecordHeader { gen: c.gen, ..h };
         let head = codec::encode_record(&h, sides);
         let off = c.off;
+        // Placed in offset order; a record that then fails to reach the file leaves a
+        // crc no mark can match, which only switches marks off.
+        c.crc = crc32c::crc32c_append(c.crc, &head);
+        if h.kind != RecordKind::Direct {
+            c.crc = crc32c::crc32c_append(c.crc, data);
+        }
         if h.kind == RecordKind::Direct {
             c.last_direct = Some((c.gen, off));
             if c.tail.is_empty() {

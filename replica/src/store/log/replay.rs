@@ -108,6 +108,9 @@ impl Log {
             c.half = h;
             c.gen = g;
             c.off = end;
+            c.crc = self
+                .crc_upto(h, end)
+                .map_err(|e| self.vol.io("replaying the log", &self.path)(e))?;
             // The next half can only hold live records if this one filled up.
             if found.len() == before || !complete {
                 break;
