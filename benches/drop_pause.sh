@@ -33,13 +33,9 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ports() {
-    python3 -c 'import socket
-s=[socket.socket() for _ in range(4)]
-[x.bind(("127.0.0.1",0)) for x in s]
-print(" ".join(str(x.getsockname()[1]) for x in s))'
-}
 
 # One measurement: prints "max_latency_ms pause_ms generation_ms" (generation_ms is
 # "-" when the engine logs no generation).

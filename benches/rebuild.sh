@@ -33,13 +33,9 @@ cleanup() {
     [[ -n ${KEEP:-} ]] && echo "kept $WORK" >&2 || rm -rf "$WORK"
 }
 trap cleanup EXIT
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ports() {
-    python3 -c 'import socket
-s=[socket.socket() for _ in range(4)]
-[x.bind(("127.0.0.1",0)) for x in s]
-print(" ".join(str(x.getsockname()[1]) for x in s))'
-}
 
 # Starts two replicas and an engine for a volume of $2 that wants three replicas;
 # sets P (ports: nbd, r1, r2, r3) and URI.

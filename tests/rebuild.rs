@@ -26,14 +26,25 @@ fn copied_bytes(log: &str) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Three replicas of 64 MiB holding 32 MiB, flushed, and the third one killed.
-fn filled_with_one_replica_down() -> (Cluster, NbdClient) {
-    let mut c = Cluster::start(3, "64M");
+/// Three replicas of `size` whose first `mib` MiB are written (each MiB its own
+/// byte) and flushed.
+fn filled(size: &str, mib: u64) -> (Cluster, NbdClient) {
+    let c = Cluster::start(3, size);
     let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
-    for i in 0..32u64 {
-        assert_eq!(cl.write(i << 20, &vec![i as u8 + 1; 1 << 20]).unwrap(), 0);
+    for i in 0..mib {
+        assert_eq!(
+            cl.write(i << 20, &vec![(i % 200) as u8 + 1; 1 << 20])
+                .unwrap(),
+            0
+        );
     }
     assert_eq!(cl.flush().unwrap(), 0);
+    (c, cl)
+}
+
+/// Three replicas of 64 MiB holding 32 MiB, flushed, and the third one killed.
+fn filled_with_one_replica_down() -> (Cluster, NbdClient) {
+    let (mut c, cl) = filled("64M", 32);
     c.replicas[2].kill9();
     (c, cl)
 }
@@ -290,16 +301,7 @@ fn slow_replica_stays_hung_replica_goes() {
 
 #[test]
 fn interrupted_rebuild_restarts_cleanly_after_either_side_dies() {
-    let mut c = Cluster::start(3, "128M");
-    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
-    for i in 0..96u64 {
-        assert_eq!(
-            cl.write(i << 20, &vec![(i % 200) as u8 + 1; 1 << 20])
-                .unwrap(),
-            0
-        );
-    }
-    assert_eq!(cl.flush().unwrap(), 0);
+    let (mut c, cl) = filled("128M", 96);
     drop(cl);
     // Replica 2 comes back empty: a full rebuild starts.
     c.replicas[2].kill9();
@@ -427,17 +429,8 @@ fn rebuild_rate_paces_the_copy() {
 
 #[test]
 fn returning_replica_copies_about_what_changed_across_an_engine_restart() {
-    let mut c = Cluster::start(3, "4G");
-    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
     // Full: every MiB written.
-    for i in 0..4096u64 {
-        assert_eq!(
-            cl.write(i << 20, &vec![(i % 251) as u8 + 1; 1 << 20])
-                .unwrap(),
-            0
-        );
-    }
-    assert_eq!(cl.flush().unwrap(), 0);
+    let (mut c, mut cl) = filled("4G", 4096);
     c.replicas[2].kill9();
     // 1 % changes while it is away: 41 MiB spread over the volume.
     for i in 0..41u64 {

@@ -99,6 +99,20 @@ impl<V: Shift + PartialEq> ExtentMap<V> {
         self.map.insert(start, (end, v));
     }
 
+    /// The extents that meet `[start, end)`, cut to it, with their values unshifted.
+    pub fn within(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, &V)> {
+        let first = self
+            .map
+            .range(..=start)
+            .next_back()
+            .filter(|(_, (e, _))| *e > start)
+            .map_or(start, |(&s, _)| s);
+        self.map
+            .range(first..end)
+            .map(move |(&s, (e, v))| (s.max(start), (*e).min(end), v))
+            .filter(|(s, e, _)| s < e)
+    }
+
     /// The extent covering `block`, as (value for `block`, end of the extent).
     pub fn get(&self, block: u64) -> Option<(V, u64)> {
         let (&s, &(e, ref v)) = self.map.range(..=block).next_back()?;

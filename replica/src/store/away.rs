@@ -17,92 +17,39 @@
 
 use std::collections::BTreeMap;
 
+use crate::extents::ExtentMap;
+
 /// Runs past this many per record are merged into coarser ones: the record stays
 /// bounded, and only ever grows.
 const MAX_RUNS: usize = 1 << 18;
 
 /// The records of the replicas that are away, by replica id, each for one copy of
 /// the volume there (see `Meta::copy`).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct Away {
     records: BTreeMap<String, (u64, Runs)>,
 }
 
-/// Sorted, disjoint runs of blocks: start → end.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Runs(BTreeMap<u64, u64>);
+/// Blocks written, as merged runs.
+type Runs = ExtentMap<()>;
 
-impl Runs {
-    /// Adds `[s, e)`, merging with the runs it meets or touches.
-    fn add(&mut self, mut s: u64, mut e: u64) {
-        if s >= e {
-            return;
-        }
-        if let Some((&ps, &pe)) = self.0.range(..=s).next_back() {
-            if pe >= s {
-                if pe >= e {
-                    return;
-                }
-                s = ps;
-                e = e.max(pe);
-                self.0.remove(&ps);
-            }
-        }
-        while let Some((&ns, &ne)) = self.0.range(s..).next() {
-            if ns > e {
-                break;
-            }
-            e = e.max(ne);
-            self.0.remove(&ns);
-        }
-        self.0.insert(s, e);
-        if self.0.len() > MAX_RUNS {
-            self.coarsen();
-        }
+/// Adds `[s, e)` to `runs`, merging it into coarser runs past `MAX_RUNS`.
+fn add(runs: &mut Runs, s: u64, e: u64) {
+    runs.insert(s, e, ());
+    if runs.len() <= MAX_RUNS {
+        return;
     }
-
-    /// Rounds every run out to a grain that brings the count under `MAX_RUNS / 2`.
-    fn coarsen(&mut self) {
-        let mut grain = 256u64;
-        loop {
-            let mut out: BTreeMap<u64, u64> = BTreeMap::new();
-            let mut last: Option<(u64, u64)> = None;
-            for (&s, &e) in &self.0 {
-                let (s, e) = (s / grain * grain, e.div_ceil(grain).saturating_mul(grain));
-                last = match last {
-                    Some((ls, le)) if s <= le => Some((ls, le.max(e))),
-                    Some((ls, le)) => {
-                        out.insert(ls, le);
-                        Some((s, e))
-                    }
-                    None => Some((s, e)),
-                };
-            }
-            if let Some((ls, le)) = last {
-                out.insert(ls, le);
-            }
-            if out.len() <= MAX_RUNS / 2 || grain >= 1 << 40 {
-                self.0 = out;
-                return;
-            }
-            grain *= 16;
+    let mut grain = 256u64;
+    while runs.len() > MAX_RUNS / 2 && grain < 1 << 40 {
+        let old = std::mem::take(runs);
+        for (s, e, _) in old.iter() {
+            runs.insert(
+                s / grain * grain,
+                e.div_ceil(grain).saturating_mul(grain),
+                (),
+            );
         }
-    }
-
-    /// The runs that meet `[s, e)`, cut to it.
-    fn within(&self, s: u64, e: u64) -> Vec<(u64, u64)> {
-        let first = self
-            .0
-            .range(..=s)
-            .next_back()
-            .filter(|(_, &pe)| pe > s)
-            .map(|(&ps, _)| ps)
-            .unwrap_or(s);
-        self.0
-            .range(first..e)
-            .map(|(&rs, &re)| (rs.max(s), re.min(e)))
-            .filter(|(rs, re)| rs < re)
-            .collect()
+        grain *= 16;
     }
 }
 
@@ -115,7 +62,7 @@ impl Away {
     /// Marks `[s, e)` written in every record.
     pub(super) fn mark(&mut self, s: u64, e: u64) {
         for (_, r) in self.records.values_mut() {
-            r.add(s, e);
+            add(r, s, e);
         }
     }
 
@@ -133,7 +80,7 @@ impl Away {
         }
         let rec = &mut entry.1;
         for (b, n) in runs {
-            rec.add(b, b.saturating_add(n));
+            add(rec, b, b.saturating_add(n));
         }
     }
 
@@ -164,7 +111,9 @@ impl Away {
         e: u64,
     ) -> Option<Vec<(u64, u64)>> {
         match self.records.get(replica) {
-            Some((c, r)) if *c == copy && copy != 0 => Some(r.within(s, e)),
+            Some((c, r)) if *c == copy && copy != 0 => {
+                Some(r.within(s, e).map(|(s, e, _)| (s, e)).collect())
+            }
             _ => None,
         }
     }
@@ -181,8 +130,8 @@ impl Away {
             out.extend_from_slice(&(name.len() as u16).to_le_bytes());
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(&copy.to_le_bytes());
-            out.extend_from_slice(&(runs.0.len() as u64).to_le_bytes());
-            for (&s, &e) in &runs.0 {
+            out.extend_from_slice(&(runs.len() as u64).to_le_bytes());
+            for (s, e, _) in runs.iter() {
                 out.extend_from_slice(&s.to_le_bytes());
                 out.extend_from_slice(&e.to_le_bytes());
             }
@@ -214,12 +163,15 @@ impl Away {
             let copy = r.u64()?;
             let n = r.u64()?;
             let mut runs = Runs::default();
+            let mut last = 0;
             for _ in 0..n {
                 let (s, e) = (r.u64()?, r.u64()?);
-                if s >= e || runs.0.range(s..).next().is_some() {
+                // Written merged and in order: touching runs would be merged too.
+                if s >= e || (!runs.is_empty() && s <= last) {
                     return Err(format!("record of {name}: runs out of order"));
                 }
-                runs.0.insert(s, e);
+                runs.insert(s, e, ());
+                last = e;
             }
             away.records.insert(name, (copy, runs));
         }
@@ -281,7 +233,7 @@ mod tests {
         a.mark(0, 30);
         assert_eq!(a.changed("r1", 9, 0, 100), Some(vec![(0, 30)]));
         let back = Away::decode(&a.encode()).unwrap();
-        assert_eq!(back, a);
+        assert_eq!(back.encode(), a.encode());
         assert!(a.end("r1"));
         assert!(a.is_empty());
     }
@@ -306,11 +258,12 @@ mod tests {
     fn coarsening_keeps_every_block() {
         let mut r = Runs::default();
         for i in 0..(MAX_RUNS as u64 + 10) {
-            r.add(i * 3, i * 3 + 1);
+            add(&mut r, i * 3, i * 3 + 1);
         }
-        assert!(r.0.len() <= MAX_RUNS);
+        assert!(r.len() <= MAX_RUNS);
         for i in [0, 1000, MAX_RUNS as u64 + 9] {
-            assert_eq!(r.within(i * 3, i * 3 + 1), vec![(i * 3, i * 3 + 1)]);
+            let got: Vec<_> = r.within(i * 3, i * 3 + 1).map(|(s, e, _)| (s, e)).collect();
+            assert_eq!(got, vec![(i * 3, i * 3 + 1)]);
         }
     }
 }
