@@ -17,6 +17,16 @@ fn ctl(c: &Cluster, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Adds replica `new` to the volume with `tether replica add`.
+fn add_replica(c: &Cluster, new: &Replica) {
+    let out = ctl(c, &["replica", "add", "vol", &new.addr.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn copied_bytes(log: &str) -> u64 {
     log.lines()
         .rev()
@@ -407,12 +417,7 @@ fn rebuild_rate_paces_the_copy() {
     assert_eq!(cl.flush().unwrap(), 0);
     let new = Replica::start(&c.dir.path().join("new"), free_port());
     let started = Instant::now();
-    let out = ctl(&c, &["replica", "add", "vol", &new.addr.to_string()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    add_replica(&c, &new);
     c.engine().wait_healthy("vol", 3, Duration::from_secs(60));
     // 32 MiB at 8 MiB/s: never faster than the limit (a lower bound only: how much
     // slower depends on the machine).
@@ -486,12 +491,7 @@ fn a_thin_volumes_rebuild_looks_only_at_its_data() {
     }
     assert_eq!(cl.flush().unwrap(), 0);
     let new = Replica::start(&c.dir.path().join("new"), free_port());
-    let out = ctl(&c, &["replica", "add", "vol", &new.addr.to_string()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    add_replica(&c, &new);
     c.engine().wait_healthy("vol", 3, Duration::from_secs(120));
     let log = c.engine().log_text();
     // 1024 blocks hold data; the volume has 262,144.
