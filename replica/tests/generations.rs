@@ -99,12 +99,12 @@ fn a_volume_of_the_format_before_generations_is_upgraded_on_open() {
     // Rewrite meta as the previous version wrote it: format 4, no generation.
     let path = Path::new("/data/volumes/v/meta");
     let raw = String::from_utf8(disk.read_file_for_test(path)).unwrap();
-    let old = raw.replace("\"format\": 6", "\"format\": 4");
+    let old = raw.replace("\"format\": 8", "\"format\": 4");
     assert_ne!(old, raw, "meta does not look as expected: {raw}");
     disk.replace(path, old.as_bytes()).unwrap();
     let vols = set(&disk);
     let v = vols.get("v").unwrap();
     assert_eq!(v.generation(), None);
     let raw = String::from_utf8(disk.read_file_for_test(path)).unwrap();
-    assert!(raw.contains("\"format\": 6"), "not upgraded: {raw}");
+    assert!(raw.contains("\"format\": 8"), "not upgraded: {raw}");
 }

@@ -188,7 +188,7 @@ fn copy_to_head(
     single: bool,
     extents: &[(u64, u64, Recent)],
 ) -> Result<Vec<(u64, u64, bool)>, StoreError> {
-    let [dp, _, rp] = layer::paths(&v.dir, head_id);
+    let [dp, _, rp, _] = layer::paths(&v.dir, head_id);
     let (data, rec) = (&*files.data, &*files.rec);
     let mut changes = Vec::with_capacity(extents.len());
     let mut recs = Vec::new();
@@ -205,8 +205,7 @@ fn copy_to_head(
                     .map_err(v.err("punching a hole", &dp))?;
                 if single {
                     // Nothing below the head to hide: the blocks just become absent.
-                    rec.punch(s * v.rec as u64, (e - s) * v.rec as u64)
-                        .map_err(v.err("punching a hole", &rp))?;
+                    rec.punch(s, e).map_err(v.err("punching a hole", &rp))?;
                     changes.push((s, e, false));
                     continue;
                 }
@@ -217,7 +216,7 @@ fn copy_to_head(
                     for _ in 0..n {
                         record::ZERO.encode_into(&mut recs, v.rec);
                     }
-                    rec.write_at(&recs, b * v.rec as u64)
+                    rec.write(&recs, b)
                         .map_err(v.err("writing block records", &rp))?;
                     b += n;
                 }
@@ -253,7 +252,7 @@ fn copy_to_head(
                     for (crc, seal) in codec::sides(&sides, usize::from(side)) {
                         BlockRecord { crc, state, seal }.encode_into(&mut recs, v.rec);
                     }
-                    rec.write_at(&recs, b * v.rec as u64)
+                    rec.write(&recs, b)
                         .map_err(v.err("writing block records", &rp))?;
                     b += n;
                 }
@@ -261,7 +260,7 @@ fn copy_to_head(
         }
         changes.push((s, e, true));
     }
-    if let Err(err) = data.sync().and_then(|_| rec.sync()) {
+    if let Err(err) = data.sync().and_then(|_| rec.sync(&*v.disk)) {
         return Err(v.poison(format!("fdatasync of layer {head_id} failed: {err}")));
     }
     Ok(changes)

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::{Named, StoreError};
-use super::record;
+use super::records::Records;
 use crate::disk::{Disk, DiskFile};
 use crate::extents::ExtentMap;
 
@@ -25,7 +25,7 @@ pub(super) struct Layer {
 pub(super) struct Files {
     pub(super) data: Arc<dyn DiskFile>,
     pub(super) alt: Arc<dyn DiskFile>,
-    pub(super) rec: Arc<dyn DiskFile>,
+    pub(super) rec: Arc<Records>,
 }
 
 impl Files {
@@ -39,13 +39,14 @@ impl Files {
     }
 }
 
-/// A layer's files: slot 0, slot 1, block records.
-pub(super) fn paths(dir: &Path, id: u64) -> [PathBuf; 3] {
+/// A layer's files: slot 0, slot 1, block records, packed block records.
+pub(super) fn paths(dir: &Path, id: u64) -> [PathBuf; 4] {
     let l = dir.join("layers");
     [
         l.join(format!("{id}.data")),
         l.join(format!("{id}.alt")),
         l.join(format!("{id}.rec")),
+        l.join(format!("{id}.pack")),
     ]
 }
 
@@ -55,15 +56,18 @@ impl Layer {
         disk: &dyn Disk,
         dir: &Path,
         id: u64,
+        entry: usize,
         vol: &Named,
     ) -> Result<Layer, StoreError> {
-        let [dp, ap, rp] = paths(dir, id);
+        let [dp, ap, rp, pp] = paths(dir, id);
         let create = |p: &Path| disk.open(p, true).map_err(vol.io("creating a layer", p));
+        let rec =
+            Records::create(disk, &rp, &pp, entry).map_err(vol.io("creating a layer", &pp))?;
         Ok(Layer {
             files: Files {
                 data: create(&dp)?,
                 alt: create(&ap)?,
-                rec: create(&rp)?,
+                rec: Arc::new(rec),
             },
             present: ExtentMap::new(),
             data_path: dp,
@@ -82,7 +86,7 @@ impl Layer {
         entry: usize,
         vol: &Named,
     ) -> Result<Layer, StoreError> {
-        let [dp, ap, rp] = paths(dir, id);
+        let [dp, ap, rp, pp] = paths(dir, id);
         let data = disk
             .open(&dp, false)
             .map_err(vol.io("opening a layer", &dp))?;
@@ -90,13 +94,14 @@ impl Layer {
         let alt = disk
             .open(&ap, true)
             .map_err(vol.io("opening a layer", &ap))?;
-        let rec = disk
-            .open(&rp, false)
-            .map_err(vol.io("opening a layer", &rp))?;
-        let present =
-            record::scan(&*rec, blocks, entry).map_err(vol.io("reading block records", &rp))?;
+        let (rec, present) = Records::open(disk, &rp, &pp, blocks, entry)
+            .map_err(vol.io("reading block records", &rp))?;
         Ok(Layer {
-            files: Files { data, alt, rec },
+            files: Files {
+                data,
+                alt,
+                rec: Arc::new(rec),
+            },
             present,
             data_path: dp,
             alt_path: ap,
@@ -107,10 +112,11 @@ impl Layer {
     /// Bytes the layer's files occupy on disk.
     pub(super) fn allocated(&self) -> u64 {
         let f = &self.files;
-        [&f.data, &f.alt, &f.rec]
+        [&f.data, &f.alt]
             .iter()
             .map(|x| x.allocated().unwrap_or(0))
-            .sum()
+            .sum::<u64>()
+            + f.rec.allocated().unwrap_or(0)
     }
 
     /// A handle on the files, to use without the volume's lock.

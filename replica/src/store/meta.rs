@@ -8,15 +8,16 @@ use tether_proto::wire::SEAL_SIZE as SEAL_BYTES;
 /// The block size every volume has, as meta records it.
 const BLOCK_SIZE: u32 = tether_proto::wire::BLOCK_SIZE as u32;
 
-/// Membership generations (format 4 had none; 2, one slot per block): older formats
-/// are upgraded on open, so that older versions refuse the volume rather than ignore
-/// its generation.
-const FORMAT: u32 = 6;
+/// Packed block records (`.pack`; format 6 had none, 4 no membership generations, 2
+/// one slot per block): older formats are upgraded on open, so that older versions
+/// refuse the volume rather than miss records that are not in `.rec`.
+const FORMAT: u32 = 8;
 /// Encrypted volumes (64-byte block records): older versions must refuse them.
-const FORMAT_SEALED: u32 = 7;
-/// Formats opened and upgraded: one slot per block (2, 3), no generations (4, 5).
-const OLD_FORMATS: [u32; 2] = [2, 4];
-const OLD_FORMATS_SEALED: [u32; 2] = [3, 5];
+const FORMAT_SEALED: u32 = 9;
+/// Formats opened and upgraded: one slot per block (2, 3), no generations (4, 5), no
+/// packed records (6, 7).
+const OLD_FORMATS: [u32; 3] = [2, 4, 6];
+const OLD_FORMATS_SEALED: [u32; 3] = [3, 5, 7];
 /// Generations kept in the history besides the current one (salvages stay for good).
 const HISTORY: usize = 32;
 

@@ -9,7 +9,8 @@
 //!   layers/<id>.alt  the same: slot 1
 //!   layers/<id>.rec  8 bytes per block: crc32c, state (1 data in slot 0, 2 zero,
 //!                    3 data in slot 1); 64 bytes with the engine's 32-byte seal on
-//!                    encrypted volumes
+//!                    encrypted volumes; for groups of blocks that hold few, in
+//!   layers/<id>.pack instead, packed
 //!   wal              the log (or <wal-dir>/<volume>.wal)
 //!   away             what was written while other replicas were away
 //! ```
@@ -31,7 +32,8 @@
 //! | `error` | `StoreError`, each error naming its volume |
 //! | `options` | `StoreOptions`, and the names a volume may have |
 //! | `meta` | the meta file: chain of layers, epoch, state flags |
-//! | `record` | the block records of a layer's `.rec` file, and a block's checksum |
+//! | `record` | a block record's bytes, and a block's checksum |
+//! | `records` | where a layer's block records live: `.rec` pages, `.pack` chunks |
 //! | `log/codec` | the log's header and record bytes |
 //! | `layer` | a layer's files and the blocks it holds |
 //! | `log` | the log file, its in-memory index and tail; `log/replay` |
@@ -55,6 +57,7 @@ mod meta;
 mod options;
 mod read;
 mod record;
+mod records;
 mod set;
 mod snapshot;
 mod volume;

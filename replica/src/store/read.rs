@@ -104,7 +104,7 @@ fn read_chain(
                 layer
                     .files
                     .rec
-                    .read_at(&mut recs, p * v.rec as u64)
+                    .read(&mut recs, p)
                     .map_err(v.err("reading block records", &layer.rec_path))?;
                 let records: Vec<BlockRecord<'_>> = recs
                     .chunks_exact(v.rec)

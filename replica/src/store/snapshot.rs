@@ -39,7 +39,7 @@ pub(super) fn create(v: &Core, name: &str) -> Result<(), StoreError> {
     checkpoint::checkpoint(v, &mut inner)?;
     let id = inner.meta.next_layer;
     let old = inner.meta.head;
-    let layer = Layer::create(&*v.disk, &v.dir, id, &v.vol)?;
+    let layer = Layer::create(&*v.disk, &v.dir, id, v.rec, &v.vol)?;
     let seq = inner.revision;
     v.save_meta(&mut inner, |m| {
         for l in m.layers.iter_mut().filter(|l| l.id == old) {
@@ -171,7 +171,7 @@ fn merge_into(
         if let Some(c) = inner.layers.get(&child) {
             c.files
                 .rec
-                .sync()
+                .sync(&*v.disk)
                 .map_err(v.err("syncing block records", &c.rec_path))?;
         }
     }
@@ -211,7 +211,7 @@ fn merge_chunk(v: &Core, from: u64, to: u64, s: u64, e: u64) -> Result<u64, Stor
     let mut block = vec![0u8; BLOCK];
     for &b in &missing {
         sf.rec
-            .read_at(&mut entry, b * v.rec as u64)
+            .read(&mut entry, b)
             .map_err(v.err("reading block records", &srp))?;
         let mut r = BlockRecord::decode(&entry, v.tag);
         if matches!(r.state, State::Data | State::Alt) {
@@ -239,7 +239,7 @@ fn merge_chunk(v: &Core, from: u64, to: u64, s: u64, e: u64) -> Result<u64, Stor
     // data.
     ddata.sync().map_err(v.err("syncing a layer", &ddp))?;
     for (&b, r) in missing.iter().zip(recs.chunks_exact(v.rec)) {
-        drec.write_at(r, b * v.rec as u64)
+        drec.write(r, b)
             .map_err(v.err("writing block records", &drp))?;
     }
     let mut inner = v.inner.write();
@@ -264,7 +264,7 @@ pub(super) fn revert(v: &Core, name: &str) -> Result<(), StoreError> {
     v.end_away(&mut inner)?;
     let id = inner.meta.next_layer;
     let old = inner.meta.head;
-    let layer = Layer::create(&*v.disk, &v.dir, id, &v.vol)?;
+    let layer = Layer::create(&*v.disk, &v.dir, id, v.rec, &v.vol)?;
     v.save_meta(&mut inner, |m| {
         m.layers.retain(|l| l.id != old);
         m.push_head(id, target);

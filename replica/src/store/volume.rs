@@ -58,9 +58,10 @@ impl Volume {
         for p in layer.iter().chain([&wal_path]) {
             disk.remove(p).map_err(vol.io("removing leftovers", p))?;
         }
-        Layer::create(&*disk, &dir, 1, &vol)?;
-        Log::create(&*disk, &wal_path, opts.wal_size, &vol)?;
         let meta = Meta::new(size, encryption);
+        let entry = record::entry_len(meta.tag_bytes as usize);
+        Layer::create(&*disk, &dir, 1, entry, &vol)?;
+        Log::create(&*disk, &wal_path, opts.wal_size, &vol)?;
         // meta is written last: a directory without meta is an unfinished create.
         let meta_path = dir.join("meta");
         disk.replace(&meta_path, &meta.encode())

@@ -267,7 +267,7 @@ fn write_run(v: &Core, inner: &mut Inner, run: Run<'_>) -> Result<Option<u64>, S
                 let mut recs = vec![0u8; n * v.rec];
                 head.files
                     .rec
-                    .read_at(&mut recs, block * v.rec as u64)
+                    .read(&mut recs, block)
                     .map_err(v.err("reading block records", &head.rec_path))?;
                 let stable =
                     |r: &[u8]| u8::from(BlockRecord::decode(r, v.tag).state != State::Data);
