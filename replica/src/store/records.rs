@@ -68,6 +68,9 @@ struct Pack {
     dirty: bool,
     /// Syncs so far: picks the header slot.
     syncs: u64,
+    /// Groups known to have their page in `.rec` (a bit each): a small write to one
+    /// goes there without reading the page to find out.
+    dense: Vec<u64>,
 }
 
 /// Where a live chunk is in the file.
@@ -77,13 +80,51 @@ struct Chunk {
     len: u32,
 }
 
-/// A decoded chunk: kind, sequence number, group, and entries (index in the group,
-/// entry bytes).
+/// A sparse group's entries, in block order: each one's index in the group, and the
+/// entries' bytes back to back.
+#[derive(Debug, Default)]
+struct Entries {
+    ids: Vec<u16>,
+    data: Vec<u8>,
+}
+
+impl Entries {
+    /// These entries (of a group starting at block `s`) with those of blocks `b..`
+    /// replaced by `new`; all-zero ones are dropped (the group no longer has them).
+    fn merged(&self, s: u64, b: u64, new: &[u8], e: usize) -> Entries {
+        let lo = (b - s) as u16;
+        let hi = lo + (new.len() / e) as u16;
+        let mut out = Entries {
+            ids: Vec::with_capacity(self.ids.len() + new.len() / e),
+            data: Vec::with_capacity(self.data.len() + new.len()),
+        };
+        let split = self.ids.partition_point(|&i| i < lo);
+        let rest = self.ids.partition_point(|&i| i < hi);
+        out.ids.extend_from_slice(&self.ids[..split]);
+        out.data.extend_from_slice(&self.data[..split * e]);
+        for (k, x) in new.chunks_exact(e).enumerate() {
+            if x.iter().any(|&y| y != 0) {
+                out.ids.push(lo + k as u16);
+                out.data.extend_from_slice(x);
+            }
+        }
+        out.ids.extend_from_slice(&self.ids[rest..]);
+        out.data.extend_from_slice(&self.data[rest * e..]);
+        out
+    }
+
+    /// (index in the group, entry) of each.
+    fn iter(&self, e: usize) -> impl Iterator<Item = (u16, &[u8])> {
+        self.ids.iter().copied().zip(self.data.chunks_exact(e))
+    }
+}
+
+/// A decoded chunk: kind, sequence number, group, and entries.
 struct Decoded {
     kind: u8,
     seq: u64,
     group: u64,
-    entries: Vec<(u16, Vec<u8>)>,
+    entries: Entries,
     len: usize,
 }
 
@@ -91,30 +132,22 @@ fn invalid(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
-fn encode_chunk(
-    kind: u8,
-    seq: u64,
-    group: u64,
-    entries: &[(u16, Vec<u8>)],
-    entry: usize,
-) -> Vec<u8> {
-    let body = entries.len() * (2 + entry);
+fn encode_chunk(kind: u8, seq: u64, group: u64, entries: &Entries, entry: usize) -> Vec<u8> {
+    let count = entries.ids.len();
+    let body = count * (2 + entry);
     let len = (CHUNK_HEADER + body).next_multiple_of(8);
     let mut out = vec![0u8; len];
     out[0..4].copy_from_slice(&CHUNK_MAGIC.to_le_bytes());
     out[4] = kind;
     out[8..16].copy_from_slice(&seq.to_le_bytes());
     out[16..24].copy_from_slice(&group.to_le_bytes());
-    out[24..28].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+    out[24..28].copy_from_slice(&(count as u32).to_le_bytes());
     let mut at = CHUNK_HEADER;
-    for (i, _) in entries {
+    for i in &entries.ids {
         out[at..at + 2].copy_from_slice(&i.to_le_bytes());
         at += 2;
     }
-    for (_, e) in entries {
-        out[at..at + entry].copy_from_slice(e);
-        at += entry;
-    }
+    out[at..at + entries.data.len()].copy_from_slice(&entries.data);
     let crc = crc32c::crc32c(&out);
     out[28..32].copy_from_slice(&crc.to_le_bytes());
     out
@@ -145,20 +178,25 @@ fn decode_chunk(b: &[u8], entry: usize, group: u64) -> Option<Decoded> {
     }
     let len = (CHUNK_HEADER + count * (2 + entry)).next_multiple_of(8);
     let whole = b.get(..len)?;
-    let mut zeroed = whole.to_vec();
-    zeroed[28..32].fill(0);
-    if crc32c::crc32c(&zeroed) != u32_at(b, 28) {
+    // The crc covers the chunk with its own field as zero.
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&whole[..28]), &[0; 4]);
+    if crc32c::crc32c_append(crc, &whole[32..]) != u32_at(b, 28) {
         return None;
     }
     let ids = &whole[CHUNK_HEADER..CHUNK_HEADER + 2 * count];
-    let data = &whole[CHUNK_HEADER + 2 * count..];
-    let mut entries = Vec::with_capacity(count);
-    for (k, i) in ids.chunks_exact(2).enumerate() {
+    let mut entries = Entries {
+        ids: Vec::with_capacity(count),
+        data: whole[CHUNK_HEADER + 2 * count..][..count * entry].to_vec(),
+    };
+    let mut last = None;
+    for i in ids.chunks_exact(2) {
         let i = u16::from_le_bytes([i[0], i[1]]);
-        if u64::from(i) >= group {
+        // In order and inside the group, or it is not a chunk this code wrote.
+        if u64::from(i) >= group || last.is_some_and(|l| l >= i) {
             return None;
         }
-        entries.push((i, data[k * entry..(k + 1) * entry].to_vec()));
+        last = Some(i);
+        entries.ids.push(i);
     }
     Some(Decoded {
         kind,
@@ -198,13 +236,21 @@ fn decode_heads(file: &dyn DiskFile) -> io::Result<Option<(u64, u64)>> {
 }
 
 impl Pack {
-    fn append(
-        &mut self,
-        kind: u8,
-        group: u64,
-        entries: &[(u16, Vec<u8>)],
-        entry: usize,
-    ) -> io::Result<()> {
+    fn is_dense(&self, g: u64) -> bool {
+        self.dense
+            .get((g / 64) as usize)
+            .is_some_and(|w| w & (1 << (g % 64)) != 0)
+    }
+
+    fn set_dense(&mut self, g: u64) {
+        let i = (g / 64) as usize;
+        if self.dense.len() <= i {
+            self.dense.resize(i + 1, 0);
+        }
+        self.dense[i] |= 1 << (g % 64);
+    }
+
+    fn append(&mut self, kind: u8, group: u64, entries: &Entries, entry: usize) -> io::Result<()> {
         let bytes = encode_chunk(kind, self.seq, group, entries, entry);
         self.file.write_at(&bytes, self.end)?;
         if let Some(old) = self.index.remove(&group) {
@@ -226,7 +272,7 @@ impl Pack {
         Ok(())
     }
 
-    fn read(&self, c: Chunk, entry: usize, group: u64) -> io::Result<Vec<(u16, Vec<u8>)>> {
+    fn read(&self, c: Chunk, entry: usize, group: u64) -> io::Result<Entries> {
         let mut b = vec![0u8; c.len as usize];
         self.file.read_at(&mut b, c.off)?;
         match decode_chunk(&b, entry, group) {
@@ -287,6 +333,7 @@ impl Records {
                 dense_pending: Vec::new(),
                 dirty: false,
                 syncs,
+                dense: Vec::new(),
             }),
             pack_path: pack_path.to_path_buf(),
         }
@@ -309,7 +356,7 @@ impl Records {
         let (syncs, synced) = decode_heads(&*file)?.unwrap_or((0, FIRST));
         let len = file.len()?;
         let mut index = BTreeMap::new();
-        let mut sparse: BTreeMap<u64, Vec<(u16, Vec<u8>)>> = BTreeMap::new();
+        let mut sparse: BTreeMap<u64, Entries> = BTreeMap::new();
         let (mut at, mut seq) = (FIRST, 1u64);
         // Chunks are read through a buffer far larger than one chunk.
         let longest = (CHUNK_HEADER + DENSE_AT * (2 + entry)).next_multiple_of(8) as u64;
@@ -363,9 +410,9 @@ impl Records {
             // short: only its chunk counts.
             let s = g * group;
             present.remove(s, (s + group).min(blocks));
-            for (i, e) in entries {
+            for (i, e) in entries.iter(entry) {
                 if BlockRecord::decode(e, 0).state != State::Absent {
-                    let b = s + u64::from(*i);
+                    let b = s + u64::from(i);
                     present.insert(b, b + 1, ());
                 }
             }
@@ -400,11 +447,11 @@ impl Records {
             // The group's page is not its record: clear the part read, then fill in.
             let (lo, hi) = (s.max(first), (s + self.group).min(end));
             out[((lo - first) as usize) * e..((hi - first) as usize) * e].fill(0);
-            for (i, entry) in p.read(c, e, self.group)? {
+            for (i, entry) in p.read(c, e, self.group)?.iter(e) {
                 let b = s + u64::from(i);
                 if (lo..hi).contains(&b) {
                     let at = (b - first) as usize * e;
-                    out[at..at + e].copy_from_slice(&entry);
+                    out[at..at + e].copy_from_slice(entry);
                 }
             }
         }
@@ -433,31 +480,22 @@ impl Records {
         let mut p = self.pack.lock();
         let current = match p.index.get(&g) {
             Some(&c) => Some(p.read(c, e, self.group)?),
-            None if n >= DENSE_AT => None,
+            None if n >= DENSE_AT || p.is_dense(g) => None,
             None => {
                 // A group with no page yet and few blocks starts sparse.
                 let mut page = vec![0u8; PAGE];
                 self.rec.read_at(&mut page, g * PAGE as u64)?;
-                page.iter().all(|&x| x == 0).then(Vec::new)
+                page.iter().all(|&x| x == 0).then(Entries::default)
             }
         };
         let Some(current) = current else {
+            p.set_dense(g);
             return self.rec.write_at(entries, b * e as u64);
         };
-        let s = g * self.group;
-        let mut merged: BTreeMap<u16, Vec<u8>> = current.into_iter().collect();
-        for (k, x) in entries.chunks_exact(e).enumerate() {
-            let i = (b - s) as u16 + k as u16;
-            if x.iter().all(|&y| y == 0) {
-                merged.remove(&i);
-            } else {
-                merged.insert(i, x.to_vec());
-            }
-        }
-        if merged.len() < DENSE_AT {
-            let list: Vec<(u16, Vec<u8>)> = merged.into_iter().collect();
+        let merged = current.merged(g * self.group, b, entries, e);
+        if merged.ids.len() < DENSE_AT {
             let new = !p.index.contains_key(&g);
-            p.append(SPARSE, g, &list, e)?;
+            p.append(SPARSE, g, &merged, e)?;
             if new {
                 self.sparse.fetch_add(1, Ordering::AcqRel);
             }
@@ -466,11 +504,12 @@ impl Records {
         // The group moves to its page: whole, so whatever a cut-short earlier move left
         // there goes. Its dense mark waits until the page is durable.
         let mut page = vec![0u8; PAGE];
-        for (i, x) in &merged {
-            let at = usize::from(*i) * e;
+        for (i, x) in merged.iter(e) {
+            let at = usize::from(i) * e;
             page[at..at + e].copy_from_slice(x);
         }
         self.rec.write_at(&page, g * PAGE as u64)?;
+        p.set_dense(g);
         if let Some(old) = p.index.remove(&g) {
             p.live -= u64::from(old.len);
             self.sparse.fetch_sub(1, Ordering::AcqRel);
@@ -506,7 +545,7 @@ impl Records {
         self.rec.sync()?;
         let mut p = self.pack.lock();
         for g in std::mem::take(&mut p.dense_pending) {
-            p.append(DENSE, g, &[], self.entry)?;
+            p.append(DENSE, g, &Entries::default(), self.entry)?;
         }
         if !p.dirty {
             return Ok(());
