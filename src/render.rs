@@ -184,6 +184,7 @@ fn status_json(s: &StatusReply) -> serde_json::Value {
             "reads": c.reads, "writes": c.writes, "flushes": c.flushes, "trims": c.trims,
             "errors": c.errors, "bytes_read": c.bytes_read, "bytes_written": c.bytes_written,
             "nbd_connections": c.nbd_connections, "checksum_errors": c.checksum_errors,
+            "cache_requests": c.cache_requests, "cache_blocks": c.cache_blocks,
         },
     })
 }

@@ -22,7 +22,9 @@ fn nbdinfo_reports_size_and_flags() {
     assert_eq!(e["can_zero"], true);
     assert_eq!(e["can_multi_conn"], true);
     assert_eq!(e["is_read_only"], false);
-    assert_eq!(e["can_cache"], false);
+    assert_eq!(e["can_cache"], true);
+    assert_eq!(e["can_df"], true);
+    assert_eq!(e["can_fast_zero"], true);
     assert_eq!(e["block_size_preferred"], 4096);
     assert_eq!(j["structured"], true);
 

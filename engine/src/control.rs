@@ -158,6 +158,8 @@ impl Engine for ControlService {
                 bytes_written: get(&c.bytes_written),
                 nbd_connections: get(&c.connections),
                 checksum_errors: get(&c.checksum_errors),
+                cache_requests: get(&c.cache_requests),
+                cache_blocks: get(&c.cache_blocks),
             }),
             nbd_address,
             head_allocated: space.as_ref().map_or(0, |s| s.head_allocated),

@@ -45,7 +45,7 @@ fn render_volume(v: &Volume) -> String {
     let desired = v.desired() as u64;
     let c = &v.counters;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let metrics: [(&str, &str, &str, u64); 15] = [
+    let metrics: [(&str, &str, &str, u64); 17] = [
         (
             "tether_volume_io_held",
             "gauge",
@@ -135,6 +135,18 @@ fn render_volume(v: &Volume) -> String {
             "counter",
             "Bad block copies found on replicas.",
             get(&c.checksum_errors),
+        ),
+        (
+            "tether_volume_cache_requests_total",
+            "counter",
+            "Prefetch hints (NBD_CMD_CACHE) passed to a replica.",
+            get(&c.cache_requests),
+        ),
+        (
+            "tether_volume_cache_blocks_total",
+            "counter",
+            "Blocks replicas held and read ahead for prefetch hints.",
+            get(&c.cache_blocks),
         ),
     ];
     let mut out = String::new();

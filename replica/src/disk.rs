@@ -32,6 +32,9 @@ pub trait DiskFile: Send + Sync {
     fn allocated(&self) -> io::Result<u64>;
     /// Reserves `len` bytes from offset 0, so later writes there cannot run out of space.
     fn allocate(&self, len: u64) -> io::Result<()>;
+    /// Hints that `[off, off+len)` will be read soon (best effort; a disk without a
+    /// cache does nothing).
+    fn will_need(&self, _off: u64, _len: u64) {}
 }
 
 /// The filesystem the store lives on.
@@ -114,6 +117,13 @@ impl DiskFile for OsFile {
     fn allocated(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self.0.metadata()?.blocks() * 512)
+    }
+
+    fn will_need(&self, off: u64, len: u64) {
+        let len = std::num::NonZeroU64::new(len);
+        if let Err(e) = rustix::fs::fadvise(&self.0, off, len, rustix::fs::Advice::WillNeed) {
+            tracing::debug!(error = %e, "read-ahead hint refused");
+        }
     }
 
     fn allocate(&self, len: u64) -> io::Result<()> {

@@ -211,6 +211,7 @@ fn reply(id: u64, r: Result<(Bytes, Bytes), StoreError>) -> IoReply {
             message: String::new(),
             data,
             tags,
+            blocks: 0,
         },
         Err(e) => IoReply {
             id,
@@ -315,6 +316,9 @@ impl Replica for ReplicaService {
                 } else {
                     vol
                 };
+                // The copy as it stands before this rebuild: records others keep of what
+                // it missed describe that one (a rebuild gives it a new name).
+                let copy = vol.copy();
                 if req.rebuild {
                     vol.set_rebuilding(true)?;
                 }
@@ -337,7 +341,7 @@ impl Replica for ReplicaService {
                         .map(to_wire)
                         .collect(),
                     idle_ms: 0,
-                    copy: vol.copy(),
+                    copy,
                 })
             },
             &name,
@@ -713,6 +717,7 @@ impl IoStreamState {
             // engine's may apply after that.
             let id = req.id;
             let epoch = self.epoch;
+            let mut blocks = 0;
             let r = match req.op {
                 Some(Op::Write(w)) => match self.check_seq(w.seq) {
                     Ok(()) => done(
@@ -751,6 +756,14 @@ impl IoStreamState {
                     ),
                     Err(e) => Err(e),
                 },
+                Some(Op::Cache(c)) => {
+                    self.apply(move |v| v.prefetch(c.block, c.count))
+                        .await
+                        .map(|n| {
+                            blocks = n;
+                            (Bytes::new(), Bytes::new())
+                        })
+                }
                 Some(Op::Flush(_)) => match self.vol.check_epoch(epoch) {
                     Err(e) => Err(e),
                     // fdatasync runs off the stream so later writes keep flowing; it
@@ -784,7 +797,9 @@ impl IoStreamState {
                     .await;
                 return false;
             }
-            replies.push(reply(id, r));
+            let mut rep = reply(id, r);
+            rep.blocks = blocks;
+            replies.push(rep);
         }
         if replies.is_empty() {
             return true;

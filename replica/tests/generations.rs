@@ -108,3 +108,23 @@ fn a_volume_of_the_format_before_generations_is_upgraded_on_open() {
     let raw = String::from_utf8(disk.read_file_for_test(path)).unwrap();
     assert!(raw.contains("\"format\": 8"), "not upgraded: {raw}");
 }
+
+#[test]
+fn a_rebuild_renames_the_copy_so_older_records_no_longer_apply() {
+    let disk = SimDisk::new();
+    let vols = set(&disk);
+    let (v, _) = vols.get_or_create("v", 1 << 20, None).unwrap();
+    let before = v.copy();
+    v.set_rebuilding(true).unwrap();
+    let during = v.copy();
+    assert_ne!(before, during, "a rebuild keeps the copy's name");
+    // Starting again (a retry after a cut-short rebuild) keeps the new name; ending
+    // the rebuild too.
+    v.set_rebuilding(true).unwrap();
+    assert_eq!(v.copy(), during);
+    v.set_rebuilding(false).unwrap();
+    assert_eq!(v.copy(), during);
+    drop(v);
+    drop(vols);
+    assert_eq!(set(&disk).get("v").unwrap().copy(), during, "not durable");
+}

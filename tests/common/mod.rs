@@ -512,43 +512,160 @@ pub fn sha256(path: &Path) -> String {
     format!("{:x}", sha2::Sha256::digest(&data))
 }
 
-/// A minimal blocking NBD client (fixed newstyle, NBD_OPT_GO, simple replies).
+/// What an [`NbdClient`] negotiates before NBD_OPT_GO.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NbdOptions {
+    /// NBD_OPT_STRUCTURED_REPLY.
+    pub structured: bool,
+    /// NBD_OPT_EXTENDED_HEADERS (then structured replies come with it).
+    pub extended: bool,
+    /// NBD_OPT_SET_META_CONTEXT base:allocation.
+    pub block_status: bool,
+}
+
+/// One reply chunk (a simple reply becomes one chunk of type 0 with the data).
+#[derive(Debug, Clone)]
+pub struct NbdChunk {
+    pub kind: u16,
+    pub flags: u16,
+    /// The extended header's offset field (0 in other framings).
+    pub offset: u64,
+    pub payload: Vec<u8>,
+}
+
+/// A whole reply: its error (0 on success), data read, and chunks.
+#[derive(Debug, Clone)]
+pub struct NbdReply {
+    pub error: u32,
+    pub data: Vec<u8>,
+    pub chunks: Vec<NbdChunk>,
+}
+
+/// A minimal blocking NBD client (fixed newstyle, NBD_OPT_GO; simple replies, or
+/// structured replies, or extended headers).
 pub struct NbdClient {
     s: TcpStream,
     handle: u64,
     pub size: u64,
+    /// Transmission flags from NBD_INFO_EXPORT.
+    pub flags: u16,
+    /// The canonical name, if the server sent NBD_INFO_NAME.
+    pub name: Option<String>,
+    opts: NbdOptions,
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes(b[..2].try_into().unwrap())
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+/// Sends option `opt` with `data` and reads its replies up to the final one:
+/// (reply type, data) of each.
+fn nbd_option(s: &mut TcpStream, opt: u32, data: &[u8]) -> std::io::Result<Vec<(u32, Vec<u8>)>> {
+    use std::io::{Read, Write};
+    let mut o = Vec::new();
+    o.extend_from_slice(b"IHAVEOPT");
+    o.extend_from_slice(&opt.to_be_bytes());
+    o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    o.extend_from_slice(data);
+    s.write_all(&o)?;
+    let mut out = Vec::new();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h)?;
+        let kind = be32(&h[12..]);
+        let mut d = vec![0u8; be32(&h[16..]) as usize];
+        s.read_exact(&mut d)?;
+        out.push((kind, d));
+        // ACK and errors end an option; INFO, SERVER and META_CONTEXT do not.
+        if kind == 1 || kind & 0x8000_0000 != 0 {
+            return Ok(out);
+        }
+    }
+}
+
+/// Connects, sends each option of `opts` (without data) and returns the final reply
+/// type of each, then aborts.
+pub fn nbd_option_replies(addr: SocketAddr, opts: &[u32]) -> Vec<u32> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let replies = opts
+        .iter()
+        .map(|&o| nbd_option(&mut s, o, &[]).unwrap().last().unwrap().0)
+        .collect();
+    let _ = nbd_option(&mut s, 2, &[]);
+    replies
 }
 
 impl NbdClient {
     pub fn connect(addr: SocketAddr, name: &str) -> std::io::Result<NbdClient> {
+        Self::connect_with(addr, name, NbdOptions::default())
+    }
+
+    pub fn connect_with(
+        addr: SocketAddr,
+        name: &str,
+        opts: NbdOptions,
+    ) -> std::io::Result<NbdClient> {
         use std::io::{Read, Write};
         let mut s = TcpStream::connect(addr)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut hello = [0u8; 18];
         s.read_exact(&mut hello)?;
         s.write_all(&3u32.to_be_bytes())?;
-        let mut opt = Vec::new();
-        opt.extend_from_slice(b"IHAVEOPT");
-        opt.extend_from_slice(&7u32.to_be_bytes());
-        opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-        opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        opt.extend_from_slice(name.as_bytes());
-        opt.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&opt)?;
-        let mut size = 0;
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h)?;
-            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-            let mut d = vec![0u8; len];
-            s.read_exact(&mut d)?;
-            match kind {
-                1 => break,
-                3 if u16::from_be_bytes([d[0], d[1]]) == 0 => {
-                    size = u64::from_be_bytes(d[2..10].try_into().unwrap())
+        let refused = |what: &str, r: &[(u32, Vec<u8>)]| {
+            std::io::Error::other(format!(
+                "{what} refused: {:#x}",
+                r.last().map_or(0, |x| x.0)
+            ))
+        };
+        for (on, opt) in [(opts.extended, 11u32), (opts.structured, 8)] {
+            if on {
+                let r = nbd_option(&mut s, opt, &[])?;
+                if r.last().map(|x| x.0) != Some(1) {
+                    return Err(refused("option", &r));
                 }
-                3 => {}
+            }
+        }
+        if opts.block_status {
+            let mut d = Vec::new();
+            d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(&1u32.to_be_bytes());
+            d.extend_from_slice(&15u32.to_be_bytes());
+            d.extend_from_slice(b"base:allocation");
+            let r = nbd_option(&mut s, 10, &d)?;
+            if !r.iter().any(|x| x.0 == 4) {
+                return Err(refused("base:allocation", &r));
+            }
+        }
+        // GO, asking for the canonical name (NBD_INFO_NAME).
+        let mut go = Vec::new();
+        go.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        go.extend_from_slice(name.as_bytes());
+        go.extend_from_slice(&1u16.to_be_bytes());
+        go.extend_from_slice(&1u16.to_be_bytes());
+        let (mut size, mut flags, mut canonical) = (0, 0, None);
+        for (kind, d) in nbd_option(&mut s, 7, &go)? {
+            if kind == 1 {
+                continue;
+            }
+            match (kind, be16(&d)) {
+                (3, 0) => {
+                    size = be64(&d[2..]);
+                    flags = be16(&d[10..]);
+                }
+                (3, 1) => canonical = Some(String::from_utf8_lossy(&d[2..]).to_string()),
+                (3, _) => {}
                 _ => {
                     return Err(std::io::Error::other(format!(
                         "GO refused: {kind:#x} {}",
@@ -557,61 +674,133 @@ impl NbdClient {
                 }
             }
         }
-        Ok(NbdClient { s, handle: 0, size })
+        Ok(NbdClient {
+            s,
+            handle: 0,
+            size,
+            flags,
+            name: canonical,
+            opts,
+        })
     }
 
-    fn request(
+    /// Sends one request (extended headers if negotiated, else compact; `payload`
+    /// follows the header) and reads its whole reply.
+    pub fn send(
         &mut self,
         kind: u16,
         flags: u16,
         offset: u64,
-        data: &[u8],
-        len: u32,
-    ) -> std::io::Result<(u32, Vec<u8>)> {
+        length: u64,
+        payload: &[u8],
+    ) -> std::io::Result<NbdReply> {
         use std::io::{Read, Write};
         self.handle += 1;
-        let mut r = Vec::with_capacity(28 + data.len());
-        r.extend_from_slice(&0x25609513u32.to_be_bytes());
+        let mut r = Vec::with_capacity(32 + payload.len());
+        let magic: u32 = if self.opts.extended {
+            0x21e41c71
+        } else {
+            0x25609513
+        };
+        r.extend_from_slice(&magic.to_be_bytes());
         r.extend_from_slice(&flags.to_be_bytes());
         r.extend_from_slice(&kind.to_be_bytes());
         r.extend_from_slice(&self.handle.to_be_bytes());
         r.extend_from_slice(&offset.to_be_bytes());
-        r.extend_from_slice(&len.to_be_bytes());
-        r.extend_from_slice(data);
-        self.s.write_all(&r)?;
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h)?;
-        assert_eq!(&h[0..4], &0x67446698u32.to_be_bytes(), "simple reply magic");
-        assert_eq!(
-            u64::from_be_bytes(h[8..16].try_into().unwrap()),
-            self.handle
-        );
-        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let mut d = Vec::new();
-        if kind == 0 && err == 0 {
-            d = vec![0u8; len as usize];
-            self.s.read_exact(&mut d)?;
+        if self.opts.extended {
+            r.extend_from_slice(&length.to_be_bytes());
+        } else {
+            r.extend_from_slice(&(length as u32).to_be_bytes());
         }
-        Ok((err, d))
+        r.extend_from_slice(payload);
+        self.s.write_all(&r)?;
+        let mut reply = NbdReply {
+            error: 0,
+            data: Vec::new(),
+            chunks: Vec::new(),
+        };
+        loop {
+            let mut m = [0u8; 4];
+            self.s.read_exact(&mut m)?;
+            let (cflags, ckind, handle, coff, len) = match be32(&m) {
+                0x67446698 => {
+                    let mut h = [0u8; 12];
+                    self.s.read_exact(&mut h)?;
+                    assert_eq!(be64(&h[4..]), self.handle, "reply handle");
+                    reply.error = be32(&h);
+                    if kind == 0 && reply.error == 0 {
+                        reply.data = vec![0u8; length as usize];
+                        self.s.read_exact(&mut reply.data)?;
+                    }
+                    return Ok(reply);
+                }
+                0x668e33ef => {
+                    let mut h = [0u8; 16];
+                    self.s.read_exact(&mut h)?;
+                    (
+                        be16(&h),
+                        be16(&h[2..]),
+                        be64(&h[4..]),
+                        0,
+                        u64::from(be32(&h[12..])),
+                    )
+                }
+                0x6e8a278c => {
+                    let mut h = [0u8; 28];
+                    self.s.read_exact(&mut h)?;
+                    (
+                        be16(&h),
+                        be16(&h[2..]),
+                        be64(&h[4..]),
+                        be64(&h[12..]),
+                        be64(&h[20..]),
+                    )
+                }
+                other => panic!("reply magic {other:#x}"),
+            };
+            assert_eq!(handle, self.handle, "reply handle");
+            let mut p = vec![0u8; len as usize];
+            self.s.read_exact(&mut p)?;
+            if ckind & 0x8000 != 0 {
+                reply.error = be32(&p);
+            } else if ckind == 1 {
+                reply.data.extend_from_slice(&p[8..]);
+            }
+            reply.chunks.push(NbdChunk {
+                kind: ckind,
+                flags: cflags,
+                offset: coff,
+                payload: p,
+            });
+            if cflags & 1 != 0 {
+                return Ok(reply);
+            }
+        }
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<u32> {
-        self.request(1, 0, offset, data, data.len() as u32)
-            .map(|r| r.0)
+        let flags = if self.opts.extended { 1 << 5 } else { 0 };
+        self.send(1, flags, offset, data.len() as u64, data)
+            .map(|r| r.error)
     }
 
     pub fn read(&mut self, offset: u64, len: u32) -> std::io::Result<Result<Vec<u8>, u32>> {
-        let (err, d) = self.request(0, 0, offset, &[], len)?;
-        Ok(if err == 0 { Ok(d) } else { Err(err) })
+        let r = self.send(0, 0, offset, u64::from(len), &[])?;
+        Ok(if r.error == 0 {
+            Ok(r.data)
+        } else {
+            Err(r.error)
+        })
     }
 
     pub fn flush(&mut self) -> std::io::Result<u32> {
-        self.request(3, 0, 0, &[], 0).map(|r| r.0)
+        self.send(3, 0, 0, 0, &[]).map(|r| r.error)
     }
 
     /// Sends any raw request header (for bad-input tests) and returns the error.
     pub fn raw(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> std::io::Result<u32> {
-        self.request(kind, flags, offset, &[], len).map(|r| r.0)
+        self.send(kind, flags, offset, u64::from(len), &[])
+            .map(|r| r.error)
     }
 }
 

@@ -58,7 +58,7 @@ impl BlockDevice for View {
     async fn write_zeroes(
         &self,
         offset: u64,
-        len: u32,
+        len: u64,
         may_trim: bool,
         fua: bool,
     ) -> Result<(), DeviceError> {
@@ -68,8 +68,15 @@ impl BlockDevice for View {
             .await?)
     }
 
-    async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         Ok(self.writable()?.trim(offset, len).await?)
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        match self {
+            // A snapshot's blocks are the head's layers below it: the same hint.
+            View::Head(v) | View::Snapshot(v, _) => Ok(v.cache(offset, len).await?),
+        }
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {

@@ -35,6 +35,9 @@ pub enum DeviceError {
     /// The export does not take writes.
     #[error("{0}")]
     ReadOnly(String),
+    /// A fast zero that could not be fast.
+    #[error("{0}")]
+    NotFast(String),
 }
 
 impl DeviceError {
@@ -46,6 +49,7 @@ impl DeviceError {
             DeviceError::NoSpace(_) => ENOSPC,
             DeviceError::Shutdown(_) => ESHUTDOWN,
             DeviceError::ReadOnly(_) => EPERM,
+            DeviceError::NotFast(_) => ENOTSUP,
         }
     }
 }
@@ -72,12 +76,17 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write_zeroes(
         &self,
         offset: u64,
-        len: u32,
+        len: u64,
         may_trim: bool,
         fua: bool,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Discards a range (advisory).
-    fn trim(&self, offset: u64, len: u32) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    fn trim(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Prefetches a range (advisory): no effect but on speed.
+    fn cache(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), DeviceError>> + Send {
+        let _ = (offset, len);
+        async { Ok(()) }
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Allocation of `[offset, offset+len)` as (length, NBD_STATE_* flags) runs.
@@ -116,14 +125,6 @@ pub trait ExportTable: Send + Sync + 'static {
     /// Names listed by NBD_OPT_LIST.
     fn names(&self) -> Vec<String>;
 }
-
-/// Transmission flags tether advertises: only what is implemented.
-pub const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
-    | TFLAG_SEND_FLUSH
-    | TFLAG_SEND_FUA
-    | TFLAG_SEND_TRIM
-    | TFLAG_SEND_WRITE_ZEROES
-    | TFLAG_CAN_MULTI_CONN;
 
 /// Requests in flight per connection; bounds memory per client.
 const MAX_IN_FLIGHT: usize = 128;
@@ -201,6 +202,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: BlockDevice,
 {
+    // Which client spoke which protocol: the only record of what was negotiated.
+    tracing::info!(export = %export.name, structured_replies = mode.structured,
+        extended_headers = mode.extended, block_status = mode.allocation,
+        "NBD client entered transmission");
     export.device.connection_opened();
     let r = transmission(stream, export.device.clone(), mode, export.read_only).await;
     export.device.connection_closed();
@@ -225,14 +230,6 @@ enum Negotiated<D> {
     StartTls,
 }
 
-fn flags(read_only: bool) -> u16 {
-    if read_only {
-        TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN
-    } else {
-        TRANSMISSION_FLAGS
-    }
-}
-
 async fn send(stream: &mut (impl AsyncWrite + Unpin), buf: &mut BytesMut) -> std::io::Result<()> {
     stream.write_all(buf).await?;
     stream.flush().await?;
@@ -252,8 +249,17 @@ async fn skip(stream: &mut (impl AsyncRead + Unpin), len: u64) -> std::io::Resul
 /// What the client negotiated for transmission.
 #[derive(Debug, Clone, Copy, Default)]
 struct Mode {
+    /// Structured replies, or extended headers (which include them).
     structured: bool,
+    /// Extended headers: 32-byte requests and replies, 64-bit lengths.
+    extended: bool,
     allocation: bool,
+}
+
+impl Mode {
+    fn flags(&self, read_only: bool) -> u16 {
+        transmission_flags(read_only, self.structured)
+    }
 }
 
 /// Sends the greeting and reads the client's flags; returns whether it asked for no
@@ -284,8 +290,7 @@ where
     T: ExportTable,
 {
     let mut out = BytesMut::with_capacity(256);
-    let mut structured = false;
-    let mut allocation = false;
+    let mut mode = Mode::default();
     loop {
         let magic = stream.read_u64().await?;
         if magic != IHAVEOPT {
@@ -334,22 +339,23 @@ where
             continue;
         }
         match option {
+            // The old option has no error reply: the spec says to hang up.
+            OPT_EXPORT_NAME if mode.extended => {
+                return Err(ConnError::Protocol(
+                    "NBD_OPT_EXPORT_NAME after extended headers; use NBD_OPT_GO".into(),
+                ))
+            }
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
                 let Some(export) = exports.find(&name) else {
-                    // The old option has no error reply: the spec says to hang up.
                     return Err(ConnError::Protocol(format!("unknown export {name:?}")));
                 };
                 out.put_u64(export.device.size());
-                out.put_u16(flags(export.read_only));
+                out.put_u16(mode.flags(export.read_only));
                 if !no_zeroes {
                     out.put_slice(&[0u8; 124]);
                 }
                 send(stream, &mut out).await?;
-                let mode = Mode {
-                    structured,
-                    allocation,
-                };
                 return Ok(Negotiated::Go(export, mode));
             }
             OPT_ABORT => {
@@ -371,18 +377,32 @@ where
                     put_option_reply(&mut out, option, REP_ACK, &[]);
                 }
             }
+            OPT_STRUCTURED_REPLY if !data.is_empty() => put_option_reply(
+                &mut out,
+                option,
+                REP_ERR_INVALID,
+                b"STRUCTURED_REPLY takes no data",
+            ),
+            OPT_STRUCTURED_REPLY if mode.extended => put_option_reply(
+                &mut out,
+                option,
+                REP_ERR_EXT_HEADER_REQD,
+                b"extended headers are on and take precedence",
+            ),
             OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    put_option_reply(
-                        &mut out,
-                        option,
-                        REP_ERR_INVALID,
-                        b"STRUCTURED_REPLY takes no data",
-                    );
-                } else {
-                    structured = true;
-                    put_option_reply(&mut out, option, REP_ACK, &[]);
-                }
+                mode.structured = true;
+                put_option_reply(&mut out, option, REP_ACK, &[]);
+            }
+            OPT_EXTENDED_HEADERS if !data.is_empty() => put_option_reply(
+                &mut out,
+                option,
+                REP_ERR_INVALID,
+                b"EXTENDED_HEADERS takes no data",
+            ),
+            OPT_EXTENDED_HEADERS => {
+                mode.extended = true;
+                mode.structured = true;
+                put_option_reply(&mut out, option, REP_ACK, &[]);
             }
             OPT_INFO | OPT_GO => {
                 let Some(info) = parse_info_request(&data) else {
@@ -399,7 +419,7 @@ where
                 let mut d = Vec::with_capacity(12);
                 d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 d.extend_from_slice(&export.device.size().to_be_bytes());
-                d.extend_from_slice(&flags(export.read_only).to_be_bytes());
+                d.extend_from_slice(&mode.flags(export.read_only).to_be_bytes());
                 put_option_reply(&mut out, option, REP_INFO, &d);
                 // Block sizes are always sent: clients that honour them avoid
                 // read-modify-write on their side; min 1 because we do it here.
@@ -423,17 +443,13 @@ where
                 put_option_reply(&mut out, option, REP_ACK, &[]);
                 if option == OPT_GO {
                     send(stream, &mut out).await?;
-                    let mode = Mode {
-                        structured,
-                        allocation,
-                    };
                     return Ok(Negotiated::Go(export, mode));
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let req = parse_meta_request(&data);
                 match req {
-                    _ if !structured => put_option_reply(
+                    _ if !mode.structured => put_option_reply(
                         &mut out,
                         option,
                         REP_ERR_INVALID,
@@ -455,7 +471,7 @@ where
                             q == META_BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()))
                         }) || (!set && req.queries.is_empty());
                         if set {
-                            allocation = wanted;
+                            mode.allocation = wanted;
                         }
                         if wanted {
                             let mut d = META_ID_ALLOCATION.to_be_bytes().to_vec();
@@ -510,7 +526,7 @@ where
     // then one payload per syscall.
     let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_replies(wr, rx, mode.structured));
+    let writer = tokio::spawn(write_replies(wr, rx, mode));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = read_requests(&mut rd, &device, &tx, &permits, read_only, mode).await;
     // Let requests already running finish and be answered before closing.
@@ -536,25 +552,41 @@ where
         size: device.size(),
         read_only,
         allocation: mode.allocation,
+        structured: mode.structured,
+        extended: mode.extended,
     };
     loop {
-        let mut hdr = [0u8; REQUEST_LEN];
-        match rd.read_exact(&mut hdr).await {
+        let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
+        let len = if mode.extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        };
+        match rd.read_exact(&mut hdr[..len]).await {
             Ok(_) => {}
             // A client that hangs up between requests just leaves.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
         }
-        let req = parse_request(&hdr).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        // A header of the other framing cannot be told from garbage: the stream is
+        // out of sync, so the connection ends.
+        let parsed = if mode.extended {
+            parse_extended_request(&hdr)
+        } else {
+            let mut compact = [0u8; REQUEST_LEN];
+            compact.copy_from_slice(&hdr[..REQUEST_LEN]);
+            parse_request(&compact)
+        };
+        let req = parsed.map_err(|e| ConnError::Protocol(e.to_string()))?;
         let mut payload = Bytes::new();
-        if req.has_payload() {
-            if req.length > MAX_PAYLOAD {
+        let payload_len = req.payload_len(mode.extended);
+        if payload_len > 0 {
+            if payload_len > u64::from(MAX_PAYLOAD) {
                 return Err(ConnError::Protocol(format!(
-                    "write of {} bytes exceeds the maximum {MAX_PAYLOAD}",
-                    req.length
+                    "a payload of {payload_len} bytes exceeds the maximum {MAX_PAYLOAD}"
                 )));
             }
-            let mut buf = BytesMut::zeroed(req.length as usize);
+            let mut buf = BytesMut::zeroed(payload_len as usize);
             rd.read_exact(&mut buf).await?;
             payload = buf.freeze();
         }
@@ -593,6 +625,9 @@ where
                 Command::Trim { offset, length } => {
                     device.trim(offset, length).await.map(|_| ReplyData::None)
                 }
+                Command::Cache { offset, length } => {
+                    device.cache(offset, length).await.map(|_| ReplyData::None)
+                }
                 Command::WriteZeroes {
                     offset,
                     length,
@@ -626,11 +661,12 @@ impl From<Refusal> for DeviceError {
             Refusal::Invalid(m) => DeviceError::Invalid(m),
             Refusal::NoSpace(m) => DeviceError::NoSpace(m),
             Refusal::ReadOnly(m) => DeviceError::ReadOnly(m),
+            Refusal::NotFast(m) => DeviceError::NotFast(m),
         }
     }
 }
 
-async fn write_replies<W>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>, structured: bool)
+async fn write_replies<W>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>, mode: Mode)
 where
     W: AsyncWrite + Unpin,
 {
@@ -638,7 +674,11 @@ where
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(r) = next {
-            encode_reply(&mut hdr, &r, structured);
+            if mode.extended {
+                encode_extended_reply(&mut hdr, &r);
+            } else {
+                encode_reply(&mut hdr, &r, mode.structured);
+            }
             if let Ok(ReplyData::Data(chunks, _)) = &r.result {
                 // Big payloads go out directly; the header buffer goes first.
                 if wr.write_all(&hdr).await.is_err() {
@@ -659,6 +699,38 @@ where
         hdr.clear();
     }
     let _ = wr.shutdown().await;
+}
+
+/// Every reply under extended headers is one extended chunk: data, block status,
+/// an error, or NONE for a bare success (simple replies are not allowed).
+fn encode_extended_reply(out: &mut BytesMut, r: &Reply) {
+    let (h, at) = (r.handle, r.offset);
+    match &r.result {
+        Ok(ReplyData::Status(runs)) => {
+            let len = 8 + 16 * runs.len() as u64;
+            put_extended_header(
+                out,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS_EXT,
+                h,
+                at,
+                len,
+            );
+            out.put_u32(META_ID_ALLOCATION);
+            out.put_u32(runs.len() as u32);
+            for &(l, f) in runs {
+                out.put_u64(u64::from(l));
+                out.put_u64(u64::from(f));
+            }
+        }
+        Ok(ReplyData::Data(_, len)) => {
+            let n = 8 + u64::from(*len);
+            put_extended_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h, at, n);
+            out.put_u64(at);
+        }
+        Ok(ReplyData::None) => put_extended_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, h, at, 0),
+        Err(e) => put_extended_error(out, h, at, e.errno(), &e.to_string()),
+    }
 }
 
 fn encode_reply(out: &mut BytesMut, r: &Reply, structured: bool) {

@@ -174,6 +174,8 @@ pub struct Payload {
     pub data: Bytes,
     /// `crypt::SEAL` bytes per block on encrypted volumes, else empty.
     pub tags: Bytes,
+    /// For a prefetch: blocks the replica held and read ahead.
+    pub blocks: u64,
 }
 
 /// A request's waiter, with when it was sent.
@@ -342,6 +344,7 @@ impl ReplicaConn {
                             Ok(ErrorCode::Ok) => Ok(Payload {
                                 data: r.data,
                                 tags: r.tags,
+                                blocks: r.blocks,
                             }),
                             code => {
                                 // Before anyone hears the answer: no acknowledgement

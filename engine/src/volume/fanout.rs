@@ -229,17 +229,16 @@ impl Volume {
         }
         self.check_fence()?;
         let _held = self.hold(first, end).await;
-        let count = u32::try_from(end - first)
-            .map_err(|_| VolumeError::Invalid("zero range too large".to_string()))?;
         self.check_quorum()?;
-        let waiting = self.submit_ordered(|seq| {
-            Op::Zero(Zero {
-                seq,
-                block: first,
-                count,
-            })
-        });
-        self.wait_all(waiting).await
+        // One request per 2^31 blocks (8 TiB): extended headers allow 64-bit lengths.
+        let mut block = first;
+        while block < end {
+            let count = (end - block).min(1 << 31) as u32;
+            let waiting = self.submit_ordered(|seq| Op::Zero(Zero { seq, block, count }));
+            self.wait_all(waiting).await?;
+            block += u64::from(count);
+        }
+        Ok(())
     }
 
     pub(super) fn count<T>(&self, r: Result<T, VolumeError>) -> Result<T, VolumeError> {
@@ -267,12 +266,11 @@ impl Volume {
     pub async fn write_zeroes(
         &self,
         offset: u64,
-        len: u32,
+        len: u64,
         may_trim: bool,
         fua: bool,
     ) -> Result<(), VolumeError> {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
-        let len = u64::from(len);
         let r = async {
             if may_trim {
                 // Partial edge blocks get real zeroes; whole blocks are deallocated.
@@ -304,9 +302,9 @@ impl Volume {
     }
 
     /// Discards whole blocks of a range.
-    pub async fn trim(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.counters.trims.fetch_add(1, Ordering::Relaxed);
-        let r = self.zero_whole_blocks(offset, u64::from(len)).await;
+        let r = self.zero_whole_blocks(offset, len).await;
         self.count(r)
     }
 

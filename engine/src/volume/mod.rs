@@ -68,6 +68,10 @@ pub struct Counters {
     pub connections: AtomicU64,
     /// Block copies that failed their checksum on some replica.
     pub checksum_errors: AtomicU64,
+    /// Prefetch hints passed to a replica.
+    pub cache_requests: AtomicU64,
+    /// Blocks replicas held and read ahead for them.
+    pub cache_blocks: AtomicU64,
 }
 
 /// A replicated volume served by this engine.

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tether_proto::replica::{io_request::Op, Read, Write};
+use tether_proto::replica::{io_request::Op, Cache, Read, Write};
 
 use super::{Held, Served, Volume, BLOCK};
 use crate::error::VolumeError;
@@ -226,6 +226,49 @@ impl Volume {
             block + u64::from(count),
             problems.join("; ")
         ))
+    }
+
+    /// Passes a prefetch hint for `[offset, offset+len)` to one healthy replica (the
+    /// next in the reads' turn), which reads what it holds of it ahead.
+    pub async fn cache(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.counters.cache_requests.fetch_add(1, Ordering::Relaxed);
+        let end = offset.saturating_add(len).min(self.size()).div_ceil(BLOCK);
+        let mut block = offset / BLOCK;
+        let reps = self.replicas();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let Some(r) = (0..reps.len())
+            .map(|i| &reps[(start + i) % reps.len()])
+            .find(|r| r.is_healthy())
+        else {
+            return self.count(Err(VolumeError::Io(format!(
+                "volume {}: no healthy replica to pass a prefetch hint to",
+                self.name
+            ))));
+        };
+        while block < end {
+            let count = (end - block).min(u64::from(u32::MAX)) as u32;
+            let rx = r.submit(Op::Cache(Cache { block, count }));
+            let res = match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(res)) => res.map_err(|e| e.to_string()),
+                Ok(Err(_)) => Err("connection lost".to_string()),
+                Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+            };
+            match res {
+                Ok(p) => {
+                    self.counters
+                        .cache_blocks
+                        .fetch_add(p.blocks, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    return self.count(Err(VolumeError::Io(format!(
+                        "volume {}: replica {} failed a prefetch hint: {e}",
+                        self.name, r.addr
+                    ))))
+                }
+            }
+            block += u64::from(count);
+        }
+        Ok(())
     }
 
     /// Reads blocks as stored (ciphertext and seals) from replica `r`.

@@ -8,6 +8,7 @@ use super::error::StoreError;
 use super::log::codec::{self, BLOCK};
 use super::log::Recent;
 use super::record::{BlockRecord, State};
+use crate::extents::ExtentMap;
 
 /// The hash reported for a block that failed its checksum (it matches nothing real
 /// with overwhelming odds, so a rebuild copies over it).
@@ -32,6 +33,39 @@ pub(super) fn read(
     let inner = v.read_inner()?;
     let chain = chain_of(v, &inner, snapshot)?;
     read_chain(v, &inner, &chain, block, count)
+}
+
+/// Asks the disk to read ahead what the head's layers hold of `[block, block+count)`
+/// (NBD_CMD_CACHE); returns how many of those blocks the volume holds.
+pub(super) fn prefetch(v: &Core, block: u64, count: u32) -> Result<u64, StoreError> {
+    // No data moves: the work follows the extents, not the range's length.
+    v.check_range(block, u64::from(count), false)?;
+    let inner = v.read_inner()?;
+    let end = block + u64::from(count);
+    let mut held: ExtentMap<()> = ExtentMap::new();
+    for id in inner.chain.iter() {
+        let Some(layer) = inner.layers.get(id) else {
+            continue;
+        };
+        for (s, e, _) in layer.present.within(block, end) {
+            held.insert(s, e, ());
+            // Either slot may hold a block's data; a hole costs the kernel nothing.
+            for slot in [0, 1] {
+                layer
+                    .files
+                    .slot(slot)
+                    .will_need(s * BLOCK as u64, (e - s) * BLOCK as u64);
+            }
+        }
+    }
+    // Blocks still in the log were written lately: cached already, but held.
+    let log = &inner.log;
+    for m in std::iter::once(&log.recent).chain(log.frozen.as_deref()) {
+        for (s, e, _) in m.within(block, end) {
+            held.insert(s, e, ());
+        }
+    }
+    Ok(held.blocks())
 }
 
 /// The layers a read of the head (or of `snapshot`) goes through, newest first.

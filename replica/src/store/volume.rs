@@ -344,7 +344,15 @@ impl Volume {
         } else {
             v.end_away(&mut inner)?;
         }
-        v.save_meta(&mut inner, |m| m.rebuilding = on)
+        v.save_meta(&mut inner, |m| {
+            m.rebuilding = on;
+            if on {
+                // A rebuild rewinds blocks to a snapshot's version on the way: cut
+                // short, it leaves a copy no record of what it missed describes.
+                // This rebuild still uses the records of the copy it started from.
+                m.copy = super::meta::new_copy_id();
+            }
+        })
     }
 
     /// Starts (or adds to) the record of what is written while replica `replica` is
@@ -446,6 +454,12 @@ impl Volume {
         count: u32,
     ) -> Result<(Bytes, Bytes), StoreError> {
         read::read(&self.core, snapshot, block, count)
+    }
+
+    /// Asks the disk to read ahead what the volume holds of `[block, block+count)`;
+    /// returns how many of those blocks it holds.
+    pub fn prefetch(&self, block: u64, count: u32) -> Result<u64, StoreError> {
+        read::prefetch(&self.core, block, count)
     }
 
     /// A 64-bit hash of each block of the head (or of snapshot `name`), verified: a
