@@ -41,9 +41,14 @@ fn bad_requests_get_spec_errors_and_the_connection_survives() {
     );
     assert_eq!(cl.raw(99, 0, 0, 0).unwrap(), 22, "unknown command: EINVAL");
     assert_eq!(
-        cl.raw(5, 0, 0, 4096).unwrap(),
+        cl.raw(5, 0, size - 4096, 8192).unwrap(),
         22,
-        "CACHE is not advertised: EINVAL"
+        "CACHE past the end: EINVAL"
+    );
+    assert_eq!(
+        cl.raw(5, 1 << 2, 0, 4096).unwrap(),
+        22,
+        "a flag of another command on CACHE: EINVAL"
     );
     assert_eq!(
         cl.raw(0, 0x80, 0, 4096).unwrap(),

@@ -301,6 +301,20 @@ fn a_cache_hint_from_nbdsh_reaches_a_replica() {
     assert_eq!(counter(&c, "cache_requests"), 1);
     // The replica held the 256 blocks written, of the 1,024 asked for.
     assert_eq!(counter(&c, "cache_blocks"), 256);
+    // libnbd asking for full information gets the canonical name of the default
+    // export (the empty name) and its description.
+    let script = format!(
+        "h.set_full_info(True); h.connect_uri('nbd://{}/'); \
+         print(h.get_canonical_export_name()); print(h.get_export_description())",
+        c.engine().nbd
+    );
+    let out = run(Command::new("/usr/bin/python3").args(["-m", "nbd", "-c", &script]));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        vec!["vol", "tether volume vol"],
+        "{text}"
+    );
 }
 
 #[test]

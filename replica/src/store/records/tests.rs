@@ -217,3 +217,38 @@ fn power_cuts_keep_synced_records() {
         }
     }
 }
+
+proptest::proptest! {
+    /// Whatever bytes `.pack` holds, decoding answers without panicking.
+    #[test]
+    fn decoding_any_bytes_never_panics(
+        b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2400),
+        wide in proptest::prelude::any::<bool>(),
+    ) {
+        let len = if wide { 64 } else { 8 };
+        let _ = decode_chunk(&b, len, (PAGE / len) as u64);
+    }
+
+    /// A chunk decodes to what was encoded, and any flipped byte is caught.
+    #[test]
+    fn chunks_round_trip_and_a_flipped_byte_is_caught(
+        ids in proptest::collection::btree_set(0u16..64, 0..DENSE_AT),
+        seq in proptest::prelude::any::<u64>(),
+        group in proptest::prelude::any::<u64>(),
+        flip in proptest::prelude::any::<proptest::sample::Index>(),
+    ) {
+        let len = 64;
+        let entries = Entries {
+            ids: ids.iter().copied().collect(),
+            data: ids.iter().flat_map(|&i| entry(u64::from(i), 1, len)).collect(),
+        };
+        let bytes = encode_chunk(SPARSE, seq, group, &entries, len);
+        let d = decode_chunk(&bytes, len, 64).unwrap();
+        proptest::prop_assert_eq!((d.kind, d.seq, d.group, d.len), (SPARSE, seq, group, bytes.len()));
+        proptest::prop_assert_eq!(&d.entries.ids, &entries.ids);
+        proptest::prop_assert_eq!(&d.entries.data, &entries.data);
+        let mut bad = bytes.clone();
+        bad[flip.index(bytes.len())] ^= 0x10;
+        proptest::prop_assert!(decode_chunk(&bad, len, 64).is_none());
+    }
+}
