@@ -316,9 +316,9 @@ impl Replica for ReplicaService {
                 } else {
                     vol
                 };
-                // The copy as it stands before this rebuild: records others keep of what
-                // it missed describe that one (a rebuild gives it a new name).
-                let copy = vol.copy();
+                // Read before a rebuild starts: this rebuild may follow records of the
+                // copy as it stands; an unfinished earlier one may not.
+                let copy = vol.copy_for_records();
                 if req.rebuild {
                     vol.set_rebuilding(true)?;
                 }

@@ -134,8 +134,8 @@ fn a_seed_replays_byte_for_byte() {
 /// - 5242: a rebuild cut short by a power cut had rewound a block of the target's head
 ///   to a snapshot's version on the way; the next rebuild followed the source's record
 ///   of what the target missed while away, which did not name that block, and left it
-///   stale (now: a rebuild gives the target's copy a new name, so records of the old
-///   one no longer apply to it).
+///   stale (now: while a rebuild into a replica is unfinished, its open reply names no
+///   copy, so no record applies to it).
 #[test]
 fn former_finds() {
     for seed in [

@@ -344,15 +344,7 @@ impl Volume {
         } else {
             v.end_away(&mut inner)?;
         }
-        v.save_meta(&mut inner, |m| {
-            m.rebuilding = on;
-            if on {
-                // A rebuild rewinds blocks to a snapshot's version on the way: cut
-                // short, it leaves a copy no record of what it missed describes.
-                // This rebuild still uses the records of the copy it started from.
-                m.copy = super::meta::new_copy_id();
-            }
-        })
+        v.save_meta(&mut inner, |m| m.rebuilding = on)
     }
 
     /// Starts (or adds to) the record of what is written while replica `replica` is
@@ -404,6 +396,19 @@ impl Volume {
     /// has another name.
     pub fn copy(&self) -> u64 {
         self.core.inner.read().meta.copy
+    }
+
+    /// The name under which others' records of what this copy missed apply to it: its
+    /// copy, or 0 (no record applies) while a rebuild into it is unfinished. On its
+    /// way a rebuild rewinds blocks of the head to a snapshot's version, so one cut
+    /// short leaves a copy that no record describes.
+    pub fn copy_for_records(&self) -> u64 {
+        let inner = self.core.inner.read();
+        if inner.meta.rebuilding {
+            0
+        } else {
+            inner.meta.copy
+        }
     }
 
     /// Records whether an engine has the volume open (false) or closed it cleanly.
