@@ -204,43 +204,39 @@ pub struct RequestHeader {
     pub length: u64,
 }
 
-/// Parses a request header.
-pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, CodecError> {
-    let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    if magic != REQUEST_MAGIC {
+/// The fields both framings share, at the same offsets; `length` reads the rest.
+fn parse_fields(
+    b: &[u8],
+    want: u32,
+    length: impl Fn(&[u8]) -> u64,
+) -> Result<RequestHeader, CodecError> {
+    let be = |i: usize, n: usize| b[i..i + n].iter().fold(0u64, |a, &x| a << 8 | u64::from(x));
+    let magic = be(0, 4) as u32;
+    if magic != want {
         return Err(CodecError::BadMagic(magic));
     }
-    let u64_at = |i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i..i + 8]);
-        u64::from_be_bytes(a)
-    };
     Ok(RequestHeader {
-        flags: u16::from_be_bytes([b[4], b[5]]),
-        kind: u16::from_be_bytes([b[6], b[7]]),
-        handle: u64_at(8),
-        offset: u64_at(16),
-        length: u64::from(u32::from_be_bytes([b[24], b[25], b[26], b[27]])),
+        flags: be(4, 2) as u16,
+        kind: be(6, 2) as u16,
+        handle: be(8, 8),
+        offset: be(16, 8),
+        length: length(b),
+    })
+}
+
+/// Parses a request header.
+pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, CodecError> {
+    parse_fields(b, REQUEST_MAGIC, |b| {
+        u64::from(u32::from_be_bytes([b[24], b[25], b[26], b[27]]))
     })
 }
 
 /// Parses an extended request header (after NBD_OPT_EXTENDED_HEADERS).
 pub fn parse_extended_request(b: &[u8; EXTENDED_REQUEST_LEN]) -> Result<RequestHeader, CodecError> {
-    let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    if magic != EXTENDED_REQUEST_MAGIC {
-        return Err(CodecError::BadMagic(magic));
-    }
-    let u64_at = |i: usize| {
+    parse_fields(b, EXTENDED_REQUEST_MAGIC, |b| {
         let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i..i + 8]);
+        a.copy_from_slice(&b[24..32]);
         u64::from_be_bytes(a)
-    };
-    Ok(RequestHeader {
-        flags: u16::from_be_bytes([b[4], b[5]]),
-        kind: u16::from_be_bytes([b[6], b[7]]),
-        handle: u64_at(8),
-        offset: u64_at(16),
-        length: u64_at(24),
     })
 }
 
@@ -467,15 +463,20 @@ pub fn command(req: &RequestHeader, n: &Checks) -> Result<Command, Refusal> {
     Ok(cmd)
 }
 
-/// Encodes a compact request header (used by tests and tools); the length is cut
-/// to its 32 bits.
-pub fn encode_request(h: &RequestHeader) -> [u8; REQUEST_LEN] {
-    let mut b = [0u8; REQUEST_LEN];
-    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+/// Writes the fields both framings share into the start of `b`.
+fn encode_fields(b: &mut [u8], magic: u32, h: &RequestHeader) {
+    b[0..4].copy_from_slice(&magic.to_be_bytes());
     b[4..6].copy_from_slice(&h.flags.to_be_bytes());
     b[6..8].copy_from_slice(&h.kind.to_be_bytes());
     b[8..16].copy_from_slice(&h.handle.to_be_bytes());
     b[16..24].copy_from_slice(&h.offset.to_be_bytes());
+}
+
+/// Encodes a compact request header (used by tests and tools); the length is cut
+/// to its 32 bits.
+pub fn encode_request(h: &RequestHeader) -> [u8; REQUEST_LEN] {
+    let mut b = [0u8; REQUEST_LEN];
+    encode_fields(&mut b, REQUEST_MAGIC, h);
     b[24..28].copy_from_slice(&(h.length as u32).to_be_bytes());
     b
 }
@@ -483,11 +484,7 @@ pub fn encode_request(h: &RequestHeader) -> [u8; REQUEST_LEN] {
 /// Encodes an extended request header (used by tests and tools).
 pub fn encode_extended_request(h: &RequestHeader) -> [u8; EXTENDED_REQUEST_LEN] {
     let mut b = [0u8; EXTENDED_REQUEST_LEN];
-    b[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
-    b[4..6].copy_from_slice(&h.flags.to_be_bytes());
-    b[6..8].copy_from_slice(&h.kind.to_be_bytes());
-    b[8..16].copy_from_slice(&h.handle.to_be_bytes());
-    b[16..24].copy_from_slice(&h.offset.to_be_bytes());
+    encode_fields(&mut b, EXTENDED_REQUEST_MAGIC, h);
     b[24..32].copy_from_slice(&h.length.to_be_bytes());
     b
 }
