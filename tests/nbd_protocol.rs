@@ -128,6 +128,9 @@ fn extended_headers_carry_64_bit_requests() {
     assert_eq!(counter(&c, "cache_blocks") - before, 16);
 
     // Zeroes over 7 GiB and a trim of 6 GiB: lengths no compact header can carry.
+    // Zeroes that must stay allocated are written as data: that many are refused.
+    let r = cl.send(ZEROES, NO_HOLE, 0, 7 * GIB, &[]).unwrap();
+    assert_eq!(r.error, 75, "EOVERFLOW");
     let r = cl.send(ZEROES, FAST_ZERO, 0, 7 * GIB, &[]).unwrap();
     assert_eq!(r.error, 0);
     let r = cl.send(READ, 0, at, 4096, &[]).unwrap();

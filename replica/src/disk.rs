@@ -120,9 +120,17 @@ impl DiskFile for OsFile {
     }
 
     fn will_need(&self, off: u64, len: u64) {
-        let len = std::num::NonZeroU64::new(len);
-        if let Err(e) = rustix::fs::fadvise(&self.0, off, len, rustix::fs::Advice::WillNeed) {
-            tracing::debug!(error = %e, "read-ahead hint refused");
+        // The kernel reads ahead at most one readahead window per hint (128 KiB by
+        // default): a longer range is hinted a window at a time.
+        const WINDOW: u64 = 128 << 10;
+        let mut at = off;
+        while at < off + len {
+            let n = std::num::NonZeroU64::new(WINDOW.min(off + len - at));
+            if let Err(e) = rustix::fs::fadvise(&self.0, at, n, rustix::fs::Advice::WillNeed) {
+                tracing::debug!(error = %e, "read-ahead hint refused");
+                return;
+            }
+            at += WINDOW;
         }
     }
 

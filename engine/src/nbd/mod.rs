@@ -38,6 +38,9 @@ pub enum DeviceError {
     /// A fast zero that could not be fast.
     #[error("{0}")]
     NotFast(String),
+    /// More work than one request may ask for.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl DeviceError {
@@ -50,6 +53,7 @@ impl DeviceError {
             DeviceError::Shutdown(_) => ESHUTDOWN,
             DeviceError::ReadOnly(_) => EPERM,
             DeviceError::NotFast(_) => ENOTSUP,
+            DeviceError::TooLarge(_) => EOVERFLOW,
         }
     }
 }
@@ -622,9 +626,14 @@ where
                     .await
                     .map(|_| ReplyData::None),
                 Command::Flush => device.flush().await.map(|_| ReplyData::None),
-                Command::Trim { offset, length } => {
-                    device.trim(offset, length).await.map(|_| ReplyData::None)
-                }
+                Command::Trim {
+                    offset,
+                    length,
+                    fua,
+                } => match device.trim(offset, length).await {
+                    Ok(()) if fua => device.flush().await.map(|_| ReplyData::None),
+                    r => r.map(|_| ReplyData::None),
+                },
                 Command::Cache { offset, length } => {
                     device.cache(offset, length).await.map(|_| ReplyData::None)
                 }
@@ -662,6 +671,7 @@ impl From<Refusal> for DeviceError {
             Refusal::NoSpace(m) => DeviceError::NoSpace(m),
             Refusal::ReadOnly(m) => DeviceError::ReadOnly(m),
             Refusal::NotFast(m) => DeviceError::NotFast(m),
+            Refusal::TooLarge(m) => DeviceError::TooLarge(m),
         }
     }
 }

@@ -173,6 +173,9 @@ pub const ESHUTDOWN: u32 = 108;
 pub const REQUEST_LEN: usize = 28;
 /// Length of an extended transmission request header.
 pub const EXTENDED_REQUEST_LEN: usize = 32;
+/// Most bytes of zeroes one NO_HOLE request may write as data (as compact headers
+/// allowed).
+pub const NO_HOLE_MAX: u64 = u32::MAX as u64;
 /// Most a block status request covers at once: a reply may cover less than asked,
 /// and descriptors of compact replies hold 32-bit lengths.
 pub const BLOCK_STATUS_MAX: u64 = 0xffff_f000;
@@ -272,8 +275,8 @@ pub enum Command {
     Write { offset: u64, length: u32, fua: bool },
     /// Make every completed write durable.
     Flush,
-    /// Discard a range (advisory).
-    Trim { offset: u64, length: u64 },
+    /// Discard a range (advisory); with `fua`, durably.
+    Trim { offset: u64, length: u64, fua: bool },
     /// Write zeroes; `may_trim` unless the client asked for no holes. A fast zero
     /// (which may not be slower than a write) always may trim: one that may not is
     /// refused before this.
@@ -341,6 +344,9 @@ pub enum Refusal {
     /// ENOTSUP: a fast zero that could not be fast.
     #[error("{0}")]
     NotFast(String),
+    /// EOVERFLOW: more work than one request may ask for.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// The command flags a request of `kind` may carry after negotiating `n` (FUA on
@@ -404,7 +410,11 @@ pub fn command(req: &RequestHeader, n: &Checks) -> Result<Command, Refusal> {
             fua,
         },
         CMD_FLUSH => Command::Flush,
-        CMD_TRIM => Command::Trim { offset, length },
+        CMD_TRIM => Command::Trim {
+            offset,
+            length,
+            fua,
+        },
         CMD_CACHE => Command::Cache { offset, length },
         CMD_WRITE_ZEROES => {
             let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
@@ -415,6 +425,13 @@ pub fn command(req: &RequestHeader, n: &Checks) -> Result<Command, Refusal> {
                     "zeroes that must stay allocated (NO_HOLE) are written as data; not fast"
                         .into(),
                 ));
+            }
+            if !may_trim && length > NO_HOLE_MAX {
+                // Written as data, 1 MiB at a time: a 64-bit length would tie the
+                // connection up for hours. The spec allows refusing it so.
+                return Err(Refusal::TooLarge(format!(
+                    "zeroes that must stay allocated are written as data: at most {NO_HOLE_MAX} bytes per request, not {length}"
+                )));
             }
             Command::WriteZeroes {
                 offset,
@@ -808,7 +825,8 @@ mod tests {
             command(&req(CMD_TRIM, 0, 0, 1 << 36), &ext),
             Ok(Command::Trim {
                 offset: 0,
-                length: 1 << 36
+                length: 1 << 36,
+                fua: false
             })
         );
         assert_eq!(
@@ -839,6 +857,12 @@ mod tests {
             Err(Refusal::NotFast(_))
         ));
         assert!(command(&req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 8), &rw).is_ok());
+        // Zeroes written as data are bounded per request; holes are not.
+        assert!(matches!(
+            command(&req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1 << 33), &ext),
+            Err(Refusal::TooLarge(_))
+        ));
+        assert!(command(&req(CMD_WRITE_ZEROES, 0, 0, 1 << 33), &ext).is_ok());
         assert_eq!(
             command(&req(CMD_CACHE, 0, 4096, 8192), &rw),
             Ok(Command::Cache {

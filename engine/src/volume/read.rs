@@ -246,7 +246,8 @@ impl Volume {
             ))));
         };
         while block < end {
-            let count = (end - block).min(u64::from(u32::MAX)) as u32;
+            // 1 GiB per request: a replica's stream does not stall on one hint.
+            let count = (end - block).min(1 << 18) as u32;
             let rx = r.submit(Op::Cache(Cache { block, count }));
             let res = match tokio::time::timeout(self.timeout, rx).await {
                 Ok(Ok(res)) => res.map_err(|e| e.to_string()),

@@ -40,29 +40,42 @@ pub(super) fn read(
 pub(super) fn prefetch(v: &Core, block: u64, count: u32) -> Result<u64, StoreError> {
     // No data moves: the work follows the extents, not the range's length.
     v.check_range(block, u64::from(count), false)?;
-    let inner = v.read_inner()?;
     let end = block + u64::from(count);
     let mut held: ExtentMap<()> = ExtentMap::new();
-    for id in inner.chain.iter() {
-        let Some(layer) = inner.layers.get(id) else {
-            continue;
-        };
-        for (s, e, _) in layer.present.within(block, end) {
-            held.insert(s, e, ());
-            // Either slot may hold a block's data; a hole costs the kernel nothing.
-            for slot in [0, 1] {
-                layer
-                    .files
-                    .slot(slot)
-                    .will_need(s * BLOCK as u64, (e - s) * BLOCK as u64);
+    let mut ahead = Vec::new();
+    {
+        let inner = v.read_inner()?;
+        for id in inner.chain.iter() {
+            let Some(layer) = inner.layers.get(id) else {
+                continue;
+            };
+            let runs: Vec<(u64, u64)> = layer
+                .present
+                .within(block, end)
+                .map(|(s, e, _)| (s, e))
+                .collect();
+            for &(s, e) in &runs {
+                held.insert(s, e, ());
+            }
+            ahead.push((layer.files(), runs));
+        }
+        // Blocks still in the log were written lately: cached already, but held.
+        let log = &inner.log;
+        for m in std::iter::once(&log.recent).chain(log.frozen.as_deref()) {
+            for (s, e, _) in m.within(block, end) {
+                held.insert(s, e, ());
             }
         }
     }
-    // Blocks still in the log were written lately: cached already, but held.
-    let log = &inner.log;
-    for m in std::iter::once(&log.recent).chain(log.frozen.as_deref()) {
-        for (s, e, _) in m.within(block, end) {
-            held.insert(s, e, ());
+    // The hints go out without the volume's lock: writers need not wait for them.
+    for (files, runs) in ahead {
+        for (s, e) in runs {
+            // Either slot may hold a block's data; a hole costs the kernel nothing.
+            for slot in [0, 1] {
+                files
+                    .slot(slot)
+                    .will_need(s * BLOCK as u64, (e - s) * BLOCK as u64);
+            }
         }
     }
     Ok(held.blocks())
