@@ -437,12 +437,7 @@ impl Records {
         // leaves the index under this lock.
         let p = self.pack.lock();
         self.rec.read_at(out, first * e as u64)?;
-        let groups: Vec<(u64, Chunk)> = p
-            .index
-            .range(first / self.group..end.div_ceil(self.group))
-            .map(|(&g, &c)| (g, c))
-            .collect();
-        for (g, c) in groups {
+        for (&g, &c) in p.index.range(first / self.group..end.div_ceil(self.group)) {
             let s = g * self.group;
             // The group's page is not its record: clear the part read, then fill in.
             let (lo, hi) = (s.max(first), (s + self.group).min(end));
