@@ -1,0 +1,22 @@
+//! tether backups: a volume's snapshot cut into fixed, aligned chunks, each named by
+//! a keyed hash of its content, compressed and sealed with a key of the target's own,
+//! and stored in a local directory or an S3 bucket with one manifest per backup.
+//! `docs/backup.md` has the whole design.
+
+pub mod chunk;
+pub mod create;
+pub mod error;
+pub mod keys;
+pub mod manifest;
+pub mod progress;
+pub mod restore;
+pub mod target;
+
+pub use chunk::ChunkName;
+pub use create::{create, Job, Scope, Source};
+pub use error::BackupError;
+pub use keys::{Keys, Secret};
+pub use manifest::{Header, Manifest};
+pub use progress::Progress;
+pub use restore::{restore, verify, Sink};
+pub use target::{Target, TargetConfig, TargetSpec};

@@ -1,0 +1,374 @@
+//! A backup target: a local directory or an S3 bucket, through `object_store`, and
+//! the layout of what tether keeps in it.
+//!
+//! ```text
+//! PREFIX/target.json                 format, chunk size, the wrapped master key
+//! PREFIX/chunks/ab/abcdef…           one object per chunk, named by its keyed hash
+//! PREFIX/backups/VOLUME/ID           one sealed manifest per backup
+//! PREFIX/latest/VOLUME               the id of the volume's newest complete backup
+//! ```
+//!
+//! Volume names and backup times are visible to whoever can list the bucket; chunk
+//! contents, chunk maps, snapshot names and labels are not.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{ChunkName, DEFAULT_CHUNK};
+use crate::error::BackupError;
+use crate::keys::{Keys, Secret, WrappedKey};
+use crate::manifest::{check_chunk_size, Manifest};
+
+/// Where a target is and how to reach it; credentials ride along, never on a command line.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetSpec {
+    /// `/path`, `file:///path` or `s3://bucket/prefix`.
+    pub url: String,
+    /// S3: the endpoint, e.g. `http://127.0.0.1:9000` (empty: AWS).
+    #[serde(default)]
+    pub endpoint: String,
+    /// S3: the region (default us-east-1).
+    #[serde(default)]
+    pub region: String,
+    /// S3: path-style requests (`endpoint/bucket/key`), as most non-AWS servers want.
+    #[serde(default)]
+    pub path_style: bool,
+    /// S3: access key id.
+    #[serde(default)]
+    pub access_key: String,
+    /// S3: secret access key.
+    #[serde(default)]
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for TargetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TargetSpec({})", self.display())
+    }
+}
+
+impl TargetSpec {
+    /// The target as people name it (no credentials).
+    pub fn display(&self) -> String {
+        if self.endpoint.is_empty() {
+            self.url.clone()
+        } else {
+            format!("{} at {}", self.url, self.endpoint)
+        }
+    }
+}
+
+/// What `target.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetConfig {
+    /// Layout format.
+    pub format: u32,
+    /// Bytes per chunk, fixed when the target is made.
+    pub chunk_size: u64,
+    /// Seconds since the Unix epoch when the target was made.
+    pub created: u64,
+    /// The master key, wrapped.
+    pub key: WrappedKey,
+}
+
+/// An open target.
+#[derive(Clone)]
+pub struct Target {
+    store: Arc<dyn ObjectStore>,
+    prefix: Vec<String>,
+    name: String,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Target({})", self.name)
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Target {
+    /// Connects to the target `spec` names (no request is made yet).
+    pub fn connect(spec: &TargetSpec) -> Result<Target, BackupError> {
+        let name = spec.display();
+        let bad = |why: String| BackupError::Invalid(format!("backup target {name}: {why}"));
+        let (store, prefix): (Arc<dyn ObjectStore>, String) =
+            if let Some(rest) = spec.url.strip_prefix("s3://") {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(bad("no bucket: give s3://BUCKET[/PREFIX]".into()));
+                }
+                let mut b = object_store::aws::AmazonS3Builder::new()
+                    .with_bucket_name(bucket)
+                    .with_region(if spec.region.is_empty() {
+                        "us-east-1"
+                    } else {
+                        &spec.region
+                    })
+                    .with_retry(object_store::RetryConfig {
+                        max_retries: 3,
+                        retry_timeout: Duration::from_secs(30),
+                        ..Default::default()
+                    });
+                if !spec.endpoint.is_empty() {
+                    b = b
+                        .with_endpoint(&spec.endpoint)
+                        .with_allow_http(spec.endpoint.starts_with("http://"));
+                }
+                b = b.with_virtual_hosted_style_request(!spec.path_style);
+                if spec.access_key.is_empty() || spec.secret_key.is_empty() {
+                    return Err(bad(
+                        "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give --s3-credentials FILE".into(),
+                    ));
+                }
+                b = b
+                    .with_access_key_id(&spec.access_key)
+                    .with_secret_access_key(&spec.secret_key);
+                let s = b.build().map_err(|e| bad(e.to_string()))?;
+                (Arc::new(s), prefix.to_string())
+            } else {
+                let dir = PathBuf::from(spec.url.strip_prefix("file://").unwrap_or(&spec.url));
+                if !dir.is_absolute() {
+                    return Err(bad(
+                        "a directory target needs an absolute path, or s3://BUCKET/PREFIX".into(),
+                    ));
+                }
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| BackupError::Target(format!("backup target {name}: {e}")))?;
+                let s = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| bad(e.to_string()))?;
+                (Arc::new(s), String::new())
+            };
+        Ok(Target {
+            store,
+            prefix: prefix
+                .split('/')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
+            name,
+        })
+    }
+
+    /// The target's name, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn path(&self, parts: &[&str]) -> Path {
+        Path::from_iter(self.prefix.iter().map(String::as_str).chain(parts.iter().copied()))
+    }
+
+    fn err(&self, what: &str, e: object_store::Error) -> BackupError {
+        match e {
+            object_store::Error::NotFound { .. } => {
+                BackupError::NotFound(format!("backup target {}: {what}: not found", self.name))
+            }
+            e => BackupError::Target(format!("backup target {}: {what}: {e}", self.name)),
+        }
+    }
+
+    async fn get(&self, path: &Path, what: &str) -> Result<Bytes, BackupError> {
+        let r = self.store.get(path).await.map_err(|e| self.err(what, e))?;
+        r.bytes().await.map_err(|e| self.err(what, e))
+    }
+
+    async fn put(&self, path: &Path, data: Vec<u8>, what: &str) -> Result<(), BackupError> {
+        self.store
+            .put(path, PutPayload::from(data))
+            .await
+            .map(drop)
+            .map_err(|e| self.err(what, e))
+    }
+
+    /// Creates the target: a new master key wrapped under `secret`. Refused when it
+    /// already holds a target.json.
+    pub async fn init(&self, chunk_size: u64, secret: &Secret) -> Result<Keys, BackupError> {
+        check_chunk_size(chunk_size)?;
+        match self.config().await {
+            Ok(_) => {
+                return Err(BackupError::Exists(format!(
+                    "backup target {} is already initialised; use `tether backup target show` or `rekey`",
+                    self.name
+                )))
+            }
+            Err(BackupError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let keys = Keys::generate()?;
+        let cfg = TargetConfig {
+            format: 1,
+            chunk_size,
+            created: now_secs(),
+            key: keys.wrap(secret)?,
+        };
+        self.write_config(&cfg).await?;
+        Ok(keys)
+    }
+
+    async fn write_config(&self, cfg: &TargetConfig) -> Result<(), BackupError> {
+        let json = serde_json::to_vec_pretty(cfg)
+            .map_err(|e| BackupError::Invalid(format!("encoding target.json: {e}")))?;
+        self.put(&self.path(&["target.json"]), json, "writing target.json")
+            .await
+    }
+
+    /// Reads `target.json`.
+    pub async fn config(&self) -> Result<TargetConfig, BackupError> {
+        let b = match self.get(&self.path(&["target.json"]), "reading target.json").await {
+            Err(BackupError::NotFound(_)) => {
+                return Err(BackupError::NotFound(format!(
+                    "backup target {} holds no target.json: create it with `tether backup target init`",
+                    self.name
+                )))
+            }
+            r => r?,
+        };
+        let cfg: TargetConfig = serde_json::from_slice(&b).map_err(|e| {
+            BackupError::Corrupt(format!("backup target {}: target.json: {e}", self.name))
+        })?;
+        check_chunk_size(cfg.chunk_size)?;
+        if cfg.format != 1 {
+            return Err(BackupError::Invalid(format!(
+                "backup target {}: format {} is newer than this tether; use a newer tether",
+                self.name, cfg.format
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// Reads the configuration and opens the master key with `secret`.
+    pub async fn unlock(&self, secret: &Secret) -> Result<(TargetConfig, Keys), BackupError> {
+        let cfg = self.config().await?;
+        let keys = Keys::unwrap(&cfg.key, secret, &self.name)?;
+        Ok((cfg, keys))
+    }
+
+    /// Wraps the master key under `new` instead of `old`; the chunks are untouched.
+    pub async fn rekey(&self, old: &Secret, new: &Secret) -> Result<(), BackupError> {
+        let (mut cfg, keys) = self.unlock(old).await?;
+        cfg.key = keys.wrap(new)?;
+        self.write_config(&cfg).await
+    }
+
+    /// Checks that the target can be written: puts and deletes a probe object.
+    pub async fn check_writable(&self) -> Result<(), BackupError> {
+        let r: [u8; 8] = crate::keys::random()?;
+        let p = self.path(&["probe", &hex::encode(r)]);
+        self.put(&p, b"tether probe".to_vec(), "writing a probe object")
+            .await?;
+        self.store
+            .delete(&p)
+            .await
+            .map_err(|e| self.err("deleting a probe object", e))
+    }
+
+    fn chunk_path(&self, name: &ChunkName) -> Path {
+        let h = name.hex();
+        self.path(&["chunks", &h[..2], &h])
+    }
+
+    /// Stores a chunk's object (idempotent: the same name is the same content).
+    pub async fn put_chunk(&self, name: &ChunkName, object: Vec<u8>) -> Result<(), BackupError> {
+        self.put(&self.chunk_path(name), object, &format!("writing chunk {name}"))
+            .await
+    }
+
+    /// Fetches a chunk's object.
+    pub async fn get_chunk(&self, name: &ChunkName) -> Result<Bytes, BackupError> {
+        self.get(&self.chunk_path(name), &format!("reading chunk {name}"))
+            .await
+    }
+
+    /// Stores a manifest, then (when `latest`) moves the volume's latest pointer to it.
+    pub async fn put_manifest(
+        &self,
+        keys: &Keys,
+        m: &Manifest,
+        latest: bool,
+    ) -> Result<(), BackupError> {
+        let h = &m.header;
+        let what = format!("writing the manifest of backup {}/{}", h.volume, h.id);
+        self.put(&self.path(&["backups", &h.volume, &h.id]), m.seal(keys)?, &what)
+            .await?;
+        if latest {
+            self.put(
+                &self.path(&["latest", &h.volume]),
+                h.id.clone().into_bytes(),
+                "writing the latest pointer",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Reads and opens backup `id` of `volume`.
+    pub async fn manifest(&self, keys: &Keys, volume: &str, id: &str) -> Result<Manifest, BackupError> {
+        let b = match self
+            .get(&self.path(&["backups", volume, id]), "reading a manifest")
+            .await
+        {
+            Err(BackupError::NotFound(_)) => {
+                return Err(BackupError::NotFound(format!(
+                    "backup target {}: no backup {volume}/{id}; `tether backup ls` lists them",
+                    self.name
+                )))
+            }
+            r => r?,
+        };
+        Manifest::open(keys, volume, id, &b)
+    }
+
+    /// The id of the volume's newest complete backup, from its latest pointer.
+    pub async fn latest(&self, volume: &str) -> Result<Option<String>, BackupError> {
+        match self
+            .get(&self.path(&["latest", volume]), "reading the latest pointer")
+            .await
+        {
+            Ok(b) => Ok(Some(String::from_utf8_lossy(&b).trim().to_string())),
+            Err(BackupError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every backup in the target (or of `volume`), as (volume, id), oldest first per volume.
+    pub async fn list(&self, volume: Option<&str>) -> Result<Vec<(String, String)>, BackupError> {
+        let base = match volume {
+            Some(v) => self.path(&["backups", v]),
+            None => self.path(&["backups"]),
+        };
+        let skip = self.prefix.len() + 1;
+        let mut out: Vec<(String, String)> = self
+            .store
+            .list(Some(&base))
+            .map_ok(|m| m.location.parts().map(|p| p.as_ref().to_string()).collect::<Vec<_>>())
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| self.err("listing backups", e))?
+            .into_iter()
+            .filter_map(|p| match p.get(skip..) {
+                Some([v, id]) => Some((v.clone(), id.clone())),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// The default chunk size a new target gets.
+pub const fn default_chunk_size() -> u64 {
+    DEFAULT_CHUNK
+}
