@@ -487,6 +487,17 @@ impl Replica for ReplicaService {
         let req = req.into_inner();
         let vol = self.volume(&req.volume).await?;
         let name = vol.name().to_string();
+        if !req.since.is_empty() {
+            let changed = self
+                .blocking
+                .run(
+                    move || vol.changed_between(&req.snapshot, &req.since, req.block, req.count),
+                    &name,
+                )
+                .await
+                .map_err(status)?;
+            return Ok(Response::new(runs_reply(changed)));
+        }
         if !req.changed_for.is_empty() {
             let changed = self
                 .blocking
@@ -503,18 +514,7 @@ impl Replica for ReplicaService {
                 )
                 .await
                 .map_err(status)?;
-            return Ok(Response::new(MapReply {
-                no_record: changed.is_none(),
-                extents: changed
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(s, e)| tether_proto::replica::Extent {
-                        block: s,
-                        count: e - s,
-                        allocated: true,
-                    })
-                    .collect(),
-            }));
+            return Ok(Response::new(runs_reply(changed)));
         }
         let extents = self
             .blocking
@@ -553,6 +553,22 @@ impl Replica for ReplicaService {
             .await
             .map_err(status)?;
         Ok(Response::new(DeleteSnapshotReply {}))
+    }
+}
+
+/// A `Map` answer of runs, or of "no record" when there are none to give.
+fn runs_reply(runs: Option<Vec<(u64, u64)>>) -> MapReply {
+    MapReply {
+        no_record: runs.is_none(),
+        extents: runs
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(s, e)| tether_proto::replica::Extent {
+                block: s,
+                count: e - s,
+                allocated: true,
+            })
+            .collect(),
     }
 }
 

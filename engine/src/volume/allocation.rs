@@ -59,7 +59,19 @@ impl Volume {
         r: &ReplicaConn,
         snapshot: &str,
     ) -> Result<Vec<(u64, u64)>, String> {
-        Ok(self.mapped(r, snapshot, "", 0).await?.unwrap_or_default())
+        Ok(self.mapped(r, snapshot, "", 0, "").await?.unwrap_or_default())
+    }
+
+    /// The runs of blocks where snapshot `snapshot` may differ from the older
+    /// snapshot `since` on replica `r`, from its layer index; `None` when `since` is
+    /// gone there or is not an ancestor of `snapshot`.
+    pub async fn changed_between(
+        &self,
+        r: &ReplicaConn,
+        snapshot: &str,
+        since: &str,
+    ) -> Result<Option<Vec<(u64, u64)>>, String> {
+        self.mapped(r, snapshot, "", 0, since).await
     }
 
     /// The runs of blocks written on replica `r` since `away` (its copy of the volume
@@ -69,16 +81,18 @@ impl Volume {
         r: &ReplicaConn,
         away: &ReplicaConn,
     ) -> Result<Option<Vec<(u64, u64)>>, String> {
-        self.mapped(r, "", &away.addr, away.copy()).await
+        self.mapped(r, "", &away.addr, away.copy(), "").await
     }
 
-    /// `Map` over the whole volume: allocated runs, or with `changed_for` the record's.
+    /// `Map` over the whole volume: allocated runs, or with `changed_for` the record's,
+    /// or with `since` the snapshots' difference.
     async fn mapped(
         &self,
         r: &ReplicaConn,
         snapshot: &str,
         changed_for: &str,
         changed_for_copy: u64,
+        since: &str,
     ) -> Result<Option<Vec<(u64, u64)>>, String> {
         let total = self.size() / super::BLOCK;
         let mut out = Vec::new();
@@ -92,6 +106,7 @@ impl Volume {
                 snapshot: snapshot.to_string(),
                 changed_for: changed_for.to_string(),
                 changed_for_copy,
+                since: since.to_string(),
             };
             let reply = match tokio::time::timeout(self.timeout, r.link().map(req)).await {
                 Ok(Ok(reply)) => reply,

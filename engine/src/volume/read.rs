@@ -420,6 +420,7 @@ impl Volume {
             snapshot: String::new(),
             changed_for: String::new(),
             changed_for_copy: 0,
+            since: String::new(),
         };
         let map = self.ask(&r, r.link().map(req)).await?;
         let stop = offset + u64::from(len);

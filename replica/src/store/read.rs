@@ -265,6 +265,55 @@ pub(super) fn map(
     Ok(out)
 }
 
+/// The runs of `[block, block+count)` that snapshot `snapshot` may hold differently
+/// from snapshot `since`: the blocks present in the layers of `snapshot`'s chain above
+/// `since`'s. `None` when `since` is gone or not an ancestor of `snapshot` (after a
+/// revert to an older snapshot): then only a full comparison can tell.
+pub(super) fn changed_between(
+    v: &Core,
+    snapshot: &str,
+    since: &str,
+    block: u64,
+    count: u64,
+) -> Result<Option<Vec<(u64, u64)>>, StoreError> {
+    v.check_range(block, count, false)?;
+    let inner = v.inner.read();
+    let chain = chain_of(v, &inner, Some(snapshot))?;
+    if inner.meta.snapshot(since).is_none() {
+        return Ok(None);
+    }
+    let base = chain_of(v, &inner, Some(since))?;
+    if !chain.ends_with(&base) {
+        return Ok(None);
+    }
+    let end = block + count;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for id in &chain[..chain.len() - base.len()] {
+        let Some(layer) = inner.layers.get(id) else {
+            continue;
+        };
+        let mut p = block;
+        while p < end {
+            match layer.present.run(p, end) {
+                Ok(((), e)) => {
+                    runs.push((p, e));
+                    p = e;
+                }
+                Err(b) => p = b.max(p + 1),
+            }
+        }
+    }
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in runs {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    Ok(Some(out))
+}
+
 /// Where block `p` comes from on `chain`, and how far that source runs (< `end`).
 fn source(inner: &Inner, chain: &[u64], with_log: bool, p: u64, end: u64) -> (Source, u64) {
     let mut bound = end;

@@ -489,6 +489,19 @@ impl Volume {
         read::map(&self.core, snapshot, block, count)
     }
 
+    /// The runs of `[block, block+count)` where snapshot `snapshot` may differ from
+    /// snapshot `since` (from the layer index), or `None` when `since` is not an
+    /// ancestor of `snapshot` on this replica.
+    pub fn changed_between(
+        &self,
+        snapshot: &str,
+        since: &str,
+        block: u64,
+        count: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, StoreError> {
+        read::changed_between(&self.core, snapshot, since, block, count)
+    }
+
     /// Freezes the head as snapshot `name` and starts a new empty head.
     pub fn snapshot(&self, name: &str) -> Result<(), StoreError> {
         snapshot::create(&self.core, name)
