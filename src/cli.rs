@@ -69,6 +69,169 @@ pub(crate) enum Cmd {
         #[command(subcommand)]
         cmd: SnapshotCmd,
     },
+    /// Back volumes up to a directory or S3 bucket, encrypted, and restore them.
+    Backup {
+        #[command(subcommand)]
+        cmd: BackupCmd,
+    },
+}
+
+/// Where the backups are and what opens them. Credentials and passphrases come from
+/// the environment or files, never from the command line.
+#[derive(clap::Args, Clone)]
+pub(crate) struct BackupTarget {
+    /// The target: an absolute directory, file:///DIR, or s3://BUCKET[/PREFIX].
+    #[arg(long = "target", env = "TETHER_BACKUP_TARGET")]
+    pub(crate) url: String,
+    /// S3 endpoint, e.g. http://127.0.0.1:9000 (default: AWS).
+    #[arg(long, env = "TETHER_S3_ENDPOINT")]
+    pub(crate) s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub(crate) s3_region: String,
+    /// Path-style S3 requests (ENDPOINT/BUCKET/KEY), as most servers besides AWS want.
+    #[arg(long, env = "TETHER_S3_PATH_STYLE")]
+    pub(crate) s3_path_style: bool,
+    /// File with `access_key_id = …` and `secret_access_key = …` lines (else
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).
+    #[arg(long)]
+    pub(crate) s3_credentials: Option<PathBuf>,
+    /// File holding the backup passphrase (else TETHER_BACKUP_PASSPHRASE).
+    #[arg(long)]
+    pub(crate) passphrase_file: Option<PathBuf>,
+    /// File of at least 32 random bytes that wraps the master key instead of a passphrase.
+    #[arg(long)]
+    pub(crate) backup_key_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum BackupCmd {
+    /// Create, check or re-key a backup target.
+    Target {
+        #[command(subcommand)]
+        cmd: BackupTargetCmd,
+    },
+    /// Back a volume up (its engine does it); shows bytes, rate and ETA.
+    Create {
+        #[command(flatten)]
+        engine: Target,
+        #[command(flatten)]
+        target: BackupTarget,
+        /// Back up this existing snapshot instead of taking one.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// A label KEY=VALUE for the manifest (repeat).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Chunks read and uploaded at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: u32,
+    },
+    /// List the backups in the target (of one volume, if named).
+    Ls {
+        #[command(flatten)]
+        target: BackupTarget,
+        /// Only this volume's backups.
+        volume: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a backup's manifest: snapshot, parent, sizes and what it uploaded.
+    Inspect {
+        #[command(flatten)]
+        target: BackupTarget,
+        /// VOLUME (its latest backup) or VOLUME/ID.
+        backup: String,
+        /// The newest backup of VOLUME at or before this time (RFC 3339, e.g. 2026-12-04T18:00:00Z).
+        #[arg(long)]
+        at: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download every chunk of a backup and check it against its name.
+    Verify {
+        #[command(flatten)]
+        target: BackupTarget,
+        /// VOLUME (its latest backup) or VOLUME/ID.
+        backup: String,
+        /// The newest backup of VOLUME at or before this time.
+        #[arg(long)]
+        at: Option<String>,
+        /// Chunks downloaded at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: u32,
+    },
+    /// Restore a backup into a volume on the given replicas (through an engine this
+    /// command runs, or the volume's running engine), or into a plain image file.
+    Restore {
+        #[command(flatten)]
+        target: BackupTarget,
+        /// VOLUME (its latest backup) or VOLUME/ID.
+        backup: String,
+        /// The newest backup of VOLUME at or before this time.
+        #[arg(long)]
+        at: Option<String>,
+        /// The volume to restore into (created on the replicas if it does not exist).
+        #[arg(long, required_unless_present = "to_file", conflicts_with = "to_file")]
+        volume: Option<String>,
+        /// Replica daemon addresses for the volume (repeat).
+        #[arg(long = "replica")]
+        replicas: Vec<String>,
+        /// Write a raw image file here instead (no cluster needed).
+        #[arg(long)]
+        to_file: Option<PathBuf>,
+        /// The new volume's key (32 bytes, 64 hex digits or a passphrase; else
+        /// TETHER_ENCRYPTION_KEY): the restored data is sealed under it.
+        #[arg(long)]
+        encryption_key_file: Option<PathBuf>,
+        /// The running engine's control socket, if the volume has one elsewhere.
+        #[arg(long)]
+        control_socket: Option<PathBuf>,
+        /// Chunks downloaded and written at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: u32,
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum BackupTargetCmd {
+    /// Make a new target: a random master key, wrapped by the passphrase or key file.
+    Init {
+        #[command(flatten)]
+        target: BackupTarget,
+        /// Bytes per chunk, fixed for the target: a power of two from 256K to 16M.
+        #[arg(long, default_value = "1M", value_parser = parse_size)]
+        chunk_size: u64,
+    },
+    /// Check a target: reachable, writable, and opened by the passphrase or key file.
+    Show {
+        #[command(flatten)]
+        target: BackupTarget,
+    },
+    /// Wrap the master key under a new passphrase (TETHER_BACKUP_NEW_PASSPHRASE or
+    /// --new-passphrase-file) or a new key file; backups stay as they are.
+    Rekey {
+        #[command(flatten)]
+        target: BackupTarget,
+        /// File holding the new passphrase.
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+        /// New key file (at least 32 random bytes).
+        #[arg(long)]
+        new_backup_key_file: Option<PathBuf>,
+    },
+}
+
+/// Parses `KEY=VALUE`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 #[derive(clap::Args)]

@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 
+mod backup;
 mod cli;
 mod daemon;
 mod pki;
@@ -47,6 +48,8 @@ fn run() -> Result<()> {
         } => io_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() / 2)),
         Cmd::Engine(a) => a.io_threads,
+        // A restore runs an engine and opens chunks on this runtime.
+        Cmd::Backup { .. } => 2,
         // Clients and `up` (which starts the daemons as processes) do little I/O.
         _ => 1,
     };
@@ -83,6 +86,7 @@ fn run() -> Result<()> {
             } => tls::init(&dir, &hosts),
             Cmd::Volume { cmd } => volume::volume_cmd(cmd).await,
             Cmd::Snapshot { cmd } => snapshot::snapshot_cmd(cmd).await,
+            Cmd::Backup { cmd } => backup::backup_cmd(cmd).await,
         }
     })
 }

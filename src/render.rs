@@ -1,6 +1,6 @@
 //! Everything the CLI prints about a volume: tables for people, JSON for scripts.
 
-use tether_proto::engine::{Snapshot, StatusReply};
+use tether_proto::engine::{BackupProgress, Snapshot, StatusReply};
 
 /// A byte count for people: B, KiB, MiB or GiB.
 pub(crate) fn human(bytes: u64) -> String {
@@ -132,6 +132,117 @@ pub(crate) fn status(s: &StatusReply, json: bool) {
         "          read {} bytes, written {} bytes, {} NBD connections, {} bad block copies seen",
         c.bytes_read, c.bytes_written, c.nbd_connections, c.checksum_errors
     );
+    if let Some(b) = &s.backup {
+        println!("{}", job_line(b));
+    }
+}
+
+/// One line about a backup or restore, running or ended.
+fn job_line(b: &BackupProgress) -> String {
+    match b.state.as_str() {
+        "running" => format!(
+            "{:<9} {} {:.1}% ({} of {}), {}/s, ETA {} s, uploaded {} in {} objects, to {}",
+            b.operation,
+            b.backup,
+            percent(b.done_bytes, b.total_bytes, 0.0),
+            human(b.done_bytes),
+            human(b.total_bytes),
+            human(b.rate_bytes),
+            b.eta_seconds,
+            human(b.object_bytes),
+            b.objects,
+            b.target
+        ),
+        "failed" => format!(
+            "{:<9} {} FAILED {} s ago: {}",
+            b.operation, b.backup, b.ended_seconds_ago, b.error
+        ),
+        _ => format!(
+            "{:<9} {} done {} s ago ({}; {} read, {} in {} objects), {}",
+            b.operation,
+            b.backup,
+            b.ended_seconds_ago,
+            b.method,
+            human(b.done_bytes),
+            human(b.object_bytes),
+            b.objects,
+            b.target
+        ),
+    }
+}
+
+/// Prints the backups of a target, oldest first per volume.
+pub(crate) fn backups(list: &[tether_backup::Manifest], json: bool) {
+    if json {
+        let rows: Vec<serde_json::Value> = list.iter().map(backup_json).collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return;
+    }
+    println!(
+        "{:<16} {:<24} {:<21} {:>10} {:>8} {:>10}  method",
+        "volume", "backup", "time", "size", "chunks", "uploaded"
+    );
+    for m in list {
+        let h = &m.header;
+        println!(
+            "{:<16} {:<24} {:<21} {:>10} {:>8} {:>10}  {}",
+            h.volume,
+            h.id,
+            h.time(),
+            human(h.size),
+            m.chunks.len(),
+            human(h.stats.bytes_uploaded),
+            h.stats.method
+        );
+    }
+}
+
+fn backup_json(m: &tether_backup::Manifest) -> serde_json::Value {
+    let h = &m.header;
+    serde_json::json!({
+        "volume": h.volume, "id": h.id, "time": h.time(), "created": h.created,
+        "size": h.size, "chunk_size": h.chunk_size, "snapshot": h.snapshot,
+        "snapshot_seq": h.snapshot_seq, "parent": h.parent, "labels": h.labels,
+        "chunks": m.chunks.len(), "distinct_chunks": m.chunks.iter().map(|c| c.1).collect::<std::collections::HashSet<_>>().len(),
+        "stats": {
+            "method": h.stats.method, "chunks_read": h.stats.chunks_read,
+            "chunks_uploaded": h.stats.chunks_uploaded, "bytes_read": h.stats.bytes_read,
+            "bytes_uploaded": h.stats.bytes_uploaded, "millis": h.stats.millis,
+        },
+    })
+}
+
+/// Prints one backup's manifest.
+pub(crate) fn backup(m: &tether_backup::Manifest, json: bool) {
+    if json {
+        println!("{}", backup_json(m));
+        return;
+    }
+    let h = &m.header;
+    let st = &h.stats;
+    println!("backup    {}/{}", h.volume, h.id);
+    println!("time      {}", h.time());
+    println!("size      {} ({} bytes), chunks of {}", human(h.size), h.size, human(h.chunk_size));
+    println!("snapshot  {} (write seq {})", h.snapshot, h.snapshot_seq);
+    println!("parent    {}", h.parent.as_deref().unwrap_or("none (a full backup)"));
+    println!(
+        "chunks    {} holding data of {} ({} all-zero, not stored)",
+        m.chunks.len(),
+        h.chunk_count(),
+        h.chunk_count() - m.chunks.len() as u64
+    );
+    println!(
+        "made by   {}: read {} chunks ({}), uploaded {} ({}) in {:.1} s",
+        st.method,
+        st.chunks_read,
+        human(st.bytes_read),
+        st.chunks_uploaded,
+        human(st.bytes_uploaded),
+        st.millis as f64 / 1000.0
+    );
+    for (k, v) in &h.labels {
+        println!("label     {k}={v}");
+    }
 }
 
 /// Prints the status of an engine that does not serve yet.
@@ -180,6 +291,12 @@ fn status_json(s: &StatusReply) -> serde_json::Value {
         "io_held": s.io_held, "waiting_reason": s.waiting_reason, "waiting_for": s.waiting_for,
         "waiting_seconds": s.waiting_seconds, "open_attempts": s.open_attempts,
         "snapshots": snapshots, "replicas": replicas,
+        "backup": s.backup.as_ref().map(|b| serde_json::json!({
+            "operation": b.operation, "backup": b.backup, "state": b.state,
+            "total_bytes": b.total_bytes, "done_bytes": b.done_bytes, "objects": b.objects,
+            "object_bytes": b.object_bytes, "rate_bytes": b.rate_bytes, "eta_seconds": b.eta_seconds,
+            "error": b.error, "error_kind": b.error_kind, "method": b.method, "target": b.target,
+        })),
         "counters": {
             "reads": c.reads, "writes": c.writes, "flushes": c.flushes, "trims": c.trims,
             "errors": c.errors, "bytes_read": c.bytes_read, "bytes_written": c.bytes_written,

@@ -25,14 +25,14 @@ pub trait Sink: Send + Sync {
     fn finish(&self) -> BoxFuture<'_, Result<(), BackupError>>;
 }
 
-/// Fetches chunk `index` of `m` and returns its checked content.
+/// Fetches chunk `index` of `m`: its checked content and the object's size.
 async fn fetch(
     target: &Target,
     keys: &Keys,
     m: &Manifest,
     index: u64,
     name: ChunkName,
-) -> Result<Vec<u8>, BackupError> {
+) -> Result<(Vec<u8>, u64), BackupError> {
     let h = &m.header;
     let what = format!(
         "backup {}/{}: chunk {index} ({name})",
@@ -49,7 +49,9 @@ async fn fetch(
     };
     let len = h.chunk_len(index) as usize;
     let k = keys.clone();
-    blocking(move || chunk::open(&k, &name, &object, len, &what)).await?
+    let stored = object.len() as u64;
+    let content = blocking(move || chunk::open(&k, &name, &object, len, &what)).await??;
+    Ok((content, stored))
 }
 
 /// Restores `m` into `sink`. With `sink_is_empty`, all-zero chunks are not written.
@@ -88,9 +90,9 @@ pub async fn restore(
     let progress = &progress;
     futures::stream::iter(m.chunks.iter().copied())
         .map(|(index, name)| async move {
-            let data = fetch(target, keys, m, index, name).await?;
+            let (data, stored) = fetch(target, keys, m, index, name).await?;
             let n = data.len() as u64;
-            progress.object(n);
+            progress.object(stored);
             sink.write(index * h.chunk_size, data).await?;
             progress.add(n);
             Ok::<(), BackupError>(())
@@ -124,8 +126,8 @@ pub async fn verify(
             let r = fetch(target, keys, m, index, name).await;
             progress.add(h.chunk_len(index));
             match r {
-                Ok(d) => {
-                    progress.object(d.len() as u64);
+                Ok((_, stored)) => {
+                    progress.object(stored);
                     Ok(None)
                 }
                 Err(BackupError::Corrupt(msg)) => Ok(Some(msg)),

@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 use tether_proto::engine::engine_client::EngineClient;
 use tether_proto::engine::engine_server::{Engine, EngineServer};
 use tether_proto::engine::{
-    Counters, ExpandReply, ExpandRequest, ReplicaReply, ReplicaRequest, ReplicaStatus, Snapshot,
+    BackupProgress, BackupRequest, Counters, RestoreRequest, ExpandReply, ExpandRequest, ReplicaReply, ReplicaRequest, ReplicaStatus, Snapshot,
     SnapshotList, SnapshotReply, SnapshotRequest, StatusReply, StatusRequest, VerifyProblem,
     VerifyProgress, VerifyRequest,
 };
@@ -40,12 +40,32 @@ pub fn default_socket(volume: &str) -> PathBuf {
 /// other requests once the engine serves.
 pub struct ControlService {
     state: Arc<EngineState>,
+    /// The running backup or restore, or the last one.
+    job: Arc<parking_lot::Mutex<Option<Arc<crate::backup::Job>>>>,
 }
 
 impl ControlService {
     /// Serves the control API of the engine whose phase is `state`.
     pub fn new(state: Arc<EngineState>) -> ControlService {
-        ControlService { state }
+        ControlService {
+            state,
+            job: Arc::new(parking_lot::Mutex::new(None)),
+        }
+    }
+
+    /// Starts `job` unless another backup or restore is running.
+    fn start_job(&self, job: &Arc<crate::backup::Job>) -> Result<(), Status> {
+        let mut cur = self.job.lock();
+        if let Some(j) = cur.as_ref().filter(|j| !j.finished()) {
+            return Err(Status::already_exists(format!(
+                "volume {}: a {} ({}) is already running; wait for it (`tether volume status`)",
+                self.state.volume,
+                j.operation,
+                j.backup.lock()
+            )));
+        }
+        *cur = Some(job.clone());
+        Ok(())
     }
 
     /// The served volume, or UNAVAILABLE saying what the engine waits for.
@@ -178,6 +198,7 @@ impl Engine for ControlService {
                 .map(|g| g.in_sync.into_iter().collect())
                 .unwrap_or_default(),
             salvages: v.salvages().to_vec(),
+            backup: self.job.lock().as_ref().map(|j| j.report()),
             ..Default::default()
         }))
     }
@@ -289,6 +310,73 @@ impl Engine for ControlService {
         Ok(Response::new(ExpandReply { size }))
     }
 
+    type BackupStream = ProgressStream;
+
+    async fn backup(
+        &self,
+        req: Request<BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let req = req.into_inner();
+        let v = self.volume()?;
+        let (target, keys) =
+            crate::backup::target_of(&req.target, &req.master_key).map_err(backup_status)?;
+        let job = crate::backup::Job::new("backup", target.name().to_string());
+        self.start_job(&job)?;
+        let args = crate::backup::BackupArgs {
+            target,
+            keys,
+            snapshot: (!req.snapshot.is_empty()).then_some(req.snapshot),
+            labels: req.labels.into_iter().collect(),
+            concurrency: match req.concurrency {
+                0 => crate::backup::CONCURRENCY,
+                n => n as usize,
+            },
+        };
+        let j = job.clone();
+        tokio::spawn(async move {
+            let r = crate::backup::backup(v, args, j.clone()).await.map(drop);
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "backup failed");
+            }
+            j.finish(&r);
+        });
+        Ok(Response::new(follow(job)))
+    }
+
+    type RestoreStream = ProgressStream;
+
+    async fn restore(
+        &self,
+        req: Request<RestoreRequest>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
+        let req = req.into_inner();
+        let v = self.volume()?;
+        let (target, keys) =
+            crate::backup::target_of(&req.target, &req.master_key).map_err(backup_status)?;
+        let m = target
+            .manifest(&keys, &req.source_volume, &req.backup)
+            .await
+            .map_err(backup_status)?;
+        let job = crate::backup::Job::new("restore", target.name().to_string());
+        self.start_job(&job)?;
+        // Refused now, not in the task, so the caller hears why at once.
+        v.begin_restore().map_err(status_of)?;
+        v.end_restore();
+        let concurrency = match req.concurrency {
+            0 => crate::backup::CONCURRENCY,
+            n => n as usize,
+        };
+        let j = job.clone();
+        tokio::spawn(async move {
+            let r = crate::backup::restore(v, &target, &keys, &m, concurrency, j.clone()).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "restore failed");
+            }
+            j.finish(&r);
+        });
+        Ok(Response::new(follow(job)))
+    }
+
     type VerifyStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<VerifyProgress, Status>> + Send>>;
 
@@ -359,6 +447,38 @@ impl Engine for ControlService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+/// A stream of a backup's or restore's progress.
+pub type ProgressStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<BackupProgress, Status>> + Send>>;
+
+/// Reports `job` twice a second until it ends; the job goes on if the caller leaves.
+fn follow(job: Arc<crate::backup::Job>) -> ProgressStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        loop {
+            let done = job.finished();
+            if tx.send(Ok(job.report())).await.is_err() || done {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// A backup error as a status with a typed code.
+fn backup_status(e: tether_backup::BackupError) -> Status {
+    use tether_backup::BackupError as E;
+    match e {
+        E::NotFound(m) => Status::not_found(m),
+        E::Key(m) => Status::permission_denied(m),
+        E::Corrupt(m) => Status::data_loss(m),
+        E::Invalid(m) => Status::invalid_argument(m),
+        E::Exists(m) => Status::already_exists(m),
+        E::Target(m) | E::Volume(m) => Status::unavailable(m),
     }
 }
 

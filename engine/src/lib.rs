@@ -1,6 +1,7 @@
 //! The tether engine: one process per volume. It opens the volume on its replicas,
 //! serves it over NBD, and answers control requests on a Unix socket.
 
+pub mod backup;
 pub mod control;
 pub mod crypt;
 pub mod error;

@@ -123,6 +123,10 @@ impl ExportTable for VolumeExports {
     fn find(&self, name: &str) -> Option<Export<View>> {
         let v = &self.0;
         if name.is_empty() || name == v.name() {
+            if v.is_restoring() {
+                tracing::warn!(volume = %v.name(), "NBD client refused: a restore is writing the volume");
+                return None;
+            }
             return Some(Export {
                 name: v.name().to_string(),
                 description: format!("tether volume {}", v.name()),

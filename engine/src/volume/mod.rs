@@ -138,6 +138,8 @@ pub struct Volume {
     io_held: Mutex<Option<String>>,
     /// Every salvage in the volume's generation history, in words.
     salvages: Vec<String>,
+    /// A restore writes the whole volume: no client may attach meanwhile.
+    restoring: std::sync::atomic::AtomicBool,
 }
 
 /// The gate (shared) and the range lock over `[start, end)`, held together.
@@ -215,6 +217,7 @@ impl Volume {
             rebuild_rate: 0,
             io_held: Mutex::new(None),
             salvages: Vec::new(),
+            restoring: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -568,5 +571,36 @@ impl Volume {
     /// A client went away.
     pub fn connection_closed(&self) {
         self.attached.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Starts a restore over the whole volume: refused while a client is attached
+    /// (it would read a volume changing under it); no client attaches until
+    /// [`Volume::end_restore`].
+    pub fn begin_restore(&self) -> Result<(), VolumeError> {
+        if self.restoring.swap(true, Ordering::SeqCst) {
+            return Err(VolumeError::Invalid(format!(
+                "volume {}: a restore into it is already running",
+                self.name
+            )));
+        }
+        let n = self.attached.load(Ordering::SeqCst);
+        if n > 0 {
+            self.restoring.store(false, Ordering::SeqCst);
+            return Err(VolumeError::Invalid(format!(
+                "volume {}: {n} client(s) attached; a restore would change the volume under them: disconnect them first, or restore into a new volume",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ends a restore: clients may attach again.
+    pub fn end_restore(&self) {
+        self.restoring.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether a restore is writing the volume.
+    pub fn is_restoring(&self) -> bool {
+        self.restoring.load(Ordering::SeqCst)
     }
 }

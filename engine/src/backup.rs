@@ -1,0 +1,434 @@
+//! Backups and restores run in the engine of their volume: it reads snapshots as
+//! plaintext (so chunks compress and dedup), finds what changed from its replicas'
+//! layer index, and writes a restore once, fanned out to every replica.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tether_backup::{BackupError, Keys, Manifest, Progress, Scope, Target, TargetSpec};
+use tether_proto::engine::BackupProgress;
+
+use crate::volume::{Volume, BLOCK};
+
+/// Chunks read and uploaded (or downloaded and written) at once by default.
+pub const CONCURRENCY: usize = 8;
+/// Prefix of the snapshots a backup takes itself; only these does it delete.
+pub const SNAPSHOT_PREFIX: &str = "backup-";
+
+/// A backup or restore: running, or the last one that ended.
+pub struct Job {
+    /// "backup" or "restore".
+    pub operation: &'static str,
+    /// `VOLUME/ID` once known.
+    pub backup: Mutex<String>,
+    /// The target, without credentials.
+    pub target: String,
+    /// Its counters.
+    pub progress: Arc<Progress>,
+    /// How changed chunks were found.
+    pub method: Mutex<String>,
+    /// `None` while running; then the error's kind and message (empty on success).
+    pub outcome: Mutex<Option<(String, String, Instant)>>,
+}
+
+impl Job {
+    /// A job starting now.
+    pub fn new(operation: &'static str, target: String) -> Arc<Job> {
+        Arc::new(Job {
+            operation,
+            backup: Mutex::new(String::new()),
+            target,
+            progress: Arc::new(Progress::default()),
+            method: Mutex::new(String::new()),
+            outcome: Mutex::new(None),
+        })
+    }
+
+    /// Records how it ended.
+    pub fn finish(&self, r: &Result<(), BackupError>) {
+        let (kind, msg) = match r {
+            Ok(()) => (String::new(), String::new()),
+            Err(e) => (e.kind().to_string(), e.to_string()),
+        };
+        *self.outcome.lock() = Some((kind, msg, Instant::now()));
+    }
+
+    /// Whether it ended.
+    pub fn finished(&self) -> bool {
+        self.outcome.lock().is_some()
+    }
+
+    /// Its state as the control API reports it.
+    pub fn report(&self) -> BackupProgress {
+        let p = self.progress.read();
+        let outcome = self.outcome.lock().clone();
+        let (state, kind, error, ago) = match &outcome {
+            None => ("running", String::new(), String::new(), 0),
+            Some((k, _, at)) if k.is_empty() => {
+                ("done", String::new(), String::new(), at.elapsed().as_secs())
+            }
+            Some((k, e, at)) => ("failed", k.clone(), e.clone(), at.elapsed().as_secs()),
+        };
+        BackupProgress {
+            operation: self.operation.into(),
+            backup: self.backup.lock().clone(),
+            total_bytes: p.total,
+            done_bytes: p.done,
+            objects: p.objects,
+            object_bytes: p.object_bytes,
+            rate_bytes: p.rate,
+            eta_seconds: if outcome.is_some() { 0 } else { p.eta },
+            state: state.into(),
+            error,
+            method: self.method.lock().clone(),
+            finished: outcome.is_some(),
+            target: self.target.clone(),
+            ended_seconds_ago: ago,
+            error_kind: kind,
+        }
+    }
+}
+
+/// Parses a target and master key as the control API carries them.
+pub fn target_of(spec_json: &str, master: &[u8]) -> Result<(Target, Keys), BackupError> {
+    let spec: TargetSpec = serde_json::from_str(spec_json)
+        .map_err(|e| BackupError::Invalid(format!("bad backup target description: {e}")))?;
+    let master: [u8; 32] = master.try_into().map_err(|_| {
+        BackupError::Invalid(format!(
+            "the backup master key must be 32 bytes, not {}",
+            master.len()
+        ))
+    })?;
+    Ok((Target::connect(&spec)?, Keys::from_master(master)))
+}
+
+/// The snapshot of a volume as a backup reads it: plaintext, 1 MiB per replica read.
+struct SnapshotSource {
+    volume: Arc<Volume>,
+    snapshot: String,
+}
+
+impl tether_backup::Source for SnapshotSource {
+    fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, BackupError>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(len as usize);
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(1 << 20);
+                let bufs = self
+                    .volume
+                    .read_range(&self.snapshot, at, n as u32)
+                    .await
+                    .map_err(|e| {
+                        BackupError::Volume(format!(
+                            "volume {}: reading snapshot {} at byte {at}: {e}",
+                            self.volume.name(),
+                            self.snapshot
+                        ))
+                    })?;
+                for b in bufs {
+                    out.extend_from_slice(&b);
+                }
+                at += n;
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// The chunks that block runs `[s, e)` touch.
+fn chunks_of(runs: &[(u64, u64)], chunk_size: u64) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    for &(s, e) in runs {
+        if e <= s {
+            continue;
+        }
+        let first = s * BLOCK / chunk_size;
+        let last = (e * BLOCK - 1) / chunk_size;
+        for c in first..=last {
+            if out.last() != Some(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+fn volume_err(v: &Volume, what: &str, e: impl std::fmt::Display) -> BackupError {
+    BackupError::Volume(format!("volume {}: {what}: {e}", v.name()))
+}
+
+/// What a backup needs besides the volume.
+pub struct BackupArgs {
+    /// The target and its keys.
+    pub target: Target,
+    /// The target's keys.
+    pub keys: Keys,
+    /// An existing snapshot to back up, or `None` to take one.
+    pub snapshot: Option<String>,
+    /// Labels for the manifest.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Chunks at once.
+    pub concurrency: usize,
+}
+
+/// Backs `v` up: takes (or uses) a snapshot, finds the chunks changed since the last
+/// backup, uploads them, and writes the manifest.
+pub async fn backup(v: Arc<Volume>, a: BackupArgs, job: Arc<Job>) -> Result<Manifest, BackupError> {
+    let cfg = a.target.config().await?;
+    let now = std::time::SystemTime::now();
+    let id = tether_backup::manifest::new_id(now)?;
+    *job.backup.lock() = format!("{}/{id}", v.name());
+    let (snapshot, taken) = match &a.snapshot {
+        Some(s) => {
+            if !v.has_snapshot(s) {
+                return Err(BackupError::NotFound(format!(
+                    "volume {}: no snapshot {s}; `tether snapshot ls {}` lists them",
+                    v.name(),
+                    v.name()
+                )));
+            }
+            (s.clone(), false)
+        }
+        None => {
+            let s = format!("{SNAPSHOT_PREFIX}{id}");
+            v.snapshot(&s)
+                .await
+                .map_err(|e| volume_err(&v, "taking the backup's snapshot", e))?;
+            (s, true)
+        }
+    };
+    let r = backup_snapshot(&v, &a, &job, cfg.chunk_size, &id, &snapshot, now).await;
+    match &r {
+        Ok(m) => {
+            // The new snapshot is the next incremental's base: the parent's own
+            // snapshot, if a backup took it, is needed no more.
+            if let Some(p) = &m.header.parent {
+                if let Ok(pm) = a.target.manifest(&a.keys, v.name(), p).await {
+                    let old = pm.header.snapshot;
+                    if old != snapshot && old.starts_with(SNAPSHOT_PREFIX) && v.has_snapshot(&old) {
+                        if let Err(e) = v.delete_snapshot(&old).await {
+                            tracing::warn!(volume = %v.name(), snapshot = %old, error = %e,
+                                "cannot delete the previous backup's snapshot; delete it by hand");
+                        }
+                    }
+                }
+            }
+        }
+        Err(e) if taken => {
+            tracing::warn!(volume = %v.name(), error = %e, "backup failed; deleting its snapshot");
+            if let Err(e) = v.delete_snapshot(&snapshot).await {
+                tracing::warn!(volume = %v.name(), snapshot = %snapshot, error = %e,
+                    "cannot delete the failed backup's snapshot; delete it by hand");
+            }
+        }
+        Err(_) => {}
+    }
+    r
+}
+
+async fn backup_snapshot(
+    v: &Arc<Volume>,
+    a: &BackupArgs,
+    job: &Job,
+    chunk_size: u64,
+    id: &str,
+    snapshot: &str,
+    now: std::time::SystemTime,
+) -> Result<Manifest, BackupError> {
+    let space = v
+        .space()
+        .await
+        .map_err(|e| volume_err(v, "listing snapshots", e))?;
+    let seq_of = |name: &str| space.snapshots.iter().find(|s| s.name == name).map(|s| s.seq);
+    let snapshot_seq = seq_of(snapshot).ok_or_else(|| {
+        BackupError::NotFound(format!("volume {}: snapshot {snapshot} vanished", v.name()))
+    })?;
+    let parent = match a.target.latest(v.name()).await? {
+        Some(p) => Some(a.target.manifest(&a.keys, v.name(), &p).await?),
+        None => None,
+    };
+    let r = v
+        .first_healthy()
+        .map_err(|e| volume_err(v, "choosing a replica to read", e))?;
+    // The parent's snapshot, if this volume still holds that very snapshot (same
+    // name and sequence), is the base: the layers above it hold every change.
+    let base = parent
+        .as_ref()
+        .filter(|p| p.header.chunk_size == chunk_size)
+        .filter(|p| seq_of(&p.header.snapshot) == Some(p.header.snapshot_seq))
+        .map(|p| p.header.snapshot.clone());
+    let scope = match &base {
+        Some(b) if b == snapshot => Some(Scope::Changed(Vec::new())),
+        Some(b) => v
+            .changed_between(&r, snapshot, b)
+            .await
+            .map_err(|e| volume_err(v, "finding changed blocks", e))?
+            .map(|runs| Scope::Changed(chunks_of(&runs, chunk_size))),
+        None => None,
+    };
+    let scope = match scope {
+        Some(s) => s,
+        None => {
+            let runs = v
+                .allocated(&r, snapshot)
+                .await
+                .map_err(|e| volume_err(v, "mapping allocated blocks", e))?;
+            Scope::Allocated(chunks_of(&runs, chunk_size))
+        }
+    };
+    *job.method.lock() = match (&scope, &parent) {
+        (Scope::Changed(_), _) => "layer index",
+        (Scope::Allocated(_), Some(_)) => "compare",
+        (Scope::Allocated(_), None) => "full",
+    }
+    .into();
+    tracing::info!(volume = %v.name(), backup = %id, snapshot, target = %a.target.name(),
+        method = %job.method.lock(), parent = parent.as_ref().map(|p| p.header.id.as_str()).unwrap_or("none"),
+        "backup started");
+    let header = tether_backup::Header {
+        format: tether_backup::manifest::FORMAT,
+        id: id.to_string(),
+        volume: v.name().to_string(),
+        size: v.size(),
+        chunk_size,
+        snapshot: snapshot.to_string(),
+        snapshot_seq,
+        parent: parent.as_ref().map(|p| p.header.id.clone()),
+        created: now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        labels: a.labels.clone(),
+        stats: Default::default(),
+    };
+    let source = SnapshotSource {
+        volume: v.clone(),
+        snapshot: snapshot.to_string(),
+    };
+    tether_backup::create(
+        tether_backup::Job {
+            target: a.target.clone(),
+            keys: a.keys.clone(),
+            header,
+            parent,
+            scope,
+            concurrency: a.concurrency,
+            progress: job.progress.clone(),
+        },
+        &source,
+    )
+    .await
+}
+
+/// The volume as a restore writes it: through the engine, to every replica.
+pub struct VolumeSink(pub Arc<Volume>);
+
+impl tether_backup::Sink for VolumeSink {
+    fn write(&self, offset: u64, data: Vec<u8>) -> BoxFuture<'_, Result<(), BackupError>> {
+        Box::pin(async move {
+            self.0
+                .write(offset, bytes::Bytes::from(data), false)
+                .await
+                .map_err(|e| volume_err(&self.0, &format!("writing at byte {offset}"), e))
+        })
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackupError>> {
+        Box::pin(async move {
+            self.0
+                .trim(offset, len)
+                .await
+                .map_err(|e| volume_err(&self.0, &format!("zeroing at byte {offset}"), e))
+        })
+    }
+
+    fn finish(&self) -> BoxFuture<'_, Result<(), BackupError>> {
+        Box::pin(async move {
+            self.0
+                .flush()
+                .await
+                .map_err(|e| volume_err(&self.0, "flushing the restored data", e))
+        })
+    }
+}
+
+/// Restores `m` over `v`: refused while a client is attached, and no client
+/// attaches until it ends. The volume grows to the backup's size if smaller.
+pub async fn restore(
+    v: Arc<Volume>,
+    target: &Target,
+    keys: &Keys,
+    m: &Manifest,
+    concurrency: usize,
+    job: Arc<Job>,
+) -> Result<(), BackupError> {
+    v.begin_restore()
+        .map_err(|e| BackupError::Exists(e.to_string()))?;
+    let r = restore_held(&v, target, keys, m, concurrency, job).await;
+    v.end_restore();
+    r
+}
+
+async fn restore_held(
+    v: &Arc<Volume>,
+    target: &Target,
+    keys: &Keys,
+    m: &Manifest,
+    concurrency: usize,
+    job: Arc<Job>,
+) -> Result<(), BackupError> {
+    let size = m.header.size;
+    if v.size() > size {
+        return Err(BackupError::Invalid(format!(
+            "volume {} is {} bytes, larger than backup {}/{} ({size} bytes); restore into a new volume",
+            v.name(),
+            v.size(),
+            m.header.volume,
+            m.header.id
+        )));
+    }
+    if v.size() < size {
+        v.expand(size)
+            .await
+            .map_err(|e| volume_err(v, "growing to the backup's size", e))?;
+    }
+    let r = v
+        .first_healthy()
+        .map_err(|e| volume_err(v, "choosing a replica", e))?;
+    let empty = v
+        .allocated(&r, "")
+        .await
+        .map_err(|e| volume_err(v, "mapping allocated blocks", e))?
+        .is_empty();
+    *job.backup.lock() = format!("{}/{}", m.header.volume, m.header.id);
+    tracing::info!(volume = %v.name(), backup = %job.backup.lock(), target = %target.name(), empty,
+        "restore started");
+    tether_backup::restore(
+        target,
+        keys,
+        m,
+        &VolumeSink(v.clone()),
+        empty,
+        concurrency,
+        job.progress.clone(),
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_of_runs() {
+        // 1 MiB chunks hold 256 blocks.
+        assert_eq!(chunks_of(&[(0, 1), (255, 257), (1024, 1025)], 1 << 20), vec![0, 1, 4]);
+        assert_eq!(chunks_of(&[(10, 10)], 1 << 20), Vec::<u64>::new());
+        assert_eq!(chunks_of(&[(0, 1024)], 1 << 20), vec![0, 1, 2, 3]);
+    }
+}
