@@ -56,14 +56,17 @@ fn secret_from(
     env: &str,
 ) -> Result<Secret> {
     if let Some(f) = key_file {
-        let k = std::fs::read(f).with_context(|| format!("reading the backup key file {}", f.display()))?;
+        let k = std::fs::read(f)
+            .with_context(|| format!("reading the backup key file {}", f.display()))?;
         return Ok(Secret::KeyFile(k));
     }
     let p = match passphrase_file {
         Some(f) => std::fs::read_to_string(f)
             .with_context(|| format!("reading the backup passphrase from {}", f.display()))?,
         None => std::env::var(env).map_err(|_| {
-            anyhow!("no backup passphrase: set {env}, or give a passphrase file or a backup key file")
+            anyhow!(
+                "no backup passphrase: set {env}, or give a passphrase file or a backup key file"
+            )
         })?,
     };
     let p = p.trim_end_matches(['\n', '\r']);
@@ -89,7 +92,12 @@ async fn open(t: &BackupTarget) -> Result<(Target, tether_backup::TargetConfig, 
 }
 
 /// The backup `reference` names: `VOLUME/ID`, or VOLUME's newest (at or before `at`).
-async fn resolve(target: &Target, keys: &Keys, reference: &str, at: Option<&str>) -> Result<Manifest> {
+async fn resolve(
+    target: &Target,
+    keys: &Keys,
+    reference: &str,
+    at: Option<&str>,
+) -> Result<Manifest> {
     if let Some((volume, id)) = reference.split_once('/') {
         if at.is_some() {
             bail!("give either VOLUME/ID or VOLUME with --at, not both");
@@ -118,7 +126,9 @@ async fn resolve(target: &Target, keys: &Keys, reference: &str, at: Option<&str>
                 .await?
                 .pop()
                 .map(|(_, id)| id)
-                .ok_or_else(|| anyhow!("target {}: volume {volume} has no backups", target.name()))?,
+                .ok_or_else(|| {
+                    anyhow!("target {}: volume {volume} has no backups", target.name())
+                })?,
         },
     };
     Ok(target.manifest(keys, volume, &id).await?)
@@ -135,7 +145,10 @@ struct Bar {
 impl Bar {
     fn new(what: &str) -> Bar {
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
@@ -179,7 +192,11 @@ async fn follow(
 ) -> Result<BackupProgress> {
     let mut bar = Bar::new(what);
     let mut last = None;
-    while let Some(p) = stream.message().await.map_err(|e| anyhow!("{what}: {}", e.message()))? {
+    while let Some(p) = stream
+        .message()
+        .await
+        .map_err(|e| anyhow!("{what}: {}", e.message()))?
+    {
         bar.update(p.total_bytes, p.done_bytes, p.rate_bytes, p.eta_seconds);
         let finished = p.finished;
         last = Some(p);
@@ -199,7 +216,11 @@ async fn follow(
 }
 
 /// Shows a local operation's progress until `fut` ends.
-async fn with_bar<T>(what: &str, progress: Arc<Progress>, fut: impl std::future::Future<Output = T>) -> T {
+async fn with_bar<T>(
+    what: &str,
+    progress: Arc<Progress>,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
     let mut bar = Bar::new(what);
     tokio::pin!(fut);
     loop {
@@ -255,7 +276,11 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             );
             Ok(())
         }
-        BackupCmd::Ls { target, volume, json } => {
+        BackupCmd::Ls {
+            target,
+            volume,
+            json,
+        } => {
             let (t, _, keys) = open(&target).await?;
             let list = t.list(volume.as_deref()).await?;
             let mut rows = Vec::new();
@@ -265,7 +290,12 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             crate::render::backups(&rows, json);
             Ok(())
         }
-        BackupCmd::Inspect { target, backup, at, json } => {
+        BackupCmd::Inspect {
+            target,
+            backup,
+            at,
+            json,
+        } => {
             let (t, _, keys) = open(&target).await?;
             let m = resolve(&t, &keys, &backup, at.as_deref()).await?;
             crate::render::backup(&m, json);
@@ -384,11 +414,17 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
                 Err(tether_engine::EngineError::Config { .. }) => {
                     // It exists with another size: open it as it is; the restore
                     // grows it or refuses.
-                    tether_engine::open_volume(&EngineConfig { size: None, ..cfg.clone() }).await
+                    tether_engine::open_volume(&EngineConfig {
+                        size: None,
+                        ..cfg.clone()
+                    })
+                    .await
                 }
                 r => r,
             }
-            .with_context(|| format!("volume {volume}: opening it on its replicas for the restore"))?;
+            .with_context(|| {
+                format!("volume {volume}: opening it on its replicas for the restore")
+            })?;
             let lease = tokio::spawn(tether_engine::volume::lease::keep(v.clone()));
             let job = engine_backup::Job::new("restore", t.name().to_string());
             let r = with_bar(
@@ -501,7 +537,13 @@ impl tether_backup::Sink for FileSink {
     }
 }
 
-async fn restore_to_file(t: &Target, keys: &Keys, m: &Manifest, path: &Path, concurrency: usize) -> Result<()> {
+async fn restore_to_file(
+    t: &Target,
+    keys: &Keys,
+    m: &Manifest,
+    path: &Path,
+    concurrency: usize,
+) -> Result<()> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

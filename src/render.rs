@@ -222,9 +222,17 @@ pub(crate) fn backup(m: &tether_backup::Manifest, json: bool) {
     let st = &h.stats;
     println!("backup    {}/{}", h.volume, h.id);
     println!("time      {}", h.time());
-    println!("size      {} ({} bytes), chunks of {}", human(h.size), h.size, human(h.chunk_size));
+    println!(
+        "size      {} ({} bytes), chunks of {}",
+        human(h.size),
+        h.size,
+        human(h.chunk_size)
+    );
     println!("snapshot  {} (write seq {})", h.snapshot, h.snapshot_seq);
-    println!("parent    {}", h.parent.as_deref().unwrap_or("none (a full backup)"));
+    println!(
+        "parent    {}",
+        h.parent.as_deref().unwrap_or("none (a full backup)")
+    );
     println!(
         "chunks    {} holding data of {} ({} all-zero, not stored)",
         m.chunks.len(),

@@ -67,10 +67,10 @@ pub fn name_of(keys: &Keys, content: &[u8]) -> ChunkName {
 pub fn is_zero(content: &[u8]) -> bool {
     // 16 bytes per compare: this runs over every byte a backup reads.
     let mut words = content.chunks_exact(16);
-    words
-        .by_ref()
-        .all(|w| w.try_into().is_ok_and(|w: [u8; 16]| u128::from_ne_bytes(w) == 0))
-        && words.remainder().iter().all(|&b| b == 0)
+    words.by_ref().all(|w| {
+        w.try_into()
+            .is_ok_and(|w: [u8; 16]| u128::from_ne_bytes(w) == 0)
+    }) && words.remainder().iter().all(|&b| b == 0)
 }
 
 fn aad(encoding: u8, name: &ChunkName) -> [u8; 37] {
@@ -108,7 +108,8 @@ pub fn open(
     len: usize,
     what: &str,
 ) -> Result<Vec<u8>, BackupError> {
-    let corrupt = |why: &str| BackupError::Corrupt(format!("{what}: {why}; the chunk was not used"));
+    let corrupt =
+        |why: &str| BackupError::Corrupt(format!("{what}: {why}; the chunk was not used"));
     if object.len() < 5 || &object[..4] != MAGIC {
         return Err(corrupt("not a tether chunk object (bad magic)"));
     }
@@ -116,8 +117,10 @@ pub fn open(
     if encoding != RAW && encoding != ZSTD {
         return Err(corrupt("unknown encoding"));
     }
-    let body = keys::open(&keys.chunk_key()?, &aad(encoding, name), &object[5..])
-        .ok_or_else(|| corrupt("failed authentication (tampered, damaged or stored under another name)"))?;
+    let body =
+        keys::open(&keys.chunk_key()?, &aad(encoding, name), &object[5..]).ok_or_else(|| {
+            corrupt("failed authentication (tampered, damaged or stored under another name)")
+        })?;
     let content = if encoding == ZSTD {
         // The capacity bounds what a hostile frame can make us allocate.
         zstd::bulk::decompress(&body, len).map_err(|e| corrupt(&format!("bad zstd frame: {e}")))?

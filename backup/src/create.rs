@@ -79,7 +79,11 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
             c
         }
         Scope::Allocated(c) => {
-            method = if job.parent.is_some() { "compare" } else { "full" };
+            method = if job.parent.is_some() {
+                "compare"
+            } else {
+                "full"
+            };
             c.clone()
         }
     };

@@ -34,10 +34,7 @@ async fn fetch(
     name: ChunkName,
 ) -> Result<(Vec<u8>, u64), BackupError> {
     let h = &m.header;
-    let what = format!(
-        "backup {}/{}: chunk {index} ({name})",
-        h.volume, h.id
-    );
+    let what = format!("backup {}/{}: chunk {index} ({name})", h.volume, h.id);
     let object = match target.get_chunk(&name).await {
         Err(BackupError::NotFound(_)) => {
             return Err(BackupError::Corrupt(format!(

@@ -104,53 +104,54 @@ impl Target {
     pub fn connect(spec: &TargetSpec) -> Result<Target, BackupError> {
         let name = spec.display();
         let bad = |why: String| BackupError::Invalid(format!("backup target {name}: {why}"));
-        let (store, prefix): (Arc<dyn ObjectStore>, String) =
-            if let Some(rest) = spec.url.strip_prefix("s3://") {
-                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                if bucket.is_empty() {
-                    return Err(bad("no bucket: give s3://BUCKET[/PREFIX]".into()));
-                }
-                let mut b = object_store::aws::AmazonS3Builder::new()
-                    .with_bucket_name(bucket)
-                    .with_region(if spec.region.is_empty() {
-                        "us-east-1"
-                    } else {
-                        &spec.region
-                    })
-                    .with_retry(object_store::RetryConfig {
-                        max_retries: 3,
-                        retry_timeout: Duration::from_secs(30),
-                        ..Default::default()
-                    });
-                if !spec.endpoint.is_empty() {
-                    b = b
-                        .with_endpoint(&spec.endpoint)
-                        .with_allow_http(spec.endpoint.starts_with("http://"));
-                }
-                b = b.with_virtual_hosted_style_request(!spec.path_style);
-                if spec.access_key.is_empty() || spec.secret_key.is_empty() {
-                    return Err(bad(
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = if let Some(rest) =
+            spec.url.strip_prefix("s3://")
+        {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("no bucket: give s3://BUCKET[/PREFIX]".into()));
+            }
+            let mut b = object_store::aws::AmazonS3Builder::new()
+                .with_bucket_name(bucket)
+                .with_region(if spec.region.is_empty() {
+                    "us-east-1"
+                } else {
+                    &spec.region
+                })
+                .with_retry(object_store::RetryConfig {
+                    max_retries: 3,
+                    retry_timeout: Duration::from_secs(30),
+                    ..Default::default()
+                });
+            if !spec.endpoint.is_empty() {
+                b = b
+                    .with_endpoint(&spec.endpoint)
+                    .with_allow_http(spec.endpoint.starts_with("http://"));
+            }
+            b = b.with_virtual_hosted_style_request(!spec.path_style);
+            if spec.access_key.is_empty() || spec.secret_key.is_empty() {
+                return Err(bad(
                         "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give --s3-credentials FILE".into(),
                     ));
-                }
-                b = b
-                    .with_access_key_id(&spec.access_key)
-                    .with_secret_access_key(&spec.secret_key);
-                let s = b.build().map_err(|e| bad(e.to_string()))?;
-                (Arc::new(s), prefix.to_string())
-            } else {
-                let dir = PathBuf::from(spec.url.strip_prefix("file://").unwrap_or(&spec.url));
-                if !dir.is_absolute() {
-                    return Err(bad(
-                        "a directory target needs an absolute path, or s3://BUCKET/PREFIX".into(),
-                    ));
-                }
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| BackupError::Target(format!("backup target {name}: {e}")))?;
-                let s = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| bad(e.to_string()))?;
-                (Arc::new(s), String::new())
-            };
+            }
+            b = b
+                .with_access_key_id(&spec.access_key)
+                .with_secret_access_key(&spec.secret_key);
+            let s = b.build().map_err(|e| bad(e.to_string()))?;
+            (Arc::new(s), prefix.to_string())
+        } else {
+            let dir = PathBuf::from(spec.url.strip_prefix("file://").unwrap_or(&spec.url));
+            if !dir.is_absolute() {
+                return Err(bad(
+                    "a directory target needs an absolute path, or s3://BUCKET/PREFIX".into(),
+                ));
+            }
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| BackupError::Target(format!("backup target {name}: {e}")))?;
+            let s = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| bad(e.to_string()))?;
+            (Arc::new(s), String::new())
+        };
         Ok(Target {
             store,
             prefix: prefix
@@ -168,7 +169,12 @@ impl Target {
     }
 
     fn path(&self, parts: &[&str]) -> Path {
-        Path::from_iter(self.prefix.iter().map(String::as_str).chain(parts.iter().copied()))
+        Path::from_iter(
+            self.prefix
+                .iter()
+                .map(String::as_str)
+                .chain(parts.iter().copied()),
+        )
     }
 
     fn err(&self, what: &str, e: object_store::Error) -> BackupError {
@@ -227,13 +233,14 @@ impl Target {
 
     /// Reads `target.json`.
     pub async fn config(&self) -> Result<TargetConfig, BackupError> {
-        let b = match self.get(&self.path(&["target.json"]), "reading target.json").await {
-            Err(BackupError::NotFound(_)) => {
-                return Err(BackupError::NotFound(format!(
-                    "backup target {} holds no target.json: create it with `tether backup target init`",
-                    self.name
-                )))
-            }
+        let b = match self
+            .get(&self.path(&["target.json"]), "reading target.json")
+            .await
+        {
+            Err(BackupError::NotFound(_)) => return Err(BackupError::NotFound(format!(
+                "backup target {} holds no target.json: create it with `tether backup target init`",
+                self.name
+            ))),
             r => r?,
         };
         let cfg: TargetConfig = serde_json::from_slice(&b).map_err(|e| {
@@ -282,8 +289,12 @@ impl Target {
 
     /// Stores a chunk's object (idempotent: the same name is the same content).
     pub async fn put_chunk(&self, name: &ChunkName, object: Vec<u8>) -> Result<(), BackupError> {
-        self.put(&self.chunk_path(name), object, &format!("writing chunk {name}"))
-            .await
+        self.put(
+            &self.chunk_path(name),
+            object,
+            &format!("writing chunk {name}"),
+        )
+        .await
     }
 
     /// Fetches a chunk's object.
@@ -301,8 +312,12 @@ impl Target {
     ) -> Result<(), BackupError> {
         let h = &m.header;
         let what = format!("writing the manifest of backup {}/{}", h.volume, h.id);
-        self.put(&self.path(&["backups", &h.volume, &h.id]), m.seal(keys)?, &what)
-            .await?;
+        self.put(
+            &self.path(&["backups", &h.volume, &h.id]),
+            m.seal(keys)?,
+            &what,
+        )
+        .await?;
         if latest {
             self.put(
                 &self.path(&["latest", &h.volume]),
@@ -315,7 +330,12 @@ impl Target {
     }
 
     /// Reads and opens backup `id` of `volume`.
-    pub async fn manifest(&self, keys: &Keys, volume: &str, id: &str) -> Result<Manifest, BackupError> {
+    pub async fn manifest(
+        &self,
+        keys: &Keys,
+        volume: &str,
+        id: &str,
+    ) -> Result<Manifest, BackupError> {
         let b = match self
             .get(&self.path(&["backups", volume, id]), "reading a manifest")
             .await
@@ -334,7 +354,10 @@ impl Target {
     /// The id of the volume's newest complete backup, from its latest pointer.
     pub async fn latest(&self, volume: &str) -> Result<Option<String>, BackupError> {
         match self
-            .get(&self.path(&["latest", volume]), "reading the latest pointer")
+            .get(
+                &self.path(&["latest", volume]),
+                "reading the latest pointer",
+            )
             .await
         {
             Ok(b) => Ok(Some(String::from_utf8_lossy(&b).trim().to_string())),
@@ -353,7 +376,12 @@ impl Target {
         let mut out: Vec<(String, String)> = self
             .store
             .list(Some(&base))
-            .map_ok(|m| m.location.parts().map(|p| p.as_ref().to_string()).collect::<Vec<_>>())
+            .map_ok(|m| {
+                m.location
+                    .parts()
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>()
+            })
             .try_collect::<Vec<_>>()
             .await
             .map_err(|e| self.err("listing backups", e))?

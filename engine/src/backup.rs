@@ -244,7 +244,13 @@ async fn backup_snapshot(
         .space()
         .await
         .map_err(|e| volume_err(v, "listing snapshots", e))?;
-    let seq_of = |name: &str| space.snapshots.iter().find(|s| s.name == name).map(|s| s.seq);
+    let seq_of = |name: &str| {
+        space
+            .snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.seq)
+    };
     let snapshot_seq = seq_of(snapshot).ok_or_else(|| {
         BackupError::NotFound(format!("volume {}: snapshot {snapshot} vanished", v.name()))
     })?;
@@ -427,7 +433,10 @@ mod tests {
     #[test]
     fn chunks_of_runs() {
         // 1 MiB chunks hold 256 blocks.
-        assert_eq!(chunks_of(&[(0, 1), (255, 257), (1024, 1025)], 1 << 20), vec![0, 1, 4]);
+        assert_eq!(
+            chunks_of(&[(0, 1), (255, 257), (1024, 1025)], 1 << 20),
+            vec![0, 1, 4]
+        );
         assert_eq!(chunks_of(&[(10, 10)], 1 << 20), Vec::<u64>::new());
         assert_eq!(chunks_of(&[(0, 1024)], 1 << 20), vec![0, 1, 2, 3]);
     }

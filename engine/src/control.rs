@@ -9,9 +9,9 @@ use hyper_util::rt::TokioIo;
 use tether_proto::engine::engine_client::EngineClient;
 use tether_proto::engine::engine_server::{Engine, EngineServer};
 use tether_proto::engine::{
-    BackupProgress, BackupRequest, Counters, RestoreRequest, ExpandReply, ExpandRequest, ReplicaReply, ReplicaRequest, ReplicaStatus, Snapshot,
-    SnapshotList, SnapshotReply, SnapshotRequest, StatusReply, StatusRequest, VerifyProblem,
-    VerifyProgress, VerifyRequest,
+    BackupProgress, BackupRequest, Counters, ExpandReply, ExpandRequest, ReplicaReply,
+    ReplicaRequest, ReplicaStatus, RestoreRequest, Snapshot, SnapshotList, SnapshotReply,
+    SnapshotRequest, StatusReply, StatusRequest, VerifyProblem, VerifyProgress, VerifyRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
@@ -357,11 +357,11 @@ impl Engine for ControlService {
             .manifest(&keys, &req.source_volume, &req.backup)
             .await
             .map_err(backup_status)?;
-        let job = crate::backup::Job::new("restore", target.name().to_string());
-        self.start_job(&job)?;
         // Refused now, not in the task, so the caller hears why at once.
         v.begin_restore().map_err(status_of)?;
         v.end_restore();
+        let job = crate::backup::Job::new("restore", target.name().to_string());
+        self.start_job(&job)?;
         let concurrency = match req.concurrency {
             0 => crate::backup::CONCURRENCY,
             n => n as usize,

@@ -38,7 +38,10 @@ fn changed_blocks_between_snapshots_come_from_the_layers() {
     v.write_blocks(7, 900, &[5u8; B]).unwrap(); // after b: not part of it
     assert_eq!(&v.read_blocks(100, 1).unwrap()[..], &[0u8; B][..]);
     let want = vec![(1, 2), (100, 101), (500, 502), (700, 701)];
-    assert_eq!(v.changed_between("b", "a", 0, 1024).unwrap(), Some(want.clone()));
+    assert_eq!(
+        v.changed_between("b", "a", 0, 1024).unwrap(),
+        Some(want.clone())
+    );
     // A window of the volume.
     assert_eq!(
         v.changed_between("b", "a", 90, 420).unwrap(),

@@ -59,7 +59,10 @@ impl Volume {
         r: &ReplicaConn,
         snapshot: &str,
     ) -> Result<Vec<(u64, u64)>, String> {
-        Ok(self.mapped(r, snapshot, "", 0, "").await?.unwrap_or_default())
+        Ok(self
+            .mapped(r, snapshot, "", 0, "")
+            .await?
+            .unwrap_or_default())
     }
 
     /// The runs of blocks where snapshot `snapshot` may differ from the older

@@ -1,0 +1,726 @@
+//! Backups end to end: a real engine backs a volume up to a directory and to a real
+//! S3 server that checks signatures (s3s-fs), and a restore brings it back, into a
+//! file and into a new volume on new replicas. Requests are counted at the server,
+//! from its own log; what lands in the bucket is read from the server's disk.
+
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use rand::{RngCore, SeedableRng};
+
+const MIB: usize = 1 << 20;
+const PASSPHRASE: &str = "friday night, 18:30";
+const CANARY: &[u8] = b"TETHER-CANARY-0f1e2d3c4b5a-";
+
+/// An S3 server on loopback that checks SigV4 signatures, logging every request.
+struct S3 {
+    child: Child,
+    addr: SocketAddr,
+    root: PathBuf,
+    log: PathBuf,
+}
+
+const ACCESS: &str = "tether-test-access";
+const SECRET: &str = "tether-test-secret-0123456789";
+
+impl S3 {
+    fn start(dir: &Path) -> S3 {
+        need("s3s-fs");
+        let root = dir.join("s3root");
+        std::fs::create_dir_all(root.join("bucket")).unwrap();
+        let port = free_port();
+        let log = dir.join("s3s.log");
+        let mut child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", ACCESS, "--secret-key", SECRET])
+            .arg(&root)
+            .env("RUST_LOG", "s3s::ops=debug")
+            .env("NO_COLOR", "1")
+            // It logs on stdout.
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning s3s-fs");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_port(addr, &mut child, "s3s-fs");
+        S3 {
+            child,
+            addr,
+            root,
+            log,
+        }
+    }
+
+    /// Every request the server routed, as (operation, key), in order.
+    fn ops(&self) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(&self.log).unwrap();
+        text.lines()
+            .filter_map(|l| {
+                let rest = l.split("resolved route, op: ").nth(1)?;
+                let op = rest.split(',').next()?.to_string();
+                let key = rest
+                    .split("key: \"")
+                    .nth(1)
+                    .and_then(|k| k.split('"').next())
+                    .unwrap_or("")
+                    .to_string();
+                Some((op, key))
+            })
+            .collect()
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A target: a directory, or a prefix in the S3 server's bucket.
+enum Where<'a> {
+    Dir(PathBuf),
+    S3(&'a S3),
+}
+
+impl Where<'_> {
+    fn args(&self) -> Vec<String> {
+        match self {
+            Where::Dir(d) => vec!["--target".into(), d.display().to_string()],
+            Where::S3(s) => vec![
+                "--target".into(),
+                "s3://bucket/backups".into(),
+                "--s3-endpoint".into(),
+                format!("http://{}", s.addr),
+                "--s3-path-style".into(),
+            ],
+        }
+    }
+
+    /// Where the target's objects lie on disk (the server's store for S3).
+    fn files(&self) -> PathBuf {
+        match self {
+            Where::Dir(d) => d.clone(),
+            Where::S3(s) => s.root.join("bucket").join("backups"),
+        }
+    }
+
+    /// Chunk objects in the target, counted on disk.
+    fn chunk_objects(&self) -> usize {
+        files_under(&self.files().join("chunks")).len()
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// `tether backup ARGS` against `w`, with the passphrase and S3 credentials in the
+/// environment.
+fn backup_cmd(w: &Where, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("backup")
+        .args(args)
+        .args(w.args())
+        .env("TETHER_BACKUP_PASSPHRASE", PASSPHRASE)
+        .env("AWS_ACCESS_KEY_ID", ACCESS)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .env_remove("TETHER_BACKUP_TARGET")
+        .env_remove("TETHER_ENCRYPTION_KEY");
+    cmd
+}
+
+fn backup_ok(w: &Where, args: &[&str]) -> Output {
+    run(&mut backup_cmd(w, args))
+}
+
+fn backup_fails(w: &Where, args: &[&str]) -> String {
+    let out = backup_cmd(w, args).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "tether backup {args:?} succeeded but should have failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// `tether backup create` of the cluster's volume through its engine.
+fn create(c: &Cluster, w: &Where) -> String {
+    let ctl = c.engine().control.display().to_string();
+    let out = backup_ok(w, &["create", &c.volume, "--control-socket", &ctl]);
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `create`, and the requests the S3 server saw meanwhile (none for a directory);
+/// a backup never LISTs or HEADs.
+fn create_counted(c: &Cluster, w: &Where, s3: Option<&S3>) -> Vec<(String, String)> {
+    let before = s3.map_or(0, |s| s.ops().len());
+    create(c, w);
+    let ops = s3.map_or(Vec::new(), |s| s.ops()[before..].to_vec());
+    let probes: Vec<_> = ops
+        .iter()
+        .filter(|(op, _)| op.starts_with("List") || op == "HeadObject")
+        .collect();
+    assert!(probes.is_empty(), "LIST/HEAD during a backup: {probes:?}");
+    ops
+}
+
+/// The backups in the target, as `tether backup ls --json` lists them.
+fn list(w: &Where) -> Vec<serde_json::Value> {
+    let out = backup_ok(w, &["ls", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// The volume's contents as the test wrote them, kept beside it.
+struct Model {
+    bytes: Vec<u8>,
+}
+
+impl Model {
+    fn write(&mut self, nbd: &mut NbdClient, offset: usize, data: &[u8]) {
+        for (i, piece) in data.chunks(4 * MIB).enumerate() {
+            let at = offset + i * 4 * MIB;
+            assert_eq!(nbd.write(at as u64, piece).unwrap(), 0, "write at {at}");
+        }
+        self.bytes[offset..offset + data.len()].copy_from_slice(data);
+    }
+}
+
+fn random(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    rng.fill_bytes(&mut b);
+    b
+}
+
+/// Restores `backup` to a new image file and returns its bytes.
+fn restore_to_file(w: &Where, dir: &Path, backup: &str) -> Vec<u8> {
+    let img = dir.join(format!("restored-{}.img", free_port()));
+    backup_ok(w, &["restore", backup, "--to-file", img.to_str().unwrap()]);
+    let b = std::fs::read(&img).unwrap();
+    std::fs::remove_file(&img).unwrap();
+    b
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: first difference at byte {at} (chunk {})", at / MIB);
+    }
+}
+
+/// The whole story on one target kind: full, unchanged, 1 % changed; dedup, layout,
+/// the canary, and restores into a file and into a new volume on new replicas.
+fn back_up_and_restore(c: &mut Cluster, w: &Where, s3: Option<&S3>) {
+    let size = 256 * MIB;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let mut model = Model {
+        bytes: vec![0u8; size],
+    };
+    let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
+    // Half the volume random in 1 MiB pieces, the rest zero; one chunk of a
+    // recognisable, very compressible pattern; a chunk's worth repeated twice.
+    for i in 0..128 {
+        let data = random(&mut rng, MIB);
+        model.write(&mut nbd, i * 2 * MIB, &data);
+    }
+    let canary: Vec<u8> = CANARY.iter().copied().cycle().take(MIB).collect();
+    model.write(&mut nbd, 201 * MIB, &canary);
+    assert_eq!(nbd.flush().unwrap(), 0);
+
+    backup_ok(w, &["target", "init"]);
+    let show = backup_ok(w, &["target", "show"]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("key opens:   yes"));
+    // Full backup: every non-zero chunk once.
+    let full = create_counted(c, w, s3);
+    assert_eq!(
+        w.chunk_objects(),
+        129,
+        "128 random chunks and the canary chunk"
+    );
+    let first = list(w);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["stats"]["method"], "full");
+    let b1 = format!("{}/{}", c.volume, first[0]["id"].as_str().unwrap());
+    let at_b1 = model.bytes.clone();
+
+    // Unchanged: no chunk uploaded.
+    let unchanged = create_counted(c, w, s3);
+    if s3.is_some() {
+        let puts: Vec<_> = unchanged
+            .iter()
+            .filter(|(op, _)| op == "PutObject")
+            .collect();
+        // The manifest and the latest pointer, nothing else.
+        assert_eq!(puts.len(), 2, "{puts:?}");
+        let chunk_puts = full
+            .iter()
+            .filter(|(op, k)| op == "PutObject" && k.contains("/chunks/"));
+        assert_eq!(chunk_puts.count(), 129, "the full backup's chunk PUTs");
+    }
+    assert_eq!(
+        w.chunk_objects(),
+        129,
+        "an unchanged volume uploads no chunk"
+    );
+    let second = list(w);
+    assert_eq!(second[1]["stats"]["chunks_uploaded"], 0);
+    assert_eq!(second[1]["stats"]["method"], "layer index");
+
+    // 1 % changed in random 1 MiB-aligned regions: only those chunks go up.
+    let mut changed = std::collections::BTreeSet::new();
+    while changed.len() < 3 {
+        changed.insert((rng.next_u32() as usize) % 256);
+    }
+    for &ch in &changed {
+        let data = random(&mut rng, MIB);
+        model.write(&mut nbd, ch * MIB, &data);
+    }
+    assert_eq!(nbd.flush().unwrap(), 0);
+    let ops = create_counted(c, w, s3);
+    assert_eq!(
+        w.chunk_objects(),
+        132,
+        "exactly the 3 changed chunks uploaded"
+    );
+    let third = list(w);
+    assert_eq!(third[2]["stats"]["chunks_uploaded"], 3);
+    assert_eq!(
+        third[2]["stats"]["chunks_read"], 3,
+        "only changed chunks are read"
+    );
+    if s3.is_some() {
+        let puts = ops
+            .iter()
+            .filter(|(op, k)| op == "PutObject" && k.contains("/chunks/"))
+            .count();
+        assert_eq!(puts, 3, "chunk PUTs seen by the server: {ops:?}");
+    }
+
+    // Nothing in the target shows the canary (compression and sealing hide it).
+    for f in files_under(&w.files()) {
+        let b = std::fs::read(&f).unwrap();
+        assert!(
+            !b.windows(CANARY.len()).any(|x| x == CANARY),
+            "{} holds the canary in the clear",
+            f.display()
+        );
+    }
+
+    // Each backup restores to exactly the volume at its time.
+    assert_same(
+        &restore_to_file(w, c.dir.path(), &b1),
+        &at_b1,
+        "first backup",
+    );
+    assert_same(
+        &restore_to_file(w, c.dir.path(), &c.volume),
+        &model.bytes,
+        "latest backup",
+    );
+    backup_ok(w, &["verify", &c.volume]);
+
+    // Into a new volume on new replicas, sealed under a new key: the pilot light.
+    let key = c.dir.path().join("dr-key");
+    std::fs::write(&key, "a disaster-recovery site's own key").unwrap();
+    let r1 = Replica::start(
+        &c.dir.path().join(format!("dr1-{}", free_port())),
+        free_port(),
+    );
+    let r2 = Replica::start(
+        &c.dir.path().join(format!("dr2-{}", free_port())),
+        free_port(),
+    );
+    let none = c.dir.path().join("no-engine.sock");
+    backup_ok(
+        w,
+        &[
+            "restore",
+            &c.volume,
+            "--volume",
+            "restored",
+            "--replica",
+            &r1.addr.to_string(),
+            "--replica",
+            &r2.addr.to_string(),
+            "--encryption-key-file",
+            key.to_str().unwrap(),
+            "--control-socket",
+            none.to_str().unwrap(),
+        ],
+    );
+    let nbd_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ctl = c
+        .dir
+        .path()
+        .join(format!("restored-{}.sock", nbd_addr.port()));
+    let mut engine = Command::new(BIN)
+        .args([
+            "engine",
+            "--volume",
+            "restored",
+            "--nbd-listen",
+            &nbd_addr.to_string(),
+        ])
+        .args([
+            "--replica",
+            &r1.addr.to_string(),
+            "--replica",
+            &r2.addr.to_string(),
+        ])
+        .arg("--encryption-key-file")
+        .arg(&key)
+        .arg("--control-socket")
+        .arg(&ctl)
+        .env_remove("TETHER_ENCRYPTION_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(nbd_addr, &mut engine, "restored volume's engine");
+    let mut rc = NbdClient::connect(nbd_addr, "restored").unwrap();
+    for i in 0..size / (4 * MIB) {
+        let got = rc
+            .read((i * 4 * MIB) as u64, (4 * MIB) as u32)
+            .unwrap()
+            .unwrap();
+        assert_same(
+            &got,
+            &model.bytes[i * 4 * MIB..(i + 1) * 4 * MIB],
+            "restored volume",
+        );
+    }
+    drop(rc);
+    // The restored replicas hold the canary sealed under the new key, not in the clear.
+    for r in [&r1, &r2] {
+        let data = r.data("restored");
+        assert!(!data.windows(CANARY.len()).any(|x| x == CANARY));
+    }
+    let _ = engine.kill();
+    let _ = engine.wait();
+}
+
+#[test]
+fn directory_target_backs_up_incrementally_and_restores() {
+    let mut c = Cluster::start(2, "256M");
+    let w = Where::Dir(c.dir.path().join("bucket"));
+    back_up_and_restore(&mut c, &w, None);
+}
+
+#[test]
+fn s3_target_backs_up_incrementally_and_restores() {
+    let mut c = Cluster::start(2, "256M");
+    let s3 = S3::start(c.dir.path());
+    let w = Where::S3(&s3);
+    back_up_and_restore(&mut c, &w, Some(&s3));
+}
+
+#[test]
+fn a_wrong_s3_secret_is_refused_by_the_server() {
+    let dir = tempfile::tempdir_in(test_root()).unwrap();
+    let s3 = S3::start(dir.path());
+    let w = Where::S3(&s3);
+    let mut cmd = backup_cmd(&w, &["target", "init"]);
+    cmd.env("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "a wrong secret was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SignatureDoesNotMatch"), "{err}");
+    assert!(
+        err.contains("s3://bucket/backups"),
+        "names the target: {err}"
+    );
+    assert!(
+        files_under(&s3.root.join("bucket")).is_empty(),
+        "nothing was written"
+    );
+    // The right secret works: the failure was the signature.
+    backup_ok(&w, &["target", "init"]);
+}
+
+#[test]
+fn a_wrong_passphrase_fails_and_rekey_changes_it() {
+    let dir = tempfile::tempdir_in(test_root()).unwrap();
+    let w = Where::Dir(dir.path().join("bucket"));
+    backup_ok(&w, &["target", "init", "--chunk-size", "256K"]);
+    let again = backup_fails(&w, &["target", "init"]);
+    assert!(again.contains("already initialised"), "{again}");
+    let mut cmd = backup_cmd(&w, &["target", "show"]);
+    cmd.env("TETHER_BACKUP_PASSPHRASE", "not the passphrase");
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not open the master key"), "{err}");
+
+    let mut rekey = backup_cmd(&w, &["target", "rekey"]);
+    rekey.env("TETHER_BACKUP_NEW_PASSPHRASE", "saturday morning");
+    run(&mut rekey);
+    let err = backup_fails(&w, &["target", "show"]);
+    assert!(
+        err.contains("does not open the master key"),
+        "old passphrase: {err}"
+    );
+    let mut show = backup_cmd(&w, &["target", "show"]);
+    show.env("TETHER_BACKUP_PASSPHRASE", "saturday morning");
+    let out = run(&mut show);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("key opens:   yes") && text.contains("256.0 KiB"),
+        "{text}"
+    );
+    // Bad chunk sizes are refused with the rule.
+    let other = Where::Dir(dir.path().join("other"));
+    let err = backup_fails(&other, &["target", "init", "--chunk-size", "3M"]);
+    assert!(err.contains("power of two"), "{err}");
+}
+
+#[test]
+fn a_damaged_chunk_is_found_by_verify_and_fails_a_restore() {
+    let c = Cluster::start(1, "16M");
+    let w = Where::Dir(c.dir.path().join("bucket"));
+    let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for i in 0..4 {
+        assert_eq!(
+            nbd.write((i * MIB) as u64, &random(&mut rng, MIB)).unwrap(),
+            0
+        );
+    }
+    assert_eq!(nbd.flush().unwrap(), 0);
+    backup_ok(&w, &["target", "init"]);
+    create(&c, &w);
+    backup_ok(&w, &["verify", &c.volume]);
+    // Flip one byte in the middle of one chunk object.
+    let chunk = files_under(&w.files().join("chunks"))
+        .into_iter()
+        .min()
+        .unwrap();
+    let name = chunk.file_name().unwrap().to_str().unwrap().to_string();
+    let mut b = std::fs::read(&chunk).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x01;
+    std::fs::write(&chunk, &b).unwrap();
+
+    let err = backup_fails(&w, &["verify", &c.volume]);
+    assert!(err.contains(&name), "verify names the chunk: {err}");
+    assert!(err.contains("1 of 4 chunks failed"), "{err}");
+    let img = c.dir.path().join("out.img");
+    let err = backup_fails(
+        &w,
+        &["restore", &c.volume, "--to-file", img.to_str().unwrap()],
+    );
+    assert!(
+        err.contains(&name) && err.contains(&format!("backup {}/", c.volume)),
+        "{err}"
+    );
+    assert!(err.contains("failed authentication"), "{err}");
+    assert!(!img.exists(), "a failed restore leaves no image behind");
+    // Into a volume it fails the same way, writing nothing from that chunk.
+    let r = Replica::start(&c.dir.path().join("fresh"), free_port());
+    let none = c.dir.path().join("none.sock");
+    let err = backup_fails(
+        &w,
+        &[
+            "restore",
+            &c.volume,
+            "--volume",
+            "fresh",
+            "--replica",
+            &r.addr.to_string(),
+            "--control-socket",
+            none.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains(&name), "{err}");
+}
+
+#[test]
+fn a_crash_between_chunks_and_manifest_leaves_every_manifest_restorable() {
+    let mut c = Cluster::start(1, "512M");
+    let w = Where::Dir(c.dir.path().join("bucket"));
+    let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut model = Model {
+        bytes: vec![0u8; 512 * MIB],
+    };
+    model.write(&mut nbd, 0, &random(&mut rng, 8 * MIB));
+    assert_eq!(nbd.flush().unwrap(), 0);
+    backup_ok(&w, &["target", "init"]);
+    create(&c, &w);
+    let good = model.bytes.clone();
+    // A big change, backed up one chunk at a time, killed once chunks are landing.
+    model.write(&mut nbd, 16 * MIB, &random(&mut rng, 400 * MIB));
+    assert_eq!(nbd.flush().unwrap(), 0);
+    drop(nbd);
+    let before = w.chunk_objects();
+    let ctl = c.engine().control.display().to_string();
+    let mut child = backup_cmd(
+        &w,
+        &[
+            "create",
+            &c.volume,
+            "--control-socket",
+            &ctl,
+            "--concurrency",
+            "1",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while w.chunk_objects() < before + 5 {
+        assert!(std::time::Instant::now() < deadline, "no chunk landed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    c.engine.as_mut().unwrap().kill9();
+    let _ = child.wait();
+    let backups = list(&w);
+    assert_eq!(backups.len(), 1, "the killed backup wrote no manifest");
+    assert!(
+        w.chunk_objects() > before,
+        "chunks of the killed backup are in the target"
+    );
+    // Every manifest in the target restores, and the latest pointer names one.
+    assert_same(
+        &restore_to_file(&w, c.dir.path(), &c.volume),
+        &good,
+        "after the crash",
+    );
+    backup_ok(&w, &["verify", &c.volume]);
+    // The engine back: the next backup completes and restores to the volume now.
+    c.start_engine(None);
+    create(&c, &w);
+    assert_eq!(list(&w).len(), 2);
+    assert_same(
+        &restore_to_file(&w, c.dir.path(), &c.volume),
+        &model.bytes,
+        "next backup",
+    );
+}
+
+#[test]
+fn a_restore_into_a_volume_with_a_client_attached_is_refused() {
+    let c = Cluster::start(1, "16M");
+    let w = Where::Dir(c.dir.path().join("bucket"));
+    let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
+    assert_eq!(nbd.write(0, &[7u8; 65536]).unwrap(), 0);
+    assert_eq!(nbd.flush().unwrap(), 0);
+    backup_ok(&w, &["target", "init"]);
+    create(&c, &w);
+    let ctl = c.engine().control.display().to_string();
+    let err = backup_fails(
+        &w,
+        &[
+            "restore",
+            &c.volume,
+            "--volume",
+            &c.volume,
+            "--control-socket",
+            &ctl,
+        ],
+    );
+    assert!(err.contains("client(s) attached"), "{err}");
+    // The client still works, and its data is untouched.
+    assert_eq!(nbd.read(0, 65536).unwrap().unwrap(), vec![7u8; 65536]);
+    assert_eq!(nbd.write(0, &[9u8; 4096]).unwrap(), 0);
+    drop(nbd);
+    // Detached: the restore runs, and brings back the backup's bytes.
+    std::thread::sleep(Duration::from_millis(200));
+    backup_ok(
+        &w,
+        &[
+            "restore",
+            &c.volume,
+            "--volume",
+            &c.volume,
+            "--control-socket",
+            &ctl,
+        ],
+    );
+    let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
+    assert_eq!(nbd.read(0, 65536).unwrap().unwrap(), vec![7u8; 65536]);
+    let status = c.engine().status_json(&c.volume);
+    assert_eq!(status["backup"]["operation"], "restore");
+    assert_eq!(status["backup"]["state"], "done");
+}
+
+#[test]
+fn backups_pick_by_time_and_show_in_volume_status() {
+    let c = Cluster::start(1, "16M");
+    let w = Where::Dir(c.dir.path().join("bucket"));
+    let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
+    backup_ok(&w, &["target", "init"]);
+    let mut at: BTreeMap<String, u8> = BTreeMap::new();
+    for v in [1u8, 2] {
+        assert_eq!(nbd.write(0, &[v; 4096]).unwrap(), 0);
+        assert_eq!(nbd.flush().unwrap(), 0);
+        create(&c, &w);
+        let id = list(&w).last().unwrap()["id"].as_str().unwrap().to_string();
+        at.insert(id, v);
+        // Ids carry the second: the next backup gets a later one.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let status = c.engine().status_json(&c.volume);
+    assert_eq!(status["backup"]["operation"], "backup");
+    assert_eq!(status["backup"]["state"], "done");
+    // --at the first backup's time restores the first, not the latest.
+    let (first, _) = at.iter().next().unwrap();
+    let t = list(&w)[0]["time"].as_str().unwrap().to_string();
+    let img = c.dir.path().join("at.img");
+    backup_ok(
+        &w,
+        &[
+            "restore",
+            &c.volume,
+            "--at",
+            &t,
+            "--to-file",
+            img.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::read(&img).unwrap()[..4096], [1u8; 4096]);
+    let out = backup_ok(&w, &["inspect", &format!("{}/{first}", c.volume)]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("parent    none"));
+    let err = backup_fails(
+        &w,
+        &[
+            "restore",
+            &c.volume,
+            "--at",
+            "2001-01-01T00:00:00Z",
+            "--to-file",
+            "/nonexistent/x",
+        ],
+    );
+    assert!(err.contains("no backup at or before"), "{err}");
+    // Only one backup snapshot is kept: the latest, the next incremental's base.
+    let snaps = c.engine().ctl_ok(&["snapshot", "ls", &c.volume]);
+    let text = String::from_utf8_lossy(&snaps.stdout);
+    assert_eq!(text.matches("backup-").count() / 2, 1, "{text}");
+}
