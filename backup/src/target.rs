@@ -237,10 +237,12 @@ impl Target {
             .get(&self.path(&["target.json"]), "reading target.json")
             .await
         {
-            Err(BackupError::NotFound(_)) => return Err(BackupError::NotFound(format!(
+            Err(BackupError::NotFound(_)) => {
+                return Err(BackupError::NotFound(format!(
                 "backup target {} holds no target.json: create it with `tether backup target init`",
                 self.name
-            ))),
+            )))
+            }
             r => r?,
         };
         let cfg: TargetConfig = serde_json::from_slice(&b).map_err(|e| {

@@ -31,6 +31,8 @@ pub struct Job {
     pub method: Mutex<String>,
     /// `None` while running; then the error's kind and message (empty on success).
     pub outcome: Mutex<Option<(String, String, Instant)>>,
+    /// Wakes whoever follows the job when it ends.
+    pub ended: tokio::sync::Notify,
 }
 
 impl Job {
@@ -43,6 +45,7 @@ impl Job {
             progress: Arc::new(Progress::default()),
             method: Mutex::new(String::new()),
             outcome: Mutex::new(None),
+            ended: tokio::sync::Notify::new(),
         })
     }
 
@@ -53,6 +56,7 @@ impl Job {
             Err(e) => (e.kind().to_string(), e.to_string()),
         };
         *self.outcome.lock() = Some((kind, msg, Instant::now()));
+        self.ended.notify_waiters();
     }
 
     /// Whether it ended.
@@ -203,22 +207,11 @@ pub async fn backup(v: Arc<Volume>, a: BackupArgs, job: Arc<Job>) -> Result<Mani
         }
     };
     let r = backup_snapshot(&v, &a, &job, cfg.chunk_size, &id, &snapshot, now).await;
+    // Each backup keeps its snapshot: it is the base the next incremental diffs
+    // from. Older ones are not deleted here: deleting one merges its blocks into its
+    // child, which for a backup's snapshot is most of the volume (docs/backup.md).
     match &r {
-        Ok(m) => {
-            // The new snapshot is the next incremental's base: the parent's own
-            // snapshot, if a backup took it, is needed no more.
-            if let Some(p) = &m.header.parent {
-                if let Ok(pm) = a.target.manifest(&a.keys, v.name(), p).await {
-                    let old = pm.header.snapshot;
-                    if old != snapshot && old.starts_with(SNAPSHOT_PREFIX) && v.has_snapshot(&old) {
-                        if let Err(e) = v.delete_snapshot(&old).await {
-                            tracing::warn!(volume = %v.name(), snapshot = %old, error = %e,
-                                "cannot delete the previous backup's snapshot; delete it by hand");
-                        }
-                    }
-                }
-            }
-        }
+        Ok(_) => {}
         Err(e) if taken => {
             tracing::warn!(volume = %v.name(), error = %e, "backup failed; deleting its snapshot");
             if let Err(e) = v.delete_snapshot(&snapshot).await {

@@ -459,11 +459,18 @@ fn follow(job: Arc<crate::backup::Job>) -> ProgressStream {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     tokio::spawn(async move {
         loop {
+            // Armed before the check, so an end in between still wakes it.
+            let ended = job.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
             let done = job.finished();
             if tx.send(Ok(job.report())).await.is_err() || done {
                 return;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            tokio::select! {
+                _ = ended => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            }
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
