@@ -260,7 +260,9 @@ fn waiting(s: &StatusReply) {
         "state     WAITING for {} s, {} attempt(s) to open: {}",
         s.waiting_seconds, s.open_attempts, s.waiting_reason
     );
-    if s.waiting_for.is_empty() {
+    if s.open_attempts == 0 {
+        // The first open is under way: nothing to wait for yet.
+    } else if s.waiting_for.is_empty() {
         println!("waits for an operator: no replica's answer would let it serve (see `tether volume salvage`)");
     } else {
         println!("waits for {}", s.waiting_for.join(", "));

@@ -98,7 +98,7 @@ pub async fn restore(
         .try_collect::<()>()
         .await?;
     sink.finish().await?;
-    tracing::info!(volume = %h.volume, backup = %h.id, chunks = m.chunks.len(), "restore complete");
+    tracing::info!(backup = %format!("{}/{}", h.volume, h.id), chunks = m.chunks.len(), "restore complete");
     Ok(())
 }
 
