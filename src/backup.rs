@@ -70,9 +70,6 @@ fn secret_from(
         })?,
     };
     let p = p.trim_end_matches(['\n', '\r']);
-    if p.chars().count() < 8 {
-        bail!("the backup passphrase is shorter than 8 characters; choose a longer one");
-    }
     Ok(Secret::Passphrase(p.as_bytes().to_vec()))
 }
 
@@ -110,12 +107,12 @@ async fn resolve(
             let when = humantime::parse_rfc3339_weak(t)
                 .map_err(|e| anyhow!("--at {t}: {e}; use RFC 3339, e.g. 2026-12-04T18:00:00Z"))?
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
+                .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             let list = target.list(Some(volume)).await?;
             list.into_iter()
                 .rev()
-                .find(|(_, id)| tether_backup::manifest::id_time(id).is_some_and(|s| s <= when))
+                .find(|(_, id)| tether_backup::manifest::id_millis(id).is_some_and(|s| s <= when))
                 .map(|(_, id)| id)
                 .ok_or_else(|| anyhow!("target {}: volume {volume} has no backup at or before {t}; `tether backup ls {volume}` lists them", target.name()))?
         }
@@ -284,10 +281,25 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             let (t, _, keys) = open(&target).await?;
             let list = t.list(volume.as_deref()).await?;
             let mut rows = Vec::new();
+            let mut bad = 0;
             for (v, id) in list {
-                rows.push(t.manifest(&keys, &v, &id).await?);
+                // One damaged manifest must not hide the others.
+                match t.manifest(&keys, &v, &id).await {
+                    Ok(m) => rows.push(m),
+                    Err(e @ (BackupError::Corrupt(_) | BackupError::Invalid(_))) => {
+                        eprintln!("backup {v}/{id}: cannot be read: {e}");
+                        bad += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             crate::render::backups(&rows, json);
+            if bad > 0 {
+                bail!(
+                    "{bad} backup(s) in {} cannot be read (listed above); the others are shown",
+                    t.name()
+                );
+            }
             Ok(())
         }
         BackupCmd::Inspect {
@@ -348,6 +360,7 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             to_file,
             encryption_key_file,
             control_socket,
+            overwrite,
             concurrency,
             tls,
         } => {
@@ -410,19 +423,20 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
                 quorum_wait: Duration::from_secs(30),
                 rebuild_rate: 0,
             };
-            let v = match tether_engine::open_volume(&cfg).await {
-                Err(tether_engine::EngineError::Config { .. }) => {
-                    // It exists with another size: open it as it is; the restore
-                    // grows it or refuses.
-                    tether_engine::open_volume(&EngineConfig {
-                        size: None,
-                        ..cfg.clone()
-                    })
-                    .await
-                }
-                r => r,
+            // Only a new volume unless told otherwise: opening an existing one here
+            // would fence an engine serving it somewhere this command cannot see.
+            let exists_on = exists_on(&cfg, &volume).await;
+            if !exists_on.is_empty() && !overwrite {
+                bail!(
+                    "volume {volume} already exists on {}: restore into it through its running engine (--control-socket PATH), or stop that engine and add --overwrite; or choose a new volume name",
+                    exists_on.join(", ")
+                );
             }
-            .with_context(|| {
+            let cfg = EngineConfig {
+                size: exists_on.is_empty().then_some(m.header.size),
+                ..cfg
+            };
+            let v = tether_engine::open_volume(&cfg).await.with_context(|| {
                 format!("volume {volume}: opening it on its replicas for the restore")
             })?;
             let lease = tokio::spawn(tether_engine::volume::lease::keep(v.clone()));
@@ -435,7 +449,11 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             .await;
             lease.abort();
             v.shutdown().await;
-            r?;
+            r.map_err(|e| {
+                anyhow!(
+                    "{e}\nvolume {volume} now holds part of backup {name}: do not serve it; run this restore again with --overwrite"
+                )
+            })?;
             let p = job.progress.read();
             println!(
                 "backup {name} restored into volume {volume} ({}, {} chunks downloaded, {}) in {:.1} s; start its engine with the same --replica addresses to serve it",
@@ -447,6 +465,25 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The replicas of `cfg` that hold volume `volume` already.
+async fn exists_on(cfg: &EngineConfig, volume: &str) -> Vec<String> {
+    use tether_engine::replica::Connector as _;
+    let connector = tether_engine::open::grpc_connector(cfg);
+    let mut out = Vec::new();
+    for addr in &cfg.replicas {
+        let Ok(link) = connector.connect(addr).await else {
+            continue;
+        };
+        let req = tether_proto::replica::SnapshotsRequest {
+            volume: volume.to_string(),
+        };
+        if link.snapshots(req).await.is_ok() {
+            out.push(addr.clone());
+        }
+    }
+    out
 }
 
 async fn target_cmd(cmd: BackupTargetCmd) -> Result<()> {

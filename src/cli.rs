@@ -189,6 +189,11 @@ pub(crate) enum BackupCmd {
         /// The running engine's control socket, if the volume has one elsewhere.
         #[arg(long)]
         control_socket: Option<PathBuf>,
+        /// With no engine running for it, restore over a volume that already exists on
+        /// the replicas (stop its engine first: this one fences it). A snapshot
+        /// `pre-restore-ID` keeps what it held.
+        #[arg(long)]
+        overwrite: bool,
         /// Chunks downloaded and written at once.
         #[arg(long, default_value_t = 8)]
         concurrency: u32,

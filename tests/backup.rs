@@ -649,6 +649,9 @@ fn a_restore_into_a_volume_with_a_client_attached_is_refused() {
     // The client still works, and its data is untouched.
     assert_eq!(nbd.read(0, 65536).unwrap().unwrap(), vec![7u8; 65536]);
     assert_eq!(nbd.write(0, &[9u8; 4096]).unwrap(), 0);
+    // Data where the backup had zeroes must go too.
+    assert_eq!(nbd.write(5 << 20, &[3u8; 8192]).unwrap(), 0);
+    assert_eq!(nbd.flush().unwrap(), 0);
     drop(nbd);
     // Detached: the restore runs, and brings back the backup's bytes.
     std::thread::sleep(Duration::from_millis(200));
@@ -665,9 +668,24 @@ fn a_restore_into_a_volume_with_a_client_attached_is_refused() {
     );
     let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
     assert_eq!(nbd.read(0, 65536).unwrap().unwrap(), vec![7u8; 65536]);
+    assert_eq!(nbd.read(5 << 20, 8192).unwrap().unwrap(), vec![0u8; 8192]);
     let status = c.engine().status_json(&c.volume);
     assert_eq!(status["backup"]["operation"], "restore");
     assert_eq!(status["backup"]["state"], "done");
+    // What the volume held before is kept: the restore can be undone.
+    let snaps = String::from_utf8_lossy(&c.engine().ctl_ok(&["snapshot", "ls", &c.volume]).stdout)
+        .to_string();
+    let keep = snaps
+        .split_whitespace()
+        .find(|w| w.starts_with("pre-restore-"))
+        .unwrap_or_else(|| panic!("no pre-restore snapshot: {snaps}"))
+        .to_string();
+    drop(nbd);
+    std::thread::sleep(Duration::from_millis(200));
+    c.engine().ctl_ok(&["snapshot", "revert", &c.volume, &keep]);
+    let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
+    assert_eq!(nbd.read(0, 4096).unwrap().unwrap(), vec![9u8; 4096]);
+    assert_eq!(nbd.read(5 << 20, 8192).unwrap().unwrap(), vec![3u8; 8192]);
 }
 
 #[test]
@@ -691,7 +709,15 @@ fn backups_pick_by_time_and_show_in_volume_status() {
     assert_eq!(status["backup"]["state"], "done");
     // --at the first backup's time restores the first, not the latest.
     let (first, _) = at.iter().next().unwrap();
-    let t = list(&w)[0]["time"].as_str().unwrap().to_string();
+    // The first backup's second, plus one: after it, and before the second backup.
+    let created = list(&w)[0]["created"].as_u64().unwrap() + 1;
+    let t = String::from_utf8(
+        run(Command::new("date").args(["-u", "-d", &format!("@{created}"), "+%Y-%m-%dT%H:%M:%SZ"]))
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
     let img = c.dir.path().join("at.img");
     backup_ok(
         &w,
@@ -719,8 +745,77 @@ fn backups_pick_by_time_and_show_in_volume_status() {
         ],
     );
     assert!(err.contains("no backup at or before"), "{err}");
-    // Only one backup snapshot is kept: the latest, the next incremental's base.
+    // Each backup keeps its snapshot (the next incremental's base); `snapshot ls`
+    // names each twice (name and export).
     let snaps = c.engine().ctl_ok(&["snapshot", "ls", &c.volume]);
     let text = String::from_utf8_lossy(&snaps.stdout);
-    assert_eq!(text.matches("backup-").count() / 2, 1, "{text}");
+    assert_eq!(text.matches("backup-").count(), 4, "{text}");
+}
+
+#[test]
+fn incremental_backups_follow_trims_growth_and_deleted_snapshots() {
+    let c = Cluster::start(1, "32M");
+    let w = Where::Dir(c.dir.path().join("bucket"));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut model = Model {
+        bytes: vec![0u8; 32 * MIB],
+    };
+    let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
+    model.write(&mut nbd, 0, &random(&mut rng, 20 * MIB));
+    assert_eq!(nbd.flush().unwrap(), 0);
+    backup_ok(&w, &["target", "init"]);
+    create(&c, &w);
+    // A trim (NBD_CMD_TRIM = 4) inside a chunk, and one of a whole chunk.
+    for (off, len) in [(3 * MIB + 8192, 65536), (7 * MIB, MIB)] {
+        assert_eq!(
+            nbd.send(4, 0, off as u64, len as u64, &[]).unwrap().error,
+            0
+        );
+        model.bytes[off..off + len].fill(0);
+    }
+    // A snapshot taken and deleted between two backups: its blocks merge onward.
+    model.write(&mut nbd, 9 * MIB, &random(&mut rng, 4096));
+    assert_eq!(nbd.flush().unwrap(), 0);
+    c.engine()
+        .ctl_ok(&["snapshot", "create", &c.volume, "between"]);
+    model.write(&mut nbd, 11 * MIB, &random(&mut rng, 4096));
+    assert_eq!(nbd.flush().unwrap(), 0);
+    c.engine().ctl_ok(&["snapshot", "rm", &c.volume, "between"]);
+    drop(nbd);
+    // Growth: the old last chunk and new chunks past the old end.
+    c.engine().ctl_ok(&["volume", "expand", &c.volume, "40M"]);
+    model.bytes.resize(40 * MIB, 0);
+    let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
+    model.write(&mut nbd, 36 * MIB, &random(&mut rng, MIB));
+    assert_eq!(nbd.flush().unwrap(), 0);
+    create(&c, &w);
+    let l = list(&w);
+    assert_eq!(l[1]["stats"]["method"], "layer index");
+    assert_eq!(
+        l[1]["stats"]["chunks_read"], 6,
+        "chunks 3, 7, 9, 11, 31 (the old last, re-read on growth) and 36"
+    );
+    assert_same(
+        &restore_to_file(&w, c.dir.path(), &c.volume),
+        &model.bytes,
+        "after trims, growth and a deleted snapshot",
+    );
+    // A new-volume restore refuses a volume that exists, unless told to overwrite.
+    let none = c.dir.path().join("none.sock");
+    let addr = c.replicas[0].addr.to_string();
+    let args = [
+        "restore",
+        c.volume.as_str(),
+        "--volume",
+        c.volume.as_str(),
+        "--replica",
+        addr.as_str(),
+        "--control-socket",
+        none.to_str().unwrap(),
+    ];
+    let err = backup_fails(&w, &args);
+    assert!(
+        err.contains("already exists on") && err.contains("--overwrite"),
+        "{err}"
+    );
 }

@@ -48,7 +48,7 @@ pub struct Stats {
 pub struct Header {
     /// Format of the manifest.
     pub format: u32,
-    /// The backup's id: its UTC time and a random suffix, e.g. `20261202T180000Z-3fa2c1`.
+    /// The backup's id: its UTC time and a random suffix, e.g. `20261202T180000.123Z-3fa2c1`.
     pub id: String,
     /// The volume backed up.
     pub volume: String,
@@ -233,19 +233,20 @@ impl Manifest {
     }
 }
 
-/// A new backup id for now: UTC time to the second and 6 random hex digits, so ids
-/// sort by time and two backups in one second do not collide.
+/// A new backup id for now: UTC time to the millisecond and 6 random hex digits,
+/// e.g. `20261204T180000.123Z-3fa2c1`, so ids sort by time and two backups in one
+/// millisecond do not collide.
 pub fn new_id(now: std::time::SystemTime) -> Result<String, BackupError> {
-    let t = humantime::format_rfc3339_seconds(now).to_string();
+    let t = humantime::format_rfc3339_millis(now).to_string();
     let compact: String = t.chars().filter(|c| *c != '-' && *c != ':').collect();
     let r: [u8; 3] = keys::random()?;
     Ok(format!("{compact}-{}", hex::encode(r)))
 }
 
-/// The time an id carries, in seconds since the Unix epoch.
-pub fn id_time(id: &str) -> Option<u64> {
+/// The time an id carries, in milliseconds since the Unix epoch.
+pub fn id_millis(id: &str) -> Option<u64> {
     let t = id.split('-').next()?;
-    if t.len() != 16 {
+    if t.len() != 20 || !t.is_ascii() {
         return None;
     }
     let s = format!(
@@ -255,13 +256,13 @@ pub fn id_time(id: &str) -> Option<u64> {
         &t[6..8],
         &t[9..11],
         &t[11..13],
-        &t[13..15]
+        &t[13..19]
     );
     humantime::parse_rfc3339(&s)
         .ok()?
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
@@ -273,7 +274,7 @@ mod tests {
         Manifest {
             header: Header {
                 format: FORMAT,
-                id: "20261202T180000Z-abcdef".into(),
+                id: "20261202T180000.000Z-abcdef".into(),
                 volume: "pg".into(),
                 size: 10 << 20,
                 chunk_size: 1 << 20,
@@ -295,7 +296,7 @@ mod tests {
         let obj = m.seal(&k).unwrap();
         assert_eq!(Manifest::open(&k, "pg", &m.header.id, &obj).unwrap(), m);
         assert!(Manifest::open(&k, "other", &m.header.id, &obj).is_err());
-        assert!(Manifest::open(&k, "pg", "20261202T180001Z-abcdef", &obj).is_err());
+        assert!(Manifest::open(&k, "pg", "20261202T180001.000Z-abcdef", &obj).is_err());
         assert!(Manifest::open(&Keys::from_master([4; 32]), "pg", &m.header.id, &obj).is_err());
         for i in 0..obj.len() {
             let mut bad = obj.clone();
@@ -315,11 +316,13 @@ mod tests {
 
     #[test]
     fn ids_sort_by_time_and_carry_it() {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_800_000_000_250);
         let id = new_id(t).unwrap();
-        assert_eq!(id_time(&id), Some(1_800_000_000));
+        assert_eq!(id_millis(&id), Some(1_800_000_000_250));
+        assert!(id.starts_with("20270115T080000.250Z-"), "{id}");
         assert!(id.starts_with("20270115T"), "{id}");
-        assert_eq!(id_time("nonsense"), None);
+        assert_eq!(id_millis("nonsense"), None);
+        assert_eq!(id_millis("2026120éT180000.12Z-abc"), None);
     }
 
     proptest! {

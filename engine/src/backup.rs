@@ -14,7 +14,7 @@ use crate::volume::{Volume, BLOCK};
 
 /// Chunks read and uploaded (or downloaded and written) at once by default.
 pub const CONCURRENCY: usize = 8;
-/// Prefix of the snapshots a backup takes itself; only these does it delete.
+/// Prefix of the snapshots a backup takes itself.
 pub const SNAPSHOT_PREFIX: &str = "backup-";
 
 /// A backup or restore: running, or the last one that ended.
@@ -248,7 +248,17 @@ async fn backup_snapshot(
         BackupError::NotFound(format!("volume {}: snapshot {snapshot} vanished", v.name()))
     })?;
     let parent = match a.target.latest(v.name()).await? {
-        Some(p) => Some(a.target.manifest(&a.keys, v.name(), &p).await?),
+        Some(p) => match a.target.manifest(&a.keys, v.name(), &p).await {
+            Ok(m) => Some(m),
+            // The latest backup is gone or damaged: this one stands alone, and
+            // reads the whole volume.
+            Err(e @ (BackupError::NotFound(_) | BackupError::Corrupt(_))) => {
+                tracing::warn!(volume = %v.name(), parent = %p, error = %e,
+                    "the latest backup cannot be read; making a full backup instead of an incremental one");
+                None
+            }
+            Err(e) => return Err(e),
+        },
         None => None,
     };
     let r = v
@@ -405,6 +415,19 @@ async fn restore_held(
         .map_err(|e| volume_err(v, "mapping allocated blocks", e))?
         .is_empty();
     *job.backup.lock() = format!("{}/{}", m.header.volume, m.header.id);
+    if !empty {
+        // What the volume held stays at hand: a restore that fails halfway, or
+        // the wrong backup restored, is undone by reverting to it.
+        let keep = format!(
+            "pre-restore-{}",
+            tether_backup::manifest::new_id(std::time::SystemTime::now())?
+        );
+        v.snapshot(&keep)
+            .await
+            .map_err(|e| volume_err(v, "taking a snapshot of what it held", e))?;
+        tracing::info!(volume = %v.name(), snapshot = %keep,
+            "restore: the volume's contents before it are kept as a snapshot");
+    }
     tracing::info!(volume = %v.name(), backup = %job.backup.lock(), target = %target.name(), empty,
         "restore started");
     tether_backup::restore(

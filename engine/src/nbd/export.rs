@@ -31,10 +31,20 @@ impl View {
     /// The volume, if this view may change it (snapshots are read-only).
     fn writable(&self) -> Result<&Arc<Volume>, DeviceError> {
         match self {
+            View::Head(v) if v.is_restoring() => Err(restoring(v)),
             View::Head(v) => Ok(v),
             View::Snapshot(..) => Err(DeviceError::ReadOnly("snapshots are read-only".into())),
         }
     }
+}
+
+/// A client that attached as a restore began gets errors, not a volume changing
+/// under it.
+fn restoring(v: &Volume) -> DeviceError {
+    DeviceError::Io(format!(
+        "volume {}: a restore is writing the volume; reconnect when it ends",
+        v.name()
+    ))
 }
 
 impl BlockDevice for View {
@@ -46,6 +56,7 @@ impl BlockDevice for View {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<Bytes>, DeviceError> {
         match self {
+            View::Head(v) if v.is_restoring() => Err(restoring(v)),
             View::Head(v) => Ok(v.read(offset, len).await?),
             View::Snapshot(v, name) => Ok(v.read_range(name, offset, len).await?),
         }

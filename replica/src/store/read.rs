@@ -289,8 +289,9 @@ pub(super) fn changed_between(
     let end = block + count;
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for id in &chain[..chain.len() - base.len()] {
+        // A layer the chain names but that is not open: no answer beats a wrong one.
         let Some(layer) = inner.layers.get(id) else {
-            continue;
+            return Ok(None);
         };
         let mut p = block;
         while p < end {
