@@ -13,16 +13,18 @@
 # Rates are MiB of volume per second (4096 MiB over the seconds taken), so every
 # tool is measured on the same bytes.
 #
-# Usage: benches/backup.sh [--tether BIN] [--size-gib N]
+# Usage: benches/backup.sh [--tether BIN] [--size-gib N] [--chunk-size 1M]
 # Needs: nbdcopy, s3s-fs, restic, borg, /usr/bin/python3 with the nbd module.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TETHER=$REPO/target/release/tether
 GIB=4
+CHUNK=1M
 while [[ $# -gt 0 ]]; do
     case $1 in
         --tether) TETHER=$2; shift 2 ;;
         --size-gib) GIB=$2; shift 2 ;;
+        --chunk-size) CHUNK=$2; shift 2 ;;
         *) sed -n '/^# Usage:/,/^# Needs:/p' "$0" >&2; exit 2 ;;
     esac
 done
@@ -80,8 +82,8 @@ sync
 
 DIR="--target $WORK/dir"
 S3="--target s3://bucket/t --s3-endpoint http://127.0.0.1:$PS --s3-path-style"
-"$TETHER" backup target init $DIR >/dev/null
-"$TETHER" backup target init $S3 >/dev/null
+"$TETHER" backup target init $DIR --chunk-size "$CHUNK" >/dev/null
+"$TETHER" backup target init $S3 --chunk-size "$CHUNK" >/dev/null
 s3ops() { grep -o 'resolved route, op: [A-Za-z0-9]*' "$WORK/s3.log" | awk '{print $4}' | sed 's/,$//'; }
 count_ops() { # ops since line $1 of the op list: PUT GET LIST HEAD
     s3ops | tail -n +$(($1 + 1)) | awk '
@@ -149,7 +151,7 @@ done
 pct() { python3 -c "print(f'{100 * $1 / $2:.1f} %')"; }
 ratio() { python3 -c "print(f'{$1 / $2:.2f}x')"; }
 cat <<EOF
-backup benchmark: ${GIB} GiB volume, 50 % random / 50 % zero, $(nproc) cores, $(date -u +%F)
+backup benchmark: ${GIB} GiB volume, 50 % random / 50 % zero, $CHUNK chunks, $(nproc) cores, $(date -u +%F)
 
 | what | MiB/s (of volume) | beside |
 | --- | --- | --- |
