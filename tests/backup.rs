@@ -634,17 +634,15 @@ fn a_restore_into_a_volume_with_a_client_attached_is_refused() {
     backup_ok(&w, &["target", "init"]);
     create(&c, &w);
     let ctl = c.engine().control.display().to_string();
-    let err = backup_fails(
-        &w,
-        &[
-            "restore",
-            &c.volume,
-            "--volume",
-            &c.volume,
-            "--control-socket",
-            &ctl,
-        ],
-    );
+    let restore = [
+        "restore",
+        c.volume.as_str(),
+        "--volume",
+        c.volume.as_str(),
+        "--control-socket",
+        ctl.as_str(),
+    ];
+    let err = backup_fails(&w, &restore);
     assert!(err.contains("client(s) attached"), "{err}");
     // The client still works, and its data is untouched.
     assert_eq!(nbd.read(0, 65536).unwrap().unwrap(), vec![7u8; 65536]);
@@ -655,17 +653,7 @@ fn a_restore_into_a_volume_with_a_client_attached_is_refused() {
     drop(nbd);
     // Detached: the restore runs, and brings back the backup's bytes.
     std::thread::sleep(Duration::from_millis(200));
-    backup_ok(
-        &w,
-        &[
-            "restore",
-            &c.volume,
-            "--volume",
-            &c.volume,
-            "--control-socket",
-            &ctl,
-        ],
-    );
+    backup_ok(&w, &restore);
     let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
     assert_eq!(nbd.read(0, 65536).unwrap().unwrap(), vec![7u8; 65536]);
     assert_eq!(nbd.read(5 << 20, 8192).unwrap().unwrap(), vec![0u8; 8192]);

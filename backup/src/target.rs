@@ -220,7 +220,33 @@ impl Target {
             created: now_secs(),
             key: keys.wrap(secret)?,
         };
-        self.write_config(&cfg).await?;
+        let json = serde_json::to_vec_pretty(&cfg)
+            .map_err(|e| BackupError::Invalid(format!("encoding target.json: {e}")))?;
+        // Create-only, so two inits racing cannot both win and lose one's key; stores
+        // that cannot do that get the check above alone.
+        let path = self.path(&["target.json"]);
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(json.clone()), opts)
+            .await
+        {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => {
+                return Err(BackupError::Exists(format!(
+                    "backup target {} was initialised by someone else just now; use `tether backup target show`",
+                    self.name
+                )))
+            }
+            Err(object_store::Error::NotImplemented) => {
+                self.put(&path, json, "writing target.json").await?
+            }
+            Err(e) => return Err(self.err("writing target.json", e)),
+        }
         Ok(keys)
     }
 
@@ -401,4 +427,35 @@ impl Target {
 /// The default chunk size a new target gets.
 pub const fn default_chunk_size() -> u64 {
     DEFAULT_CHUNK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn of_two_racing_inits_one_wins_and_its_key_stays() {
+        let d = tempfile::tempdir().unwrap();
+        let spec = TargetSpec {
+            url: d.path().display().to_string(),
+            endpoint: String::new(),
+            region: String::new(),
+            path_style: false,
+            access_key: String::new(),
+            secret_key: String::new(),
+        };
+        let (a, b) = (
+            Target::connect(&spec).unwrap(),
+            Target::connect(&spec).unwrap(),
+        );
+        let (sa, sb) = (Secret::KeyFile(vec![1; 32]), Secret::KeyFile(vec![2; 32]));
+        let (ra, rb) = tokio::join!(a.init(1 << 20, &sa), b.init(1 << 20, &sb));
+        assert!(ra.is_ok() != rb.is_ok(), "{ra:?} {rb:?}");
+        let (winner, secret) = match ra {
+            Ok(k) => (k, sa),
+            Err(_) => (rb.unwrap(), sb),
+        };
+        let (_, keys) = a.unlock(&secret).await.unwrap();
+        assert_eq!(keys.master(), winner.master());
+    }
 }

@@ -14,17 +14,27 @@ use tether_replica::{StoreOptions, VolumeSet};
 
 const B: usize = 4096;
 
-#[test]
-fn changed_blocks_between_snapshots_come_from_the_layers() {
-    let disk = SimDisk::new();
+/// A volume of `blocks` blocks on a simulated disk, taken by epoch 1. Its log is
+/// small, so histories also go through checkpoints.
+fn volume(blocks: u64) -> Arc<tether_replica::Volume> {
+    let opts = StoreOptions {
+        wal_size: 64 << 10,
+        ..StoreOptions::default()
+    };
     let vols = VolumeSet::new(
         std::path::Path::new("/data"),
-        Arc::new(disk.clone()),
-        StoreOptions::default(),
+        Arc::new(SimDisk::new()),
+        opts,
     )
     .unwrap();
-    let (v, _) = vols.get_or_create("v", 1024 * B as u64, None).unwrap();
+    let (v, _) = vols.get_or_create("v", blocks * B as u64, None).unwrap();
     v.take_epoch(1, 11).unwrap();
+    v
+}
+
+#[test]
+fn changed_blocks_between_snapshots_come_from_the_layers() {
+    let v = volume(1024);
     v.write_blocks(1, 0, &[1u8; 4 * B]).unwrap();
     v.write_blocks(2, 100, &[1u8; B]).unwrap();
     v.snapshot("a").unwrap();
@@ -61,15 +71,7 @@ fn changed_blocks_between_snapshots_come_from_the_layers() {
 
 #[test]
 fn after_a_revert_the_old_branch_is_not_an_ancestor() {
-    let disk = SimDisk::new();
-    let vols = VolumeSet::new(
-        std::path::Path::new("/data"),
-        Arc::new(disk.clone()),
-        StoreOptions::default(),
-    )
-    .unwrap();
-    let (v, _) = vols.get_or_create("v", 64 * B as u64, None).unwrap();
-    v.take_epoch(1, 11).unwrap();
+    let v = volume(64);
     v.write_blocks(1, 0, &[1u8; B]).unwrap();
     v.snapshot("base").unwrap();
     v.write_blocks(2, 1, &[2u8; B]).unwrap();
@@ -113,12 +115,7 @@ proptest::proptest! {
     /// whatever writes, trims, snapshots, deletions and reverts came before.
     #[test]
     fn the_layer_index_names_every_block_that_differs(steps in proptest::collection::vec(step(), 1..40)) {
-        let disk = SimDisk::new();
-        // A small log, so histories also go through checkpoints.
-        let opts = StoreOptions { wal_size: 64 << 10, ..StoreOptions::default() };
-        let vols = VolumeSet::new(std::path::Path::new("/data"), Arc::new(disk.clone()), opts).unwrap();
-        let (v, _) = vols.get_or_create("v", 64 * B as u64, None).unwrap();
-        v.take_epoch(1, 11).unwrap();
+        let v = volume(64);
         let mut seq = 0u64;
         let mut snaps: Vec<String> = Vec::new();
         let mut next = 0;
