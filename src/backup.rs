@@ -313,6 +313,19 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             crate::render::backup(&m, json);
             Ok(())
         }
+        BackupCmd::Rm { target, backup } => {
+            let Some((volume, id)) = backup.split_once('/') else {
+                bail!("name the backup in full, VOLUME/ID (`tether backup ls` lists them)");
+            };
+            let (t, _, _) = open(&target).await?;
+            let latest = t.remove(volume, id).await?;
+            println!(
+                "backup {volume}/{id} deleted from {}; latest backup of {volume}: {}",
+                t.name(),
+                latest.as_deref().unwrap_or("none")
+            );
+            Ok(())
+        }
         BackupCmd::Verify {
             target,
             backup,

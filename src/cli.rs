@@ -150,6 +150,14 @@ pub(crate) enum BackupCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Delete one backup: its manifest only, at once; the chunks it shares with
+    /// others stay (garbage collection is separate).
+    Rm {
+        #[command(flatten)]
+        target: BackupTarget,
+        /// VOLUME/ID (named in full: there is no "latest" here).
+        backup: String,
+    },
     /// Download every chunk of a backup and check it against its name.
     Verify {
         #[command(flatten)]

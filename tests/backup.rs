@@ -807,3 +807,48 @@ fn incremental_backups_follow_trims_growth_and_deleted_snapshots() {
         "{err}"
     );
 }
+
+#[test]
+fn rm_deletes_one_manifest_and_moves_the_latest_pointer() {
+    let c = Cluster::start(1, "16M");
+    let w = Where::Dir(c.dir.path().join("bucket"));
+    let mut nbd = NbdClient::connect(c.engine().nbd, &c.volume).unwrap();
+    backup_ok(&w, &["target", "init"]);
+    for v in 1u8..=3 {
+        assert_eq!(nbd.write(0, &[v; 4096]).unwrap(), 0);
+        assert_eq!(nbd.flush().unwrap(), 0);
+        create(&c, &w);
+    }
+    let ids: Vec<String> = list(&w)
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    let chunks = w.chunk_objects();
+    // The middle one: the others stay whole, no chunk goes.
+    backup_ok(&w, &["rm", &format!("{}/{}", c.volume, ids[1])]);
+    assert_eq!(list(&w).len(), 2);
+    assert_eq!(w.chunk_objects(), chunks, "rm deletes no chunk");
+    let first = restore_to_file(&w, c.dir.path(), &format!("{}/{}", c.volume, ids[0]));
+    assert_eq!(first[..4096], [1u8; 4096]);
+    // The latest: the pointer moves back, and the next backup builds on that one.
+    backup_ok(&w, &["rm", &format!("{}/{}", c.volume, ids[2])]);
+    let latest = restore_to_file(&w, c.dir.path(), &c.volume);
+    assert_eq!(
+        latest[..4096],
+        [1u8; 4096],
+        "latest is the first backup now"
+    );
+    assert_eq!(nbd.write(8192, &[4u8; 4096]).unwrap(), 0);
+    assert_eq!(nbd.flush().unwrap(), 0);
+    create(&c, &w);
+    let l = list(&w);
+    assert_eq!(l[1]["parent"].as_str(), Some(ids[0].as_str()));
+    let now = restore_to_file(&w, c.dir.path(), &c.volume);
+    assert_eq!(now[..4096], [3u8; 4096]);
+    assert_eq!(now[8192..12288], [4u8; 4096]);
+    // Unknown or half-named backups are refused clearly.
+    let err = backup_fails(&w, &["rm", &format!("{}/{}", c.volume, ids[1])]);
+    assert!(err.contains("no backup"), "{err}");
+    let err = backup_fails(&w, &["rm", &c.volume]);
+    assert!(err.contains("VOLUME/ID"), "{err}");
+}

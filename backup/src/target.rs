@@ -394,6 +394,48 @@ impl Target {
         }
     }
 
+    /// Deletes backup `id` of `volume`: its manifest and nothing else (chunks it
+    /// shares stay; garbage collection is separate). When it was the volume's latest,
+    /// the pointer moves to the newest one left, or goes. Returns the new latest.
+    pub async fn remove(&self, volume: &str, id: &str) -> Result<Option<String>, BackupError> {
+        let path = self.path(&["backups", volume, id]);
+        match self.store.head(&path).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(BackupError::NotFound(format!(
+                    "backup target {}: no backup {volume}/{id}; `tether backup ls {volume}` lists them",
+                    self.name
+                )))
+            }
+            Err(e) => return Err(self.err("looking up a manifest", e)),
+        }
+        self.store
+            .delete(&path)
+            .await
+            .map_err(|e| self.err(&format!("deleting backup {volume}/{id}"), e))?;
+        let latest = self.latest(volume).await?;
+        if latest.as_deref() != Some(id) {
+            return Ok(latest);
+        }
+        let newest = self.list(Some(volume)).await?.pop().map(|(_, id)| id);
+        let pointer = self.path(&["latest", volume]);
+        match &newest {
+            Some(n) => {
+                self.put(
+                    &pointer,
+                    n.clone().into_bytes(),
+                    "moving the latest pointer",
+                )
+                .await?
+            }
+            None => match self.store.delete(&pointer).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err("deleting the latest pointer", e)),
+            },
+        }
+        Ok(newest)
+    }
+
     /// Every backup in the target (or of `volume`), as (volume, id), oldest first per volume.
     pub async fn list(&self, volume: Option<&str>) -> Result<Vec<(String, String)>, BackupError> {
         let base = match volume {
