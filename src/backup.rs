@@ -457,7 +457,15 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             let r = with_bar(
                 "restore",
                 job.progress.clone(),
-                engine_backup::restore(v.clone(), &t, &keys, &m, concurrency as usize, job.clone()),
+                engine_backup::restore(
+                    v.begin_restore()
+                        .map_err(|e| BackupError::Exists(e.to_string()))?,
+                    &t,
+                    &keys,
+                    &m,
+                    concurrency as usize,
+                    job.clone(),
+                ),
             )
             .await;
             lease.abort();

@@ -95,12 +95,10 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
         std::sync::atomic::Ordering::Relaxed,
     );
     let known: Mutex<HashSet<ChunkName>> = Mutex::new(parent_map.values().copied().collect());
-    let stats = Mutex::new((0u64, 0u64, 0u64, 0u64)); // read, uploaded, bytes read, bytes uploaded
     let (target, keys, progress) = (&job.target, &job.keys, &job.progress);
     let results: Vec<(u64, Option<ChunkName>)> = futures::stream::iter(candidates.iter().copied())
         .map(|index| {
             let known = &known;
-            let stats = &stats;
             async move {
                 let len = h.chunk_len(index);
                 let data = source.read(index * h.chunk_size, len).await?;
@@ -118,10 +116,6 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
                 })
                 .await?;
                 progress.add(len);
-                if let Ok(mut s) = stats.lock() {
-                    s.0 += 1;
-                    s.2 += len;
-                }
                 let Some(name) = named else {
                     return Ok((index, None));
                 };
@@ -132,10 +126,6 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
                     let n = object.len() as u64;
                     target.put_chunk(&name, object).await?;
                     progress.object(n);
-                    if let Ok(mut s) = stats.lock() {
-                        s.1 += 1;
-                        s.3 += n;
-                    }
                 }
                 Ok((index, Some(name)))
             }
@@ -147,20 +137,23 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
         Scope::Changed(_) => parent_map.into_iter().filter(|(i, _)| *i < count).collect(),
         Scope::Allocated(_) => BTreeMap::new(),
     };
+    let read = results.len() as u64;
     for (i, n) in results {
         match n {
             Some(n) => map.insert(i, n),
             None => map.remove(&i),
         };
     }
-    let (read, uploaded, bytes_read, bytes_uploaded) = stats.lock().map(|s| *s).unwrap_or_default();
+    // What the backup did is what its progress counted.
+    let p = progress.read();
+    let (uploaded, bytes_uploaded) = (p.objects, p.object_bytes);
     job.header.stats = crate::manifest::Stats {
         chunks_read: read,
         chunks_uploaded: uploaded,
-        bytes_read,
+        bytes_read: p.done,
         bytes_uploaded,
         method: method.to_string(),
-        millis: progress.read().millis,
+        millis: p.millis,
     };
     let m = Manifest {
         header: job.header,

@@ -366,31 +366,17 @@ impl tether_backup::Sink for VolumeSink {
     }
 }
 
-/// Restores `m` over `v`: refused while a client is attached, and no client
-/// attaches until it ends. The volume grows to the backup's size if smaller.
+/// Restores `m` over the volume `held` reserves (see [`Volume::begin_restore`]). The
+/// volume grows to the backup's size if smaller.
 pub async fn restore(
-    v: Arc<Volume>,
+    held: crate::volume::Restoring,
     target: &Target,
     keys: &Keys,
     m: &Manifest,
     concurrency: usize,
     job: Arc<Job>,
 ) -> Result<(), BackupError> {
-    v.begin_restore()
-        .map_err(|e| BackupError::Exists(e.to_string()))?;
-    let r = restore_held(&v, target, keys, m, concurrency, job).await;
-    v.end_restore();
-    r
-}
-
-async fn restore_held(
-    v: &Arc<Volume>,
-    target: &Target,
-    keys: &Keys,
-    m: &Manifest,
-    concurrency: usize,
-    job: Arc<Job>,
-) -> Result<(), BackupError> {
+    let v = held.volume();
     let size = m.header.size;
     if v.size() > size {
         return Err(BackupError::Invalid(format!(

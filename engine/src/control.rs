@@ -327,10 +327,7 @@ impl Engine for ControlService {
             keys,
             snapshot: (!req.snapshot.is_empty()).then_some(req.snapshot),
             labels: req.labels.into_iter().collect(),
-            concurrency: match req.concurrency {
-                0 => crate::backup::CONCURRENCY,
-                n => n as usize,
-            },
+            concurrency: concurrency(req.concurrency),
         };
         let j = job.clone();
         tokio::spawn(async move {
@@ -357,18 +354,20 @@ impl Engine for ControlService {
             .manifest(&keys, &req.source_volume, &req.backup)
             .await
             .map_err(backup_status)?;
-        // Refused now, not in the task, so the caller hears why at once.
-        v.begin_restore().map_err(status_of)?;
-        v.end_restore();
         let job = crate::backup::Job::new("restore", target.name().to_string());
         self.start_job(&job)?;
-        let concurrency = match req.concurrency {
-            0 => crate::backup::CONCURRENCY,
-            n => n as usize,
+        // Taken here, so the caller hears a refusal at once; the task holds it.
+        let held = match v.begin_restore() {
+            Ok(h) => h,
+            Err(e) => {
+                job.finish(&Err(tether_backup::BackupError::Exists(e.to_string())));
+                return Err(status_of(e));
+            }
         };
+        let concurrency = concurrency(req.concurrency);
         let j = job.clone();
         tokio::spawn(async move {
-            let r = crate::backup::restore(v, &target, &keys, &m, concurrency, j.clone()).await;
+            let r = crate::backup::restore(held, &target, &keys, &m, concurrency, j.clone()).await;
             if let Err(e) = &r {
                 tracing::error!(error = %e, "restore failed");
             }
@@ -474,6 +473,14 @@ fn follow(job: Arc<crate::backup::Job>) -> ProgressStream {
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Chunks at once as asked (0: the default).
+fn concurrency(asked: u32) -> usize {
+    match asked {
+        0 => crate::backup::CONCURRENCY,
+        n => n as usize,
+    }
 }
 
 /// A backup error as a status with a typed code.

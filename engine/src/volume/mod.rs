@@ -574,33 +574,44 @@ impl Volume {
     }
 
     /// Starts a restore over the whole volume: refused while a client is attached
-    /// (it would read a volume changing under it); no client attaches until
-    /// [`Volume::end_restore`].
-    pub fn begin_restore(&self) -> Result<(), VolumeError> {
+    /// (it would read a volume changing under it); no client attaches until the
+    /// guard drops.
+    pub fn begin_restore(self: &Arc<Self>) -> Result<Restoring, VolumeError> {
         if self.restoring.swap(true, Ordering::SeqCst) {
             return Err(VolumeError::Invalid(format!(
                 "volume {}: a restore into it is already running",
                 self.name
             )));
         }
+        let guard = Restoring(self.clone());
         let n = self.attached.load(Ordering::SeqCst);
         if n > 0 {
-            self.restoring.store(false, Ordering::SeqCst);
             return Err(VolumeError::Invalid(format!(
                 "volume {}: {n} client(s) attached; a restore would change the volume under them: disconnect them first, or restore into a new volume",
                 self.name
             )));
         }
-        Ok(())
-    }
-
-    /// Ends a restore: clients may attach again.
-    pub fn end_restore(&self) {
-        self.restoring.store(false, Ordering::SeqCst);
+        Ok(guard)
     }
 
     /// Whether a restore is writing the volume.
     pub fn is_restoring(&self) -> bool {
         self.restoring.load(Ordering::SeqCst)
+    }
+}
+
+/// A restore in progress over a volume; clients may attach again once it drops.
+pub struct Restoring(Arc<Volume>);
+
+impl Restoring {
+    /// The volume being restored.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.0
+    }
+}
+
+impl Drop for Restoring {
+    fn drop(&mut self) {
+        self.0.restoring.store(false, Ordering::SeqCst);
     }
 }
