@@ -80,7 +80,7 @@ async fn backup(
         .unwrap()
 }
 
-/// Restores `m` over `over` (garbage where the backup has zeroes, to catch a missed zero run).
+/// Restores `m` over garbage, so a zero run the restore misses shows.
 async fn restore(t: &Target, k: &Keys, m: &Manifest) -> Vec<u8> {
     let sink = Sink(Mutex::new(vec![0xEE; m.header.size as usize]));
     tether_backup::restore(t, k, m, &sink, false, 3, Arc::new(Progress::default()))
