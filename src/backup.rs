@@ -326,6 +326,13 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             );
             Ok(())
         }
+        BackupCmd::Gc {
+            target,
+            grace,
+            checkpoint_keep,
+            dry_run,
+            json,
+        } => gc(&target, grace, checkpoint_keep, dry_run, json).await,
         BackupCmd::Verify {
             target,
             backup,
@@ -507,12 +514,93 @@ async fn exists_on(cfg: &EngineConfig, volume: &str) -> Vec<String> {
     out
 }
 
+/// `tether backup gc`: runs it with a progress line, then prints what it did.
+async fn gc(
+    target: &BackupTarget,
+    grace: Duration,
+    checkpoint_keep: Duration,
+    dry_run: bool,
+    json: bool,
+) -> Result<()> {
+    let (t, cfg, keys) = open(target).await?;
+    let opts = tether_backup::GcOptions {
+        grace,
+        dry_run,
+        checkpoint_keep,
+        ..Default::default()
+    };
+    let progress = tether_backup::GcProgress::default();
+    let fut = tether_backup::gc(&t, &keys, &cfg, &opts, &progress);
+    tokio::pin!(fut);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let spinner = indicatif::ProgressBar::new_spinner();
+    let mut last = std::time::Instant::now();
+    let report = loop {
+        tokio::select! {
+            r = &mut fut => break r?,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                let line = format!(
+                    "gc {}: {} manifests read, {} chunks listed, {} deleted",
+                    progress.phase.lock(),
+                    progress.maps_read.load(std::sync::atomic::Ordering::Relaxed),
+                    progress.listed.load(std::sync::atomic::Ordering::Relaxed),
+                    progress.deleted.load(std::sync::atomic::Ordering::Relaxed),
+                );
+                if tty {
+                    spinner.set_message(line);
+                    spinner.tick();
+                } else if last.elapsed() > Duration::from_secs(10) {
+                    last = std::time::Instant::now();
+                    eprintln!("{line}");
+                }
+            }
+        }
+    };
+    spinner.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "gc of {}{}: {} backups and {} checkpoints reference {} chunks",
+        t.name(),
+        if dry_run { " (dry run)" } else { "" },
+        report.manifests,
+        report.checkpoints,
+        report.referenced
+    );
+    println!(
+        "  {} chunks listed ({}); {} {} ({}); {} unreferenced kept as younger than the cutoff",
+        report.chunks,
+        human(report.bytes),
+        if dry_run { "would delete" } else { "deleted" },
+        report.deleted,
+        human(report.bytes_deleted),
+        report.kept_young
+    );
+    println!(
+        "  {} running backups' leases honoured; {} expired leases and {} abandoned checkpoints removed; {:.1} s",
+        report.leases_running,
+        report.leases_removed,
+        report.checkpoints_removed,
+        report.millis as f64 / 1000.0
+    );
+    if let Some(why) = &report.skipped {
+        println!("  nothing swept: {why}");
+    }
+    Ok(())
+}
+
 async fn target_cmd(cmd: BackupTargetCmd) -> Result<()> {
     match cmd {
-        BackupTargetCmd::Init { target, chunk_size } => {
+        BackupTargetCmd::Init {
+            target,
+            chunk_size,
+            lease_time,
+        } => {
             let t = Target::connect(&spec(&target)?)?;
             let s = secret(&target)?;
-            t.init(chunk_size, &s).await?;
+            t.init(chunk_size, lease_time, &s).await?;
             t.check_writable().await?;
             println!(
                 "backup target {} initialised: {} chunks, master key wrapped by {}.\nKeep the {} safe: without it, every backup in this target is lost.",
@@ -534,6 +622,7 @@ async fn target_cmd(cmd: BackupTargetCmd) -> Result<()> {
             println!("target:      {}", t.name());
             println!("reachable:   yes");
             println!("chunk size:  {}", human(cfg.chunk_size));
+            println!("lease time:  {}", humantime::format_duration(cfg.lease()));
             println!("key wrapped: by a {}", cfg.key.kind);
             t.unlock(&secret(&target)?).await?;
             println!("key opens:   yes");

@@ -158,6 +158,24 @@ pub(crate) enum BackupCmd {
         /// VOLUME/ID (named in full: there is no "latest" here).
         backup: String,
     },
+    /// Delete the chunks no backup needs (mark, then sweep); backups keep running.
+    Gc {
+        #[command(flatten)]
+        target: BackupTarget,
+        /// Keep unreferenced chunks younger than this (room for a many-node
+        /// server's clocks that disagree).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        /// Delete a checkpoint nobody resumed for this long.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        checkpoint_keep: std::time::Duration,
+        /// Report what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Download every chunk of a backup and check it against its name.
     Verify {
         #[command(flatten)]
@@ -219,6 +237,10 @@ pub(crate) enum BackupTargetCmd {
         /// Bytes per chunk, fixed for the target: a power of two from 256K to 16M.
         #[arg(long, default_value = "1M", value_parser = parse_size)]
         chunk_size: u64,
+        /// How long a running backup's lease lives unrenewed; gc keeps what a live
+        /// lease relies on. Backups renew it every quarter of this.
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        lease_time: std::time::Duration,
     },
     /// Check a target: reachable, writable, and opened by the passphrase or key file.
     Show {

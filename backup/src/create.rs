@@ -1,17 +1,21 @@
 //! Making a backup: read the chunks that may have changed, name each by its content,
 //! upload the ones the target does not hold yet, then write the manifest and move the
 //! latest pointer. A crash at any point leaves no manifest naming a missing chunk,
-//! because a manifest is written only after every chunk it names.
+//! because a manifest is written only after every chunk it names. A checkpoint of
+//! the chunks done is written as it goes, so a backup run again resumes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{StreamExt as _, TryStreamExt as _};
 
+use crate::checkpoint::Checkpoint;
 use crate::chunk::{self, ChunkName};
 use crate::error::BackupError;
 use crate::keys::Keys;
+use crate::lease::Lease;
 use crate::manifest::{Header, Manifest};
 use crate::progress::Progress;
 use crate::target::Target;
@@ -41,8 +45,16 @@ pub struct Job {
     pub keys: Keys,
     /// The new backup's header (stats are filled in here).
     pub header: Header,
-    /// The backup it is made from, whose chunks the target holds.
+    /// The backup it is made from, whose chunks the target holds. Its lease must
+    /// have been taken before the parent was read.
     pub parent: Option<Manifest>,
+    /// The lease, naming the parent (and the checkpoint when resuming).
+    pub lease: Arc<Lease>,
+    /// Chunks an interrupted run of this same backup already did, from its
+    /// checkpoint: their names, or `None` for zeroes.
+    pub resume: BTreeMap<u64, Option<ChunkName>>,
+    /// How often the checkpoint is written.
+    pub checkpoint_every: Duration,
     /// Which chunks to read.
     pub scope: Scope,
     /// Chunks read and uploaded at once.
@@ -90,16 +102,42 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
     candidates.sort_unstable();
     candidates.dedup();
     candidates.retain(|&i| i < count);
+    let resumed: BTreeMap<u64, Option<ChunkName>> = std::mem::take(&mut job.resume)
+        .into_iter()
+        .filter(|(i, _)| candidates.binary_search(i).is_ok())
+        .collect();
+    candidates.retain(|i| !resumed.contains_key(i));
+    if !resumed.is_empty() {
+        tracing::info!(volume = %h.volume, backup = %h.id, done = resumed.len(), left = candidates.len(),
+            "resuming a backup from its checkpoint");
+    }
     job.progress.total.store(
         candidates.iter().map(|&i| h.chunk_len(i)).sum(),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let known: Mutex<HashSet<ChunkName>> = Mutex::new(parent_map.values().copied().collect());
-    let (target, keys, progress) = (&job.target, &job.keys, &job.progress);
+    let known: Mutex<HashSet<ChunkName>> = Mutex::new(
+        parent_map
+            .values()
+            .copied()
+            .chain(resumed.values().flatten().copied())
+            .collect(),
+    );
+    let (target, keys, progress, lease) = (&job.target, &job.keys, &job.progress, &job.lease);
+    let ck = Checkpointer {
+        target,
+        keys,
+        lease,
+        header: h,
+        done: Mutex::new(resumed.clone()),
+        stored: Mutex::new(known.lock().map(|k| k.clone()).unwrap_or_default()),
+        every: job.checkpoint_every,
+        last: tokio::sync::Mutex::new(target.clock().now()),
+    };
     let results: Vec<(u64, Option<ChunkName>)> = futures::stream::iter(candidates.iter().copied())
         .map(|index| {
-            let known = &known;
+            let (known, ck) = (&known, &ck);
             async move {
+                lease.keep().await?;
                 let len = h.chunk_len(index);
                 let data = source.read(index * h.chunk_size, len).await?;
                 if data.len() as u64 != len {
@@ -117,6 +155,7 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
                 .await?;
                 progress.add(len);
                 let Some(name) = named else {
+                    ck.record(index, None).await?;
                     return Ok((index, None));
                 };
                 let fresh = known.lock().map(|mut k| k.insert(name)).unwrap_or(true);
@@ -126,7 +165,9 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
                     let n = object.len() as u64;
                     target.put_chunk(&name, object).await?;
                     progress.object(n);
+                    ck.stored(name);
                 }
+                ck.record(index, Some(name)).await?;
                 Ok((index, Some(name)))
             }
         })
@@ -138,7 +179,7 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
         Scope::Allocated(_) => BTreeMap::new(),
     };
     let read = results.len() as u64;
-    for (i, n) in results {
+    for (i, n) in resumed.into_iter().chain(results) {
         match n {
             Some(n) => map.insert(i, n),
             None => map.remove(&i),
@@ -159,10 +200,84 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
         header: job.header,
         chunks: map.into_iter().collect(),
     };
-    job.target.put_manifest(&job.keys, &m, true).await?;
+    let (v, id) = (&m.header.volume, &m.header.id);
+    job.lease
+        .put_guarded(
+            &job.target.manifest_path(v, id),
+            m.seal(&job.keys)?,
+            &format!("writing the manifest of backup {v}/{id}"),
+        )
+        .await?;
+    job.target.set_latest(v, id).await?;
+    // The manifest now protects every chunk it names; the checkpoint and the lease
+    // are no longer needed. Failing to tidy them only keeps chunks a while longer.
+    if let Err(e) = job.target.remove_checkpoint(v).await {
+        tracing::warn!(volume = %v, backup = %id, error = %e, "cannot delete the backup's checkpoint");
+    }
+    if let Err(e) = job.lease.done().await {
+        tracing::warn!(volume = %v, backup = %id, error = %e, "cannot mark the backup's lease done; it expires by itself");
+    }
     tracing::info!(volume = %m.header.volume, backup = %m.header.id, method,
         chunks_read = read, chunks_uploaded = uploaded, bytes_uploaded, "backup complete");
     Ok(m)
+}
+
+/// Keeps the checkpoint: records each chunk done, and writes them all now and then.
+struct Checkpointer<'a> {
+    target: &'a Target,
+    keys: &'a Keys,
+    lease: &'a Lease,
+    header: &'a Header,
+    done: Mutex<BTreeMap<u64, Option<ChunkName>>>,
+    /// Names the target certainly holds: the parent's, and uploads that came back.
+    /// A chunk named like one still uploading elsewhere in this backup waits for it.
+    stored: Mutex<HashSet<ChunkName>>,
+    every: Duration,
+    last: tokio::sync::Mutex<Duration>,
+}
+
+impl Checkpointer<'_> {
+    fn stored(&self, name: ChunkName) {
+        if let Ok(mut s) = self.stored.lock() {
+            s.insert(name);
+        }
+    }
+
+    async fn record(&self, index: u64, name: Option<ChunkName>) -> Result<(), BackupError> {
+        if let Ok(mut d) = self.done.lock() {
+            d.insert(index, name);
+        }
+        let clock = self.target.clock();
+        let Ok(mut last) = self.last.try_lock() else {
+            return Ok(());
+        };
+        if clock.now().saturating_sub(*last) < self.every {
+            return Ok(());
+        }
+        let done = match (self.done.lock(), self.stored.lock()) {
+            (Ok(d), Ok(s)) => d
+                .iter()
+                .filter(|(_, n)| n.is_none_or(|n| s.contains(&n)))
+                .map(|(i, n)| (*i, *n))
+                .collect(),
+            _ => return Ok(()),
+        };
+        let c = Checkpoint {
+            header: self.header.clone(),
+            done,
+        };
+        let k = self.keys.clone();
+        let sealed = blocking(move || c.seal(&k)).await??;
+        self.lease
+            .put_guarded(
+                &self.target.checkpoint_path(&self.header.volume),
+                sealed,
+                "writing a checkpoint",
+            )
+            .await?;
+        *last = clock.now();
+        Ok(())
+    }
 }
 
 /// Runs CPU-heavy work (hashing, compression, sealing) off the async workers, which

@@ -24,6 +24,10 @@ pub enum BackupError {
     /// Reading the volume or writing the restored data failed.
     #[error("{0}")]
     Volume(String),
+    /// A backup's lease lapsed, so gc may have counted it gone; it stopped before
+    /// writing anything that relies on it, and resumes when run again.
+    #[error("{0}")]
+    Lapsed(String),
 }
 
 impl BackupError {
@@ -37,6 +41,7 @@ impl BackupError {
             BackupError::Invalid(_) => "invalid",
             BackupError::Exists(_) => "exists",
             BackupError::Volume(_) => "volume",
+            BackupError::Lapsed(_) => "lapsed",
         }
     }
 }

@@ -113,11 +113,22 @@ impl Header {
     }
 }
 
-fn aad(volume: &str, id: &str) -> Vec<u8> {
+/// What a sealed chunk map is: a backup's manifest, or a running backup's checkpoint.
+/// The AAD tells them apart, so neither opens as the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Manifest,
+    Checkpoint,
+}
+
+fn aad(volume: &str, id: &str, kind: Kind) -> Vec<u8> {
     let mut a = MAGIC.to_vec();
     a.extend_from_slice(volume.as_bytes());
     a.push(b'/');
     a.extend_from_slice(id.as_bytes());
+    if kind == Kind::Checkpoint {
+        a.extend_from_slice(b"#checkpoint");
+    }
     a
 }
 
@@ -183,11 +194,15 @@ impl Manifest {
 
     /// The sealed object stored in the target.
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, BackupError> {
+        self.seal_as(keys, Kind::Manifest)
+    }
+
+    pub(crate) fn seal_as(&self, keys: &Keys, kind: Kind) -> Result<Vec<u8>, BackupError> {
         let body = zstd::bulk::compress(&self.encode_body()?, 3)
             .map_err(|e| BackupError::Invalid(format!("zstd failed on a manifest: {e}")))?;
         let sealed = keys::seal(
             &keys.manifest_key()?,
-            &aad(&self.header.volume, &self.header.id),
+            &aad(&self.header.volume, &self.header.id, kind),
             &body,
         )?;
         let mut out = MAGIC.to_vec();
@@ -202,13 +217,26 @@ impl Manifest {
         id: &str,
         object: &[u8],
     ) -> Result<Manifest, BackupError> {
-        let what = format!("backup {volume}/{id}");
+        Manifest::open_as(keys, volume, id, object, Kind::Manifest)
+    }
+
+    pub(crate) fn open_as(
+        keys: &Keys,
+        volume: &str,
+        id: &str,
+        object: &[u8],
+        kind: Kind,
+    ) -> Result<Manifest, BackupError> {
+        let what = match kind {
+            Kind::Manifest => format!("backup {volume}/{id}"),
+            Kind::Checkpoint => format!("the checkpoint of backup {volume}/{id}"),
+        };
         if object.len() < 4 || &object[..4] != MAGIC {
             return Err(BackupError::Corrupt(format!(
                 "{what}: the manifest is not a tether manifest (bad magic)"
             )));
         }
-        let body = keys::open(&keys.manifest_key()?, &aad(volume, id), &object[4..]).ok_or_else(|| {
+        let body = keys::open(&keys.manifest_key()?, &aad(volume, id, kind), &object[4..]).ok_or_else(|| {
             BackupError::Corrupt(format!(
                 "{what}: the manifest failed authentication (tampered, damaged, moved, or sealed under another target's key)"
             ))

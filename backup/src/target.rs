@@ -6,6 +6,9 @@
 //! PREFIX/chunks/ab/abcdef…           one object per chunk, named by its keyed hash
 //! PREFIX/backups/VOLUME/ID           one sealed manifest per backup
 //! PREFIX/latest/VOLUME               the id of the volume's newest complete backup
+//! PREFIX/leases/VOLUME/ID/{start,renewed}  a running backup's lease (docs/backup.md)
+//! PREFIX/checkpoints/VOLUME          a running or interrupted backup's progress
+//! PREFIX/gc/lock                     held by the one gc running
 //! ```
 //!
 //! Volume names and backup times are visible to whoever can list the bucket; chunk
@@ -16,12 +19,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt as _;
+use futures::stream::BoxStream;
+use futures::{StreamExt as _, TryStreamExt as _};
 use object_store::path::Path;
-use object_store::{ObjectStore, PutPayload};
+use object_store::{ObjectMeta, ObjectStore, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkName, DEFAULT_CHUNK};
+use crate::clock::{Clock, SystemClock};
 use crate::error::BackupError;
 use crate::keys::{Keys, Secret, WrappedKey};
 use crate::manifest::{check_chunk_size, Manifest};
@@ -76,6 +81,36 @@ pub struct TargetConfig {
     pub created: u64,
     /// The master key, wrapped.
     pub key: WrappedKey,
+    /// Seconds a backup's lease lives without renewal; backups and gc must agree on
+    /// it, so the target holds it.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+}
+
+fn default_lease_secs() -> u64 {
+    DEFAULT_LEASE.as_secs()
+}
+
+/// How long a lease lives unrenewed unless the target says otherwise.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
+
+impl TargetConfig {
+    /// The lease time.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs.max(1))
+    }
+}
+
+/// An object as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Its key's parts below the target's prefix.
+    pub parts: Vec<String>,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When the server last wrote it, in milliseconds since the Unix epoch (the
+    /// server's clock).
+    pub modified: i64,
 }
 
 /// An open target.
@@ -84,6 +119,7 @@ pub struct Target {
     store: Arc<dyn ObjectStore>,
     prefix: Vec<String>,
     name: String,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Target {
@@ -152,15 +188,36 @@ impl Target {
                 .map_err(|e| bad(e.to_string()))?;
             (Arc::new(s), String::new())
         };
-        Ok(Target {
+        Ok(Target::from_store(
+            store,
+            &prefix,
+            &name,
+            Arc::new(SystemClock::default()),
+        ))
+    }
+
+    /// A target on any object store, under `prefix`, with `clock` for its leases.
+    pub fn from_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        name: &str,
+        clock: Arc<dyn Clock>,
+    ) -> Target {
+        Target {
             store,
             prefix: prefix
                 .split('/')
                 .filter(|p| !p.is_empty())
                 .map(str::to_string)
                 .collect(),
-            name,
-        })
+            name: name.to_string(),
+            clock,
+        }
+    }
+
+    /// The clock leases measure with.
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
     }
 
     /// The target's name, for messages.
@@ -168,7 +225,7 @@ impl Target {
         &self.name
     }
 
-    fn path(&self, parts: &[&str]) -> Path {
+    pub(crate) fn path(&self, parts: &[&str]) -> Path {
         Path::from_iter(
             self.prefix
                 .iter()
@@ -186,12 +243,17 @@ impl Target {
         }
     }
 
-    async fn get(&self, path: &Path, what: &str) -> Result<Bytes, BackupError> {
+    pub(crate) async fn get(&self, path: &Path, what: &str) -> Result<Bytes, BackupError> {
         let r = self.store.get(path).await.map_err(|e| self.err(what, e))?;
         r.bytes().await.map_err(|e| self.err(what, e))
     }
 
-    async fn put(&self, path: &Path, data: Vec<u8>, what: &str) -> Result<(), BackupError> {
+    pub(crate) async fn put(
+        &self,
+        path: &Path,
+        data: Vec<u8>,
+        what: &str,
+    ) -> Result<(), BackupError> {
         self.store
             .put(path, PutPayload::from(data))
             .await
@@ -199,10 +261,109 @@ impl Target {
             .map_err(|e| self.err(what, e))
     }
 
+    /// Writes `path` only if nothing is there (`If-None-Match: *`); `Ok(false)` when
+    /// something is. A store that cannot do that gets a read first, which narrows the
+    /// race but does not close it.
+    pub(crate) async fn put_new(
+        &self,
+        path: &Path,
+        data: Vec<u8>,
+        what: &str,
+    ) -> Result<bool, BackupError> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(path, PutPayload::from(data.clone()), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(object_store::Error::NotImplemented) => match self.store.head(path).await {
+                Ok(_) => Ok(false),
+                Err(object_store::Error::NotFound { .. }) => {
+                    self.put(path, data, what).await?;
+                    Ok(true)
+                }
+                Err(e) => Err(self.err(what, e)),
+            },
+            Err(e) => Err(self.err(what, e)),
+        }
+    }
+
+    /// Deletes `path`; one already gone is fine.
+    pub(crate) async fn delete(&self, path: &Path, what: &str) -> Result<(), BackupError> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(what, e)),
+        }
+    }
+
+    /// When the server last wrote `path` (its clock, ms since the epoch).
+    pub(crate) async fn modified(&self, path: &Path, what: &str) -> Result<i64, BackupError> {
+        self.store
+            .head(path)
+            .await
+            .map(|m| m.last_modified.timestamp_millis())
+            .map_err(|e| self.err(what, e))
+    }
+
+    /// Streams every object under `parts`, in key order, with its size and time.
+    pub(crate) fn list_under(
+        &self,
+        parts: &[&str],
+        what: &str,
+    ) -> BoxStream<'_, Result<Listed, BackupError>> {
+        let skip = self.prefix.len();
+        let what = what.to_string();
+        self.store
+            .list(Some(&self.path(parts)))
+            .map(move |r| match r {
+                Ok(ObjectMeta {
+                    location,
+                    size,
+                    last_modified,
+                    ..
+                }) => Ok(Listed {
+                    parts: location
+                        .parts()
+                        .skip(skip)
+                        .map(|p| p.as_ref().to_string())
+                        .collect(),
+                    size,
+                    modified: last_modified.timestamp_millis(),
+                }),
+                Err(e) => Err(self.err(&what, e)),
+            })
+            .boxed()
+    }
+
+    /// The path of chunk `name`, and the name a chunk path holds.
+    pub(crate) fn chunk_of(parts: &[String]) -> Option<ChunkName> {
+        match parts {
+            [c, dir, h] if c == "chunks" && h.get(..2) == Some(dir.as_str()) => ChunkName::parse(h),
+            _ => None,
+        }
+    }
+
     /// Creates the target: a new master key wrapped under `secret`. Refused when it
     /// already holds a target.json.
-    pub async fn init(&self, chunk_size: u64, secret: &Secret) -> Result<Keys, BackupError> {
+    pub async fn init(
+        &self,
+        chunk_size: u64,
+        lease: Duration,
+        secret: &Secret,
+    ) -> Result<Keys, BackupError> {
         check_chunk_size(chunk_size)?;
+        if lease < Duration::from_secs(1) || lease > Duration::from_secs(24 * 3600) {
+            return Err(BackupError::Invalid(format!(
+                "lease time {} must be from 1 s to 24 h",
+                humantime::format_duration(lease)
+            )));
+        }
         match self.config().await {
             Ok(_) => {
                 return Err(BackupError::Exists(format!(
@@ -219,33 +380,20 @@ impl Target {
             chunk_size,
             created: now_secs(),
             key: keys.wrap(secret)?,
+            lease_secs: lease.as_secs(),
         };
         let json = serde_json::to_vec_pretty(&cfg)
             .map_err(|e| BackupError::Invalid(format!("encoding target.json: {e}")))?;
         // Create-only, so two inits racing cannot both win and lose one's key; stores
         // that cannot do that get the check above alone.
-        let path = self.path(&["target.json"]);
-        let opts = object_store::PutOptions {
-            mode: object_store::PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(json.clone()), opts)
-            .await
+        if !self
+            .put_new(&self.path(&["target.json"]), json, "writing target.json")
+            .await?
         {
-            Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => {
-                return Err(BackupError::Exists(format!(
-                    "backup target {} was initialised by someone else just now; use `tether backup target show`",
-                    self.name
-                )))
-            }
-            Err(object_store::Error::NotImplemented) => {
-                self.put(&path, json, "writing target.json").await?
-            }
-            Err(e) => return Err(self.err("writing target.json", e)),
+            return Err(BackupError::Exists(format!(
+                "backup target {} was initialised by someone else just now; use `tether backup target show`",
+                self.name
+            )));
         }
         Ok(keys)
     }
@@ -325,36 +473,31 @@ impl Target {
         .await
     }
 
+    /// Deletes a chunk's object (gc only).
+    pub(crate) async fn delete_chunk(&self, name: &ChunkName) -> Result<(), BackupError> {
+        self.delete(&self.chunk_path(name), &format!("deleting chunk {name}"))
+            .await
+    }
+
     /// Fetches a chunk's object.
     pub async fn get_chunk(&self, name: &ChunkName) -> Result<Bytes, BackupError> {
         self.get(&self.chunk_path(name), &format!("reading chunk {name}"))
             .await
     }
 
-    /// Stores a manifest, then (when `latest`) moves the volume's latest pointer to it.
-    pub async fn put_manifest(
-        &self,
-        keys: &Keys,
-        m: &Manifest,
-        latest: bool,
-    ) -> Result<(), BackupError> {
-        let h = &m.header;
-        let what = format!("writing the manifest of backup {}/{}", h.volume, h.id);
+    /// Where backup `volume/id`'s manifest lives.
+    pub(crate) fn manifest_path(&self, volume: &str, id: &str) -> Path {
+        self.path(&["backups", volume, id])
+    }
+
+    /// Moves `volume`'s latest pointer to backup `id`.
+    pub async fn set_latest(&self, volume: &str, id: &str) -> Result<(), BackupError> {
         self.put(
-            &self.path(&["backups", &h.volume, &h.id]),
-            m.seal(keys)?,
-            &what,
+            &self.path(&["latest", volume]),
+            id.as_bytes().to_vec(),
+            "writing the latest pointer",
         )
-        .await?;
-        if latest {
-            self.put(
-                &self.path(&["latest", &h.volume]),
-                h.id.clone().into_bytes(),
-                "writing the latest pointer",
-            )
-            .await?;
-        }
-        Ok(())
+        .await
     }
 
     /// Reads and opens backup `id` of `volume`.
@@ -365,7 +508,7 @@ impl Target {
         id: &str,
     ) -> Result<Manifest, BackupError> {
         let b = match self
-            .get(&self.path(&["backups", volume, id]), "reading a manifest")
+            .get(&self.manifest_path(volume, id), "reading a manifest")
             .await
         {
             Err(BackupError::NotFound(_)) => {
@@ -377,6 +520,33 @@ impl Target {
             r => r?,
         };
         Manifest::open(keys, volume, id, &b)
+    }
+
+    /// Where the checkpoint of `volume`'s running backup lives.
+    pub(crate) fn checkpoint_path(&self, volume: &str) -> Path {
+        self.path(&["checkpoints", volume])
+    }
+
+    /// The checkpoint of `volume`'s running or interrupted backup, if any.
+    pub async fn checkpoint(
+        &self,
+        keys: &Keys,
+        volume: &str,
+    ) -> Result<Option<crate::checkpoint::Checkpoint>, BackupError> {
+        match self
+            .get(&self.checkpoint_path(volume), "reading a checkpoint")
+            .await
+        {
+            Ok(b) => crate::checkpoint::Checkpoint::open(keys, volume, &b).map(Some),
+            Err(BackupError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the checkpoint of `volume`.
+    pub async fn remove_checkpoint(&self, volume: &str) -> Result<(), BackupError> {
+        self.delete(&self.checkpoint_path(volume), "deleting a checkpoint")
+            .await
     }
 
     /// The id of the volume's newest complete backup, from its latest pointer.
@@ -398,7 +568,7 @@ impl Target {
     /// shares stay; garbage collection is separate). When it was the volume's latest,
     /// the pointer moves to the newest one left, or goes. Returns the new latest.
     pub async fn remove(&self, volume: &str, id: &str) -> Result<Option<String>, BackupError> {
-        let path = self.path(&["backups", volume, id]);
+        let path = self.manifest_path(volume, id);
         match self.store.head(&path).await {
             Ok(_) => {}
             Err(object_store::Error::NotFound { .. }) => {
@@ -491,7 +661,10 @@ mod tests {
             Target::connect(&spec).unwrap(),
         );
         let (sa, sb) = (Secret::KeyFile(vec![1; 32]), Secret::KeyFile(vec![2; 32]));
-        let (ra, rb) = tokio::join!(a.init(1 << 20, &sa), b.init(1 << 20, &sb));
+        let (ra, rb) = tokio::join!(
+            a.init(1 << 20, DEFAULT_LEASE, &sa),
+            b.init(1 << 20, DEFAULT_LEASE, &sb)
+        );
         assert!(ra.is_ok() != rb.is_ok(), "{ra:?} {rb:?}");
         let (winner, secret) = match ra {
             Ok(k) => (k, sa),

@@ -66,6 +66,13 @@ async fn backup(
     parent: Option<Manifest>,
     scope: Scope,
 ) -> Manifest {
+    let start = tether_backup::LeaseStart {
+        parent: parent.as_ref().map(|p| p.header.id.clone()),
+        resume: false,
+    };
+    let lease = tether_backup::Lease::take(t, std::time::Duration::from_secs(60), "v", id, &start)
+        .await
+        .unwrap();
     let job = tether_backup::Job {
         target: t.clone(),
         keys: k.clone(),
@@ -74,6 +81,9 @@ async fn backup(
         scope,
         concurrency: 3,
         progress: Arc::new(Progress::default()),
+        lease: Arc::new(lease),
+        resume: Default::default(),
+        checkpoint_every: std::time::Duration::from_millis(5),
     };
     tether_backup::create(job, &Mem(vol.to_vec()))
         .await

@@ -180,42 +180,115 @@ pub struct BackupArgs {
     pub concurrency: usize,
 }
 
+/// How often a running backup writes its checkpoint.
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Backs `v` up: takes (or uses) a snapshot, finds the chunks changed since the last
-/// backup, uploads them, and writes the manifest.
+/// backup, uploads them, and writes the manifest. A backup of this volume that was
+/// interrupted resumes instead, when its snapshot is still here.
 pub async fn backup(v: Arc<Volume>, a: BackupArgs, job: Arc<Job>) -> Result<Manifest, BackupError> {
     let cfg = a.target.config().await?;
-    let now = std::time::SystemTime::now();
-    let id = tether_backup::manifest::new_id(now)?;
-    *job.backup.lock() = format!("{}/{id}", v.name());
-    let (snapshot, taken) = match &a.snapshot {
-        Some(s) => {
-            if !v.has_snapshot(s) {
-                return Err(BackupError::NotFound(format!(
-                    "volume {}: no snapshot {s}; `tether snapshot ls {}` lists them",
-                    v.name(),
-                    v.name()
-                )));
-            }
-            (s.clone(), false)
+    let vol = v.name().to_string();
+    let ck = match a.target.checkpoint(&a.keys, &vol).await {
+        Ok(c) => c,
+        Err(e @ BackupError::Corrupt(_)) => {
+            tracing::warn!(volume = %vol, error = %e, "the checkpoint cannot be read; starting afresh");
+            a.target.remove_checkpoint(&vol).await?;
+            None
         }
+        Err(e) => return Err(e),
+    };
+    let space = v
+        .space()
+        .await
+        .map_err(|e| volume_err(&v, "listing snapshots", e))?;
+    let seq_of = |name: &str| {
+        space
+            .snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.seq)
+    };
+    let (resume, stale): (Option<_>, Option<_>) = match ck {
+        Some(c)
+            if seq_of(&c.header.snapshot) == Some(c.header.snapshot_seq)
+                && a.snapshot.as_ref().is_none_or(|s| *s == c.header.snapshot)
+                && c.header.chunk_size == cfg.chunk_size
+                && c.header.size == v.size() =>
+        {
+            (Some(c), None)
+        }
+        other => (None, other),
+    };
+    if let Some(c) = stale {
+        // Its snapshot is gone or another was asked for: that backup cannot be
+        // finished. Its snapshot, if it took one, serves nothing now.
+        tracing::info!(volume = %vol, backup = %c.header.id, "dropping the checkpoint of a backup that cannot resume");
+        a.target.remove_checkpoint(&vol).await?;
+        let s = &c.header.snapshot;
+        if s.starts_with(SNAPSHOT_PREFIX) && seq_of(s).is_some() {
+            if let Err(e) = v.delete_snapshot(s).await {
+                tracing::warn!(volume = %vol, snapshot = %s, error = %e, "cannot delete an abandoned backup's snapshot");
+            }
+        }
+    }
+    let (id, parent_id, created, snapshot, taken) = match &resume {
+        Some(c) => (
+            c.header.id.clone(),
+            c.header.parent.clone(),
+            c.header.created,
+            c.header.snapshot.clone(),
+            c.header.snapshot.starts_with(SNAPSHOT_PREFIX),
+        ),
         None => {
-            let s = format!("{SNAPSHOT_PREFIX}{id}");
-            v.snapshot(&s)
-                .await
-                .map_err(|e| volume_err(&v, "taking the backup's snapshot", e))?;
-            (s, true)
+            let now = std::time::SystemTime::now();
+            let id = tether_backup::manifest::new_id(now)?;
+            let created = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let (snapshot, taken) = match &a.snapshot {
+                Some(s) => {
+                    if seq_of(s).is_none() {
+                        return Err(BackupError::NotFound(format!(
+                            "volume {vol}: no snapshot {s}; `tether snapshot ls {vol}` lists them"
+                        )));
+                    }
+                    (s.clone(), false)
+                }
+                None => {
+                    let s = format!("{SNAPSHOT_PREFIX}{id}");
+                    v.snapshot(&s)
+                        .await
+                        .map_err(|e| volume_err(&v, "taking the backup's snapshot", e))?;
+                    (s, true)
+                }
+            };
+            (id, a.target.latest(&vol).await?, created, snapshot, taken)
         }
     };
-    let r = backup_snapshot(&v, &a, &job, cfg.chunk_size, &id, &snapshot, now).await;
+    *job.backup.lock() = format!("{vol}/{id}");
+    let r = backup_snapshot(
+        &v, &a, &job, &cfg, &id, &snapshot, created, parent_id, resume,
+    )
+    .await;
     // Each backup keeps its snapshot: it is the base the next incremental diffs
     // from. Older ones are not deleted here: deleting one merges its blocks into its
     // child, which for a backup's snapshot is most of the volume (docs/backup.md).
+    // One that failed on the way to the target keeps it too: run again, it resumes.
     match &r {
         Ok(_) => {}
+        Err(e @ (BackupError::Target(_) | BackupError::Lapsed(_))) if taken => {
+            tracing::warn!(volume = %vol, backup = %id, error = %e,
+                "backup interrupted; its snapshot and checkpoint are kept, and the next backup resumes it");
+        }
         Err(e) if taken => {
-            tracing::warn!(volume = %v.name(), error = %e, "backup failed; deleting its snapshot");
+            tracing::warn!(volume = %vol, error = %e, "backup failed; deleting its snapshot");
+            if let Err(e) = a.target.remove_checkpoint(&vol).await {
+                tracing::warn!(volume = %vol, error = %e, "cannot delete the failed backup's checkpoint");
+            }
             if let Err(e) = v.delete_snapshot(&snapshot).await {
-                tracing::warn!(volume = %v.name(), snapshot = %snapshot, error = %e,
+                tracing::warn!(volume = %vol, snapshot = %snapshot, error = %e,
                     "cannot delete the failed backup's snapshot; delete it by hand");
             }
         }
@@ -224,15 +297,19 @@ pub async fn backup(v: Arc<Volume>, a: BackupArgs, job: Arc<Job>) -> Result<Mani
     r
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn backup_snapshot(
     v: &Arc<Volume>,
     a: &BackupArgs,
     job: &Job,
-    chunk_size: u64,
+    cfg: &tether_backup::TargetConfig,
     id: &str,
     snapshot: &str,
-    now: std::time::SystemTime,
+    created: u64,
+    parent_id: Option<String>,
+    mut resume: Option<tether_backup::Checkpoint>,
 ) -> Result<Manifest, BackupError> {
+    let chunk_size = cfg.chunk_size;
     let space = v
         .space()
         .await
@@ -247,14 +324,30 @@ async fn backup_snapshot(
     let snapshot_seq = seq_of(snapshot).ok_or_else(|| {
         BackupError::NotFound(format!("volume {}: snapshot {snapshot} vanished", v.name()))
     })?;
-    let parent = match a.target.latest(v.name()).await? {
-        Some(p) => match a.target.manifest(&a.keys, v.name(), &p).await {
+    // The lease goes first: gc keeps what it names from here on.
+    let start = tether_backup::LeaseStart {
+        parent: parent_id.clone(),
+        resume: resume.is_some(),
+    };
+    let mut lease =
+        tether_backup::Lease::take(&a.target, cfg.lease(), v.name(), id, &start).await?;
+    let parent = match &parent_id {
+        Some(p) => match a.target.manifest(&a.keys, v.name(), p).await {
             Ok(m) => Some(m),
             // The latest backup is gone or damaged: this one stands alone, and
-            // reads the whole volume.
+            // reads the whole volume. What a checkpoint took from it is void too.
             Err(e @ (BackupError::NotFound(_) | BackupError::Corrupt(_))) => {
                 tracing::warn!(volume = %v.name(), parent = %p, error = %e,
-                    "the latest backup cannot be read; making a full backup instead of an incremental one");
+                    "the parent backup cannot be read; making a full backup instead of an incremental one");
+                resume = None;
+                lease = tether_backup::Lease::take(
+                    &a.target,
+                    cfg.lease(),
+                    v.name(),
+                    id,
+                    &tether_backup::LeaseStart::default(),
+                )
+                .await?;
                 None
             }
             Err(e) => return Err(e),
@@ -308,10 +401,7 @@ async fn backup_snapshot(
         snapshot: snapshot.to_string(),
         snapshot_seq,
         parent: parent.as_ref().map(|p| p.header.id.clone()),
-        created: now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created,
         labels: a.labels.clone(),
         stats: Default::default(),
     };
@@ -328,6 +418,9 @@ async fn backup_snapshot(
             scope,
             concurrency: a.concurrency,
             progress: job.progress.clone(),
+            lease: Arc::new(lease),
+            resume: resume.map(|c| c.done).unwrap_or_default(),
+            checkpoint_every: CHECKPOINT_EVERY,
         },
         &source,
     )

@@ -493,6 +493,7 @@ fn backup_status(e: tether_backup::BackupError) -> Status {
         E::Invalid(m) => Status::invalid_argument(m),
         E::Exists(m) => Status::already_exists(m),
         E::Target(m) | E::Volume(m) => Status::unavailable(m),
+        E::Lapsed(m) => Status::aborted(m),
     }
 }
 
