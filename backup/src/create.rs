@@ -131,7 +131,7 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
         done: Mutex::new(resumed.clone()),
         stored: Mutex::new(known.lock().map(|k| k.clone()).unwrap_or_default()),
         every: job.checkpoint_every,
-        last: tokio::sync::Mutex::new(target.clock().now()),
+        last: tokio::sync::Mutex::new((target.clock().now(), resumed.len())),
     };
     let results: Vec<(u64, Option<ChunkName>)> = futures::stream::iter(candidates.iter().copied())
         .map(|index| {
@@ -233,8 +233,14 @@ struct Checkpointer<'a> {
     /// A chunk named like one still uploading elsewhere in this backup waits for it.
     stored: Mutex<HashSet<ChunkName>>,
     every: Duration,
-    last: tokio::sync::Mutex<Duration>,
+    /// When the last checkpoint was written, and how many chunks it held.
+    last: tokio::sync::Mutex<(Duration, usize)>,
 }
+
+/// A checkpoint is written when this many chunks are done since the last one, or an
+/// eighth of all done, whichever is more: what a kill loses stays small, and the
+/// checkpoints' bytes stay a small part of what is uploaded.
+const CHECKPOINT_CHUNKS: usize = 64;
 
 impl Checkpointer<'_> {
     fn stored(&self, name: ChunkName) {
@@ -244,14 +250,19 @@ impl Checkpointer<'_> {
     }
 
     async fn record(&self, index: u64, name: Option<ChunkName>) -> Result<(), BackupError> {
-        if let Ok(mut d) = self.done.lock() {
-            d.insert(index, name);
-        }
+        let count = match self.done.lock() {
+            Ok(mut d) => {
+                d.insert(index, name);
+                d.len()
+            }
+            Err(_) => return Ok(()),
+        };
         let clock = self.target.clock();
         let Ok(mut last) = self.last.try_lock() else {
             return Ok(());
         };
-        if clock.now().saturating_sub(*last) < self.every {
+        let by_count = count.saturating_sub(last.1) >= CHECKPOINT_CHUNKS.max(count / 8);
+        if clock.now().saturating_sub(last.0) < self.every && !by_count {
             return Ok(());
         }
         let done = match (self.done.lock(), self.stored.lock()) {
@@ -275,7 +286,7 @@ impl Checkpointer<'_> {
                 "writing a checkpoint",
             )
             .await?;
-        *last = clock.now();
+        *last = (clock.now(), count);
         Ok(())
     }
 }

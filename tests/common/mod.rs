@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod backup;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
