@@ -198,7 +198,7 @@ fn a_killed_backup_resumes_and_uploads_only_what_was_missing() {
     let ck = block_on(t.checkpoint(&keys, &c.volume)).unwrap().unwrap();
     let saved = ck.done.values().flatten().count();
     assert!(
-        saved >= 64 && saved < 400,
+        (64..400).contains(&saved),
         "the checkpoint holds {saved} chunks"
     );
     assert!(
