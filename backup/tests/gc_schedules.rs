@@ -15,6 +15,9 @@
 //! `TETHER_GC_SEEDS=N` runs N schedules (default 60), from `TETHER_GC_FROM`;
 //! `TETHER_GC_SEED=S` replays one with its trace.
 
+// Test code: a failed step stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -303,12 +306,15 @@ fn chunk_content(k: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A volume's bytes as one backup read them.
+type Volume = Arc<Vec<u8>>;
+
 struct World {
     target: Target,
     keys: Keys,
     cfg: TargetConfig,
     /// What each backup attempted read, by (volume, id).
-    read: Mutex<BTreeMap<(String, String), Arc<Vec<u8>>>>,
+    read: Mutex<BTreeMap<(String, String), Volume>>,
     completed: Mutex<Vec<(String, String)>>,
     log: Mutex<Vec<String>>,
 }
