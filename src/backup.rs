@@ -82,7 +82,7 @@ fn secret(t: &BackupTarget) -> Result<Secret> {
 }
 
 /// Connects to the target and opens its master key.
-async fn open(t: &BackupTarget) -> Result<(Target, tether_backup::TargetConfig, Keys)> {
+pub(crate) async fn open(t: &BackupTarget) -> Result<(Target, tether_backup::TargetConfig, Keys)> {
     let target = Target::connect(&spec(t)?)?;
     let (cfg, keys) = target.unlock(&secret(t)?).await?;
     Ok((target, cfg, keys))
@@ -326,6 +326,8 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             );
             Ok(())
         }
+        BackupCmd::Follow(a) => crate::standby::follow(a).await,
+        BackupCmd::Promote(a) => crate::standby::promote(a).await,
         BackupCmd::Gc {
             target,
             grace,
@@ -381,6 +383,7 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             encryption_key_file,
             control_socket,
             overwrite,
+            resume,
             concurrency,
             tls,
         } => {
@@ -389,7 +392,7 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             let started = std::time::Instant::now();
             let name = format!("{}/{}", m.header.volume, m.header.id);
             if let Some(path) = to_file {
-                restore_to_file(&t, &keys, &m, &path, concurrency as usize).await?;
+                restore_to_file(&t, &keys, &m, &path, concurrency as usize, resume).await?;
                 println!(
                     "backup {name} restored to {} ({}) in {:.1} s",
                     path.display(),
@@ -424,29 +427,18 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             if replicas.is_empty() {
                 bail!("volume {volume} has no running engine at {}: give its replicas with --replica ADDR (repeat), and a new volume is created on them", socket.display());
             }
-            let key = crypt::load_key(encryption_key_file.as_deref())
-                .with_context(|| format!("volume {volume}: loading the encryption key"))?;
-            let cfg = EngineConfig {
-                volume: volume.clone(),
-                size: Some(m.header.size),
+            let cfg = pilot_config(
+                &volume,
+                m.header.size,
                 replicas,
-                nbd_listen: None,
-                nbd_socket: None,
-                control_socket: socket,
-                timeout: Duration::from_secs(8),
-                min_replicas: 1,
-                desired_replicas: 0,
-                metrics_listen: None,
-                encryption_key: key,
-                replica_tls: crate::daemon::engine_tls(&tls)?,
-                nbd_tls: None,
-                quorum_wait: Duration::from_secs(30),
-                rebuild_rate: 0,
-            };
+                encryption_key_file.as_deref(),
+                &tls,
+                socket,
+            )?;
             // Only a new volume unless told otherwise: opening an existing one here
             // would fence an engine serving it somewhere this command cannot see.
             let exists_on = exists_on(&cfg, &volume).await;
-            if !exists_on.is_empty() && !overwrite {
+            if !exists_on.is_empty() && !overwrite && !resume {
                 bail!(
                     "volume {volume} already exists on {}: restore into it through its running engine (--control-socket PATH), or stop that engine and add --overwrite; or choose a new volume name",
                     exists_on.join(", ")
@@ -471,6 +463,7 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
                     &keys,
                     &m,
                     concurrency as usize,
+                    resume && !exists_on.is_empty(),
                     job.clone(),
                 ),
             )
@@ -479,7 +472,7 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
             v.shutdown().await;
             r.map_err(|e| {
                 anyhow!(
-                    "{e}\nvolume {volume} now holds part of backup {name}: do not serve it; run this restore again with --overwrite"
+                    "{e}\nvolume {volume} now holds part of backup {name}: do not serve it; run this restore again with --resume"
                 )
             })?;
             let p = job.progress.read();
@@ -496,7 +489,39 @@ pub(crate) async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
 }
 
 /// The replicas of `cfg` that hold volume `volume` already.
-async fn exists_on(cfg: &EngineConfig, volume: &str) -> Vec<String> {
+/// An engine this command runs in-process for `volume` on `replicas`, with no NBD
+/// export: the pilot light of a restore, a standby's follower, a promotion.
+pub(crate) fn pilot_config(
+    volume: &str,
+    size: u64,
+    replicas: Vec<String>,
+    key_file: Option<&Path>,
+    tls: &crate::cli::TlsArgs,
+    control_socket: std::path::PathBuf,
+) -> Result<EngineConfig> {
+    let key = crypt::load_key(key_file)
+        .with_context(|| format!("volume {volume}: loading the encryption key"))?;
+    Ok(EngineConfig {
+        volume: volume.to_string(),
+        size: Some(size),
+        replicas,
+        nbd_listen: None,
+        nbd_socket: None,
+        control_socket,
+        timeout: Duration::from_secs(8),
+        min_replicas: 1,
+        desired_replicas: 0,
+        metrics_listen: None,
+        encryption_key: key,
+        replica_tls: crate::daemon::engine_tls(tls)?,
+        nbd_tls: None,
+        quorum_wait: Duration::from_secs(30),
+        rebuild_rate: 0,
+    })
+}
+
+/// The replicas among `cfg`'s that already hold `volume`.
+pub(crate) async fn exists_on(cfg: &EngineConfig, volume: &str) -> Vec<String> {
     use tether_engine::replica::Connector as _;
     let connector = tether_engine::open::grpc_connector(cfg);
     let mut out = Vec::new();
@@ -673,6 +698,19 @@ impl tether_backup::Sink for FileSink {
         Box::pin(async { Ok(()) })
     }
 
+    fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Option<Vec<u8>>, BackupError>> {
+        let f = self.0.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut b = vec![0u8; len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&*f, &mut b, offset).map(|_| Some(b))
+            })
+            .await
+            .map_err(|e| BackupError::Volume(format!("a reader stopped: {e}")))?
+            .map_err(|e| BackupError::Volume(format!("reading the image at byte {offset}: {e}")))
+        })
+    }
+
     fn finish(&self) -> BoxFuture<'_, Result<(), BackupError>> {
         let f = self.0.clone();
         Box::pin(async move {
@@ -690,25 +728,63 @@ async fn restore_to_file(
     m: &Manifest,
     path: &Path,
     concurrency: usize,
+    resume: bool,
 ) -> Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
-    f.set_len(m.header.size)
-        .with_context(|| format!("sizing {}", path.display()))?;
+    let f = if resume && path.exists() {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {} to resume", path.display()))?;
+        let len = f.metadata()?.len();
+        if len != m.header.size {
+            bail!(
+                "{} is {len} bytes, not the {} of backup {}/{}: it is not a restore of this backup to resume",
+                path.display(),
+                m.header.size,
+                m.header.volume,
+                m.header.id
+            );
+        }
+        f
+    } else {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+        f.set_len(m.header.size)
+            .with_context(|| format!("sizing {}", path.display()))?;
+        f
+    };
     let progress = Arc::new(Progress::default());
     let sink = FileSink(Arc::new(f));
+    // Only chunks of this backup are ever written to the image, so the places of its
+    // zero chunks read zeroes still when it resumes.
+    let opts = tether_backup::ApplyOptions {
+        sink_is_empty: true,
+        resume,
+        concurrency,
+    };
     let r = with_bar(
         "restore",
         progress.clone(),
-        tether_backup::restore(t, keys, m, &sink, true, concurrency, progress.clone()),
+        tether_backup::apply(t, keys, None, m, &sink, opts, progress.clone()),
     )
     .await;
-    if r.is_err() {
-        // Half an image must not pass for the backup.
-        let _ = std::fs::remove_file(path);
+    match &r {
+        Ok(()) => {}
+        // A damaged backup: half an image must not pass for it.
+        Err(BackupError::Corrupt(_)) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Err(e) => bail!(
+            "{e}\n{} holds part of backup {}/{}: run this restore again with --resume to finish it",
+            path.display(),
+            m.header.volume,
+            m.header.id
+        ),
     }
     Ok(r?)
 }

@@ -158,6 +158,12 @@ pub(crate) enum BackupCmd {
         /// VOLUME/ID (named in full: there is no "latest" here).
         backup: String,
     },
+    /// Keep a standby volume at a second site at the newest backup of SOURCE: each
+    /// new backup is applied over the last as it appears (only changed chunks).
+    Follow(StandbyArgs),
+    /// Make a standby a normal volume: an interrupted apply is undone, and nothing
+    /// applies backups to it any more. Then serve it with `tether engine`.
+    Promote(StandbyArgs),
     /// Delete the chunks no backup needs (mark, then sweep); backups keep running.
     Gc {
         #[command(flatten)]
@@ -220,12 +226,49 @@ pub(crate) enum BackupCmd {
         /// `pre-restore-ID` keeps what it held.
         #[arg(long)]
         overwrite: bool,
+        /// Finish a restore of this same backup that was cut off: chunks already in
+        /// place are read back and checked, and only the others downloaded.
+        #[arg(long)]
+        resume: bool,
         /// Chunks downloaded and written at once.
         #[arg(long, default_value_t = 8)]
         concurrency: u32,
         #[command(flatten)]
         tls: TlsArgs,
     },
+}
+
+/// A standby volume and the backups it follows.
+#[derive(clap::Args)]
+pub(crate) struct StandbyArgs {
+    #[command(flatten)]
+    pub(crate) target: BackupTarget,
+    /// The volume whose backups it follows (for promote: the standby's name is enough).
+    pub(crate) source: Option<String>,
+    /// The standby volume (created on the replicas by the first apply).
+    #[arg(long)]
+    pub(crate) volume: String,
+    /// Replica daemon addresses of the standby (repeat).
+    #[arg(long = "replica", required = true)]
+    pub(crate) replicas: Vec<String>,
+    /// The standby's key (32 bytes, 64 hex digits or a passphrase; else
+    /// TETHER_ENCRYPTION_KEY).
+    #[arg(long)]
+    pub(crate) encryption_key_file: Option<PathBuf>,
+    /// How often to look for a new backup.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) every: std::time::Duration,
+    /// Apply what is there, then stop.
+    #[arg(long)]
+    pub(crate) once: bool,
+    /// Start the standby over a volume that exists on the replicas already.
+    #[arg(long)]
+    pub(crate) overwrite: bool,
+    /// Chunks downloaded and written at once.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) concurrency: u32,
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
 }
 
 #[derive(Subcommand)]

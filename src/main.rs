@@ -12,6 +12,7 @@ mod pki;
 mod render;
 mod replica;
 mod snapshot;
+mod standby;
 mod tls;
 mod up;
 mod volume;

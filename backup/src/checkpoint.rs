@@ -9,22 +9,25 @@
 
 use std::collections::BTreeMap;
 
-use crate::chunk::ChunkName;
+use crate::chunk::{ChunkName, ChunkRef};
 use crate::error::BackupError;
 use crate::keys::Keys;
 use crate::manifest::{Header, Kind, Manifest};
 
 const MAGIC: &[u8; 4] = b"TTK1";
-/// The name a checkpoint records for a chunk that was all zeroes (no object).
-const ZERO: ChunkName = ChunkName([0; 32]);
+/// What a checkpoint records for a chunk that was all zeroes (no object).
+const ZERO: ChunkRef = ChunkRef {
+    name: ChunkName([0; 32]),
+    tag: 0,
+};
 
 /// A running backup's progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     /// The backup's header (its id, snapshot and parent).
     pub header: Header,
-    /// Chunks done: their name, or `None` for all zeroes.
-    pub done: BTreeMap<u64, Option<ChunkName>>,
+    /// Chunks done: where they are stored, or `None` for all zeroes.
+    pub done: BTreeMap<u64, Option<ChunkRef>>,
 }
 
 impl Checkpoint {
@@ -104,7 +107,17 @@ mod tests {
         };
         let c = Checkpoint {
             header: header.clone(),
-            done: [(0, Some(ChunkName([5; 32]))), (2, None)].into(),
+            done: [
+                (
+                    0,
+                    Some(ChunkRef {
+                        name: ChunkName([5; 32]),
+                        tag: 9,
+                    }),
+                ),
+                (2, None),
+            ]
+            .into(),
         };
         let sealed = c.seal(&keys).unwrap();
         assert_eq!(Checkpoint::open(&keys, "v", &sealed).unwrap(), c);

@@ -58,6 +58,55 @@ impl std::fmt::Display for ChunkName {
     }
 }
 
+/// A stored chunk: its content's name, and the tag of the upload that stored it.
+///
+/// Every upload gets a fresh random tag, so each object is written once and never
+/// overwritten. That is what lets gc trust what its listing said about an object
+/// (its age) until it deletes it: a backup uploading the same content meanwhile
+/// writes another object. Tag 0 is the key without a tag.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct ChunkRef {
+    /// The content's name.
+    pub name: ChunkName,
+    /// The upload's tag.
+    pub tag: u64,
+}
+
+impl ChunkRef {
+    /// A fresh reference for a new upload of `name`.
+    pub fn fresh(name: ChunkName) -> Result<ChunkRef, BackupError> {
+        let tag = u64::from_le_bytes(crate::keys::random()?).max(1);
+        Ok(ChunkRef { name, tag })
+    }
+
+    /// The object's file name: the name's hex digits, then `-` and the tag's.
+    pub fn key(&self) -> String {
+        match self.tag {
+            0 => self.name.hex(),
+            t => format!("{}-{t:016x}", self.name.hex()),
+        }
+    }
+
+    /// Parses what [`ChunkRef::key`] makes.
+    pub fn parse_key(s: &str) -> Option<ChunkRef> {
+        let (name, tag) = match s.split_once('-') {
+            Some((n, t)) if t.len() == 16 => (n, u64::from_str_radix(t, 16).ok()?),
+            Some(_) => return None,
+            None => (s, 0),
+        };
+        Some(ChunkRef {
+            name: ChunkName::parse(name)?,
+            tag,
+        })
+    }
+}
+
+impl std::fmt::Display for ChunkRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key())
+    }
+}
+
 /// The name `content` gets under `keys`.
 pub fn name_of(keys: &Keys, content: &[u8]) -> ChunkName {
     ChunkName(*blake3::keyed_hash(keys.name_key(), content).as_bytes())

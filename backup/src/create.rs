@@ -4,7 +4,7 @@
 //! because a manifest is written only after every chunk it names. A checkpoint of
 //! the chunks done is written as it goes, so a backup run again resumes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::checkpoint::Checkpoint;
-use crate::chunk::{self, ChunkName};
+use crate::chunk::{self, ChunkName, ChunkRef};
 use crate::error::BackupError;
 use crate::keys::Keys;
 use crate::lease::Lease;
@@ -52,7 +52,7 @@ pub struct Job {
     pub lease: Arc<Lease>,
     /// Chunks an interrupted run of this same backup already did, from its
     /// checkpoint: their names, or `None` for zeroes.
-    pub resume: BTreeMap<u64, Option<ChunkName>>,
+    pub resume: BTreeMap<u64, Option<ChunkRef>>,
     /// How often the checkpoint is written.
     pub checkpoint_every: Duration,
     /// Which chunks to read.
@@ -102,7 +102,7 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
     candidates.sort_unstable();
     candidates.dedup();
     candidates.retain(|&i| i < count);
-    let resumed: BTreeMap<u64, Option<ChunkName>> = std::mem::take(&mut job.resume)
+    let resumed: BTreeMap<u64, Option<ChunkRef>> = std::mem::take(&mut job.resume)
         .into_iter()
         .filter(|(i, _)| candidates.binary_search(i).is_ok())
         .collect();
@@ -115,11 +115,13 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
         candidates.iter().map(|&i| h.chunk_len(i)).sum(),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let known: Mutex<HashSet<ChunkName>> = Mutex::new(
+    // The stored chunks this backup may name without uploading, by content name.
+    let known: Mutex<HashMap<ChunkName, ChunkRef>> = Mutex::new(
         parent_map
             .values()
             .copied()
             .chain(resumed.values().flatten().copied())
+            .map(|r| (r.name, r))
             .collect(),
     );
     let (target, keys, progress, lease) = (&job.target, &job.keys, &job.progress, &job.lease);
@@ -129,11 +131,16 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
         lease,
         header: h,
         done: Mutex::new(resumed.clone()),
-        stored: Mutex::new(known.lock().map(|k| k.clone()).unwrap_or_default()),
+        stored: Mutex::new(
+            known
+                .lock()
+                .map(|k| k.values().copied().collect())
+                .unwrap_or_default(),
+        ),
         every: job.checkpoint_every,
         last: tokio::sync::Mutex::new((target.clock().now(), resumed.len())),
     };
-    let results: Vec<(u64, Option<ChunkName>)> = futures::stream::iter(candidates.iter().copied())
+    let results: Vec<(u64, Option<ChunkRef>)> = futures::stream::iter(candidates.iter().copied())
         .map(|index| {
             let (known, ck) = (&known, &ck);
             async move {
@@ -158,23 +165,36 @@ pub async fn create(mut job: Job, source: &dyn Source) -> Result<Manifest, Backu
                     ck.record(index, None).await?;
                     return Ok((index, None));
                 };
-                let fresh = known.lock().map(|mut k| k.insert(name)).unwrap_or(true);
+                // A new upload gets an object of its own, never one that exists.
+                let (stored, fresh) = {
+                    let mut k = known
+                        .lock()
+                        .map_err(|_| BackupError::Volume("a backup worker panicked".into()))?;
+                    match k.get(&name) {
+                        Some(r) => (*r, false),
+                        None => {
+                            let r = ChunkRef::fresh(name)?;
+                            k.insert(name, r);
+                            (r, true)
+                        }
+                    }
+                };
                 if fresh {
                     let k = keys.clone();
                     let (_, object) = blocking(move || chunk::seal(&k, &data)).await??;
                     let n = object.len() as u64;
-                    target.put_chunk(&name, object).await?;
+                    target.put_chunk(&stored, object).await?;
                     progress.object(n);
-                    ck.stored(name);
+                    ck.stored(stored);
                 }
-                ck.record(index, Some(name)).await?;
-                Ok((index, Some(name)))
+                ck.record(index, Some(stored)).await?;
+                Ok((index, Some(stored)))
             }
         })
         .buffer_unordered(job.concurrency.max(1))
         .try_collect()
         .await?;
-    let mut map: BTreeMap<u64, ChunkName> = match job.scope {
+    let mut map: BTreeMap<u64, ChunkRef> = match job.scope {
         Scope::Changed(_) => parent_map.into_iter().filter(|(i, _)| *i < count).collect(),
         Scope::Allocated(_) => BTreeMap::new(),
     };
@@ -228,10 +248,10 @@ struct Checkpointer<'a> {
     keys: &'a Keys,
     lease: &'a Lease,
     header: &'a Header,
-    done: Mutex<BTreeMap<u64, Option<ChunkName>>>,
-    /// Names the target certainly holds: the parent's, and uploads that came back.
-    /// A chunk named like one still uploading elsewhere in this backup waits for it.
-    stored: Mutex<HashSet<ChunkName>>,
+    done: Mutex<BTreeMap<u64, Option<ChunkRef>>>,
+    /// Objects the target certainly holds: the parent's, and uploads that came back.
+    /// A chunk of the same content as one still uploading waits for it.
+    stored: Mutex<HashSet<ChunkRef>>,
     every: Duration,
     /// When the last checkpoint was written, and how many chunks it held.
     last: tokio::sync::Mutex<(Duration, usize)>,
@@ -243,13 +263,13 @@ struct Checkpointer<'a> {
 const CHECKPOINT_CHUNKS: usize = 64;
 
 impl Checkpointer<'_> {
-    fn stored(&self, name: ChunkName) {
+    fn stored(&self, name: ChunkRef) {
         if let Ok(mut s) = self.stored.lock() {
             s.insert(name);
         }
     }
 
-    async fn record(&self, index: u64, name: Option<ChunkName>) -> Result<(), BackupError> {
+    async fn record(&self, index: u64, name: Option<ChunkRef>) -> Result<(), BackupError> {
         let count = match self.done.lock() {
             Ok(mut d) => {
                 d.insert(index, name);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
 
-use crate::chunk::ChunkName;
+use crate::chunk::ChunkRef;
 use crate::error::BackupError;
 use crate::keys::Keys;
 use crate::lease::{Lease, LeaseRenewed, LeaseStart};
@@ -235,7 +235,7 @@ async fn collect(
     let t0 = target.modified(&lock_path, "reading the gc lock").await?;
 
     *progress.phase.lock() = "mark";
-    let mut marked: HashSet<ChunkName> = HashSet::new();
+    let mut marked: HashSet<ChunkRef> = HashSet::new();
     let mut skip: Option<String> = None;
     let backups = target.list(None).await?;
     let mut maps = futures::stream::iter(backups)
@@ -321,13 +321,19 @@ async fn collect(
         };
         if done {
             match target.manifest(keys, &v, &id).await {
-                Ok(m) => marked.extend(m.chunks.into_iter().map(|(_, n)| n)),
+                Ok(m) => {
+                    marked.extend(m.chunks.into_iter().map(|(_, n)| n));
+                    continue;
+                }
+                // Removed since: a backup that read it before may build on it, and
+                // its lease may not be in this listing. What it named is kept as
+                // for a running backup: its uploads by age, its parent's by mark.
                 Err(BackupError::NotFound(_)) => {}
                 Err(e) => {
                     skip.get_or_insert(format!("backup {v}/{id} cannot be read: {e}"));
+                    continue;
                 }
             }
-            continue;
         }
         report.leases_running += 1;
         cutoff = cutoff.min(start.modified);
@@ -341,7 +347,8 @@ async fn collect(
                 Ok(m) => marked.extend(m.chunks.into_iter().map(|(_, n)| n)),
                 Err(e) => {
                     skip.get_or_insert(format!(
-                        "backup {v}/{id} is running on parent {v}/{p}, which cannot be read ({e}); gc sweeps again once that backup ends"
+                        "backup {v}/{id} builds on {v}/{p}, which cannot be read ({e}); gc sweeps again once the lease of {v}/{id} has expired ({} after it ends)",
+                        humantime::format_duration(cfg.lease())
                     ));
                 }
             }
@@ -355,7 +362,8 @@ async fn collect(
                         _ => "it is gone".into(),
                     };
                     skip.get_or_insert(format!(
-                        "backup {v}/{id} resumes from the checkpoint of {v}, which cannot be read ({why}); gc sweeps again once that backup ends"
+                        "backup {v}/{id} resumed from the checkpoint of {v}, which cannot be read ({why}); gc sweeps again once the lease of {v}/{id} has expired ({} after it ends)",
+                        humantime::format_duration(cfg.lease())
                     ));
                 }
             }

@@ -16,15 +16,16 @@ use std::io::Read as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{ChunkName, MAX_CHUNK, MIN_CHUNK};
+use crate::chunk::{ChunkName, ChunkRef, MAX_CHUNK, MIN_CHUNK};
 use crate::error::BackupError;
 use crate::keys::{self, Keys};
 
 const MAGIC: &[u8; 4] = b"TTM1";
 /// The largest manifest body read back: a 64 TiB volume of 1 MiB chunks, all full.
 const MAX_BODY: u64 = 64 << 20 << 5;
-/// The format this code writes and reads.
-pub const FORMAT: u32 = 1;
+/// The format this code writes. Format 1 (read too) had no upload tags: each chunk's
+/// object was keyed by its name alone.
+pub const FORMAT: u32 = 2;
 
 /// What a backup did, for `inspect` and the benchmark.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -78,8 +79,17 @@ pub struct Header {
 pub struct Manifest {
     /// The backup's description.
     pub header: Header,
-    /// (chunk index, name) of every chunk that is not all zeroes, by index.
-    pub chunks: Vec<(u64, ChunkName)>,
+    /// (chunk index, stored chunk) of every chunk that is not all zeroes, by index.
+    pub chunks: Vec<(u64, ChunkRef)>,
+}
+
+/// Bytes of one chunk map entry: index and name, and from format 2 the upload tag.
+fn entry_len(format: u32) -> usize {
+    if format >= 2 {
+        48
+    } else {
+        40
+    }
 }
 
 /// Checks a chunk size: a power of two from 256 KiB to 16 MiB.
@@ -137,13 +147,17 @@ impl Manifest {
     pub fn encode_body(&self) -> Result<Vec<u8>, BackupError> {
         let header = serde_json::to_vec(&self.header)
             .map_err(|e| BackupError::Invalid(format!("encoding a manifest header: {e}")))?;
-        let mut out = Vec::with_capacity(16 + header.len() + self.chunks.len() * 40);
+        let entry = entry_len(self.header.format);
+        let mut out = Vec::with_capacity(16 + header.len() + self.chunks.len() * entry);
         out.extend_from_slice(&(header.len() as u32).to_le_bytes());
         out.extend_from_slice(&header);
         out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
-        for (i, n) in &self.chunks {
+        for (i, r) in &self.chunks {
             out.extend_from_slice(&i.to_le_bytes());
-            out.extend_from_slice(&n.0);
+            out.extend_from_slice(&r.name.0);
+            if entry == 48 {
+                out.extend_from_slice(&r.tag.to_le_bytes());
+            }
         }
         Ok(out)
     }
@@ -159,17 +173,18 @@ impl Manifest {
         let hlen = u32::from_le_bytes(take(b, 0, 4)?.try_into().unwrap_or_default()) as usize;
         let header: Header = serde_json::from_slice(&take(b, 4, hlen)?)
             .map_err(|e| bad(format!("bad header: {e}")))?;
-        if header.format != FORMAT {
+        if !(1..=FORMAT).contains(&header.format) {
             return Err(BackupError::Invalid(format!(
-                "{what}: manifest format {} is not one this tether reads ({FORMAT}); use a newer tether",
+                "{what}: manifest format {} is not one this tether reads (1 to {FORMAT}); use a newer tether",
                 header.format
             )));
         }
+        let entry = entry_len(header.format);
         check_chunk_size(header.chunk_size).map_err(|e| bad(e.to_string()))?;
         let at = 4 + hlen;
         let count = u64::from_le_bytes(take(b, at, 8)?.try_into().unwrap_or_default());
         let rest = &b[at + 8..];
-        if count.checked_mul(40) != Some(rest.len() as u64) {
+        if count.checked_mul(entry as u64) != Some(rest.len() as u64) {
             return Err(bad(format!(
                 "says {count} chunks but holds {} bytes of chunk map",
                 rest.len()
@@ -178,8 +193,9 @@ impl Manifest {
         let total = header.chunk_count();
         let mut chunks = Vec::with_capacity(count as usize);
         let mut prev: Option<u64> = None;
-        for e in rest.chunks_exact(40) {
-            let (i, n) = e.split_at(8);
+        for e in rest.chunks_exact(entry) {
+            let (i, rest) = e.split_at(8);
+            let (n, tag) = rest.split_at(32);
             let i = u64::from_le_bytes(i.try_into().unwrap_or_default());
             if prev.is_some_and(|p| p >= i) || i >= total {
                 return Err(bad(format!(
@@ -187,7 +203,13 @@ impl Manifest {
                 )));
             }
             prev = Some(i);
-            chunks.push((i, ChunkName(n.try_into().unwrap_or_default())));
+            chunks.push((
+                i,
+                ChunkRef {
+                    name: ChunkName(n.try_into().unwrap_or_default()),
+                    tag: tag.try_into().map(u64::from_le_bytes).unwrap_or(0),
+                },
+            ));
         }
         Ok(Manifest { header, chunks })
     }
@@ -256,7 +278,7 @@ impl Manifest {
     }
 
     /// The chunk map as a lookup by index.
-    pub fn map(&self) -> BTreeMap<u64, ChunkName> {
+    pub fn map(&self) -> BTreeMap<u64, ChunkRef> {
         self.chunks.iter().copied().collect()
     }
 }
@@ -298,6 +320,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn r(n: u8, tag: u64) -> ChunkRef {
+        ChunkRef {
+            name: ChunkName([n; 32]),
+            tag,
+        }
+    }
+
     fn sample() -> Manifest {
         Manifest {
             header: Header {
@@ -313,7 +342,7 @@ mod tests {
                 labels: BTreeMap::from([("app".into(), "pg".into())]),
                 stats: Stats::default(),
             },
-            chunks: vec![(0, ChunkName([1; 32])), (9, ChunkName([2; 32]))],
+            chunks: vec![(0, r(1, 7)), (9, r(2, 0))],
         }
     }
 
@@ -334,11 +363,21 @@ mod tests {
     }
 
     #[test]
+    fn a_format_1_manifest_reads_with_untagged_chunks() {
+        let mut m = sample();
+        m.header.format = 1;
+        m.chunks = vec![(0, r(1, 0)), (9, r(2, 0))];
+        let body = m.encode_body().unwrap();
+        assert_eq!(body.len() % 8, (body.len() - 2 * 40) % 8);
+        assert_eq!(Manifest::decode_body(&body, "m").unwrap(), m);
+    }
+
+    #[test]
     fn out_of_order_or_out_of_range_chunks_are_refused() {
         let mut m = sample();
-        m.chunks = vec![(3, ChunkName([1; 32])), (3, ChunkName([1; 32]))];
+        m.chunks = vec![(3, r(1, 1)), (3, r(1, 1))];
         assert!(Manifest::decode_body(&m.encode_body().unwrap(), "m").is_err());
-        m.chunks = vec![(10, ChunkName([1; 32]))];
+        m.chunks = vec![(10, r(1, 1))];
         assert!(Manifest::decode_body(&m.encode_body().unwrap(), "m").is_err());
     }
 

@@ -25,7 +25,7 @@ use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{ChunkName, DEFAULT_CHUNK};
+use crate::chunk::{ChunkRef, DEFAULT_CHUNK};
 use crate::clock::{Clock, SystemClock};
 use crate::error::BackupError;
 use crate::keys::{Keys, Secret, WrappedKey};
@@ -342,9 +342,11 @@ impl Target {
     }
 
     /// The path of chunk `name`, and the name a chunk path holds.
-    pub(crate) fn chunk_of(parts: &[String]) -> Option<ChunkName> {
+    pub(crate) fn chunk_of(parts: &[String]) -> Option<ChunkRef> {
         match parts {
-            [c, dir, h] if c == "chunks" && h.get(..2) == Some(dir.as_str()) => ChunkName::parse(h),
+            [c, dir, h] if c == "chunks" && h.get(..2) == Some(dir.as_str()) => {
+                ChunkRef::parse_key(h)
+            }
             _ => None,
         }
     }
@@ -458,30 +460,26 @@ impl Target {
             .map_err(|e| self.err("deleting a probe object", e))
     }
 
-    fn chunk_path(&self, name: &ChunkName) -> Path {
-        let h = name.hex();
-        self.path(&["chunks", &h[..2], &h])
+    fn chunk_path(&self, r: &ChunkRef) -> Path {
+        let k = r.key();
+        self.path(&["chunks", &k[..2], &k])
     }
 
     /// Stores a chunk's object (idempotent: the same name is the same content).
-    pub async fn put_chunk(&self, name: &ChunkName, object: Vec<u8>) -> Result<(), BackupError> {
-        self.put(
-            &self.chunk_path(name),
-            object,
-            &format!("writing chunk {name}"),
-        )
-        .await
+    pub async fn put_chunk(&self, r: &ChunkRef, object: Vec<u8>) -> Result<(), BackupError> {
+        self.put(&self.chunk_path(r), object, &format!("writing chunk {r}"))
+            .await
     }
 
     /// Deletes a chunk's object (gc only).
-    pub(crate) async fn delete_chunk(&self, name: &ChunkName) -> Result<(), BackupError> {
-        self.delete(&self.chunk_path(name), &format!("deleting chunk {name}"))
+    pub(crate) async fn delete_chunk(&self, r: &ChunkRef) -> Result<(), BackupError> {
+        self.delete(&self.chunk_path(r), &format!("deleting chunk {r}"))
             .await
     }
 
     /// Fetches a chunk's object.
-    pub async fn get_chunk(&self, name: &ChunkName) -> Result<Bytes, BackupError> {
-        self.get(&self.chunk_path(name), &format!("reading chunk {name}"))
+    pub async fn get_chunk(&self, r: &ChunkRef) -> Result<Bytes, BackupError> {
+        self.get(&self.chunk_path(r), &format!("reading chunk {r}"))
             .await
     }
 

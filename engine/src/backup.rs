@@ -457,16 +457,29 @@ impl tether_backup::Sink for VolumeSink {
                 .map_err(|e| volume_err(&self.0, "flushing the restored data", e))
         })
     }
+
+    fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Option<Vec<u8>>, BackupError>> {
+        Box::pin(async move {
+            let bufs =
+                self.0.read(offset, len as u32).await.map_err(|e| {
+                    volume_err(&self.0, &format!("reading back at byte {offset}"), e)
+                })?;
+            Ok(Some(bufs.iter().flat_map(|b| b.iter().copied()).collect()))
+        })
+    }
 }
 
 /// Restores `m` over the volume `held` reserves (see [`Volume::begin_restore`]). The
-/// volume grows to the backup's size if smaller.
+/// volume grows to the backup's size if smaller. With `resume`, the volume holds
+/// part of this same backup from a restore that was cut off: chunks that already
+/// hold the right content are read back and skipped, not downloaded.
 pub async fn restore(
     held: crate::volume::Restoring,
     target: &Target,
     keys: &Keys,
     m: &Manifest,
     concurrency: usize,
+    resume: bool,
     job: Arc<Job>,
 ) -> Result<(), BackupError> {
     let v = held.volume();
@@ -494,7 +507,7 @@ pub async fn restore(
         .map_err(|e| volume_err(v, "mapping allocated blocks", e))?
         .is_empty();
     *job.backup.lock() = format!("{}/{}", m.header.volume, m.header.id);
-    if !empty {
+    if !empty && !resume {
         // What the volume held stays at hand: a restore that fails halfway, or
         // the wrong backup restored, is undone by reverting to it.
         let keep = format!(
@@ -509,13 +522,17 @@ pub async fn restore(
     }
     tracing::info!(volume = %v.name(), backup = %job.backup.lock(), target = %target.name(), empty,
         "restore started");
-    tether_backup::restore(
+    tether_backup::apply(
         target,
         keys,
+        None,
         m,
         &VolumeSink(v.clone()),
-        empty,
-        concurrency,
+        tether_backup::ApplyOptions {
+            sink_is_empty: empty,
+            resume,
+            concurrency,
+        },
         job.progress.clone(),
     )
     .await

@@ -367,7 +367,8 @@ impl Engine for ControlService {
         let concurrency = concurrency(req.concurrency);
         let j = job.clone();
         tokio::spawn(async move {
-            let r = crate::backup::restore(held, &target, &keys, &m, concurrency, j.clone()).await;
+            let r = crate::backup::restore(held, &target, &keys, &m, concurrency, false, j.clone())
+                .await;
             if let Err(e) = &r {
                 tracing::error!(error = %e, "restore failed");
             }

@@ -259,7 +259,7 @@ impl Where<'_> {
             let mut out = std::collections::BTreeSet::new();
             for (v, id) in t.list(None).await.unwrap() {
                 let m = t.manifest(&keys, &v, &id).await.unwrap();
-                out.extend(m.chunks.iter().map(|(_, n)| n.hex()));
+                out.extend(m.chunks.iter().map(|(_, r)| r.key()));
             }
             out
         })

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backup;
+pub mod pg;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
