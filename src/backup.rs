@@ -517,6 +517,7 @@ pub(crate) fn pilot_config(
         nbd_tls: None,
         quorum_wait: Duration::from_secs(30),
         rebuild_rate: 0,
+        schedule: None,
     })
 }
 

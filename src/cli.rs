@@ -369,6 +369,47 @@ pub(crate) struct EngineArgs {
     /// Private key for --nbd-tls-cert.
     #[arg(long, requires = "nbd_tls_cert")]
     pub(crate) nbd_tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) schedule: ScheduleArgs,
+}
+
+/// What an engine runs by itself: snapshots, backups and gc on a schedule.
+#[derive(clap::Args)]
+pub(crate) struct ScheduleArgs {
+    /// Take a snapshot `sched-TIME` this often.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) snapshot_every: Option<std::time::Duration>,
+    /// Scheduled snapshots kept; older ones are deleted.
+    #[arg(long, default_value_t = 24)]
+    pub(crate) snapshot_keep: usize,
+    /// Back the volume up this often (needs --backup-target).
+    #[arg(long, value_parser = humantime::parse_duration, requires = "backup_target")]
+    pub(crate) backup_every: Option<std::time::Duration>,
+    /// Scheduled backups kept; older ones are removed (never the latest).
+    #[arg(long, default_value_t = 7)]
+    pub(crate) backup_keep: usize,
+    /// Collect the target's garbage this often (needs --backup-target).
+    #[arg(long, value_parser = humantime::parse_duration, requires = "backup_target")]
+    pub(crate) gc_every: Option<std::time::Duration>,
+    /// The backup target of scheduled backups and gc (its passphrase from
+    /// TETHER_BACKUP_PASSPHRASE or --backup-passphrase-file).
+    #[arg(long)]
+    pub(crate) backup_target: Option<String>,
+    /// S3 endpoint of the backup target.
+    #[arg(long)]
+    pub(crate) backup_s3_endpoint: Option<String>,
+    /// Path-style S3 requests to the backup target.
+    #[arg(long)]
+    pub(crate) backup_s3_path_style: bool,
+    /// S3 credentials file of the backup target.
+    #[arg(long)]
+    pub(crate) backup_s3_credentials: Option<PathBuf>,
+    /// File holding the backup target's passphrase.
+    #[arg(long)]
+    pub(crate) backup_passphrase_file: Option<PathBuf>,
+    /// Key file wrapping the backup target's master key.
+    #[arg(long)]
+    pub(crate) backup_key_file: Option<PathBuf>,
 }
 
 /// Mutual TLS between engines and replicas.

@@ -74,9 +74,51 @@ pub(crate) async fn run_engine(a: EngineArgs) -> Result<()> {
         nbd_tls,
         quorum_wait: seconds("--quorum-wait", a.quorum_wait)?,
         rebuild_rate: a.rebuild_rate << 20,
+        schedule: schedule(&a.schedule).await?,
     };
     tether_engine::run(cfg, shutdown_signal()).await?;
     Ok(())
+}
+
+/// The engine's schedules from its flags; the backup target is opened now, so a
+/// wrong passphrase fails the start, not the first backup.
+async fn schedule(
+    a: &crate::cli::ScheduleArgs,
+) -> Result<Option<tether_engine::scheduler::Schedule>> {
+    use tether_engine::schedule::{Every, Policy};
+    let policy = Policy {
+        snapshots: a.snapshot_every.map(|every| Every {
+            every,
+            keep: a.snapshot_keep,
+        }),
+        backups: a.backup_every.map(|every| Every {
+            every,
+            keep: a.backup_keep,
+        }),
+        gc: a.gc_every,
+    };
+    if policy.is_empty() {
+        return Ok(None);
+    }
+    let target = match &a.backup_target {
+        Some(url) => {
+            let bt = crate::cli::BackupTarget {
+                url: url.clone(),
+                s3_endpoint: a.backup_s3_endpoint.clone(),
+                s3_region: "us-east-1".into(),
+                s3_path_style: a.backup_s3_path_style,
+                s3_credentials: a.backup_s3_credentials.clone(),
+                passphrase_file: a.backup_passphrase_file.clone(),
+                backup_key_file: a.backup_key_file.clone(),
+            };
+            let (t, _, keys) = crate::backup::open(&bt)
+                .await
+                .context("opening the backup target of the engine's schedule")?;
+            Some((t, keys))
+        }
+        None => None,
+    };
+    Ok(Some(tether_engine::scheduler::Schedule { policy, target }))
 }
 
 /// The replica side of `TlsArgs`.

@@ -135,6 +135,29 @@ pub(crate) fn status(s: &StatusReply, json: bool) {
     if let Some(b) = &s.backup {
         println!("{}", job_line(b));
     }
+    for j in &s.schedules {
+        let last = match j.last_seconds_ago {
+            -1 => "not run yet".to_string(),
+            ago => format!("last {ago} s ago: {}", j.last_outcome),
+        };
+        let keep = if j.keep > 0 {
+            format!(", keep {}", j.keep)
+        } else {
+            String::new()
+        };
+        println!(
+            "schedule  {} every {}{keep}; {last}; next in {} s",
+            j.job,
+            humantime::format_duration(std::time::Duration::from_secs(j.every_seconds)),
+            j.next_in_seconds
+        );
+    }
+    if !s.schedules.is_empty() {
+        match s.newest_backup_age_seconds {
+            -1 => println!("backups   none yet"),
+            age => println!("backups   the newest was taken {age} s ago"),
+        }
+    }
 }
 
 /// One line about a backup or restore, running or ended.
@@ -307,6 +330,12 @@ fn status_json(s: &StatusReply) -> serde_json::Value {
             "object_bytes": b.object_bytes, "rate_bytes": b.rate_bytes, "eta_seconds": b.eta_seconds,
             "error": b.error, "error_kind": b.error_kind, "method": b.method, "target": b.target,
         })),
+        "schedules": s.schedules.iter().map(|j| serde_json::json!({
+            "job": j.job, "every_seconds": j.every_seconds, "keep": j.keep,
+            "last_seconds_ago": j.last_seconds_ago, "last_outcome": j.last_outcome,
+            "next_in_seconds": j.next_in_seconds,
+        })).collect::<Vec<_>>(),
+        "newest_backup_age_seconds": s.newest_backup_age_seconds,
         "counters": {
             "reads": c.reads, "writes": c.writes, "flushes": c.flushes, "trims": c.trims,
             "errors": c.errors, "bytes_read": c.bytes_read, "bytes_written": c.bytes_written,

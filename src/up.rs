@@ -156,6 +156,7 @@ pub(crate) async fn up(o: UpOptions) -> Result<()> {
         nbd_tls: None,
         quorum_wait: Duration::from_secs(30),
         rebuild_rate: 0,
+        schedule: None,
     };
     let security = match (&cfg.encryption_key, &cfg.replica_tls) {
         (Some(_), Some(_)) => format!(

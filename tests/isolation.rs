@@ -128,6 +128,7 @@ fn config(volume: &str, replicas: &[String], dir: &Path) -> EngineConfig {
         nbd_tls: None,
         quorum_wait: Duration::from_secs(30),
         rebuild_rate: 0,
+        schedule: None,
     }
 }
 

@@ -40,32 +40,30 @@ pub fn default_socket(volume: &str) -> PathBuf {
 /// other requests once the engine serves.
 pub struct ControlService {
     state: Arc<EngineState>,
-    /// The running backup or restore, or the last one.
-    job: Arc<parking_lot::Mutex<Option<Arc<crate::backup::Job>>>>,
+    /// The running backup or restore, or the last one (shared with the schedules).
+    job: crate::scheduler::JobSlot,
+    /// The schedules' state.
+    schedules: crate::scheduler::StatusSlot,
 }
 
 impl ControlService {
     /// Serves the control API of the engine whose phase is `state`.
-    pub fn new(state: Arc<EngineState>) -> ControlService {
+    pub fn new(
+        state: Arc<EngineState>,
+        job: crate::scheduler::JobSlot,
+        schedules: crate::scheduler::StatusSlot,
+    ) -> ControlService {
         ControlService {
             state,
-            job: Arc::new(parking_lot::Mutex::new(None)),
+            job,
+            schedules,
         }
     }
 
     /// Starts `job` unless another backup or restore is running.
     fn start_job(&self, job: &Arc<crate::backup::Job>) -> Result<(), Status> {
-        let mut cur = self.job.lock();
-        if let Some(j) = cur.as_ref().filter(|j| !j.finished()) {
-            return Err(Status::already_exists(format!(
-                "volume {}: a {} ({}) is already running; wait for it (`tether volume status`)",
-                self.state.volume,
-                j.operation,
-                j.backup.lock()
-            )));
-        }
-        *cur = Some(job.clone());
-        Ok(())
+        crate::scheduler::start_job(&self.job, &self.state.volume, job)
+            .map_err(Status::already_exists)
     }
 
     /// The served volume, or UNAVAILABLE saying what the engine waits for.
@@ -162,6 +160,7 @@ impl Engine for ControlService {
                 st
             })
             .collect::<Vec<_>>();
+        let (schedules, newest_backup) = crate::scheduler::report(&self.schedules);
         Ok(Response::new(StatusReply {
             volume: v.name().to_string(),
             size: v.size(),
@@ -199,6 +198,8 @@ impl Engine for ControlService {
                 .unwrap_or_default(),
             salvages: v.salvages().to_vec(),
             backup: self.job.lock().as_ref().map(|j| j.report()),
+            schedules,
+            newest_backup_age_seconds: newest_backup,
             ..Default::default()
         }))
     }

@@ -14,6 +14,8 @@ pub mod progress;
 pub mod range_lock;
 pub mod rebuild;
 pub mod replica;
+pub mod schedule;
+pub mod scheduler;
 pub mod tls;
 pub mod volume;
 
@@ -59,6 +61,8 @@ pub struct EngineConfig {
     pub quorum_wait: Duration,
     /// Bytes per second a rebuild may copy (0: no limit).
     pub rebuild_rate: u64,
+    /// Snapshots, backups and gc the engine runs by itself.
+    pub schedule: Option<scheduler::Schedule>,
 }
 
 /// Why the engine could not start or stopped.
@@ -186,7 +190,9 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
             .map_err(|e| listen_err(format!("metrics address {addr}"), e))?;
         tasks.spawn(metrics::serve(l, state.clone()));
     }
-    let svc = control::ControlService::new(state.clone());
+    let jobs: scheduler::JobSlot = Default::default();
+    let sched_status: scheduler::StatusSlot = Default::default();
+    let svc = control::ControlService::new(state.clone(), jobs.clone(), sched_status.clone());
     tasks.spawn(async move {
         if let Err(e) = control::serve(control, svc).await {
             tracing::error!(error = %e, "control API stopped");
@@ -236,6 +242,9 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
     };
     tasks.spawn(rebuild::watch(volume.clone()));
     tasks.spawn(volume::lease::keep(volume.clone()));
+    if let Some(s) = cfg.schedule.clone().filter(|s| !s.policy.is_empty()) {
+        tasks.spawn(scheduler::run(volume.clone(), s, jobs, sched_status));
+    }
     state.serve(volume.clone(), nbd_address.clone());
     if let Some(l) = tcp {
         // Small NBD replies must not wait for delayed ACKs.

@@ -35,6 +35,7 @@ fn cfg(replicas: &[&str], dir: &std::path::Path) -> EngineConfig {
         nbd_tls: None,
         quorum_wait: Duration::from_secs(30),
         rebuild_rate: 0,
+        schedule: None,
     }
 }
 

@@ -48,6 +48,7 @@ async fn open(replicas: Vec<String>, dir: &std::path::Path) -> Arc<Volume> {
         nbd_tls: None,
         quorum_wait: Duration::from_secs(30),
         rebuild_rate: 0,
+        schedule: None,
     };
     tether_engine::open_volume(&cfg).await.unwrap()
 }

@@ -233,6 +233,7 @@ impl World {
             nbd_tls: None,
             quorum_wait: QUORUM_WAIT,
             rebuild_rate: 0,
+            schedule: None,
         }
     }
 
