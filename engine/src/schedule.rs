@@ -122,9 +122,11 @@ pub struct SnapshotEntry {
 }
 
 /// Backup snapshots (`prefix…`) older than the one the latest completed backup read:
-/// no incremental diffs from them any more. The latest backup's snapshot stays, and
-/// so does any newer one (a backup running, or interrupted and to be resumed). With
-/// no completed backup known, nothing goes.
+/// no incremental diffs from them any more. `snapshots` is the volume's list, oldest
+/// first (two snapshots with no write between them share a sequence, so the order
+/// is the list's). The latest backup's snapshot stays, and so does any newer one (a
+/// backup running, or interrupted and to be resumed). With no completed backup
+/// known, nothing goes.
 pub fn backup_snapshots_to_delete(
     snapshots: &[SnapshotEntry],
     prefix: &str,
@@ -134,12 +136,12 @@ pub fn backup_snapshots_to_delete(
         return Vec::new();
     };
     // The base must be the very snapshot the volume holds, or nothing is known.
-    if !snapshots.contains(base) {
+    let Some(at) = snapshots.iter().position(|s| s == base) else {
         return Vec::new();
-    }
-    snapshots
+    };
+    snapshots[..at]
         .iter()
-        .filter(|s| s.name.starts_with(prefix) && s.seq < base.seq)
+        .filter(|s| s.name.starts_with(prefix))
         .map(|s| s.name.clone())
         .collect()
 }
