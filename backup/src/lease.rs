@@ -51,8 +51,8 @@ pub struct Lease {
     sent: parking_lot::Mutex<Duration>,
     renewing: tokio::sync::Mutex<()>,
     lapsed: AtomicBool,
-    /// What a lock's renewal writes (its holder).
-    lock_body: Vec<u8>,
+    /// What a renewal writes: a running lease's state, or a lock's holder.
+    renew_body: Vec<u8>,
 }
 
 /// The paths of backup `volume/id`'s lease: (start, renewed).
@@ -86,7 +86,7 @@ impl Lease {
             sent: parking_lot::Mutex::new(target.clock().now()),
             renewing: tokio::sync::Mutex::new(()),
             lapsed: AtomicBool::new(false),
-            lock_body: Vec::new(),
+            renew_body: json(&LeaseRenewed::default())?,
         };
         let body = json(start)?;
         lease
@@ -112,7 +112,7 @@ impl Lease {
             sent: parking_lot::Mutex::new(target.clock().now()),
             renewing: tokio::sync::Mutex::new(()),
             lapsed: AtomicBool::new(false),
-            lock_body: body,
+            renew_body: body,
         }
     }
 
@@ -170,14 +170,14 @@ impl Lease {
         if !due() {
             return Ok(());
         }
-        self.renew(&LeaseRenewed::default()).await
+        self.renew().await
     }
 
-    async fn renew(&self, body: &LeaseRenewed) -> Result<(), BackupError> {
-        let body = json(body)?;
+    async fn renew(&self) -> Result<(), BackupError> {
+        let what = format!("renewing the lease of {}", self.what);
         self.timed(|| {
             self.target
-                .put(&self.renew_path, body, "renewing a backup's lease")
+                .put(&self.renew_path, self.renew_body.clone(), &what)
         })
         .await
     }
@@ -194,7 +194,7 @@ impl Lease {
         {
             let _one = self.renewing.lock().await;
             self.check()?;
-            self.renew(&LeaseRenewed::default()).await?;
+            self.renew().await?;
         }
         self.target.put(path, data, what).await?;
         if let Err(e) = self.check() {
@@ -217,19 +217,11 @@ impl Lease {
 
     /// Renews a lock's single object when due, or now with `force`.
     pub(crate) async fn renew_lock(&self, force: bool) -> Result<(), BackupError> {
-        self.check()?;
-        let due = self.target.clock().now().saturating_sub(*self.sent.lock()) >= self.ttl / 4;
-        if !due && !force {
-            return Ok(());
+        if !force {
+            return self.keep().await;
         }
+        self.check()?;
         let _one = self.renewing.lock().await;
-        self.timed(|| {
-            self.target.put(
-                &self.renew_path,
-                self.lock_body.clone(),
-                "renewing the gc lock",
-            )
-        })
-        .await
+        self.renew().await
     }
 }
