@@ -43,6 +43,15 @@ pub async fn open_volume_with(
     if cfg.replicas.is_empty() {
         return Err(cfg_err("give at least one --replica ADDR".into()));
     }
+    if let Some(bad) = cfg
+        .replicas
+        .iter()
+        .find(|a| crate::replica::local::dir_of(a).is_some_and(|d| d.as_os_str().is_empty()))
+    {
+        return Err(cfg_err(format!(
+            "replica {bad}: give the data directory after dir:, e.g. dir:/var/lib/tether/replica"
+        )));
+    }
     if let Some(size) = cfg.size {
         if size == 0 || !size.is_multiple_of(volume::BLOCK) {
             return Err(cfg_err(format!(

@@ -31,6 +31,9 @@ pub struct ReplicaService {
     volumes: Arc<VolumeSet>,
     blocking: Blocking,
     heard: Heard,
+    /// The data directory's lock, held while any clone of the service lives: one
+    /// process serves a data directory (a daemon, or an engine's in-process replica).
+    _lock: Option<Arc<std::fs::File>>,
 }
 
 /// When each volume last received I/O or a generation from an engine, on this process's
@@ -77,8 +80,12 @@ impl Heard {
 
 impl ReplicaService {
     /// Serves the volumes under `data_dir` (created if missing).
+    /// Fails if another process serves the directory.
     pub fn new(data_dir: &Path, opts: StoreOptions) -> std::io::Result<ReplicaService> {
-        Self::with_disk(data_dir, Arc::new(OsDisk), opts)
+        let lock = lock_data_dir(data_dir)?;
+        let mut svc = Self::with_disk(data_dir, Arc::new(OsDisk), opts)?;
+        svc._lock = Some(Arc::new(lock));
+        Ok(svc)
     }
 
     /// Serves the volumes under `data_dir` through `disk`: the real one, or one that
@@ -99,6 +106,7 @@ impl ReplicaService {
             volumes: Arc::new(VolumeSet::new(data_dir, disk, opts)?),
             blocking,
             heard: Heard::new(),
+            _lock: None,
         })
     }
 
@@ -161,6 +169,31 @@ impl ReplicaService {
 }
 
 /// A store error as a gRPC status, tagged with its typed code.
+/// Takes `data_dir/lock` exclusively (created if missing). Two processes serving one
+/// directory would each keep their own idea of the same volumes' logs and layers; the
+/// kernel drops the lock when the holder exits, however it exits.
+fn lock_data_dir(data_dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!(
+                "{} is locked: another process serves this data directory (a replica daemon, \
+                 or an engine with an in-process replica there); stop it or use another directory",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(std::io::Error::from_raw_os_error(e.raw_os_error())),
+    }
+}
+
 fn status(e: StoreError) -> Status {
     tether_proto::wire::status(code(&e), e.to_string())
 }

@@ -246,6 +246,11 @@ impl ReplicaConn {
         c
     }
 
+    /// Whether the replica lives in this process (reads prefer it).
+    pub fn is_local(&self) -> bool {
+        self.link.is_local()
+    }
+
     /// The replica daemon, for unary calls.
     pub fn link(&self) -> &dyn ReplicaLink {
         &*self.link

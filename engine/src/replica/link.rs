@@ -61,6 +61,12 @@ pub trait ReplicaLink: Send + Sync + 'static {
     async fn map(&self, req: MapRequest) -> Result<MapReply, Status>;
     /// Hashes of blocks, for rebuilds.
     async fn hashes(&self, req: HashesRequest) -> Result<HashesReply, Status>;
+
+    /// Whether the replica lives in this process, on the engine's own node: reads
+    /// prefer it, as they cost no network hop.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// Reaches the replica daemon at an address.
@@ -159,7 +165,8 @@ impl ReplicaLink for GrpcLink {
 }
 
 /// Connects to replica daemons over gRPC; with `tls`, over mutual TLS (the replica
-/// must present a certificate from the CA, for the address's host name or IP).
+/// must present a certificate from the CA, for the address's host name or IP). A
+/// `dir:PATH` address is a replica served in this process from that data directory.
 #[derive(Clone)]
 pub struct GrpcConnector {
     /// How long a connection may take.
@@ -171,6 +178,9 @@ pub struct GrpcConnector {
 #[tonic::async_trait]
 impl Connector for GrpcConnector {
     async fn connect(&self, addr: &str) -> Result<Arc<dyn ReplicaLink>, String> {
+        if super::local::dir_of(addr).is_some() {
+            return super::local::connect_dir(addr);
+        }
         Ok(Arc::new(self.grpc(addr).await?))
     }
 

@@ -1,10 +1,15 @@
-//! The in-memory replica link: the engine talks to the real replica service and store
-//! in its own process, with no network between. For tests and the simulation; a link
-//! can be cut to stand for a replica that died or fell off the network.
+//! The in-process replica link: the engine talks to the real replica service and store
+//! in its own process, with no network between.
+//!
+//! Two uses: a replica on the engine's own node (`dir:PATH` addresses, Mayastor's
+//! "local child": no TCP, no second process, and reads prefer it), and tests and the
+//! simulation, where a link can be cut to stand for a replica that died or fell off
+//! the network.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -15,6 +20,7 @@ use tether_proto::replica::{
     OpenReply, OpenRequest, RecordGenerationReply, RecordGenerationRequest, SnapshotsReply,
     SnapshotsRequest,
 };
+use tether_replica::store::StoreOptions;
 use tether_replica::ReplicaService;
 use tonic::{Request, Status};
 
@@ -31,6 +37,57 @@ pub struct LocalLink {
     service: ReplicaService,
     /// Set when the link is cut: every call fails as if the daemon were gone.
     cut: Arc<AtomicBool>,
+    /// The replica lives on the engine's own node (reads prefer it); false for the
+    /// stand-ins of remote daemons in tests.
+    local: bool,
+}
+
+/// The prefix of an in-process replica's address: `dir:` and its data directory.
+pub const DIR_PREFIX: &str = "dir:";
+
+/// The data directory of an in-process replica's address, if it is one.
+pub fn dir_of(addr: &str) -> Option<&Path> {
+    addr.strip_prefix(DIR_PREFIX).map(Path::new)
+}
+
+/// The in-process replica services of this process, by data directory: each directory
+/// is opened once (its lock allows one holder) and shared by every volume using it.
+fn in_process() -> &'static Mutex<HashMap<PathBuf, ReplicaService>> {
+    static SERVICES: OnceLock<Mutex<HashMap<PathBuf, ReplicaService>>> = OnceLock::new();
+    SERVICES.get_or_init(Default::default)
+}
+
+/// A link to the in-process replica whose data directory `addr` names (`dir:PATH`),
+/// opening the directory the first time.
+pub fn connect_dir(addr: &str) -> Result<Arc<dyn ReplicaLink>, String> {
+    let Some(dir) = dir_of(addr) else {
+        return Err(format!("replica {addr}: not a dir:PATH address"));
+    };
+    if dir.as_os_str().is_empty() {
+        return Err(format!(
+            "replica {addr}: give the data directory after dir:, e.g. dir:/var/lib/tether/replica"
+        ));
+    }
+    let mut services = in_process().lock();
+    let service = match services.get(dir) {
+        Some(s) => s.clone(),
+        None => {
+            let s = ReplicaService::new(dir, StoreOptions::default()).map_err(|e| {
+                format!(
+                    "replica {addr}: cannot serve data directory {} in process: {e}",
+                    dir.display()
+                )
+            })?;
+            tracing::info!(replica = %addr, "replica served in process");
+            services.insert(dir.to_path_buf(), s.clone());
+            s
+        }
+    };
+    Ok(Arc::new(LocalLink {
+        service,
+        cut: Arc::new(AtomicBool::new(false)),
+        local: true,
+    }))
 }
 
 impl LocalLink {
@@ -116,6 +173,10 @@ impl ReplicaLink for LocalLink {
         self.check()?;
         Ok(self.service.hashes(Request::new(req)).await?.into_inner())
     }
+
+    fn is_local(&self) -> bool {
+        self.local
+    }
 }
 
 /// Replica services by address, reached in memory.
@@ -188,6 +249,7 @@ impl LocalConnector {
         let link = LocalLink {
             service,
             cut: Arc::new(AtomicBool::new(false)),
+            local: false,
         };
         self.links.lock().insert(addr.to_string(), link);
     }

@@ -235,7 +235,7 @@ impl Volume {
         let end = offset.saturating_add(len).min(self.size()).div_ceil(BLOCK);
         let mut block = offset / BLOCK;
         let reps = self.replicas();
-        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let (_, start) = self.read_order();
         let Some(r) = (0..reps.len())
             .map(|i| &reps[(start + i) % reps.len()])
             .find(|r| r.is_healthy())
@@ -315,6 +315,15 @@ impl Volume {
         Ok(p)
     }
 
+    /// How many replicas there are and which to try first: the healthy one in this
+    /// process if there is one (no network hop), else the next in turn.
+    fn read_order(&self) -> (usize, usize) {
+        let reps = self.replicas.read();
+        let local = reps.iter().position(|r| r.is_local() && r.is_healthy());
+        let start = local.unwrap_or_else(|| self.next_reader.fetch_add(1, Ordering::Relaxed));
+        (reps.len(), start)
+    }
+
     /// Reads whole blocks from one healthy replica, trying the others on failure.
     /// A block that fails its checksum on one replica is read from another, and the
     /// bad copy is reported in the answer for the caller to repair; it is never
@@ -325,8 +334,7 @@ impl Volume {
         block: u64,
         count: u32,
     ) -> Result<Served, VolumeError> {
-        let n = self.replicas.read().len();
-        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let (n, start) = self.read_order();
         let mut bad: Vec<Arc<ReplicaConn>> = Vec::new();
         for i in 0..n {
             // One Arc clone per attempt rather than a copy of the whole set per read.
