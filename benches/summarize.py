@@ -31,9 +31,10 @@ PROFILES = {
     "P5": ("read", "MiB/s"),
     "P6": ("write", "IOPS"),
 }
-SYSTEM_ORDER = ["tether1", "tether1-enc", "tether1-tls", "tether1-prev", "tether3", "tether3-sec",
-                "tether3-prev", "qemu-nbd", "nbdkit", "nbd-server"]
-TETHERS = ["tether1", "tether3"]
+SYSTEM_ORDER = ["tether1", "tether1-enc", "tether1-net", "tether1-tls", "tether1-prev",
+                "tether3", "tether3-sec", "tether3-net", "tether3-sec-net", "tether3-prev",
+                "qemu-nbd", "nbdkit", "nbd-server"]
+TETHERS = ["tether1", "tether1-net", "tether3"]
 PEERS = ["qemu-nbd", "nbdkit", "nbd-server"]
 NAME_RE = re.compile(r"^(\d+)-(P\d+)-([A-Za-z0-9_.-]+)\.json$")
 
@@ -142,12 +143,13 @@ def table(runs, attempted, n_rounds):
     present = {s for _, s in attempted}
     systems = [s for s in SYSTEM_ORDER if s in present] + sorted(present - set(SYSTEM_ORDER))
     ratios = [(t, p) for t in TETHERS if t in present for p in PEERS if p in present]
-    if "tether1" in present and "tether3" in present:
-        ratios.append(("tether3", "tether1"))  # what 3-way replication costs
-    # What encryption and TLS cost, against the same topology without them.
-    # And this build against an older one (--tether-prev), in the same run.
-    for a, b in [("tether1-enc", "tether1"), ("tether1-tls", "tether1"),
-                 ("tether3-sec", "tether3"),
+    # What 3-way replication costs; what encryption and TLS cost, against the same
+    # topology without them; what the in-process replica saves; and this build against
+    # an older one (--tether-prev), in the same run.
+    for a, b in [("tether3", "tether1"), ("tether3-net", "tether1-net"),
+                 ("tether1-enc", "tether1"), ("tether1-tls", "tether1-net"),
+                 ("tether3-sec", "tether3"), ("tether3-sec-net", "tether3-net"),
+                 ("tether1", "tether1-net"), ("tether3", "tether3-net"),
                  ("tether1", "tether1-prev"), ("tether3", "tether3-prev")]:
         if a in present and b in present:
             ratios.append((a, b))
