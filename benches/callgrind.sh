@@ -25,6 +25,9 @@
 #   --tmpdir DIR        where the scratch dir goes (default $TMPDIR, else /var/tmp)
 #   --keep DIR          keep callgrind outputs, logs and fio JSONs in DIR
 #   --start-timeout S   seconds to wait for a process under valgrind to serve (default 120)
+#   --local             the replica in the engine's process (--replica dir:PATH), no daemon:
+#                       the engine column is then the whole cost (both binaries must know
+#                       dir: addresses)
 #
 # Needs: bash, valgrind, fio with the nbd engine, python3; nbdinfo (libnbd-bin) for the
 # readiness check when present.
@@ -42,6 +45,7 @@ TMP_PARENT=${TMPDIR:-/var/tmp}
 KEEP=
 START_TIMEOUT=120
 STOP_TIMEOUT=120
+LOCAL=0
 
 log()  { printf '[callgrind %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 warn() { printf '[callgrind] WARNING: %s\n' "$*" >&2; }
@@ -57,6 +61,7 @@ while [[ $# -gt 0 ]]; do
         --tmpdir)        TMP_PARENT=${2:-}; shift 2 ;;
         --keep)          KEEP=${2:-}; shift 2 ;;
         --start-timeout) START_TIMEOUT=${2:-}; shift 2 ;;
+        --local)         LOCAL=1; shift ;;
         -h|--help)       usage 0 ;;
         *)               warn "unknown argument: $1"; usage 2 ;;
     esac
@@ -237,13 +242,18 @@ run_one() {
     rport=${ports[0]}; nport=${ports[1]}
     log "$tag: $bin, $n requests per 4k job"
 
-    "${VG[@]}" --callgrind-out-file="$dir/replica.%p.cg" \
-        "$bin" replica --listen "127.0.0.1:$rport" --data "$dir/r1" >"$dir/replica.log" 2>&1 &
-    rpid=$!; PIDS+=("$rpid")
-    wait_ready "$rport" "$rpid" "$dir/replica.log" "replica ($tag)" || return 1
+    local replica=dir:$dir/r1
+    rpid=
+    if ((LOCAL == 0)); then
+        "${VG[@]}" --callgrind-out-file="$dir/replica.%p.cg" \
+            "$bin" replica --listen "127.0.0.1:$rport" --data "$dir/r1" >"$dir/replica.log" 2>&1 &
+        rpid=$!; PIDS+=("$rpid")
+        wait_ready "$rport" "$rpid" "$dir/replica.log" "replica ($tag)" || return 1
+        replica=127.0.0.1:$rport
+    fi
 
     "${VG[@]}" --callgrind-out-file="$dir/engine.%p.cg" \
-        "$bin" engine --volume bench --size "$SIZE_BYTES" --replica "127.0.0.1:$rport" \
+        "$bin" engine --volume bench --size "$SIZE_BYTES" --replica "$replica" \
         --nbd-listen "127.0.0.1:$nport" --control-socket "$dir/bench.sock" >"$dir/engine.log" 2>&1 &
     epid=$!; PIDS+=("$epid")
     uri=nbd://127.0.0.1:$nport/bench
@@ -258,13 +268,16 @@ run_one() {
 
     # The engine first (its replica stream closes cleanly), then the replica.
     stop_pid "$epid" TERM "$STOP_TIMEOUT" || { warn "$tag: engine ignored SIGTERM for ${STOP_TIMEOUT}s, killed"; rc=1; }
-    stop_pid "$rpid" TERM "$STOP_TIMEOUT" || { warn "$tag: replica ignored SIGTERM for ${STOP_TIMEOUT}s, killed"; rc=1; }
+    if [[ -n $rpid ]]; then
+        stop_pid "$rpid" TERM "$STOP_TIMEOUT" || { warn "$tag: replica ignored SIGTERM for ${STOP_TIMEOUT}s, killed"; rc=1; }
+    fi
     PIDS=()
     [[ -n $KEEP ]] && { mkdir -p "$KEEP/$tag"; cp "$dir"/*.cg "$dir"/*.log "$dir"/*.fio "$dir"/fio.json "$KEEP/$tag/" 2>/dev/null; }
     ((rc == 0)) || return 1
 
     e=$(sum_ir "$dir"/engine.*.cg)  || true
     r=$(sum_ir "$dir"/replica.*.cg) || true
+    ((LOCAL)) && r=0
     [[ -n $e && -n $r ]] || { warn "$tag: callgrind wrote no summary (engine '${e}', replica '${r}')"; return 1; }
     q=$(python3 - "$dir/fio.json" <<'EOF'
 import json, sys

@@ -320,7 +320,8 @@ pub(crate) struct EngineArgs {
     /// Size when the volume is created (1G, 512M, bytes); may be omitted afterwards.
     #[arg(long, value_parser = parse_size)]
     pub(crate) size: Option<u64>,
-    /// Replica daemon address; repeat for each replica.
+    /// Replica daemon address (host:port); repeat for each replica. `dir:PATH` serves a
+    /// replica in this process from the data directory PATH (one on this node).
     #[arg(long = "replica", required = true)]
     pub(crate) replicas: Vec<String>,
     /// TCP address for NBD clients.

@@ -514,6 +514,8 @@ fn bit_rot_is_reported_never_returned() {
     assert_eq!(decode(&v.read_blocks(4, 1).unwrap(), 4), Ok(0));
     // Damage in the log is caught too.
     v.write_blocks(2, 5, &block_data(8, 5)).unwrap();
+    // Small records are gathered in memory until a sync (or 256 KiB) writes them out.
+    v.sync().unwrap();
     let wal = disk.read_file_for_test(Path::new("/sim/volumes/v/wal"));
     let at = wal
         .windows(12)

@@ -75,7 +75,7 @@ pub(super) fn mark_sync(v: &Core, inner: &mut Inner) -> Result<Reach, StoreError
     })
 }
 
-/// Writes the gathered direct records to the log file. They belong to completed
+/// Writes the gathered records to the log file. They belong to completed
 /// writes, so if they cannot be written, no later sync may promise anything.
 pub(super) fn write_tail(v: &Core, inner: &mut Inner) -> Result<(), StoreError> {
     if let Err(err) = v.log.write_tail(&mut inner.log) {

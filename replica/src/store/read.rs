@@ -132,7 +132,9 @@ fn read_chain(
                         file.read_at(buf, p * BLOCK as u64)
                             .map_err(v.err("reading a layer", path))?;
                     }
-                    Recent::Data { data_off, .. } => v.log.read(buf, data_off)?,
+                    Recent::Data { data_off, .. } => {
+                        v.log.read_through(&inner.log, buf, data_off)?
+                    }
                     Recent::Zero => {}
                 }
                 for (i, (c, t)) in codec::sides(&sides, usize::from(side)).enumerate() {

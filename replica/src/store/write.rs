@@ -184,7 +184,7 @@ fn push_record(
     sides: &[u8],
     data: &[u8],
 ) -> Result<(), StoreError> {
-    if h.kind != RecordKind::Direct {
+    if !super::log::gathered(h.kind, data) {
         // Records reach the file in order.
         flush::write_tail(v, inner)?;
     }

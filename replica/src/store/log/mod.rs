@@ -17,8 +17,18 @@ use super::error::{Named, StoreError};
 use crate::disk::{Disk, DiskFile};
 use crate::extents::{ExtentMap, Shift};
 
-/// Direct records gathered in memory before one `pwrite` to the log.
-pub(super) const TAIL_BYTES: usize = 64 << 10;
+/// Records gathered in memory before one `pwrite` to the log.
+pub(super) const TAIL_BYTES: usize = 256 << 10;
+
+/// Records with at most this much data are gathered in the tail; larger ones are
+/// written to the file at once (their copy into the tail would cost more than the
+/// syscall it saves).
+pub(super) const GATHER_MAX: usize = 64 << 10;
+
+/// Whether a record with `data` is gathered in the tail rather than written at once.
+pub(super) fn gathered(kind: RecordKind, data: &[u8]) -> bool {
+    kind == RecordKind::Direct || data.len() <= GATHER_MAX
+}
 
 /// Where a block written since the last checkpoint lives in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,9 +119,11 @@ pub(super) struct Cursor {
     pub(super) frozen_rev: u64,
     /// Bytes written directly into the head since the live half began.
     pub(super) direct_in_half: u64,
-    /// Direct records not yet written to the log file, which holds everything before
-    /// `tail_off`: a direct write then costs one `pwrite` (its data), not two. Only
-    /// syncs promise anything, and every sync writes the tail first, in order.
+    /// Records not yet written to the log file, which holds everything before
+    /// `tail_off`: direct records' headers (a direct write then costs one `pwrite`,
+    /// its data, not two) and small writes whole (a batch of 4 KiB writes costs one
+    /// `pwrite`, not one each: issue 19). Only syncs promise anything, and every sync
+    /// writes the tail first, in order.
     pub(super) tail: Vec<u8>,
     pub(super) tail_off: u64,
     /// Generation and offset of the latest direct record placed: a sync that reaches
@@ -343,7 +355,7 @@ impl Log {
         self.file.sync()
     }
 
-    /// Writes the gathered direct records to the file.
+    /// Writes the gathered records to the file.
     pub(super) fn write_tail(&self, c: &mut Cursor) -> std::io::Result<()> {
         if c.tail.is_empty() {
             return Ok(());
@@ -397,22 +409,21 @@ impl Log {
         }
         if h.kind == RecordKind::Direct {
             c.last_direct = Some((c.gen, off));
+        }
+        if gathered(h.kind, data) {
             if c.tail.is_empty() {
                 c.tail_off = off;
             }
             c.tail.extend_from_slice(&head);
+            if h.kind != RecordKind::Direct {
+                c.tail.extend_from_slice(data);
+            }
         } else {
-            let wrote = if data.len() <= 64 << 10 {
-                let mut one = head;
-                one.extend_from_slice(data);
-                self.file.write_at(&one, off)
-            } else {
-                let data_off = off + (codec::RECORD_HEADER + h.sides_len()) as u64;
-                self.file
-                    .write_at(&head, off)
-                    .and_then(|_| self.file.write_at(data, data_off))
-            };
-            wrote.map_err(self.vol.io("appending to the log", &self.path))?;
+            let data_off = off + (codec::RECORD_HEADER + h.sides_len()) as u64;
+            self.file
+                .write_at(&head, off)
+                .and_then(|_| self.file.write_at(data, data_off))
+                .map_err(self.vol.io("appending to the log", &self.path))?;
         }
         Ok(Placed { h, off })
     }
