@@ -156,14 +156,15 @@ run_one() {
         || { warn "$sys: mkfs failed"; cat "$dir/mkfs.log" >&2; return 1; }
     mount "$DEV" "$dir/mnt" || { warn "$sys: mount failed"; return 1; }
     MNT=$dir/mnt
+    # PostgreSQL runs as postgres: its socket and log go in a directory it owns.
     mkdir -p "$MNT/pg" "$dir/sock"
     chown postgres "$MNT/pg" "$dir/sock"
     runuser -u postgres -- "$PG/initdb" -D "$MNT/pg" >"$dir/initdb.log" 2>&1 \
         || { warn "$sys: initdb failed"; tail -n 20 "$dir/initdb.log" >&2; return 1; }
     port=$(free_ports 1)
-    runuser -u postgres -- "$PG/pg_ctl" -D "$MNT/pg" -l "$dir/postgres.log" -w \
+    runuser -u postgres -- "$PG/pg_ctl" -D "$MNT/pg" -l "$dir/sock/postgres.log" -w \
         -o "-c listen_addresses='' -k $dir/sock -p $port" start >/dev/null 2>&1 \
-        || { warn "$sys: PostgreSQL did not start"; tail -n 20 "$dir/postgres.log" >&2; return 1; }
+        || { warn "$sys: PostgreSQL did not start"; tail -n 20 "$dir/sock/postgres.log" >&2; return 1; }
     PGDATA=$MNT/pg
     runuser -u postgres -- "$PG/pgbench" -h "$dir/sock" -p "$port" -i -s "$SCALE" -q postgres \
         >"$dir/init.log" 2>&1 || { warn "$sys: pgbench -i failed"; tail -n 20 "$dir/init.log" >&2; return 1; }
