@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{Mutex, RwLock};
@@ -35,6 +35,9 @@ pub(super) struct Inner {
     pub(super) away: Away,
     pub(super) away_version: u64,
 }
+
+/// `Core::direct_dirty` with both slots dirty.
+pub(super) const DIRTY_BOTH: u8 = 0b11;
 
 /// One volume's replica: its files, its state and its locks.
 pub(super) struct Core {
@@ -74,8 +77,9 @@ pub(super) struct Core {
     pub(super) execution: super::options::Execution,
     /// Writes since the last flush.
     pub(super) since_flush: AtomicU64,
-    /// Data went into the head layer since its files were last synced.
-    pub(super) direct_dirty: AtomicBool,
+    /// Which of the head's slots took data since they were last synced: bit `1 << slot`
+    /// (slot 0 is `.data`, slot 1 `.alt`); a flush syncs only those.
+    pub(super) direct_dirty: AtomicU8,
     /// A direct write went into the head's second slot (`.alt`) since it was opened:
     /// a checkpoint then also frees slot 1 under blocks copied from the log.
     pub(super) alt_used: AtomicBool,

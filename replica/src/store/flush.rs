@@ -92,8 +92,16 @@ pub(super) fn write_tail(v: &Core, inner: &mut Inner) -> Result<(), StoreError> 
 pub(super) fn sync_locked(v: &Core, head: &Files, reach: Reach) -> Result<(), StoreError> {
     // Direct writes mark the head dirty before their record counts in `written`,
     // so everything counted in `upto` has its data covered by this sync.
-    if v.direct_dirty.swap(false, Ordering::SeqCst) {
-        if let Err(err) = head.data.sync().and_then(|_| head.alt.sync()) {
+    // Only the slots that took data: a flush after one small direct write costs one
+    // fdatasync of the head, not two.
+    let dirty = v.direct_dirty.swap(0, Ordering::SeqCst);
+    for slot in [0u8, 1] {
+        if dirty & (1 << slot) == 0 {
+            continue;
+        }
+        if let Err(err) = head.slot(slot).sync() {
+            // Still dirty: nothing may promise these slots' data now.
+            v.direct_dirty.fetch_or(dirty, Ordering::SeqCst);
             return Err(v.poison(format!("fdatasync of the head layer failed: {err}")));
         }
     }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
 use super::away::Away;
-use super::core::{Core, Inner};
+use super::core::{Core, Inner, DIRTY_BOTH};
 use super::error::{Named, StoreError};
 use super::layer::{self, Layer};
 use super::log::codec::BLOCK;
@@ -143,7 +143,7 @@ impl Volume {
             since_flush: AtomicU64::new(0),
             // Replay may map direct data that is only in the page cache (after a
             // kill, not a power cut): the recovery checkpoint must sync the slots.
-            direct_dirty: AtomicBool::new(true),
+            direct_dirty: AtomicU8::new(DIRTY_BOTH),
             alt_used: AtomicBool::new(alt_used),
             head_files: Mutex::new(head_files),
             away_saved: Mutex::new(0),

@@ -241,7 +241,13 @@ fn write_run(v: &Core, inner: &mut Inner, run: Run<'_>) -> Result<Option<u64>, S
             // Its last durable version is this one once synced, else the one in the
             // other slot (a direct write never goes where that version is).
             let synced = v.log.synced.load(Ordering::SeqCst);
-            if at > synced && at <= v.log.syncing.load(Ordering::SeqCst) {
+            if !direct_ok {
+                // A small write while the client flushes often: the log costs one
+                // fdatasync per flush, a slot one more (PostgreSQL rewriting its WAL
+                // page between commits). Its later writes go through the log too,
+                // until the checkpoint.
+                None
+            } else if at > synced && at <= v.log.syncing.load(Ordering::SeqCst) {
                 // A running sync may promise this version any moment, and the other
                 // slot holds the last one it promised: neither is free, so this write
                 // goes through the log (as the block's later writes do until the
@@ -328,7 +334,7 @@ fn write_run(v: &Core, inner: &mut Inner, run: Run<'_>) -> Result<Option<u64>, S
         return Err(io_err(v.name(), "writing a layer", path, e));
     }
     // Before the record counts in `written`: see `flush::sync_locked`.
-    v.direct_dirty.store(true, Ordering::SeqCst);
+    v.direct_dirty.fetch_or(1 << slot, Ordering::SeqCst);
     if slot == 1 {
         v.alt_used.store(true, Ordering::Release);
     }
