@@ -530,8 +530,8 @@ where
     // then one payload per syscall.
     let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_replies(wr, rx, mode));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let writer = tokio::spawn(write_replies(wr, rx, mode, permits.clone()));
     let result = read_requests(&mut rd, &device, &tx, &permits, read_only, mode).await;
     // Let requests already running finish and be answered before closing.
     let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
@@ -687,12 +687,22 @@ impl From<Refusal> for DeviceError {
     }
 }
 
-async fn write_replies<W>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>, mode: Mode)
-where
+async fn write_replies<W>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    mode: Mode,
+    permits: Arc<Semaphore>,
+) where
     W: AsyncWrite + Unpin,
 {
     let mut hdr = BytesMut::with_capacity(4096);
     'outer: while let Some(first) = rx.recv().await {
+        if rx.is_empty() && permits.available_permits() < MAX_IN_FLIGHT {
+            // Other requests are running: the runtime runs the task it woke last
+            // first, so without this each reply would leave in a send of its own.
+            // One turn lets requests answered by the same replica batch finish too.
+            tokio::task::yield_now().await;
+        }
         let mut next = Some(first);
         while let Some(r) = next {
             if mode.extended {

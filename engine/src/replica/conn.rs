@@ -290,39 +290,48 @@ impl ReplicaConn {
             requests: Vec::new(),
         };
         let close = self.close.clone();
-        let outbound = futures::stream::unfold(
-            (Some(hello), rx, close),
-            |(hello, mut rx, close)| async move {
-                if let Some(h) = hello {
-                    return Some((h, (None, rx, close)));
-                }
-                // Biased, so a simulation replays: queued requests go before a close.
-                let first = tokio::select! {
-                    biased;
-                    r = rx.recv() => r?,
-                    _ = close.notified() => return None,
-                };
-                // Everything already queued rides in the same message: under load
-                // this turns many small requests into one HTTP/2 frame.
-                let mut bytes = payload_len(&first);
-                let mut requests = vec![first];
-                while requests.len() < BATCH_REQUESTS && bytes < BATCH_BYTES {
-                    match rx.try_recv() {
-                        Ok(r) => {
-                            bytes += payload_len(&r);
-                            requests.push(r);
-                        }
-                        Err(_) => break,
+        let me = Arc::downgrade(self);
+        let outbound =
+            futures::stream::unfold((Some(hello), rx, close), move |(hello, mut rx, close)| {
+                let me = me.clone();
+                async move {
+                    if let Some(h) = hello {
+                        return Some((h, (None, rx, close)));
                     }
+                    // Biased, so a simulation replays: queued requests go before a close.
+                    let first = tokio::select! {
+                        biased;
+                        r = rx.recv() => r?,
+                        _ = close.notified() => return None,
+                    };
+                    // Other requests await answers: more are probably on their way from
+                    // tasks the runtime has yet to run (it runs the one it woke last
+                    // first), so one turn lets them join this batch.
+                    let busy = me.upgrade().is_some_and(|c| c.pending.lock().len() > 1);
+                    if busy && rx.is_empty() {
+                        tokio::task::yield_now().await;
+                    }
+                    // Everything already queued rides in the same message: under load
+                    // this turns many small requests into one HTTP/2 frame.
+                    let mut bytes = payload_len(&first);
+                    let mut requests = vec![first];
+                    while requests.len() < BATCH_REQUESTS && bytes < BATCH_BYTES {
+                        match rx.try_recv() {
+                            Ok(r) => {
+                                bytes += payload_len(&r);
+                                requests.push(r);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let batch = IoBatch {
+                        volume: String::new(),
+                        epoch: 0,
+                        requests,
+                    };
+                    Some((batch, (None, rx, close)))
                 }
-                let batch = IoBatch {
-                    volume: String::new(),
-                    epoch: 0,
-                    requests,
-                };
-                Some((batch, (None, rx, close)))
-            },
-        );
+            });
         let inbound = self
             .link
             .io(Outbound(Box::pin(outbound)))

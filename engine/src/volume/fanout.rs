@@ -145,6 +145,12 @@ impl Volume {
     }
 
     pub(super) async fn write_inner(&self, offset: u64, data: Bytes) -> Result<(), VolumeError> {
+        self.write_then(offset, data, false).await
+    }
+
+    /// Writes `data` at `offset`; with `fua`, a flush follows it onto every replica's
+    /// stream at once, so making it durable costs no second round trip.
+    async fn write_then(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
         if data.is_empty() {
             return Ok(());
         }
@@ -204,15 +210,31 @@ impl Volume {
                 tags: tags.clone(),
             })
         });
-        self.wait_all(waiting).await
+        // Queued behind the write on every stream (each applies in order), before
+        // either is answered.
+        let flush = fua.then(|| self.queue_flush());
+        self.wait_all(waiting).await?;
+        match flush {
+            Some((waiting, upto)) => self.wait_flush(waiting, upto).await,
+            None => Ok(()),
+        }
     }
 
     pub(super) async fn flush_inner(&self) -> Result<(), VolumeError> {
         self.check_fence()?;
-        let (waiting, upto) = {
-            let seq = self.seq.lock();
-            (self.queue_all(&Op::Flush(Flush { seq: *seq })), *seq)
-        };
+        let (waiting, upto) = self.queue_flush();
+        self.wait_flush(waiting, upto).await
+    }
+
+    /// Queues a flush of every write sequenced so far on every replica that takes
+    /// writes; returns the waiters and the sequence number it covers.
+    fn queue_flush(&self) -> (Waiting, u64) {
+        let seq = self.seq.lock();
+        (self.queue_all(&Op::Flush(Flush { seq: *seq })), *seq)
+    }
+
+    /// Waits for a flush from `queue_flush`.
+    async fn wait_flush(&self, waiting: Waiting, upto: u64) -> Result<(), VolumeError> {
         self.wait_all(waiting).await?;
         // Every replica still in sync made writes up to `upto` durable, and every one
         // that left was given them in its `Away` before this flush counted.
@@ -255,10 +277,7 @@ impl Volume {
         self.counters
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let mut r = self.write_inner(offset, data).await;
-        if r.is_ok() && fua {
-            r = self.flush_inner().await;
-        }
+        let r = self.write_then(offset, data, fua).await;
         self.count(r)
     }
 
