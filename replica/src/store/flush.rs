@@ -100,8 +100,6 @@ pub(super) fn sync_locked(v: &Core, head: &Files, reach: Reach) -> Result<(), St
             continue;
         }
         if let Err(err) = head.slot(slot).sync() {
-            // Still dirty: nothing may promise these slots' data now.
-            v.direct_dirty.fetch_or(dirty, Ordering::SeqCst);
             return Err(v.poison(format!("fdatasync of the head layer failed: {err}")));
         }
     }
