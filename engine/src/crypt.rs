@@ -469,13 +469,16 @@ impl Cipher {
     }
 
     /// Decrypts and authenticates blocks starting at `block`; on failure returns the
-    /// index of the first block that does not open.
-    pub fn open(&self, block: u64, data: &[u8], seals: &[u8]) -> Result<Bytes, u64> {
+    /// index of the first block that does not open. Decrypts in place when `data` is
+    /// not shared (a read from the in-process replica), else into a copy.
+    pub fn open(&self, block: u64, data: Bytes, seals: &[u8]) -> Result<Bytes, u64> {
         let count = data.len() / BLOCK;
         if !data.len().is_multiple_of(BLOCK) || seals.len() != count * SEAL {
             return Err(block);
         }
-        let mut out = BytesMut::from(data);
+        let mut out = data
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         for (i, (blk, seal)) in out
             .chunks_exact_mut(BLOCK)
             .zip(seals.chunks_exact(SEAL))
@@ -535,19 +538,25 @@ mod tests {
         let plain: Vec<u8> = (0..3 * BLOCK).map(|i| (i % 251) as u8).collect();
         let (ct, seals) = c.seal(10, Bytes::copy_from_slice(&plain)).unwrap();
         assert_ne!(&ct[..], &plain[..]);
-        assert_eq!(&c.open(10, &ct, &seals).unwrap()[..], &plain[..]);
+        assert_eq!(&c.open(10, ct.clone(), &seals).unwrap()[..], &plain[..]);
+        // A shared buffer is opened into a copy: other holders still see ciphertext.
+        assert_ne!(&ct[..], &plain[..]);
+        // An unshared one is opened in place.
+        let own = Bytes::from(ct.to_vec());
+        assert_eq!(&c.open(10, own, &seals).unwrap()[..], &plain[..]);
         // Moved to another block: fails.
-        assert_eq!(c.open(11, &ct[..BLOCK], &seals[..SEAL]), Err(11));
+        assert_eq!(c.open(11, ct.slice(..BLOCK), &seals[..SEAL]), Err(11));
         // Flipped bit in data or in the tag: fails.
         let mut bad = ct.to_vec();
         bad[BLOCK + 5] ^= 1;
-        assert_eq!(c.open(10, &bad, &seals), Err(11));
+        assert_eq!(c.open(10, Bytes::from(bad.clone()), &seals), Err(11));
         let mut bs = seals.to_vec();
         bs[2 * SEAL + 20] ^= 1;
-        assert_eq!(c.open(10, &ct, &bs), Err(12));
+        assert_eq!(c.open(10, ct.clone(), &bs), Err(12));
         // Holes read as zeroes.
         assert_eq!(
-            &c.open(0, &[0u8; BLOCK], &[0u8; SEAL]).unwrap()[..],
+            &c.open(0, Bytes::from_static(&[0u8; BLOCK]), &[0u8; SEAL])
+                .unwrap()[..],
             &[0u8; BLOCK][..]
         );
     }
@@ -559,7 +568,7 @@ mod tests {
         let p2 = Params::create(&key).unwrap();
         let c2 = p2.unlock(&key, "w").unwrap();
         let (ct, seals) = c.seal(0, Bytes::copy_from_slice(&[1u8; BLOCK])).unwrap();
-        assert!(c2.open(0, &ct, &seals).is_err());
+        assert!(c2.open(0, ct.clone(), &seals).is_err());
         assert!(matches!(
             p.unlock(&KeyMaterial::Raw([8; 32]), "v"),
             Err(CryptError::WrongKey { .. })
@@ -573,7 +582,10 @@ mod tests {
             .unwrap()
             .unlock(&key, "v")
             .unwrap();
-        assert_eq!(&c3.open(0, &ct, &seals).unwrap()[..], &[1u8; BLOCK][..]);
+        assert_eq!(
+            &c3.open(0, ct.clone(), &seals).unwrap()[..],
+            &[1u8; BLOCK][..]
+        );
         // ...and seals with a different writer id.
         let (_, s3) = c3.seal(0, Bytes::copy_from_slice(&[1u8; BLOCK])).unwrap();
         assert_ne!(&s3[..ID], &seals[..ID]);
@@ -640,11 +652,11 @@ mod tests {
             block: u64,
         ) {
             let (_, c) = cipher();
-            let r = c.open(block, &data, &seals);
+            let r = c.open(block, Bytes::from(data.clone()), &seals);
             let holes = !data.is_empty() && data.iter().all(|&x| x == 0) && seals.iter().all(|&x| x == 0);
             proptest::prop_assert!(r.is_err() || holes || data.is_empty() && seals.is_empty());
             // A short block never passes as data.
-            proptest::prop_assert!(c.open(block, &data[..data.len().min(100)], &[]).is_err() || data.is_empty());
+            proptest::prop_assert!(c.open(block, Bytes::copy_from_slice(&data[..data.len().min(100)]), &[]).is_err() || data.is_empty());
             let _ = Params::parse(&text, "v");
             let _ = parse_key(text.as_bytes(), "t");
             let _ = parse_key(&data, "t");

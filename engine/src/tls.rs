@@ -32,8 +32,14 @@ pub enum TlsError {
 }
 
 /// Makes ring the process-wide rustls provider; harmless when already done.
+/// AES-128-GCM comes first: the links carry every replicated byte, AES-128 costs
+/// about a quarter less CPU per byte than AES-256, and block contents are sealed
+/// end to end with AES-256-GCM anyway.
 pub fn install_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let _ = p.install_default();
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {

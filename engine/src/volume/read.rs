@@ -147,7 +147,7 @@ impl Volume {
         match &self.cipher {
             None => Ok(p.data),
             Some(c) => c
-                .open(block, &p.data, &p.tags)
+                .open(block, p.data, &p.tags)
                 .map_err(|b| self.auth_failed(r, b)),
         }
     }
@@ -171,7 +171,7 @@ impl Volume {
         match &self.cipher {
             None => Ok(()),
             Some(c) => c
-                .open(block, &p.data, &p.tags)
+                .open(block, p.data.clone(), &p.tags)
                 .map(drop)
                 .map_err(|b| self.auth_failed(r, b)),
         }
