@@ -16,7 +16,8 @@
 #   --time S          seconds of pgbench per run (default 30)
 #   --size SIZE       volume / file size (default 1g)
 #   --systems LIST    comma-separated, from qemu-nbd, tether1, tether3, tether3-sec and
-#                     the all-daemon variants tether1-net, tether3-net, tether3-sec-net
+#                     the all-daemon variants tether1-net, tether3-net, tether3-sec-net,
+#                     and tether3-grpc, tether3-sec-grpc (I/O streams on gRPC)
 #                     (see run.sh; default qemu-nbd,tether1,tether3,tether3-sec)
 #   --tether BIN      tether binary (default target/release/tether, relative to the repo)
 #   --out FILE        also write the markdown report to FILE
@@ -43,7 +44,7 @@ TETHER_PREV=
 OUT=
 TMP_PARENT=${TMPDIR:-/var/tmp}
 START_TIMEOUT=60
-ALL_SYSTEMS=(qemu-nbd tether1 tether3 tether3-sec tether1-net tether3-net tether3-sec-net)
+ALL_SYSTEMS=(qemu-nbd tether1 tether3 tether3-sec tether1-net tether3-net tether3-sec-net tether3-grpc tether3-sec-grpc)
 
 log()  { printf '[pgbench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 warn() { printf '[pgbench] WARNING: %s\n' "$*" >&2; }

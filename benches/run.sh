@@ -19,7 +19,9 @@
 #                     is served in the engine's own process (--replica dir:PATH), as an
 #                     engine placed beside one of its replicas runs. With every replica a
 #                     daemon over TCP: tether1-net, tether3-net, tether1-tls (mutual TLS),
-#                     tether3-sec-net. (default: tether1,tether3,qemu-nbd,nbdkit,nbd-server)
+#                     tether3-sec-net. tether3-grpc and tether3-sec-grpc: as tether3 and
+#                     tether3-sec, their I/O streams on gRPC instead of the daemons' data
+#                     ports. (default: tether1,tether3,qemu-nbd,nbdkit,nbd-server)
 #   --tether BIN      tether binary (default target/release/tether, relative to the repo)
 #   --tether-prev BIN an older tether binary, run as the systems tether1-prev and
 #                     tether3-prev (e.g. the previous store, to compare in one run)
@@ -48,7 +50,7 @@ quote_args() {
 COMMAND_LINE=$(quote_args "$0" "$@")
 
 ALL_PROFILES=(P1 P2 P3 P4 P5 P6)
-ALL_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server tether1-enc tether3-sec tether1-net tether3-net tether1-tls tether3-sec-net tether1-prev tether3-prev)
+ALL_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server tether1-enc tether3-sec tether1-net tether3-net tether1-tls tether3-sec-net tether3-grpc tether3-sec-grpc tether1-prev tether3-prev)
 DEFAULT_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server)
 
 ROUNDS=3

@@ -108,8 +108,10 @@ QEMU_AIO=io_uring
 # $1 dir, $2 number of replicas, $3 "enc", "tls" or "enc,tls" (optional), $4 binary,
 # $5 "local": the first replica is served in the engine's process (dir:PATH, as an engine
 # placed beside one of its replicas runs), the others by daemons; "net": all by daemons.
+# $6 "grpc": the I/O streams to the daemons stay on gRPC (TETHER_GRPC_IO) instead of
+# their data ports, to compare the two in one run.
 start_tether() {
-    local dir=$1 n=$2 security=${3:-} TETHER=${4:-$TETHER} where=${5:-local} ports i first=1 rport logf replica_args=() tls_replica=() tls_engine=() enc=()
+    local dir=$1 n=$2 security=${3:-} TETHER=${4:-$TETHER} where=${5:-local} io=${6:-} ports i first=1 rport logf replica_args=() tls_replica=() tls_engine=() enc=() io_env=()
     if [[ $security == *tls* ]]; then
         "$TETHER" tls init "$dir/pki" >/dev/null || return 1
         tls_replica=(--tls-cert "$dir/pki/server-cert.pem" --tls-key "$dir/pki/server-key.pem" --tls-ca "$dir/pki/ca-cert.pem")
@@ -134,8 +136,9 @@ start_tether() {
         wait_tcp "$rport" "$!" "$logf" "tether replica $i" || return 1
         replica_args+=(--replica "127.0.0.1:$rport")
     done
+    [[ $io == grpc ]] && io_env=(TETHER_GRPC_IO=1)
     logf=$dir/engine.log
-    "$TETHER" engine --volume bench --size "$SIZE" "${replica_args[@]}" "${tls_engine[@]}" "${enc[@]}" \
+    env "${io_env[@]}" "$TETHER" engine --volume bench --size "$SIZE" "${replica_args[@]}" "${tls_engine[@]}" "${enc[@]}" \
         --nbd-listen "127.0.0.1:${ports[0]}" --control-socket "$dir/bench.sock" >"$logf" 2>&1 &
     PIDS+=($!)
     URI=nbd://127.0.0.1:${ports[0]}/bench
@@ -208,6 +211,8 @@ start_system() {   # $1 system, $2 dir
         tether3-net)     start_tether "$2" 3 "" "" net ;;
         tether1-tls)     start_tether "$2" 1 tls "" net ;;
         tether3-sec-net) start_tether "$2" 3 enc,tls "" net ;;
+        tether3-grpc)    start_tether "$2" 3 "" "" local grpc ;;
+        tether3-sec-grpc) start_tether "$2" 3 enc,tls "" local grpc ;;
         tether1-prev)    start_tether "$2" 1 "" "$TETHER_PREV" net ;;
         tether3-prev)    start_tether "$2" 3 "" "$TETHER_PREV" net ;;
         qemu-nbd)   start_qemu_nbd "$2" ;;

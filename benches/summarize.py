@@ -32,7 +32,8 @@ PROFILES = {
     "P6": ("write", "IOPS"),
 }
 SYSTEM_ORDER = ["tether1", "tether1-enc", "tether1-net", "tether1-tls", "tether1-prev",
-                "tether3", "tether3-sec", "tether3-net", "tether3-sec-net", "tether3-prev",
+                "tether3", "tether3-sec", "tether3-net", "tether3-sec-net", "tether3-grpc",
+                "tether3-sec-grpc", "tether3-prev",
                 "qemu-nbd", "nbdkit", "nbd-server"]
 TETHERS = ["tether1", "tether1-net", "tether3"]
 PEERS = ["qemu-nbd", "nbdkit", "nbd-server"]
@@ -150,6 +151,7 @@ def table(runs, attempted, n_rounds):
                  ("tether1-enc", "tether1"), ("tether1-tls", "tether1-net"),
                  ("tether3-sec", "tether3"), ("tether3-sec-net", "tether3-net"),
                  ("tether1", "tether1-net"), ("tether3", "tether3-net"),
+                 ("tether3", "tether3-grpc"), ("tether3-sec", "tether3-sec-grpc"),
                  ("tether1", "tether1-prev"), ("tether3", "tether3-prev")]:
         if a in present and b in present:
             ratios.append((a, b))

@@ -112,6 +112,30 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// A rustls client configuration presenting this identity and trusting only its
+    /// CA, for replica data connections (tonic builds its own for gRPC).
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        install_provider();
+        let bad = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&self.ca) {
+            roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| bad(&e))?;
+        let mut cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad(&e))?;
+        // The replica serves gRPC (h2) and data connections on one port.
+        cfg.alpn_protocols = vec![tether_proto::frame::ALPN.to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
 /// The NBD server's TLS acceptor.
 #[derive(Clone)]
 pub struct NbdTls(pub tokio_rustls::TlsAcceptor);

@@ -11,4 +11,5 @@ pub mod engine {
     tonic::include_proto!("tether.engine.v1");
 }
 
+pub mod frame;
 pub mod wire;

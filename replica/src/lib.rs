@@ -1,6 +1,7 @@
 //! The replica daemon: holds the replicas of many volumes on local disk and serves
 //! them to engines over gRPC.
 
+pub mod dataconn;
 pub mod disk;
 pub mod extents;
 pub mod server;

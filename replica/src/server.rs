@@ -31,6 +31,8 @@ pub struct ReplicaService {
     volumes: Arc<VolumeSet>,
     blocking: Blocking,
     heard: Heard,
+    /// Whether this service's port also takes data connections (`dataconn`).
+    framed_io: Arc<std::sync::atomic::AtomicBool>,
     /// The data directory's lock, held while any clone of the service lives: one
     /// process serves a data directory (a daemon, or an engine's in-process replica).
     _lock: Option<Arc<std::fs::File>>,
@@ -106,6 +108,7 @@ impl ReplicaService {
             volumes: Arc::new(VolumeSet::new(data_dir, disk, opts)?),
             blocking,
             heard: Heard::new(),
+            framed_io: Arc::default(),
             _lock: None,
         })
     }
@@ -314,6 +317,7 @@ impl Replica for ReplicaService {
         // Before the epoch is taken, so the idle time reported is never longer than
         // the true one.
         let at = tokio::time::Instant::now();
+        let framed_io = self.framed_io.load(std::sync::atomic::Ordering::Relaxed);
         let r = self.blocking.run(
             move || {
                 let (vol, created) = if req.create {
@@ -375,6 +379,7 @@ impl Replica for ReplicaService {
                         .collect(),
                     idle_ms: 0,
                     copy,
+                    framed_io,
                 })
             },
             &name,
@@ -900,31 +905,21 @@ pub async fn serve_with(
     let listen = listener
         .local_addr()
         .map_err(|e| format!("listening socket: {e}"))?;
-    // serve_with_incoming skips the builder's tcp_nodelay: without it, small replies
-    // wait for delayed ACKs (40 ms stalls).
-    let incoming = futures::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |conn| {
-            if let Ok(c) = &conn {
-                let _ = c.set_nodelay(true);
-            }
-            conn
-        },
-    );
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(t) = tls {
-        let mut cfg = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&t.cert, &t.key))
-            .timeout(std::time::Duration::from_secs(10));
-        if let Some(ca) = &t.ca {
-            cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
-        }
-        builder = builder
-            .tls_config(cfg)
-            .map_err(|e| format!("TLS configuration refused: {e}"))?;
+    let data_tls = match &tls {
+        Some(t) => Some(crate::dataconn::tls_config(t).map_err(|e| format!("TLS: {e}"))?),
+        None => None,
+    };
+    if let Some(t) = &tls {
         tracing::info!(%listen, client_ca = t.ca.is_some(), "replica requires TLS{}",
             if t.ca.is_some() { " with client certificates from its CA" } else { "" });
     }
+    // One port for both: gRPC connections go on to tonic, data connections (the I/O
+    // stream in frames) are served beside it, told apart by their first bytes or,
+    // over TLS, by ALPN. A proxy or firewall in front of the port passes both.
+    svc.framed_io
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (incoming, router) = crate::dataconn::route(listener, svc.clone(), data_tls);
+    let builder = tonic::transport::Server::builder();
     let server = builder
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
@@ -936,6 +931,7 @@ pub async fn serve_with(
         .serve_with_incoming(incoming);
     tokio::select! {
         r = server => r.map_err(|e| format!("replica server failed: {e}"))?,
+        () = router => {}
         _ = shutdown => {
             tracing::info!("replica shutting down");
         }

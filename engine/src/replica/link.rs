@@ -117,16 +117,24 @@ impl ReplicaLink for NoLink {
     }
 }
 
-/// A replica daemon over gRPC.
+/// A replica daemon over gRPC, its I/O stream on the daemon's data port when it
+/// offers one.
 #[derive(Clone)]
 pub struct GrpcLink {
     client: ReplicaClient<Channel>,
+    /// How to reach data connections; None: the I/O stream stays on gRPC.
+    data: Option<super::dataconn::DataTarget>,
+    /// Whether the last `Open` reply said the replica takes data connections.
+    framed_io: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[tonic::async_trait]
 impl ReplicaLink for GrpcLink {
     async fn open(&self, req: OpenRequest) -> Result<OpenReply, Status> {
-        Ok(self.client.clone().open(req).await?.into_inner())
+        let reply = self.client.clone().open(req).await?.into_inner();
+        self.framed_io
+            .store(reply.framed_io, std::sync::atomic::Ordering::Relaxed);
+        Ok(reply)
     }
     async fn record_generation(
         &self,
@@ -140,6 +148,10 @@ impl ReplicaLink for GrpcLink {
             .into_inner())
     }
     fn io(&self, outbound: Outbound) -> BoxFuture<'static, Result<Inbound, Status>> {
+        let framed = self.framed_io.load(std::sync::atomic::Ordering::Relaxed);
+        if let (Some(data), true) = (self.data.clone(), framed) {
+            return Box::pin(async move { data.open(outbound).await });
+        }
         let mut client = self.client.clone();
         Box::pin(async move {
             let reply = client.io(outbound).await?;
@@ -233,10 +245,30 @@ impl GrpcConnector {
                 };
                 format!("replica {addr}: cannot connect: {} ({hint})", error_chain(&e))
             })?;
+        let data = match (
+            super::dataconn::host_port(addr),
+            std::env::var_os(super::dataconn::GRPC_IO_ENV).is_some(),
+        ) {
+            (Some((host, port)), false) => Some(super::dataconn::DataTarget {
+                host,
+                port,
+                tls: match tls {
+                    Some(id) => Some(
+                        id.client_config()
+                            .map_err(|e| format!("replica {addr}: {e}"))?,
+                    ),
+                    None => None,
+                },
+                timeout,
+            }),
+            _ => None,
+        };
         Ok(GrpcLink {
             client: ReplicaClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
+            data,
+            framed_io: Arc::default(),
         })
     }
 }

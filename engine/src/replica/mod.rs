@@ -3,6 +3,7 @@
 //! process: `local`).
 
 mod conn;
+pub mod dataconn;
 pub mod link;
 pub mod local;
 
