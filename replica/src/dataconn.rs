@@ -167,11 +167,16 @@ pub fn route(
                     }
                     Ok(Ok(Sorted::Data(c))) => connection(c, svc).await,
                     Ok(Ok(Sorted::DataTls(c))) => connection(c, svc).await,
-                    Ok(Err(e)) => Err(e),
+                    Ok(Err(e)) => {
+                        // Port probes and scanners: as quiet as tonic is about them.
+                        tracing::debug!(%peer, error = %e, "connection dropped before it began");
+                        return;
+                    }
                     Err(_) => Err("no protocol within 10 s".to_string()),
                 };
+                // The stream itself already said why it ended, if it was not on purpose.
                 if let Err(e) = r {
-                    tracing::warn!(%peer, error = %e, "data connection ended");
+                    tracing::info!(%peer, error = %e, "data connection ended");
                 }
             });
         }

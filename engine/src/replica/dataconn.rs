@@ -55,7 +55,7 @@ impl DataTarget {
         })?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
-            None => start(tcp, outbound, &addr).await,
+            None => start(tcp, outbound, &addr, self.timeout).await,
             Some(cfg) => {
                 let name =
                     rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| {
@@ -74,13 +74,28 @@ impl DataTarget {
                         "data connection to {addr}: TLS handshake failed: {e} (check that the replica's certificate is from the engine's CA and names this host)"
                     ))
                 })?;
-                start(tls, outbound, &addr).await
+                start(tls, outbound, &addr, self.timeout).await
             }
         }
     }
 }
 
-async fn start<S>(conn: S, mut outbound: Outbound, addr: &str) -> Result<Inbound, Status>
+/// Aborts the writer when the replies are no longer read: a replica dropped from the
+/// set (or cut off) must not keep a task blocked on its full socket.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn start<S>(
+    conn: S,
+    mut outbound: Outbound,
+    addr: &str,
+    timeout: Duration,
+) -> Result<Inbound, Status>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -97,10 +112,14 @@ where
         .map_err(lost)?;
     // The replica answers an accepted stream with an empty batch, a refused one with
     // its status: as a gRPC call resolves on its response headers.
-    match frame::read_frame::<IoReplyBatch, _>(&mut r)
+    let answer = tokio::time::timeout(timeout, frame::read_frame::<IoReplyBatch, _>(&mut r))
         .await
-        .map_err(lost)?
-    {
+        .map_err(|_| {
+            Status::unavailable(format!(
+                "data connection to {addr}: no answer to the stream's start within {timeout:?}"
+            ))
+        })?;
+    match answer.map_err(lost)? {
         Some(Frame::Message(_)) => {}
         Some(Frame::Error(s)) => return Err(s),
         Some(Frame::End) | None => {
@@ -109,7 +128,7 @@ where
             )))
         }
     }
-    tokio::spawn(async move {
+    let writer = tokio::spawn(async move {
         while let Some(batch) = outbound.next().await {
             if frame::write_frame(&mut w, frame::encode::<IoBatch>(batch))
                 .await
@@ -128,9 +147,13 @@ where
         }
     });
     let addr = addr.to_string();
+    let guard = Arc::new(AbortOnDrop(writer.abort_handle()));
     let inbound = futures::stream::unfold(Some(r), move |r| {
         let addr = addr.clone();
+        // Lives as long as the stream does.
+        let guard = guard.clone();
         async move {
+            let _guard = guard;
             let mut r = r?;
             match frame::read_frame::<IoReplyBatch, _>(&mut r).await {
                 Ok(Some(Frame::Message(b))) => Some((Ok(b), Some(r))),
