@@ -52,6 +52,8 @@ struct SimState {
     /// that died with the power, and every call through them fails.
     boot: u64,
     fail_syncs: bool,
+    /// File syncs (fdatasync) that succeeded, over every file.
+    syncs: u64,
     /// Writes fail with ENOSPC once live bytes exceed this.
     capacity: Option<u64>,
     /// Mutating operations left before the disk dies (every one after fails).
@@ -101,6 +103,12 @@ impl SimDisk {
     /// An empty disk.
     pub fn new() -> SimDisk {
         SimDisk::default()
+    }
+
+    /// How many file syncs (fdatasync) succeeded so far, over every file: what a
+    /// flush costs the disk.
+    pub fn syncs(&self) -> u64 {
+        self.state.lock().syncs
     }
 
     /// Loses power: each unsynced change survives or not as `pick` says, and a write
@@ -255,6 +263,7 @@ impl DiskFile for SimFile {
             .ok_or(io::ErrorKind::NotFound)?;
         f.durable = f.live.clone();
         f.pending.clear();
+        st.syncs += 1;
         let delay = st.sync_delay;
         drop(st);
         if let Some(d) = delay {
