@@ -122,6 +122,8 @@ impl ReplicaLink for NoLink {
 #[derive(Clone)]
 pub struct GrpcLink {
     client: ReplicaClient<Channel>,
+    /// The replica's address, for logs.
+    addr: String,
     /// How to reach data connections; None: the I/O stream stays on gRPC.
     data: Option<super::dataconn::DataTarget>,
     /// Whether the last `Open` reply said the replica takes data connections.
@@ -150,8 +152,10 @@ impl ReplicaLink for GrpcLink {
     fn io(&self, outbound: Outbound) -> BoxFuture<'static, Result<Inbound, Status>> {
         let framed = self.framed_io.load(std::sync::atomic::Ordering::Relaxed);
         if let (Some(data), true) = (self.data.clone(), framed) {
+            tracing::info!(replica = %self.addr, "I/O stream on a data connection");
             return Box::pin(async move { data.open(outbound).await });
         }
+        tracing::info!(replica = %self.addr, "I/O stream on gRPC");
         let mut client = self.client.clone();
         Box::pin(async move {
             let reply = client.io(outbound).await?;
@@ -267,6 +271,7 @@ impl GrpcConnector {
             client: ReplicaClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
+            addr: addr.to_string(),
             data,
             framed_io: Arc::default(),
         })
