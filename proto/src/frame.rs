@@ -288,6 +288,34 @@ pub fn decode<T: Payloads>(kind: u32, head: &[u8], mut body: Bytes) -> std::io::
     }
 }
 
+/// The frames `r` brings, as the stream a gRPC call would yield: messages, then the
+/// end (End), or the peer's error, or `unavailable` naming `peer` when the connection
+/// stops or breaks (never an end: a killed peer must not look like one that finished).
+pub fn stream<T, R>(
+    r: R,
+    peer: String,
+) -> impl futures::Stream<Item = Result<T, Status>> + Send + 'static
+where
+    T: Payloads + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    futures::stream::unfold(Some((r, peer)), |state| async move {
+        let (mut r, peer) = state?;
+        match read_frame::<T, _>(&mut r).await {
+            Ok(Some(Frame::Message(m))) => Some((Ok(m), Some((r, peer)))),
+            Ok(Some(Frame::End)) => None,
+            Ok(Some(Frame::Error(s))) => Some((Err(s), None)),
+            Ok(None) => Some((
+                Err(Status::unavailable(format!(
+                    "{peer}: the connection ended without ending the stream"
+                ))),
+                None,
+            )),
+            Err(e) => Some((Err(Status::unavailable(format!("{peer}: {e}"))), None)),
+        }
+    })
+}
+
 /// Reads and checks the client's [`HELLO`].
 pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<()> {
     let mut h = [0u8; HELLO.len()];
@@ -310,37 +338,34 @@ mod tests {
     use super::*;
     use crate::replica::{io_request, IoReply, IoRequest, Read, Write};
 
+    fn write(id: u64, block: u64, data: Vec<u8>, tags: Vec<u8>) -> IoRequest {
+        IoRequest {
+            id,
+            op: Some(io_request::Op::Write(Write {
+                seq: id + 2,
+                block,
+                data: Bytes::from(data),
+                tags: Bytes::from(tags),
+            })),
+        }
+    }
+
     fn batch() -> IoBatch {
+        let read = IoRequest {
+            id: 2,
+            op: Some(io_request::Op::Read(Read {
+                block: 1,
+                count: 2,
+                snapshot: String::new(),
+            })),
+        };
         IoBatch {
             volume: "v".into(),
             epoch: 7,
             requests: vec![
-                IoRequest {
-                    id: 1,
-                    op: Some(io_request::Op::Write(Write {
-                        seq: 3,
-                        block: 9,
-                        data: Bytes::from(vec![5u8; 8192]),
-                        tags: Bytes::from(vec![6u8; 64]),
-                    })),
-                },
-                IoRequest {
-                    id: 2,
-                    op: Some(io_request::Op::Read(Read {
-                        block: 1,
-                        count: 2,
-                        snapshot: String::new(),
-                    })),
-                },
-                IoRequest {
-                    id: 3,
-                    op: Some(io_request::Op::Write(Write {
-                        seq: 4,
-                        block: 0,
-                        data: Bytes::from(vec![7u8; 4096]),
-                        tags: Bytes::new(),
-                    })),
-                },
+                write(1, 9, vec![5u8; 8192], vec![6u8; 64]),
+                read,
+                write(3, 0, vec![7u8; 4096], Vec::new()),
             ],
         }
     }

@@ -11,14 +11,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tether_proto::frame::{self, Frame};
+use tether_proto::frame;
 use tether_proto::replica::{IoBatch, IoReplyBatch};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::Status;
 
 use crate::server::{ReplicaService, ServerTls};
 
@@ -235,26 +234,8 @@ where
     frame::read_hello(&mut r)
         .await
         .map_err(|e| format!("bad hello: {e}"))?;
-    let inbound = futures::stream::unfold(Some(r), |r| async move {
-        let mut r = r?;
-        match frame::read_frame::<IoBatch, _>(&mut r).await {
-            Ok(Some(Frame::Message(b))) => Some((Ok(b), Some(r))),
-            // The engine closed the stream on purpose.
-            Ok(Some(Frame::End)) => None,
-            Ok(Some(Frame::Error(s))) => Some((Err(s), None)),
-            // Gone without saying so (killed, cut off): broken, never a clean close.
-            Ok(None) => Some((
-                Err(Status::unavailable("the engine's data connection ended")),
-                None,
-            )),
-            Err(e) => Some((
-                Err(Status::unavailable(format!(
-                    "the engine's data connection failed: {e}"
-                ))),
-                None,
-            )),
-        }
-    });
+    // Ends only on the engine's End frame: a killed or cut-off engine breaks it.
+    let inbound = frame::stream::<IoBatch, _>(r, "the engine's data connection".to_string());
     let replies = match svc.io_stream(Box::pin(inbound)).await {
         Ok(r) => r,
         Err(s) => {

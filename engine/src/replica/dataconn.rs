@@ -146,34 +146,12 @@ where
             let _ = w.shutdown().await;
         }
     });
-    let addr = addr.to_string();
-    let guard = Arc::new(AbortOnDrop(writer.abort_handle()));
-    let inbound = futures::stream::unfold(Some(r), move |r| {
-        let addr = addr.clone();
-        // Lives as long as the stream does.
-        let guard = guard.clone();
-        async move {
-            let _guard = guard;
-            let mut r = r?;
-            match frame::read_frame::<IoReplyBatch, _>(&mut r).await {
-                Ok(Some(Frame::Message(b))) => Some((Ok(b), Some(r))),
-                Ok(Some(Frame::End)) => None,
-                Ok(Some(Frame::Error(s))) => Some((Err(s), None)),
-                Ok(None) => Some((
-                    Err(Status::unavailable(format!(
-                        "data connection to {addr}: the replica dropped the connection"
-                    ))),
-                    None,
-                )),
-                Err(e) => Some((
-                    Err(Status::unavailable(format!(
-                        "data connection to {addr}: {e}"
-                    ))),
-                    None,
-                )),
-            }
-        }
-    });
+    let guard = AbortOnDrop(writer.abort_handle());
+    let inbound = frame::stream::<IoReplyBatch, _>(r, format!("data connection to {addr}"))
+        // The writer lives as long as the replies are read.
+        .inspect(move |_| {
+            let _writer = &guard;
+        });
     Ok(Box::pin(inbound))
 }
 
