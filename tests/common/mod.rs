@@ -389,6 +389,19 @@ impl Cluster {
             assert!(Instant::now() < deadline, "engine never opened the volume");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The control API answers while the open is still under way: wait that out
+        // too (an engine waiting for something else is what its test wants to see).
+        while Instant::now() < deadline {
+            let st = self.engine().try_status_json(&self.volume);
+            let opening = st.is_some_and(|st| {
+                st["state"] == "waiting"
+                    && st["waiting_reason"] == "opening the volume on its replicas"
+            });
+            if !opening {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts an engine without waiting for it to serve (it may wait for replicas).
