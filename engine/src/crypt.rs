@@ -541,9 +541,12 @@ mod tests {
         assert_eq!(&c.open(10, ct.clone(), &seals).unwrap()[..], &plain[..]);
         // A shared buffer is opened into a copy: other holders still see ciphertext.
         assert_ne!(&ct[..], &plain[..]);
-        // An unshared one is opened in place.
+        // An unshared one is opened in place: the plaintext is in the same buffer.
         let own = Bytes::from(ct.to_vec());
-        assert_eq!(&c.open(10, own, &seals).unwrap()[..], &plain[..]);
+        let at = own.as_ptr();
+        let opened = c.open(10, own, &seals).unwrap();
+        assert_eq!(&opened[..], &plain[..]);
+        assert_eq!(opened.as_ptr(), at, "an unshared buffer was copied");
         // Moved to another block: fails.
         assert_eq!(c.open(11, ct.slice(..BLOCK), &seals[..SEAL]), Err(11));
         // Flipped bit in data or in the tag: fails.
