@@ -189,22 +189,36 @@ fn a_stalled_volume_does_not_stall_its_neighbours() {
             }
         });
         let started = Instant::now();
-        let (mut worst, mut n) = (Duration::ZERO, 0u64);
+        let mut took = Vec::new();
+        let mut n = 0u64;
         while started.elapsed() < STALL {
             let t = Instant::now();
             let data = bytes::Bytes::from(vec![(n % 200) as u8 + 1; 64 << 10]);
             fast.write((n % 1024) * (64 << 10), data, false).await.unwrap();
             fast.flush().await.unwrap();
-            worst = worst.max(t.elapsed());
+            took.push(t.elapsed());
             n += 1;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         stall.store(false, Ordering::SeqCst);
         slow_load.await.unwrap();
-        eprintln!("fast volume: {n} writes and flushes during the stall, the slowest {worst:?}");
+        took.sort();
+        let worst = took.last().copied().unwrap_or_default();
+        let p99 = took.get(took.len() * 99 / 100).copied().unwrap_or_default();
+        eprintln!(
+            "fast volume: {n} writes and flushes during the stall, p99 {p99:?}, the slowest {worst:?}"
+        );
         assert!(n > 100, "only {n} writes and flushes in {STALL:?}");
+        // A fast volume tied to the slow one waits on a held sync: seconds, then its
+        // replica is dropped. The shared disk itself has hiccups (one fdatasync of
+        // 130 ms was seen in CI, as the kernel's journal commit also wrote the slow
+        // volume's new blocks), so one outlier is allowed, a pattern of them is not.
         assert!(
-            worst <= Duration::from_millis(100),
+            p99 <= Duration::from_millis(100),
+            "1 in 100 writes and flushes of the fast volume took {p99:?} or longer while the slow one's syncs were held"
+        );
+        assert!(
+            worst <= Duration::from_secs(1),
             "a write and flush of the fast volume took {worst:?} while the slow one's syncs were held"
         );
         for r in fast.replicas() {
