@@ -224,8 +224,10 @@ async fn sort(conn: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) -> Result
     }
 }
 
-/// Serves one connection: hello, then the I/O stream until either side ends it.
-async fn connection<S>(conn: S, svc: ReplicaService) -> Result<(), String>
+/// Serves one data connection over any byte stream: hello, then the I/O stream until
+/// either side ends it. The daemon's listener and the simulation's in-memory wire
+/// both come here.
+pub async fn connection<S>(conn: S, svc: ReplicaService) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {

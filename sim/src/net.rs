@@ -1,7 +1,9 @@
 //! The simulated network: each engine incarnation reaches the replicas through its own
 //! in-memory links, so a link can be cut between one engine and one replica while
 //! others still talk; and every message waits a delay the seed chooses, so replies
-//! from different replicas arrive in any order.
+//! from different replicas arrive in any order. Every other engine incarnation runs
+//! its I/O streams as real data connections (frames, both ends' connection code) over
+//! in-memory wires, which a cut drops wherever the bytes stood.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -113,6 +115,7 @@ impl Net {
     /// A new engine incarnation; returns its number and its connector.
     pub fn engine(self: &Arc<Net>) -> (usize, Arc<dyn Connector>) {
         let links = Arc::new(LocalConnector::default());
+        links.set_framed(Net::framed(self.engines.lock().len()));
         for (i, s) in self.services.lock().iter().enumerate() {
             if let Some(s) = s {
                 links.add(&self.replicas[i], s.clone());
@@ -132,6 +135,13 @@ impl Net {
             delays: self.delays.clone(),
         };
         (e, Arc::new(connector))
+    }
+
+    /// Whether engine incarnation `e` reaches the replicas by data connections over
+    /// in-memory wires (the odd ones) or by handing its I/O streams over whole, so
+    /// every run explores both.
+    pub fn framed(e: usize) -> bool {
+        e % 2 == 1
     }
 
     /// Engine incarnation `e` died: nothing of it reaches any replica any more.

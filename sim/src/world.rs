@@ -249,7 +249,12 @@ impl World {
         );
         let (expanded, members) = (self.expanded.clone(), self.members.clone());
         self.slots[s].incarnation = Some(inc);
-        self.log(format!("engine {inc} starts in slot {s}"));
+        let how = if Net::framed(inc) {
+            "data connections"
+        } else {
+            "streams in memory"
+        };
+        self.log(format!("engine {inc} starts in slot {s} ({how})"));
         let state = tether_engine::phase::EngineState::new(&cfg.volume, &cfg.replicas);
         let opener = tokio::spawn(async move {
             // Waiting is the engine's own loop; any other error, an operator's restart.

@@ -55,7 +55,7 @@ impl DataTarget {
         })?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
-            None => start(tcp, outbound, &addr, self.timeout).await,
+            None => open_over(tcp, outbound, &addr, self.timeout).await,
             Some(cfg) => {
                 let name =
                     rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| {
@@ -74,7 +74,7 @@ impl DataTarget {
                         "data connection to {addr}: TLS handshake failed: {e} (check that the replica's certificate is from the engine's CA and names this host)"
                     ))
                 })?;
-                start(tls, outbound, &addr, self.timeout).await
+                open_over(tls, outbound, &addr, self.timeout).await
             }
         }
     }
@@ -90,7 +90,10 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn start<S>(
+/// Opens the I/O stream over `conn`, any byte stream to a replica's data connection
+/// (`addr` names it in errors): the hello, the first batch, and the replica's answer
+/// within `timeout`.
+pub async fn open_over<S>(
     conn: S,
     mut outbound: Outbound,
     addr: &str,

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -22,6 +23,7 @@ use tether_proto::replica::{
 };
 use tether_replica::store::StoreOptions;
 use tether_replica::ReplicaService;
+use tokio::sync::watch;
 use tonic::{Request, Status};
 
 use super::link::{Connector, Inbound, Outbound, ReplicaLink};
@@ -35,11 +37,14 @@ fn cut_off() -> Status {
 #[derive(Clone)]
 pub struct LocalLink {
     service: ReplicaService,
-    /// Set when the link is cut: every call fails as if the daemon were gone.
-    cut: Arc<AtomicBool>,
+    /// True while the link is cut: every call fails as if the daemon were gone.
+    cut: Arc<watch::Sender<bool>>,
     /// The replica lives on the engine's own node (reads prefer it); false for the
     /// stand-ins of remote daemons in tests.
     local: bool,
+    /// I/O streams run as data connections (the real framing, both ends' real code)
+    /// over an in-memory wire, as to a daemon; else the stream is handed over whole.
+    framed: bool,
 }
 
 /// The prefix of an in-process replica's address: `dir:` and its data directory.
@@ -85,14 +90,15 @@ pub fn connect_dir(addr: &str) -> Result<Arc<dyn ReplicaLink>, String> {
     };
     Ok(Arc::new(LocalLink {
         service,
-        cut: Arc::new(AtomicBool::new(false)),
+        cut: Arc::new(watch::Sender::new(false)),
         local: true,
+        framed: false,
     }))
 }
 
 impl LocalLink {
     fn check(&self) -> Result<(), Status> {
-        if self.cut.load(Ordering::SeqCst) {
+        if *self.cut.borrow() {
             return Err(cut_off());
         }
         Ok(())
@@ -120,15 +126,19 @@ impl ReplicaLink for LocalLink {
 
     fn io(&self, outbound: Outbound) -> BoxFuture<'static, Result<Inbound, Status>> {
         let (service, cut) = (self.service.clone(), self.cut.clone());
+        let framed = self.framed;
         Box::pin(async move {
-            if cut.load(Ordering::SeqCst) {
+            if *cut.borrow() {
                 return Err(cut_off());
+            }
+            if framed {
+                return framed_io(service, cut.subscribe(), outbound).await;
             }
             // A cut breaks the stream both ways, as a dropped connection would: the
             // replica sees an error (not a clean close), the engine an end.
             let (c1, c2) = (cut.clone(), cut);
             let requests = outbound.map(move |batch| {
-                if c1.load(Ordering::SeqCst) {
+                if *c1.borrow() {
                     Err(cut_off())
                 } else {
                     Ok(batch)
@@ -136,7 +146,7 @@ impl ReplicaLink for LocalLink {
             });
             let replies = service.io_stream(Box::pin(requests)).await?;
             let inbound: Inbound = Box::pin(replies.take_while(move |_| {
-                let open = !c2.load(Ordering::SeqCst);
+                let open = !*c2.borrow();
                 async move { open }
             }));
             Ok(inbound)
@@ -179,10 +189,45 @@ impl ReplicaLink for LocalLink {
     }
 }
 
+/// Bytes a pipe end holds before its writer waits: small, so frames cross the wire
+/// in pieces and every partial read is exercised.
+const WIRE_BUFFER: usize = 4096;
+
+/// How long the replica may take to accept a stream on the in-memory wire.
+const WIRE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An I/O stream as a data connection over an in-memory wire: the engine's and the
+/// replica's real connection code at each end, and a wire between that a cut drops,
+/// so both ends see the connection break wherever it stood (mid-frame included).
+async fn framed_io(
+    service: ReplicaService,
+    mut cut: watch::Receiver<bool>,
+    outbound: Outbound,
+) -> Result<Inbound, Status> {
+    let (engine_end, mut wire_e) = tokio::io::duplex(WIRE_BUFFER);
+    let (replica_end, mut wire_r) = tokio::io::duplex(WIRE_BUFFER);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = cut.wait_for(|c| *c) => {}
+            _ = tokio::io::copy_bidirectional(&mut wire_e, &mut wire_r) => {}
+        }
+        // Dropping both wire ends: each side reads an end of file mid-stream, and its
+        // writes fail.
+    });
+    tokio::spawn(async move {
+        if let Err(e) = tether_replica::dataconn::connection(replica_end, service).await {
+            tracing::debug!(error = %e, "in-memory data connection ended");
+        }
+    });
+    super::dataconn::open_over(engine_end, outbound, "in-memory replica", WIRE_TIMEOUT).await
+}
+
 /// Replica services by address, reached in memory.
 #[derive(Default)]
 pub struct LocalConnector {
     links: Arc<Mutex<HashMap<String, LocalLink>>>,
+    /// Links added from now on run their I/O streams as data connections.
+    framed: AtomicBool,
 }
 
 /// A connection to an address, as a gRPC channel is: each call reaches the service
@@ -248,16 +293,24 @@ impl LocalConnector {
     pub fn add(&self, addr: &str, service: ReplicaService) {
         let link = LocalLink {
             service,
-            cut: Arc::new(AtomicBool::new(false)),
+            cut: Arc::new(watch::Sender::new(false)),
             local: false,
+            framed: self.framed.load(Ordering::SeqCst),
         };
         self.links.lock().insert(addr.to_string(), link);
+    }
+
+    /// Whether links added from now on carry their I/O streams as data connections
+    /// over an in-memory wire (the framing and both ends' connection code), as to a
+    /// daemon, instead of handing the stream over whole.
+    pub fn set_framed(&self, framed: bool) {
+        self.framed.store(framed, Ordering::SeqCst);
     }
 
     /// Cuts (or mends) the link to `addr`: while cut, calls fail and open streams end.
     pub fn cut(&self, addr: &str, cut: bool) {
         if let Some(l) = self.links.lock().get(addr) {
-            l.cut.store(cut, Ordering::SeqCst);
+            l.cut.send_replace(cut);
         }
     }
 }
