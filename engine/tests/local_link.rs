@@ -111,3 +111,76 @@ async fn writes_reach_every_replica_and_a_cut_replica_is_never_served_alone() {
     assert_eq!(read(&later, 64, 8).await, second);
     later.shutdown().await;
 }
+
+/// A rebuild's source that lost power and restarted while no request was in flight
+/// still looks healthy: its stream to the old process has not failed yet. The
+/// source's answers would come from the new process, which lost the writes it had not
+/// synced and its record of what the target missed; copying by them left the target
+/// without an acknowledged write (simulation, seed 12668). The rebuild first flushes
+/// the source through its stream, which reaches the old process or fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_does_not_copy_from_a_source_that_restarted_unseen() {
+    use tether_replica::sim::SimDisk;
+    use tether_replica::{ReplicaService, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = Arc::new(LocalConnector::default());
+    let mut disks = std::collections::HashMap::new();
+    // b first: the rebuild takes the first healthy replica as its source.
+    for name in ["b", "a", "c"] {
+        let disk = SimDisk::new();
+        let svc = ReplicaService::with_disk(
+            &dir.path().join(name),
+            Arc::new(disk.clone()),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        c.add(name, svc);
+        disks.insert(name, disk);
+    }
+    let vol = open(&c, &["b", "a", "c"], dir.path()).await;
+    let first = Bytes::from(vec![0x11u8; 8 * BLK]);
+    vol.write(0, first.clone(), false).await.unwrap();
+    vol.flush().await.unwrap();
+
+    // c falls off; the next write is acknowledged by b and a, not flushed.
+    c.cut("c", true);
+    let second = Bytes::from(vec![0x22u8; 8 * BLK]);
+    vol.write((64 * BLK) as u64, second.clone(), false)
+        .await
+        .unwrap();
+    assert!(!vol.replica("c").unwrap().is_healthy());
+
+    // b loses power (its unsynced writes with it) and comes back while the engine sends
+    // it nothing: the engine still counts it healthy.
+    c.cut("b", true);
+    let b2 = disks["b"].power_cut(|| false);
+    let svc =
+        ReplicaService::with_disk(&dir.path().join("b"), Arc::new(b2), StoreOptions::default())
+            .unwrap();
+    c.add("b", svc);
+    assert!(vol.replica("b").unwrap().is_healthy());
+
+    // c comes back and is rebuilt; a rebuild that finds its source gone fails and the
+    // next one takes a.
+    c.cut("c", false);
+    let mut outcome = Err("not run".to_string());
+    for _ in 0..5 {
+        let Ok(h) = tether_engine::rebuild::start(&vol, "c", false) else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        outcome = h.await.unwrap().map_err(|e| e.to_string());
+        if outcome.is_ok() {
+            break;
+        }
+    }
+    outcome.unwrap();
+    assert!(vol.replica("c").unwrap().is_healthy());
+    // The copies the engine counts (a and c: b's old stream failed the rebuild's flush,
+    // so b is out until rebuilt) agree, and hold the acknowledged write.
+    let problems = vol.verify_chunk(0, 256).await;
+    assert!(problems.is_empty(), "copies disagree: {problems:?}");
+    assert!(!vol.replica("b").unwrap().is_healthy());
+    assert_eq!(read(&vol, 64, 8).await, second);
+    vol.shutdown().await;
+}

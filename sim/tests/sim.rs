@@ -136,10 +136,17 @@ fn a_seed_replays_byte_for_byte() {
 ///   of what the target missed while away, which did not name that block, and left it
 ///   stale (now: while a rebuild into a replica is unfinished, its open reply names no
 ///   copy, so no record applies to it).
+/// - 12668 (once engines also run data connections): a replica lost power and
+///   restarted while its engine sent it nothing, so its stream to the old process had
+///   not failed and it still counted healthy; a rebuild took it as the source, and its
+///   new process, which had lost an unsynced acknowledged write and its record of what
+///   the target missed, led the target to join without that write (now: a rebuild
+///   first flushes its source through the stream, which reaches the old process or
+///   fails; engine/tests/local_link.rs shows the case on its own).
 #[test]
 fn former_finds() {
     for seed in [
-        145, 296, 534, 967, 3277, 3752, 5242, 5294, 12621, 19917, 22941,
+        145, 296, 534, 967, 3277, 3752, 5242, 5294, 12621, 12668, 19917, 22941,
     ] {
         let r = tether_sim::run(seed, &config());
         assert!(
