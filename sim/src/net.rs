@@ -114,8 +114,11 @@ impl Net {
 
     /// A new engine incarnation; returns its number and its connector.
     pub fn engine(self: &Arc<Net>) -> (usize, Arc<dyn Connector>) {
-        let links = Arc::new(LocalConnector::default());
-        links.set_framed(Net::framed(self.engines.lock().len()));
+        let links = Arc::new(if Net::framed(self.engines.lock().len()) {
+            LocalConnector::framed()
+        } else {
+            LocalConnector::default()
+        });
         for (i, s) in self.services.lock().iter().enumerate() {
             if let Some(s) = s {
                 links.add(&self.replicas[i], s.clone());

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -226,8 +225,8 @@ async fn framed_io(
 #[derive(Default)]
 pub struct LocalConnector {
     links: Arc<Mutex<HashMap<String, LocalLink>>>,
-    /// Links added from now on run their I/O streams as data connections.
-    framed: AtomicBool,
+    /// Every link runs its I/O streams as data connections.
+    framed: bool,
 }
 
 /// A connection to an address, as a gRPC channel is: each call reaches the service
@@ -295,16 +294,19 @@ impl LocalConnector {
             service,
             cut: Arc::new(watch::Sender::new(false)),
             local: false,
-            framed: self.framed.load(Ordering::SeqCst),
+            framed: self.framed,
         };
         self.links.lock().insert(addr.to_string(), link);
     }
 
-    /// Whether links added from now on carry their I/O streams as data connections
-    /// over an in-memory wire (the framing and both ends' connection code), as to a
-    /// daemon, instead of handing the stream over whole.
-    pub fn set_framed(&self, framed: bool) {
-        self.framed.store(framed, Ordering::SeqCst);
+    /// A connector whose links carry their I/O streams as data connections over an
+    /// in-memory wire (the framing and both ends' connection code), as to a daemon,
+    /// instead of handing the stream over whole.
+    pub fn framed() -> LocalConnector {
+        LocalConnector {
+            framed: true,
+            ..LocalConnector::default()
+        }
     }
 
     /// Cuts (or mends) the link to `addr`: while cut, calls fail and open streams end.
