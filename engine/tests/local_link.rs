@@ -184,3 +184,156 @@ async fn a_rebuild_does_not_copy_from_a_source_that_restarted_unseen() {
     assert_eq!(read(&vol, 64, 8).await, second);
     vol.shutdown().await;
 }
+
+/// Reaches the replicas through `inner`; once armed, replica `a` restarts right after it
+/// answers an open that takes an epoch (its disk losing what was not synced), before
+/// the engine opens its I/O stream.
+struct RestartAfterEpoch {
+    inner: Arc<LocalConnector>,
+    restart: Arc<dyn Fn() + Send + Sync>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct RestartLink {
+    inner: Arc<dyn tether_engine::replica::ReplicaLink>,
+    restart: Option<Arc<dyn Fn() + Send + Sync>>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[tonic::async_trait]
+impl tether_engine::replica::Connector for RestartAfterEpoch {
+    async fn connect(
+        &self,
+        addr: &str,
+    ) -> Result<Arc<dyn tether_engine::replica::ReplicaLink>, String> {
+        Ok(Arc::new(RestartLink {
+            inner: self.inner.connect(addr).await?,
+            restart: (addr == "a").then(|| self.restart.clone()),
+            armed: self.armed.clone(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl tether_engine::replica::ReplicaLink for RestartLink {
+    async fn open(
+        &self,
+        req: tether_proto::replica::OpenRequest,
+    ) -> Result<tether_proto::replica::OpenReply, tonic::Status> {
+        let epoch = req.epoch;
+        let r = self.inner.open(req).await;
+        if let Some(restart) = &self.restart {
+            if epoch != 0 && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                restart();
+            }
+        }
+        r
+    }
+    async fn record_generation(
+        &self,
+        req: tether_proto::replica::RecordGenerationRequest,
+    ) -> Result<tether_proto::replica::RecordGenerationReply, tonic::Status> {
+        self.inner.record_generation(req).await
+    }
+    fn io(
+        &self,
+        outbound: tether_engine::replica::link::Outbound,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<tether_engine::replica::link::Inbound, tonic::Status>,
+    > {
+        self.inner.io(outbound)
+    }
+    async fn snapshots(
+        &self,
+        req: tether_proto::replica::SnapshotsRequest,
+    ) -> Result<tether_proto::replica::SnapshotsReply, tonic::Status> {
+        self.inner.snapshots(req).await
+    }
+    async fn delete_snapshot(
+        &self,
+        req: tether_proto::replica::DeleteSnapshotRequest,
+    ) -> Result<tether_proto::replica::DeleteSnapshotReply, tonic::Status> {
+        self.inner.delete_snapshot(req).await
+    }
+    async fn map(
+        &self,
+        req: tether_proto::replica::MapRequest,
+    ) -> Result<tether_proto::replica::MapReply, tonic::Status> {
+        self.inner.map(req).await
+    }
+    async fn hashes(
+        &self,
+        req: tether_proto::replica::HashesRequest,
+    ) -> Result<tether_proto::replica::HashesReply, tonic::Status> {
+        self.inner.hashes(req).await
+    }
+}
+
+/// A newer engine decides whom to serve from what each replica said when it took the
+/// epoch. A replica that restarts right after (losing an acknowledged write it had not
+/// synced) must not then take the stream as if it were the process that answered:
+/// served, it would hand out the old data beside copies with the new (simulation, seed
+/// 70078, where a kill lost the write's record gathered in memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_restarts_between_the_epoch_and_the_stream_is_not_served() {
+    use tether_replica::sim::SimDisk;
+    use tether_replica::{ReplicaService, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = Arc::new(LocalConnector::default());
+    let mut disks = std::collections::HashMap::new();
+    // a first: reads take the first healthy replica.
+    for name in ["a", "b", "c"] {
+        let disk = SimDisk::new();
+        let svc = ReplicaService::with_disk(
+            &dir.path().join(name),
+            Arc::new(disk.clone()),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        c.add(name, svc);
+        disks.insert(name, disk);
+    }
+    let old = open(&c, &["a", "b", "c"], dir.path()).await;
+    let first = Bytes::from(vec![0x11u8; 8 * BLK]);
+    old.write(0, first.clone(), false).await.unwrap();
+    old.flush().await.unwrap();
+    // Acknowledged by all three, not flushed; then the engine is gone (no clean close).
+    let second = Bytes::from(vec![0x22u8; 8 * BLK]);
+    old.write(0, second.clone(), false).await.unwrap();
+
+    let disk_a = disks["a"].clone();
+    let (c2, path_a) = (c.clone(), dir.path().join("a"));
+    let restart: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        c2.cut("a", true);
+        let svc = ReplicaService::with_disk(
+            &path_a,
+            Arc::new(disk_a.power_cut(|| false)),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        c2.add("a", svc);
+    });
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let connector = Arc::new(RestartAfterEpoch {
+        inner: c.clone(),
+        restart,
+        armed: armed.clone(),
+    });
+    let vol = tether_engine::open_volume_with(&cfg(&["a", "b", "c"], dir.path()), connector)
+        .await
+        .unwrap();
+    assert!(
+        !armed.load(std::sync::atomic::Ordering::SeqCst),
+        "a never restarted"
+    );
+    // a's new process lacks the write: it is left out (and rebuilt), not served.
+    assert!(!vol.replica("a").unwrap().is_healthy());
+    let problems = vol.verify_chunk(0, 256).await;
+    assert!(problems.is_empty(), "copies disagree: {problems:?}");
+    for _ in 0..4 {
+        assert_eq!(read(&vol, 0, 8).await, second);
+    }
+    vol.shutdown().await;
+    old.shutdown().await;
+}

@@ -362,6 +362,7 @@ mod tests {
         IoBatch {
             volume: "v".into(),
             epoch: 7,
+            boot: 11,
             requests: vec![
                 write(1, 9, vec![5u8; 8192], vec![6u8; 64]),
                 read,

@@ -34,7 +34,7 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> Status {
         ErrorCode::OutOfRange => Code::OutOfRange,
         ErrorCode::Invalid => Code::InvalidArgument,
         ErrorCode::NoSpace => Code::ResourceExhausted,
-        ErrorCode::Fenced | ErrorCode::Poisoned => Code::FailedPrecondition,
+        ErrorCode::Fenced | ErrorCode::Poisoned | ErrorCode::Restarted => Code::FailedPrecondition,
         ErrorCode::NotFound => Code::NotFound,
     };
     let mut s = Status::new(grpc, message);
@@ -65,6 +65,7 @@ mod tests {
             ErrorCode::Checksum,
             ErrorCode::Poisoned,
             ErrorCode::NotFound,
+            ErrorCode::Restarted,
         ] {
             assert_eq!(code_of(&status(c, "x")), Some(c));
         }

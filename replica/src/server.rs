@@ -33,6 +33,9 @@ pub struct ReplicaService {
     heard: Heard,
     /// Whether this service's port also takes data connections (`dataconn`).
     framed_io: Arc<std::sync::atomic::AtomicBool>,
+    /// Names this start of the service (`OpenReply.boot`): an engine that read the
+    /// state of an earlier one must not stream to this one as if nothing happened.
+    boot: u64,
     /// The data directory's lock, held while any clone of the service lives: one
     /// process serves a data directory (a daemon, or an engine's in-process replica).
     _lock: Option<Arc<std::fs::File>>,
@@ -109,6 +112,7 @@ impl ReplicaService {
             blocking,
             heard: Heard::new(),
             framed_io: Arc::default(),
+            boot: new_boot(),
             _lock: None,
         })
     }
@@ -125,6 +129,17 @@ impl ReplicaService {
                 "empty I/O stream: its first message must name the volume",
             )
         })?;
+        if first.boot != 0 && first.boot != self.boot {
+            // The engine decided on this replica from what an earlier process said;
+            // this one may have lost unsynced writes that answer counted.
+            return Err(tether_proto::wire::status(
+                ErrorCode::Restarted,
+                format!(
+                    "volume {}: this replica restarted after the engine opened it; the engine must open it again",
+                    first.volume
+                ),
+            ));
+        }
         let vol = self.volume(&first.volume).await?;
         vol.check_epoch(first.epoch).map_err(status)?;
         if first.epoch != vol.epoch() {
@@ -171,7 +186,22 @@ impl ReplicaService {
     }
 }
 
-/// A store error as a gRPC status, tagged with its typed code.
+/// A name for one start of the service, unlikely to repeat across processes and
+/// restarts (process, clock, and a count within the process). Never 0.
+fn new_boot() -> u64 {
+    static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut seed = [0u8; 24];
+    seed[..8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+    seed[8..16].copy_from_slice(&nanos.to_le_bytes());
+    seed[16..].copy_from_slice(&n.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64(&seed).max(1)
+}
+
 /// Takes `data_dir/lock` exclusively (created if missing). Two processes serving one
 /// directory would each keep their own idea of the same volumes' logs and layers; the
 /// kernel drops the lock when the holder exits, however it exits.
@@ -197,6 +227,7 @@ fn lock_data_dir(data_dir: &Path) -> std::io::Result<std::fs::File> {
     }
 }
 
+/// A store error as a gRPC status, tagged with its typed code.
 fn status(e: StoreError) -> Status {
     tether_proto::wire::status(code(&e), e.to_string())
 }
@@ -318,6 +349,7 @@ impl Replica for ReplicaService {
         // the true one.
         let at = tokio::time::Instant::now();
         let framed_io = self.framed_io.load(std::sync::atomic::Ordering::Relaxed);
+        let boot = self.boot;
         let r = self.blocking.run(
             move || {
                 let (vol, created) = if req.create {
@@ -380,6 +412,7 @@ impl Replica for ReplicaService {
                     idle_ms: 0,
                     copy,
                     framed_io,
+                    boot,
                 })
             },
             &name,

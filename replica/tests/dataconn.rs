@@ -1,7 +1,8 @@
 //! The replica's data connections: the I/O stream in `tether_proto::frame` framing. A stream
 //! ended with its End frame is a clean close; a connection that just stops (a killed
 //! engine) never is. A stale epoch is refused with its typed code, and bytes that are
-//! not the protocol end that connection only.
+//! not the protocol end that connection only. A stream meant for an earlier start of the
+//! replica is refused.
 
 // Test code: a failed step stops the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -61,13 +62,19 @@ fn read(id: u64, block: u64) -> IoRequest {
 
 /// Connects, says hello and sends the first batch; returns the connection and the
 /// replica's first frame (an empty batch when it accepted the stream).
-async fn start(port: u16, epoch: u64, first: Vec<IoRequest>) -> (TcpStream, Frame<IoReplyBatch>) {
+async fn start(
+    port: u16,
+    epoch: u64,
+    boot: u64,
+    first: Vec<IoRequest>,
+) -> (TcpStream, Frame<IoReplyBatch>) {
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     c.write_all(&frame::HELLO).await.unwrap();
     let batch = IoBatch {
         volume: "v".into(),
         epoch,
         requests: first,
+        boot,
     };
     frame::write_frame(&mut c, frame::encode(batch))
         .await
@@ -104,7 +111,7 @@ async fn only_an_ended_stream_is_a_clean_close() {
     let port = addr.rsplit_once(':').unwrap().1.parse::<u16>().unwrap();
 
     // An engine writes, then its connection just stops: not clean.
-    let (mut c, f) = start(port, 1, vec![write(1, 1, 0, 7)]).await;
+    let (mut c, f) = start(port, 1, 0, vec![write(1, 1, 0, 7)]).await;
     assert!(
         matches!(f, Frame::Message(ref b) if b.replies.is_empty()),
         "{f:?}"
@@ -121,7 +128,7 @@ async fn only_an_ended_stream_is_a_clean_close() {
     // The next engine reads what was acknowledged, and ends its stream: clean.
     let took = open(&addr, 2, 2).await;
     assert!(!took.clean);
-    let (mut c, _) = start(port, 2, vec![read(1, 0), write(2, 2, 1, 9)]).await;
+    let (mut c, _) = start(port, 2, took.boot, vec![read(1, 0), write(2, 2, 1, 9)]).await;
     let mut got = Vec::new();
     while got.len() < 2 {
         got.extend(replies(&mut c).await.replies);
@@ -142,10 +149,18 @@ async fn only_an_ended_stream_is_a_clean_close() {
     );
 
     // The older engine comes back: refused with the typed code, nothing applied.
-    let (_c, f) = start(port, 1, vec![write(1, 3, 1, 3)]).await;
+    let (_c, f) = start(port, 1, 0, vec![write(1, 3, 1, 3)]).await;
     match f {
         Frame::Error(s) => assert_eq!(tether_proto::wire::code_of(&s), Some(ErrorCode::Fenced)),
         other => panic!("a stale epoch was accepted: {other:?}"),
+    }
+    // A stream for another start of this replica (it restarted after the engine read
+    // its state): refused with the typed code, nothing applied.
+    assert_ne!(took.boot, 0);
+    let (_c, f) = start(port, 2, took.boot ^ 1, vec![write(1, 3, 1, 3)]).await;
+    match f {
+        Frame::Error(s) => assert_eq!(tether_proto::wire::code_of(&s), Some(ErrorCode::Restarted)),
+        other => panic!("a stream for another process was accepted: {other:?}"),
     }
 
     // Not the protocol (another version; neither it nor gRPC): that connection
@@ -158,7 +173,7 @@ async fn only_an_ended_stream_is_a_clean_close() {
             .await
             .expect("the replica hangs up on garbage");
     }
-    let (mut c, _) = start(port, 2, vec![read(1, 1)]).await;
+    let (mut c, _) = start(port, 2, took.boot, vec![read(1, 1)]).await;
     let r = replies(&mut c).await;
     assert_eq!(&r.replies[0].data[..], &[9u8; B][..]);
 }

@@ -207,6 +207,8 @@ pub struct ReplicaConn {
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The copy of the volume there, as its last open said (0 until one did).
     copy: AtomicU64,
+    /// The replica process that answered the last open (0 until one did).
+    boot: AtomicU64,
 }
 
 impl ReplicaConn {
@@ -235,6 +237,7 @@ impl ReplicaConn {
             close: Arc::new(Notify::new()),
             reader: Mutex::new(None),
             copy: AtomicU64::new(0),
+            boot: AtomicU64::new(0),
         })
     }
 
@@ -261,7 +264,10 @@ impl ReplicaConn {
     pub async fn open(&self, req: OpenRequest) -> Result<OpenReply, tonic::Status> {
         let r = self.link.open(req).await;
         match &r {
-            Ok(reply) => self.copy.store(reply.copy, Ordering::Relaxed),
+            Ok(reply) => {
+                self.copy.store(reply.copy, Ordering::Relaxed);
+                self.boot.store(reply.boot, Ordering::Relaxed);
+            }
             Err(s) => self.check_fenced(s),
         }
         r
@@ -284,10 +290,14 @@ impl ReplicaConn {
         let Some(rx) = self.rx.lock().take() else {
             return Err(format!("replica {}: stream already started", self.addr));
         };
+        // The stream goes to the process whose Open reply this engine acted on, or
+        // is refused: a replica restarted since may lack unsynced writes that reply
+        // counted (simulation, seed 70078).
         let hello = IoBatch {
             volume: self.volume.clone(),
             epoch,
             requests: Vec::new(),
+            boot: self.boot.load(Ordering::Relaxed),
         };
         let close = self.close.clone();
         let me = Arc::downgrade(self);
@@ -328,6 +338,7 @@ impl ReplicaConn {
                         volume: String::new(),
                         epoch: 0,
                         requests,
+                        boot: 0,
                     };
                     Some((batch, (None, rx, close)))
                 }
