@@ -24,7 +24,9 @@
 #                     ports. (default: tether1,tether3,qemu-nbd,nbdkit,nbd-server)
 #   --tether BIN      tether binary (default target/release/tether, relative to the repo)
 #   --tether-prev BIN an older tether binary, run as the systems tether1-prev and
-#                     tether3-prev (e.g. the previous store, to compare in one run)
+#                     tether3-prev (every replica a daemon, as tether1-net and tether3-net),
+#                     tether1-enc-prev and tether3-sec-prev (placed as tether1-enc and
+#                     tether3-sec), to compare builds in one run
 #   --out FILE        also write the markdown report to FILE
 #   --keep DIR        keep raw fio JSONs, fill JSONs and server logs in DIR (must not
 #                     already hold results); rerun the table with benches/summarize.py DIR
@@ -50,7 +52,7 @@ quote_args() {
 COMMAND_LINE=$(quote_args "$0" "$@")
 
 ALL_PROFILES=(P1 P2 P3 P4 P5 P6)
-ALL_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server tether1-enc tether3-sec tether1-net tether3-net tether1-tls tether3-sec-net tether3-grpc tether3-sec-grpc tether1-prev tether3-prev)
+ALL_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server tether1-enc tether3-sec tether1-net tether3-net tether1-tls tether3-sec-net tether3-grpc tether3-sec-grpc tether1-prev tether3-prev tether1-enc-prev tether3-sec-prev)
 DEFAULT_SYSTEMS=(tether1 tether3 qemu-nbd nbdkit nbd-server)
 
 ROUNDS=3

@@ -215,6 +215,8 @@ start_system() {   # $1 system, $2 dir
         tether3-sec-grpc) start_tether "$2" 3 enc,tls "" local grpc ;;
         tether1-prev)    start_tether "$2" 1 "" "$TETHER_PREV" net ;;
         tether3-prev)    start_tether "$2" 3 "" "$TETHER_PREV" net ;;
+        tether1-enc-prev) start_tether "$2" 1 enc "$TETHER_PREV" ;;
+        tether3-sec-prev) start_tether "$2" 3 enc,tls "$TETHER_PREV" ;;
         qemu-nbd)   start_qemu_nbd "$2" ;;
         nbdkit)     start_nbdkit "$2" ;;
         nbd-server) start_nbd_server "$2" ;;

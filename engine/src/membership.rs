@@ -60,6 +60,11 @@ pub enum Refusal {
     /// The replica is not one of the volume's.
     #[error("replica {0} is not one of the volume's replicas")]
     NotAReplica(Id),
+    /// An earlier change of the replicas does not count yet.
+    #[error(
+        "generation {0}, which changed the volume's replicas, does not count yet; add or remove a replica once it does"
+    )]
+    Unsettled(u64),
     /// The replica already is one of the volume's.
     #[error("replica {0} already is one of the volume's replicas")]
     AlreadyAReplica(Id),
@@ -143,6 +148,30 @@ impl Generation {
         }
         Ok(g)
     }
+}
+
+/// The generation an engine at `epoch` makes for `change`, built on `current`: its
+/// newest generation, which may not count yet (a later engine may adopt it, so the
+/// change must outrank it), where `counted` is the newest that did.
+///
+/// Only one change of the replicas may be uncounted at a time. Any majority of a set
+/// and of that set with one replica more or less share a replica, so a later engine
+/// that adopts such a change still meets every engine that went on from `counted`.
+/// Two such changes in a row break that: removing r2 and then r3 from {r1, r2, r3},
+/// neither counted, left a generation whose majority is r1 alone, and a later engine
+/// that reached only r1 served from it while another engine had gone on with r2 and r3
+/// (simulation, seed 93044).
+pub fn build_on(
+    counted: &Generation,
+    current: &Generation,
+    epoch: u64,
+    change: &Change,
+) -> Result<Generation, Refusal> {
+    if matches!(change, Change::Add(_) | Change::Remove(_)) && current.replicas != counted.replicas
+    {
+        return Err(Refusal::Unsettled(current.number));
+    }
+    current.next(epoch, change)
 }
 
 /// What a replica told an engine that took its epoch there.
@@ -357,6 +386,30 @@ mod tests {
             rebuilding: false,
             clean: false,
         }
+    }
+
+    #[test]
+    fn a_second_change_of_the_replicas_waits_for_the_first_to_count() {
+        let g3 = Generation::first(["r1", "r2", "r3"].map(String::from), 2);
+        let u4 = build_on(&g3, &g3, 2, &Change::Remove("r2".into())).unwrap();
+        assert_eq!(u4.replicas, ids(&["r1", "r3"]));
+        // Uncounted: neither another removal nor an addition builds on it.
+        assert_eq!(
+            build_on(&g3, &u4, 2, &Change::Remove("r3".into())),
+            Err(Refusal::Unsettled(u4.number))
+        );
+        assert_eq!(
+            build_on(&g3, &u4, 2, &Change::Add("r4".into())),
+            Err(Refusal::Unsettled(u4.number))
+        );
+        // Changes of who is in sync still do, and once it counted the next removal may.
+        assert!(build_on(&g3, &u4, 2, &Change::Drop("r3".into())).is_ok());
+        assert!(build_on(&u4, &u4, 2, &Change::Remove("r3".into())).is_ok());
+        // What the rule prevents: with both removals stored on r1 alone, r1 would be a
+        // majority on its own, while r2 and r3 are a majority of the counted one.
+        let u5 = u4.next(2, &Change::Remove("r3".into())).unwrap();
+        assert!(u5.counts(&ids(&["r1"])));
+        assert!(g3.counts(&ids(&["r2", "r3"])));
     }
 
     #[test]

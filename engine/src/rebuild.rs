@@ -100,7 +100,7 @@ async fn hashes(
     let reply = step(
         "hashing blocks",
         r,
-        tokio::time::timeout(vol.timeout(), r.link().hashes(req)).await,
+        tokio::time::timeout(vol.timeout(), r.hashes(req)).await,
     )?;
     let h = reply.hashes;
     if h.len() != count as usize {
@@ -497,7 +497,7 @@ async fn fill(
         let mut s = step(
             "listing snapshots",
             &r,
-            tokio::time::timeout(vol.timeout(), r.link().snapshots(req)).await,
+            tokio::time::timeout(vol.timeout(), r.snapshots(req)).await,
         )?
         .snapshots;
         s.sort_by_key(|x| x.seq);
@@ -519,8 +519,7 @@ async fn fill(
         step(
             "dropping a stale snapshot",
             target,
-            tokio::time::timeout(Duration::from_secs(600), target.link().delete_snapshot(req))
-                .await,
+            tokio::time::timeout(Duration::from_secs(600), target.delete_snapshot(req)).await,
         )?;
     }
     for s in &theirs[keep..] {

@@ -337,3 +337,57 @@ async fn a_replica_that_restarts_between_the_epoch_and_the_stream_is_not_served(
     vol.shutdown().await;
     old.shutdown().await;
 }
+
+/// A replica that restarted while its engine sent it nothing still looks healthy, and
+/// its new process answers calls about the volume from a disk that lost unsynced
+/// writes. Every answer names the process, so the engine drops that replica instead of
+/// telling a client that a block it wrote is a hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_from_a_replica_that_restarted_unseen_are_not_used() {
+    use tether_replica::sim::SimDisk;
+    use tether_replica::{ReplicaService, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = Arc::new(LocalConnector::default());
+    let mut disks = std::collections::HashMap::new();
+    // a first: block status asks the first healthy replica.
+    for name in ["a", "b", "c"] {
+        let disk = SimDisk::new();
+        let svc = ReplicaService::with_disk(
+            &dir.path().join(name),
+            Arc::new(disk.clone()),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        c.add(name, svc);
+        disks.insert(name, disk);
+    }
+    let vol = open(&c, &["a", "b", "c"], dir.path()).await;
+    let data = Bytes::from(vec![0x33u8; 8 * BLK]);
+    vol.write((16 * BLK) as u64, data.clone(), false)
+        .await
+        .unwrap();
+
+    // a loses power and comes back; its old stream is not cut, so the engine has not
+    // noticed.
+    let svc = ReplicaService::with_disk(
+        &dir.path().join("a"),
+        Arc::new(disks["a"].power_cut(|| false)),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    c.add("a", svc);
+    assert!(vol.replica("a").unwrap().is_healthy());
+
+    let runs = vol.block_status(0, (32 * BLK) as u32).await.unwrap();
+    let mut at = 0u64;
+    for (len, allocated) in runs {
+        let (s, e) = (at, at + u64::from(len));
+        if s < (24 * BLK) as u64 && e > (16 * BLK) as u64 {
+            assert!(allocated, "written blocks reported as a hole: [{s}, {e})");
+        }
+        at = e;
+    }
+    assert!(!vol.replica("a").unwrap().is_healthy());
+    assert_eq!(read(&vol, 16, 8).await, data);
+    vol.shutdown().await;
+}

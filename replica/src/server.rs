@@ -464,6 +464,7 @@ impl Replica for ReplicaService {
             .map_err(status)?;
         Ok(Response::new(RecordGenerationReply {
             stored: Some(to_wire(stored)),
+            boot: self.boot,
         }))
     }
 
@@ -533,6 +534,7 @@ impl Replica for ReplicaService {
             head_allocated,
             wal_allocated,
             size: vol.size(),
+            boot: self.boot,
         }))
     }
 
@@ -551,7 +553,10 @@ impl Replica for ReplicaService {
             )
             .await
             .map_err(status)?;
-        Ok(Response::new(HashesReply { hashes }))
+        Ok(Response::new(HashesReply {
+            hashes,
+            boot: self.boot,
+        }))
     }
 
     async fn map(&self, req: Request<MapRequest>) -> Result<Response<MapReply>, Status> {
@@ -567,7 +572,7 @@ impl Replica for ReplicaService {
                 )
                 .await
                 .map_err(status)?;
-            return Ok(Response::new(runs_reply(changed)));
+            return Ok(Response::new(runs_reply(changed, self.boot)));
         }
         if !req.changed_for.is_empty() {
             let changed = self
@@ -585,7 +590,7 @@ impl Replica for ReplicaService {
                 )
                 .await
                 .map_err(status)?;
-            return Ok(Response::new(runs_reply(changed)));
+            return Ok(Response::new(runs_reply(changed, self.boot)));
         }
         let extents = self
             .blocking
@@ -608,6 +613,7 @@ impl Replica for ReplicaService {
         Ok(Response::new(MapReply {
             extents,
             no_record: false,
+            boot: self.boot,
         }))
     }
 
@@ -623,13 +629,14 @@ impl Replica for ReplicaService {
             .run(move || vol.delete_snapshot(&req.name), &name)
             .await
             .map_err(status)?;
-        Ok(Response::new(DeleteSnapshotReply {}))
+        Ok(Response::new(DeleteSnapshotReply { boot: self.boot }))
     }
 }
 
 /// A `Map` answer of runs, or of "no record" when there are none to give.
-fn runs_reply(runs: Option<Vec<(u64, u64)>>) -> MapReply {
+fn runs_reply(runs: Option<Vec<(u64, u64)>>, boot: u64) -> MapReply {
     MapReply {
+        boot,
         no_record: runs.is_none(),
         extents: runs
             .unwrap_or_default()

@@ -146,7 +146,7 @@ fn a_seed_replays_byte_for_byte() {
 #[test]
 fn former_finds() {
     for seed in [
-        145, 296, 534, 967, 3277, 3752, 5242, 5294, 12621, 12668, 19917, 22941, 70078,
+        145, 296, 534, 967, 3277, 3752, 5242, 5294, 12621, 12668, 19917, 22941, 70078, 93044,
     ] {
         let r = tether_sim::run(seed, &config());
         assert!(

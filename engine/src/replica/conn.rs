@@ -11,7 +11,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use tether_proto::replica::{
-    io_request::Op, ErrorCode, IoBatch, IoRequest, OpenReply, OpenRequest,
+    io_request::Op, DeleteSnapshotReply, DeleteSnapshotRequest, ErrorCode, HashesReply,
+    HashesRequest, IoBatch, IoRequest, MapReply, MapRequest, OpenReply, OpenRequest,
+    RecordGenerationReply, RecordGenerationRequest, SnapshotsReply, SnapshotsRequest,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
@@ -254,9 +256,65 @@ impl ReplicaConn {
         self.link.is_local()
     }
 
-    /// The replica daemon, for unary calls.
-    pub fn link(&self) -> &dyn ReplicaLink {
-        &*self.link
+    /// Fails when a reply came from another process than the one this engine
+    /// opened: a replica restarted since may have lost writes it acknowledged, so what
+    /// it says about the volume (a map, hashes, snapshots) is not the copy the engine
+    /// has been writing to. Once the stream runs, the replica is also dropped, to be
+    /// rebuilt.
+    fn same_process(&self, boot: u64) -> Result<(), tonic::Status> {
+        let want = self.boot.load(Ordering::Relaxed);
+        if want == 0 || boot == 0 || want == boot {
+            return Ok(());
+        }
+        let why = format!(
+            "replica {} restarted after this engine opened it, so it may lack writes it acknowledged; it is dropped and rebuilt",
+            self.addr
+        );
+        if self.rx.lock().is_none() {
+            self.mark_failed(why.clone());
+        }
+        Err(tether_proto::wire::status(ErrorCode::Restarted, why))
+    }
+
+    /// Stores a membership generation if it is newer than the one held there.
+    pub async fn record_generation(
+        &self,
+        req: RecordGenerationRequest,
+    ) -> Result<RecordGenerationReply, tonic::Status> {
+        let r = self.link.record_generation(req).await?;
+        self.same_process(r.boot)?;
+        Ok(r)
+    }
+
+    /// The volume's snapshots and space on this replica.
+    pub async fn snapshots(&self, req: SnapshotsRequest) -> Result<SnapshotsReply, tonic::Status> {
+        let r = self.link.snapshots(req).await?;
+        self.same_process(r.boot)?;
+        Ok(r)
+    }
+
+    /// Deletes a snapshot on this replica.
+    pub async fn delete_snapshot(
+        &self,
+        req: DeleteSnapshotRequest,
+    ) -> Result<DeleteSnapshotReply, tonic::Status> {
+        let r = self.link.delete_snapshot(req).await?;
+        self.same_process(r.boot)?;
+        Ok(r)
+    }
+
+    /// Which blocks hold data (or changed) on this replica.
+    pub async fn map(&self, req: MapRequest) -> Result<MapReply, tonic::Status> {
+        let r = self.link.map(req).await?;
+        self.same_process(r.boot)?;
+        Ok(r)
+    }
+
+    /// Hashes of blocks on this replica.
+    pub async fn hashes(&self, req: HashesRequest) -> Result<HashesReply, tonic::Status> {
+        let r = self.link.hashes(req).await?;
+        self.same_process(r.boot)?;
+        Ok(r)
     }
 
     /// Opens (and with `create`, creates) the volume on this replica; a refusal of

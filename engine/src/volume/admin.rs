@@ -19,7 +19,7 @@ impl Volume {
         let req = SnapshotsRequest {
             volume: self.name.clone(),
         };
-        let reply = self.ask(&r, r.link().snapshots(req)).await?;
+        let reply = self.ask(&r, r.snapshots(req)).await?;
         *self.snapshot_names.lock() = reply.snapshots.iter().map(|s| s.name.clone()).collect();
         Ok(reply)
     }
@@ -107,7 +107,7 @@ impl Volume {
                 epoch: self.epoch,
                 name: name.to_string(),
             };
-            async move { (r, r.link().delete_snapshot(req).await) }
+            async move { (r, r.delete_snapshot(req).await) }
         });
         let mut ok = 0;
         let mut last = String::new();

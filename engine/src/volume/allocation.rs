@@ -111,7 +111,7 @@ impl Volume {
                 changed_for_copy,
                 since: since.to_string(),
             };
-            let reply = match tokio::time::timeout(self.timeout, r.link().map(req)).await {
+            let reply = match tokio::time::timeout(self.timeout, r.map(req)).await {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(s)) => {
                     r.check_fenced(&s);

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::Volume;
 use crate::error::VolumeError;
-use crate::membership::{Change, Generation};
+use crate::membership::{self, Change, Generation};
 
 /// A generation as the wire carries it, with what changed.
 pub fn to_wire(g: &Generation, cause: &str) -> tether_proto::replica::Generation {
@@ -84,7 +84,7 @@ impl Recording<'_> {
                 };
                 let (r, timeout) = (r.clone(), self.timeout);
                 tokio::spawn(async move {
-                    let res = tokio::time::timeout(timeout, r.link().record_generation(req)).await;
+                    let res = tokio::time::timeout(timeout, r.record_generation(req)).await;
                     let stored = match res {
                         Ok(Ok(reply)) => reply
                             .stored
@@ -246,7 +246,7 @@ impl Volume {
             // Asked for when it failed, but it takes writes again (its rebuild joined
             // since): it missed nothing that is still to be acknowledged.
             Change::Drop(r) if self.replica(r).is_some_and(|c| c.is_writable()) => return Ok(()),
-            _ => current.next(self.epoch, change).map_err(|e| {
+            _ => membership::build_on(&counted, &current, self.epoch, change).map_err(|e| {
                 VolumeError::Invalid(format!(
                     "volume {}: {change:?} cannot be made: {e}",
                     self.name

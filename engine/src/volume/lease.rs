@@ -138,7 +138,7 @@ impl Volume {
         async move {
             let Some(req) = req else { return };
             let sent = Instant::now();
-            match tokio::time::timeout(timeout, r.link().record_generation(req)).await {
+            match tokio::time::timeout(timeout, r.record_generation(req)).await {
                 Ok(Ok(_)) => r.confirm(sent),
                 Ok(Err(s)) => r.check_fenced(&s),
                 Err(_) => {}

@@ -420,7 +420,6 @@ impl Volume {
     ) -> Result<Vec<(u32, bool)>, VolumeError> {
         self.ensure_lease().await?;
         let (first, end) = Self::blocks_of(offset, u64::from(len));
-        let r = self.first_healthy()?;
         let req = tether_proto::replica::MapRequest {
             volume: self.name.clone(),
             block: first,
@@ -430,7 +429,16 @@ impl Volume {
             changed_for_copy: 0,
             since: String::new(),
         };
-        let map = self.ask(&r, r.link().map(req)).await?;
+        let mut asked = 0;
+        let map = loop {
+            let r = self.first_healthy()?;
+            match self.ask(&r, r.map(req.clone())).await {
+                Ok(map) => break map,
+                // It restarted unseen and is dropped now: the next one answers.
+                Err(_) if !r.is_healthy() && asked < self.replicas().len() => asked += 1,
+                Err(e) => return Err(e),
+            }
+        };
         let stop = offset + u64::from(len);
         let mut runs: Vec<(u32, bool)> = Vec::new();
         for x in map.extents {
