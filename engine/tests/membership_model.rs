@@ -128,6 +128,10 @@ enum Engine {
         epoch: u8,
         /// The generation that counted last (generations rule).
         generation: u16,
+        /// The newest generation this engine sent that has not counted (0: none): a
+        /// later engine may adopt it, so the next change builds on it, as the engine's
+        /// `Volume::record` does.
+        claim: u16,
         /// Replicas written to; the ones also in sync (not rebuilding) are read from.
         writable: Mask,
         rebuilding: Mask,
@@ -275,9 +279,14 @@ impl State {
     }
 
     /// A change an engine needs before it may go on; false if it does not count.
+    /// Changes that do not count stay where they were stored, and the engine's next
+    /// change builds on them.
     fn change(&mut self, a: &mut Arena, e: usize, change: &Change) -> bool {
         let Engine::Serving {
-            epoch, generation, ..
+            epoch,
+            generation,
+            claim,
+            ..
         } = self.engines[e]
         else {
             return false;
@@ -285,17 +294,28 @@ impl State {
         let Some(g) = a.get(generation).cloned() else {
             return true;
         };
-        let Ok(next) = g.next(u64::from(epoch), change) else {
+        let current = match a.get(claim) {
+            Some(c) if c.key() > g.key() => c.clone(),
+            _ => g.clone(),
+        };
+        let Ok(next) = membership::build_on(&g, &current, u64::from(epoch), change) else {
             return false;
         };
-        let stored = self.record(a, e, epoch, &next);
-        if !g.counts(&ids(stored)) {
+        let stored = ids(self.record(a, e, epoch, &next));
+        let gi = a.put(next);
+        if !(g.counts(&stored) && current.counts(&stored)) {
+            if let Engine::Serving { claim, .. } = &mut self.engines[e] {
+                *claim = gi;
+            }
             return false;
         }
         self.recorded_epoch = self.recorded_epoch.max(epoch);
-        let gi = a.put(next);
-        if let Engine::Serving { generation, .. } = &mut self.engines[e] {
+        if let Engine::Serving {
+            generation, claim, ..
+        } = &mut self.engines[e]
+        {
             *generation = gi;
+            *claim = 0;
         }
         true
     }
@@ -457,6 +477,7 @@ fn open(s: &State, e: usize, rule: Rule, a: &mut Arena) -> Option<State> {
     n.engines[e] = Engine::Serving {
         epoch,
         generation,
+        claim: 0,
         writable: fresh,
         rebuilding: 0,
         broken: 0,
@@ -654,7 +675,15 @@ fn add(s: &State, e: usize, i: usize, rule: Rule, a: &mut Arena) -> Option<State
         ..Replica::default()
     };
     if rule == Rule::Generations && !n.change(a, e, &Change::Add(id(i))) {
-        return None;
+        // The operator's command failed; what it stored stays.
+        let mut failed = *s;
+        failed.engines[e] = n.engines[e];
+        for k in 0..MAX_REPLICAS {
+            if k != i {
+                failed.replicas[k] = n.replicas[k];
+            }
+        }
+        return (failed != *s).then_some(failed);
     }
     Some(n)
 }
@@ -662,7 +691,8 @@ fn add(s: &State, e: usize, i: usize, rule: Rule, a: &mut Arena) -> Option<State
 fn remove(s: &State, e: usize, i: usize, rule: Rule, a: &mut Arena) -> Option<State> {
     let mut n = *s;
     if rule == Rule::Generations && !n.change(a, e, &Change::Remove(id(i))) {
-        return None;
+        // The operator's command failed; what it stored stays.
+        return (n != *s).then_some(n);
     }
     if let Engine::Serving {
         writable,
