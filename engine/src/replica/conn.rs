@@ -213,6 +213,29 @@ pub struct ReplicaConn {
     boot: AtomicU64,
 }
 
+/// A unary reply, which names the replica process that sent it (`OpenReply.boot`).
+trait FromProcess {
+    fn boot(&self) -> u64;
+}
+
+macro_rules! from_process {
+    ($($t:ty),*) => {
+        $(impl FromProcess for $t {
+            fn boot(&self) -> u64 {
+                self.boot
+            }
+        })*
+    };
+}
+
+from_process!(
+    RecordGenerationReply,
+    SnapshotsReply,
+    DeleteSnapshotReply,
+    MapReply,
+    HashesReply
+);
+
 impl ReplicaConn {
     /// A connection to `addr` for `volume`; the stream opens with [`ReplicaConn::start`].
     /// A fencing reply on it trips `fence`.
@@ -276,21 +299,27 @@ impl ReplicaConn {
         Err(tether_proto::wire::status(ErrorCode::Restarted, why))
     }
 
+    /// `call`'s reply, if the process this engine opened sent it.
+    async fn answer<T: FromProcess>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        let r = call.await?;
+        self.same_process(r.boot())?;
+        Ok(r)
+    }
+
     /// Stores a membership generation if it is newer than the one held there.
     pub async fn record_generation(
         &self,
         req: RecordGenerationRequest,
     ) -> Result<RecordGenerationReply, tonic::Status> {
-        let r = self.link.record_generation(req).await?;
-        self.same_process(r.boot)?;
-        Ok(r)
+        self.answer(self.link.record_generation(req)).await
     }
 
     /// The volume's snapshots and space on this replica.
     pub async fn snapshots(&self, req: SnapshotsRequest) -> Result<SnapshotsReply, tonic::Status> {
-        let r = self.link.snapshots(req).await?;
-        self.same_process(r.boot)?;
-        Ok(r)
+        self.answer(self.link.snapshots(req)).await
     }
 
     /// Deletes a snapshot on this replica.
@@ -298,23 +327,17 @@ impl ReplicaConn {
         &self,
         req: DeleteSnapshotRequest,
     ) -> Result<DeleteSnapshotReply, tonic::Status> {
-        let r = self.link.delete_snapshot(req).await?;
-        self.same_process(r.boot)?;
-        Ok(r)
+        self.answer(self.link.delete_snapshot(req)).await
     }
 
     /// Which blocks hold data (or changed) on this replica.
     pub async fn map(&self, req: MapRequest) -> Result<MapReply, tonic::Status> {
-        let r = self.link.map(req).await?;
-        self.same_process(r.boot)?;
-        Ok(r)
+        self.answer(self.link.map(req)).await
     }
 
     /// Hashes of blocks on this replica.
     pub async fn hashes(&self, req: HashesRequest) -> Result<HashesReply, tonic::Status> {
-        let r = self.link.hashes(req).await?;
-        self.same_process(r.boot)?;
-        Ok(r)
+        self.answer(self.link.hashes(req)).await
     }
 
     /// Opens (and with `create`, creates) the volume on this replica; a refusal of
