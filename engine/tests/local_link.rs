@@ -7,6 +7,7 @@
 // Test code: a failed step stops the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ use tether_engine::replica::local::LocalConnector;
 use tether_engine::replica::ReplicaState;
 use tether_engine::volume::Volume;
 use tether_engine::EngineConfig;
+use tether_replica::sim::SimDisk;
+use tether_replica::{ReplicaService, StoreOptions};
 
 const BLK: usize = 4096;
 
@@ -50,6 +53,40 @@ async fn read(vol: &Volume, block: usize, blocks: usize) -> Vec<u8> {
         .await
         .unwrap()
         .concat()
+}
+
+/// Replicas `names` on simulated disks (a power cut loses what was not synced),
+/// reached through `c`.
+fn on_sim_disks(
+    c: &LocalConnector,
+    dir: &std::path::Path,
+    names: &[&'static str],
+) -> HashMap<&'static str, SimDisk> {
+    let mut disks = HashMap::new();
+    for &name in names {
+        let disk = SimDisk::new();
+        let svc = ReplicaService::with_disk(
+            &dir.join(name),
+            Arc::new(disk.clone()),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        c.add(name, svc);
+        disks.insert(name, disk);
+    }
+    disks
+}
+
+/// Replica `name` loses power and a new process serves what its disk kept; the old
+/// process's streams stay as they were unless the caller cut them.
+fn restart_after_power_cut(c: &LocalConnector, dir: &std::path::Path, disk: &SimDisk, name: &str) {
+    let svc = ReplicaService::with_disk(
+        &dir.join(name),
+        Arc::new(disk.power_cut(|| false)),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    c.add(name, svc);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,23 +157,10 @@ async fn writes_reach_every_replica_and_a_cut_replica_is_never_served_alone() {
 /// the source through its stream, which reaches the old process or fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_does_not_copy_from_a_source_that_restarted_unseen() {
-    use tether_replica::sim::SimDisk;
-    use tether_replica::{ReplicaService, StoreOptions};
     let dir = tempfile::tempdir().unwrap();
     let c = Arc::new(LocalConnector::default());
-    let mut disks = std::collections::HashMap::new();
     // b first: the rebuild takes the first healthy replica as its source.
-    for name in ["b", "a", "c"] {
-        let disk = SimDisk::new();
-        let svc = ReplicaService::with_disk(
-            &dir.path().join(name),
-            Arc::new(disk.clone()),
-            StoreOptions::default(),
-        )
-        .unwrap();
-        c.add(name, svc);
-        disks.insert(name, disk);
-    }
+    let disks = on_sim_disks(&c, dir.path(), &["b", "a", "c"]);
     let vol = open(&c, &["b", "a", "c"], dir.path()).await;
     let first = Bytes::from(vec![0x11u8; 8 * BLK]);
     vol.write(0, first.clone(), false).await.unwrap();
@@ -153,11 +177,7 @@ async fn a_rebuild_does_not_copy_from_a_source_that_restarted_unseen() {
     // b loses power (its unsynced writes with it) and comes back while the engine sends
     // it nothing: the engine still counts it healthy.
     c.cut("b", true);
-    let b2 = disks["b"].power_cut(|| false);
-    let svc =
-        ReplicaService::with_disk(&dir.path().join("b"), Arc::new(b2), StoreOptions::default())
-            .unwrap();
-    c.add("b", svc);
+    restart_after_power_cut(&c, dir.path(), &disks["b"], "b");
     assert!(vol.replica("b").unwrap().is_healthy());
 
     // c comes back and is rebuilt; a rebuild that finds its source gone fails and the
@@ -277,23 +297,10 @@ impl tether_engine::replica::ReplicaLink for RestartLink {
 /// 70078, where a kill lost the write's record gathered in memory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_restarts_between_the_epoch_and_the_stream_is_not_served() {
-    use tether_replica::sim::SimDisk;
-    use tether_replica::{ReplicaService, StoreOptions};
     let dir = tempfile::tempdir().unwrap();
     let c = Arc::new(LocalConnector::default());
-    let mut disks = std::collections::HashMap::new();
     // a first: reads take the first healthy replica.
-    for name in ["a", "b", "c"] {
-        let disk = SimDisk::new();
-        let svc = ReplicaService::with_disk(
-            &dir.path().join(name),
-            Arc::new(disk.clone()),
-            StoreOptions::default(),
-        )
-        .unwrap();
-        c.add(name, svc);
-        disks.insert(name, disk);
-    }
+    let disks = on_sim_disks(&c, dir.path(), &["a", "b", "c"]);
     let old = open(&c, &["a", "b", "c"], dir.path()).await;
     let first = Bytes::from(vec![0x11u8; 8 * BLK]);
     old.write(0, first.clone(), false).await.unwrap();
@@ -303,16 +310,10 @@ async fn a_replica_that_restarts_between_the_epoch_and_the_stream_is_not_served(
     old.write(0, second.clone(), false).await.unwrap();
 
     let disk_a = disks["a"].clone();
-    let (c2, path_a) = (c.clone(), dir.path().join("a"));
+    let (c2, dir_path) = (c.clone(), dir.path().to_path_buf());
     let restart: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
         c2.cut("a", true);
-        let svc = ReplicaService::with_disk(
-            &path_a,
-            Arc::new(disk_a.power_cut(|| false)),
-            StoreOptions::default(),
-        )
-        .unwrap();
-        c2.add("a", svc);
+        restart_after_power_cut(&c2, &dir_path, &disk_a, "a");
     });
     let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let connector = Arc::new(RestartAfterEpoch {
@@ -344,23 +345,10 @@ async fn a_replica_that_restarts_between_the_epoch_and_the_stream_is_not_served(
 /// telling a client that a block it wrote is a hole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_from_a_replica_that_restarted_unseen_are_not_used() {
-    use tether_replica::sim::SimDisk;
-    use tether_replica::{ReplicaService, StoreOptions};
     let dir = tempfile::tempdir().unwrap();
     let c = Arc::new(LocalConnector::default());
-    let mut disks = std::collections::HashMap::new();
     // a first: block status asks the first healthy replica.
-    for name in ["a", "b", "c"] {
-        let disk = SimDisk::new();
-        let svc = ReplicaService::with_disk(
-            &dir.path().join(name),
-            Arc::new(disk.clone()),
-            StoreOptions::default(),
-        )
-        .unwrap();
-        c.add(name, svc);
-        disks.insert(name, disk);
-    }
+    let disks = on_sim_disks(&c, dir.path(), &["a", "b", "c"]);
     let vol = open(&c, &["a", "b", "c"], dir.path()).await;
     let data = Bytes::from(vec![0x33u8; 8 * BLK]);
     vol.write((16 * BLK) as u64, data.clone(), false)
@@ -369,13 +357,7 @@ async fn answers_from_a_replica_that_restarted_unseen_are_not_used() {
 
     // a loses power and comes back; its old stream is not cut, so the engine has not
     // noticed.
-    let svc = ReplicaService::with_disk(
-        &dir.path().join("a"),
-        Arc::new(disks["a"].power_cut(|| false)),
-        StoreOptions::default(),
-    )
-    .unwrap();
-    c.add("a", svc);
+    restart_after_power_cut(&c, dir.path(), &disks["a"], "a");
     assert!(vol.replica("a").unwrap().is_healthy());
 
     let runs = vol.block_status(0, (32 * BLK) as u32).await.unwrap();
