@@ -76,7 +76,18 @@ async fn wait(
     op: Op,
     what: &str,
 ) -> Result<crate::replica::Payload, String> {
-    let rx = r.submit(op);
+    answer(vol, r, r.submit(op), what).await
+}
+
+/// The answer to a request queued on `r`'s stream.
+async fn answer(
+    vol: &Volume,
+    r: &ReplicaConn,
+    rx: tokio::sync::oneshot::Receiver<
+        Result<crate::replica::Payload, crate::replica::ReplicaError>,
+    >,
+    what: &str,
+) -> Result<crate::replica::Payload, String> {
     match tokio::time::timeout(vol.timeout().max(Duration::from_secs(30)), rx).await {
         Ok(Ok(Ok(d))) => Ok(d),
         Ok(Ok(Err(e))) => Err(format!("{what} on {}: {e}", r.addr)),
@@ -559,13 +570,12 @@ async fn fill(
     // Durably clear the replica's rebuild mark; only then may a later engine trust
     // its revision.
     progress.check(addr)?;
-    wait(
-        vol,
-        target,
-        Op::RebuildDone(Default::default()),
-        "finishing the rebuild",
-    )
-    .await?;
+    // Behind every write sent so far, which the copy now holds: their newest
+    // sequence is its revision.
+    let done = vol.submit_at_seq(target, |seq| {
+        Op::RebuildDone(tether_proto::replica::RebuildDone { revision: seq })
+    });
+    answer(vol, target, done, "finishing the rebuild").await?;
     // In sync from here on: recorded on a majority before anyone relies on it.
     vol.record(Change::Join(addr.to_string()))
         .await

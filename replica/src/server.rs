@@ -832,7 +832,7 @@ impl IoStreamState {
                     Err(e) => Err(e),
                 },
                 Some(Op::Revert(rv)) => self.admin(move |v| v.revert(&rv.name)).await,
-                Some(Op::RebuildDone(_)) => self.admin(|v| v.set_rebuilding(false)).await,
+                Some(Op::RebuildDone(d)) => self.admin(move |v| v.rebuild_done(d.revision)).await,
                 Some(Op::Expand(x)) => self.admin(move |v| v.expand(x.size)).await,
                 Some(Op::Away(a)) if a.replica.is_empty() => Err(StoreError::Invalid {
                     volume: self.vol.name().to_string(),

@@ -1,7 +1,8 @@
 //! The store's side of fencing and of poisoned copies: a newer epoch is taken only
 //! between two requests of an older engine, never in the middle of one; and a
 //! poisoned copy reopened from disk leaves the old copy in memory unable to touch
-//! the files again.
+//! the files again. A rebuilt copy's revision is the one the engine gives it, not
+//! one counted by the copy it replaced.
 
 // Test code: a failed step stops the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -95,4 +96,42 @@ fn a_poisoned_copy_reopened_from_disk_leaves_the_old_one_inert() {
     new.write_blocks(3, 2, &[4u8; B]).unwrap();
     new.sync().unwrap();
     assert_eq!(&new.read_blocks(2, 1).unwrap()[..], &[4u8; B][..]);
+}
+
+/// A copy rebuilt over an older one (a replica removed and added back) must not keep
+/// the older copy's revision: if it did, a power cut that took a later write would
+/// leave it reporting the revision of a copy that has that write, and an engine would
+/// serve both (simulation, seed 121441).
+#[test]
+fn a_rebuilt_copy_takes_the_revision_it_was_given() {
+    let disk = SimDisk::new();
+    let s = set(&disk);
+    let (v, _) = s.get_or_create("v", 64 * B as u64, None).unwrap();
+    // The older copy got as far as sequence 30.
+    for seq in 1..=30 {
+        v.write_blocks(seq, seq % 8, &[seq as u8; B]).unwrap();
+    }
+    v.sync().unwrap();
+    assert_eq!(v.revision().0, 30);
+    // Rebuilt by an engine whose writes are at sequence 11 and 12.
+    v.set_rebuilding(true).unwrap();
+    v.write_blocks(11, 20, &[11; B]).unwrap();
+    v.write_blocks(12, 21, &[12; B]).unwrap();
+    v.rebuild_done(12).unwrap();
+    assert_eq!(v.revision().0, 12);
+    // Write 13 is acknowledged, not synced, and lost to a power cut.
+    v.write_blocks(13, 22, &[13; B]).unwrap();
+    assert_eq!(v.revision().0, 13);
+    drop(v);
+    drop(s);
+    let disk = disk.power_cut(|| false);
+    let s = set(&disk);
+    let v = s.get("v").unwrap();
+    assert_eq!(&v.read_blocks(22, 1).unwrap()[..], &[0u8; B][..]);
+    assert_eq!(v.read_blocks(21, 1).unwrap()[0], 12);
+    assert_eq!(
+        v.revision().0,
+        12,
+        "the revision counts a write the copy lost"
+    );
 }

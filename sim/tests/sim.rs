@@ -143,10 +143,23 @@ fn a_seed_replays_byte_for_byte() {
 ///   the target missed, led the target to join without that write (now: a rebuild
 ///   first flushes its source through the stream, which reaches the old process or
 ///   fails; engine/tests/local_link.rs shows the case on its own).
+/// - 70078: a replica answered a new engine's epoch and was killed before the engine
+///   opened its stream; the new process had lost a write's record gathered in memory
+///   and was served beside copies that had it (now: the stream names the process that
+///   answered, and another refuses it).
+/// - 93044: an engine removed r2 and then r3, neither counted, stored on r1 alone; a
+///   later engine that reached only r1 served from that one-replica generation while
+///   another engine owned r2 and r3 (now: one uncounted change of the replicas at a
+///   time, `membership::build_on`).
+/// - 121441: a replica removed and added back kept the revision its old copy had
+///   counted to, above the volume's; a power cut took a write from it, and its
+///   revision still matched a copy that had the write (now: a rebuild's end gives the
+///   copy its revision).
 #[test]
 fn former_finds() {
     for seed in [
         145, 296, 534, 967, 3277, 3752, 5242, 5294, 12621, 12668, 19917, 22941, 70078, 93044,
+        121441,
     ] {
         let r = tether_sim::run(seed, &config());
         assert!(

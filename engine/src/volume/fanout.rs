@@ -5,10 +5,11 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 use tether_proto::replica::{io_request::Op, Flush, Write, Zero};
+use tokio::sync::oneshot;
 
 use super::{zeroes, Volume, Waiting, BLOCK, ZEROES};
 use crate::error::VolumeError;
-use crate::replica::ReplicaError;
+use crate::replica::{Payload, ReplicaConn, ReplicaError};
 
 impl Volume {
     /// Queues an operation that changes no block on every healthy replica, in order.
@@ -79,6 +80,18 @@ impl Volume {
             self.unflushed.lock().wrote(s, e, *seq);
         }
         self.queue_all(&op)
+    }
+
+    /// Queues `make(seq)` on `r`'s stream alone, where `seq` is the newest write
+    /// sequence sent: every write up to it is ahead of it on the stream, every later
+    /// one behind.
+    pub fn submit_at_seq(
+        &self,
+        r: &ReplicaConn,
+        make: impl FnOnce(u64) -> Op,
+    ) -> oneshot::Receiver<Result<Payload, ReplicaError>> {
+        let seq = self.seq.lock();
+        r.submit(make(*seq))
     }
 
     /// Waits for every replica's answer; succeeds if all that remain healthy accepted.

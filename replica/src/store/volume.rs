@@ -332,6 +332,20 @@ impl Volume {
 
     /// Durably marks (or clears) an unfinished rebuild into this replica.
     pub fn set_rebuilding(&self, on: bool) -> Result<(), StoreError> {
+        self.mark_rebuilding(on, None)
+    }
+
+    /// Ends a rebuild: the copy holds exactly the writes up to sequence `revision`
+    /// (0: not said, by an older engine), which becomes its revision, durably.
+    /// A revision counted by the copy it replaced may be higher, from writes of an
+    /// earlier engine this volume no longer has: kept, it would hide writes lost to a
+    /// later power cut, and an engine would serve this copy beside one that holds
+    /// them (simulation, seed 121441: a replica removed and added back).
+    pub fn rebuild_done(&self, revision: u64) -> Result<(), StoreError> {
+        self.mark_rebuilding(false, (revision != 0).then_some(revision))
+    }
+
+    fn mark_rebuilding(&self, on: bool, revision: Option<u64>) -> Result<(), StoreError> {
         let v = &*self.core;
         let _c = v.ckpt.lock();
         let mut inner = v.inner.write();
@@ -339,7 +353,11 @@ impl Volume {
             return Ok(());
         }
         if !on {
-            // Everything copied must be durable before the mark goes.
+            if let Some(r) = revision {
+                inner.revision = r;
+            }
+            // Everything copied must be durable before the mark goes, and the log's
+            // header then carries the revision.
             checkpoint::checkpoint(v, &mut inner)?;
         } else {
             v.end_away(&mut inner)?;
