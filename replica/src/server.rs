@@ -464,7 +464,6 @@ impl Replica for ReplicaService {
             .map_err(status)?;
         Ok(Response::new(RecordGenerationReply {
             stored: Some(to_wire(stored)),
-            boot: self.boot,
         }))
     }
 

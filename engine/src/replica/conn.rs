@@ -228,13 +228,7 @@ macro_rules! from_process {
     };
 }
 
-from_process!(
-    RecordGenerationReply,
-    SnapshotsReply,
-    DeleteSnapshotReply,
-    MapReply,
-    HashesReply
-);
+from_process!(SnapshotsReply, DeleteSnapshotReply, MapReply, HashesReply);
 
 impl ReplicaConn {
     /// A connection to `addr` for `volume`; the stream opens with [`ReplicaConn::start`].
@@ -309,12 +303,15 @@ impl ReplicaConn {
         Ok(r)
     }
 
-    /// Stores a membership generation if it is newer than the one held there.
+    /// Stores a membership generation if it is newer than the one held there. Not
+    /// checked for the process that answers: any process of the replica stores it
+    /// durably and holds the epoch, which is all a generation store or a lease
+    /// renewal asks of it (a stale replica that restarted still renews the lease).
     pub async fn record_generation(
         &self,
         req: RecordGenerationRequest,
     ) -> Result<RecordGenerationReply, tonic::Status> {
-        self.answer(self.link.record_generation(req)).await
+        self.link.record_generation(req).await
     }
 
     /// The volume's snapshots and space on this replica.
