@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_proto::replica::{
-    io_request::Op, DeleteSnapshotRequest, Expand, Flush, HashesRequest, OpenRequest, Snapshot,
+    io_request::Op, DeleteSnapshotRequest, Expand, HashesRequest, OpenRequest, Snapshot,
     SnapshotsRequest, Write, Zero,
 };
 use tokio::time::Instant;
@@ -188,20 +188,6 @@ impl Copying<'_> {
             // source: wait for them (every write holds its range until it is
             // answered), so the map below shows them. Every later write reaches both.
             drop(vol.hold(0, total).await);
-            // Then a flush through the source's own stream: it reaches the process
-            // the engine has been writing to, or fails if that one is gone. A
-            // replica that restarted (after a power cut, say) while no request was in
-            // flight still looks healthy here, but the calls below would reach its new
-            // process, which lost what was not synced: writes and its record of what
-            // the target missed (simulation, seed 12668). Past the flush, whichever
-            // process answers holds every write the target lacks, durably.
-            wait(
-                vol,
-                source,
-                Op::Flush(Flush { seq: 0 }),
-                "syncing the rebuild's source",
-            )
-            .await?;
         }
         let (src, dst, changed) = futures::future::join3(
             vol.allocated(source, self.snapshot),

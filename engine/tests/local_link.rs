@@ -153,8 +153,8 @@ async fn writes_reach_every_replica_and_a_cut_replica_is_never_served_alone() {
 /// still looks healthy: its stream to the old process has not failed yet. The
 /// source's answers would come from the new process, which lost the writes it had not
 /// synced and its record of what the target missed; copying by them left the target
-/// without an acknowledged write (simulation, seed 12668). The rebuild first flushes
-/// the source through its stream, which reaches the old process or fails.
+/// without an acknowledged write (simulation, seed 12668). Those answers name another
+/// process than the engine opened, so they fail and the rebuild takes another source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_does_not_copy_from_a_source_that_restarted_unseen() {
     let dir = tempfile::tempdir().unwrap();

@@ -140,9 +140,9 @@ fn a_seed_replays_byte_for_byte() {
 ///   restarted while its engine sent it nothing, so its stream to the old process had
 ///   not failed and it still counted healthy; a rebuild took it as the source, and its
 ///   new process, which had lost an unsynced acknowledged write and its record of what
-///   the target missed, led the target to join without that write (now: a rebuild
-///   first flushes its source through the stream, which reaches the old process or
-///   fails; engine/tests/local_link.rs shows the case on its own).
+///   the target missed, led the target to join without that write (now: the maps and
+///   hashes name the process that answered, and another than the engine opened is
+///   refused; engine/tests/local_link.rs shows the case on its own).
 /// - 70078: a replica answered a new engine's epoch and was killed before the engine
 ///   opened its stream; the new process had lost a write's record gathered in memory
 ///   and was served beside copies that had it (now: the stream names the process that
