@@ -357,6 +357,7 @@ mod tests {
                 block: 1,
                 count: 2,
                 snapshot: String::new(),
+                authenticated: true,
             })),
         };
         IoBatch {

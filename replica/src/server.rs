@@ -822,7 +822,11 @@ impl IoStreamState {
                 Some(Op::Read(r)) => {
                     self.apply(move |v| {
                         let snapshot = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());
-                        v.read(snapshot, r.block, r.count)
+                        if r.authenticated {
+                            v.read_authenticated(snapshot, r.block, r.count)
+                        } else {
+                            v.read(snapshot, r.block, r.count)
+                        }
                     })
                     .await
                 }

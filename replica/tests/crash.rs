@@ -510,6 +510,11 @@ fn bit_rot_is_reported_never_returned() {
         Err(StoreError::Checksum { block: 3, .. }) => {}
         other => panic!("expected a checksum error, got {other:?}"),
     }
+    // A reader that authenticates by seals gets no pass where blocks carry none.
+    assert!(matches!(
+        v.read_authenticated(None, 3, 1),
+        Err(StoreError::Checksum { block: 3, .. })
+    ));
     // Neighbours are fine.
     assert_eq!(decode(&v.read_blocks(4, 1).unwrap(), 4), Ok(0));
     // Damage in the log is caught too.
@@ -524,6 +529,10 @@ fn bit_rot_is_reported_never_returned() {
     disk.corrupt(Path::new("/sim/volumes/v/wal"), at as u64 + 200);
     assert!(matches!(
         v.read_blocks(5, 1),
+        Err(StoreError::Checksum { block: 5, .. })
+    ));
+    assert!(matches!(
+        v.read_authenticated(None, 5, 1),
         Err(StoreError::Checksum { block: 5, .. })
     ));
 }

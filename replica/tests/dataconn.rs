@@ -56,6 +56,7 @@ fn read(id: u64, block: u64) -> IoRequest {
             block,
             count: 1,
             snapshot: String::new(),
+            authenticated: false,
         })),
     }
 }

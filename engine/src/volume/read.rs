@@ -272,8 +272,9 @@ impl Volume {
         Ok(())
     }
 
-    /// Reads blocks as stored (ciphertext and seals) from replica `r`.
-    pub async fn read_raw_from(
+    /// Reads blocks as stored (ciphertext and seals) from replica `r`. The caller
+    /// opens every block under the volume's key: the replica skips their checksums.
+    async fn read_raw_from(
         &self,
         r: &ReplicaConn,
         snapshot: &str,
@@ -284,6 +285,9 @@ impl Volume {
             block,
             count,
             snapshot: snapshot.to_string(),
+            // Both callers open every block under the volume's key, which finds any
+            // damage a checksum would (a CRC pass costs as much as a tenth of a read).
+            authenticated: self.cipher.is_some(),
         }));
         let p = match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(res)) => res?,

@@ -21,6 +21,19 @@ enum Source {
     Layer(u64),
 }
 
+/// Whether a read computes each block's checksum.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Check {
+    /// Every block is verified against its checksum.
+    Checksums,
+    /// The reader authenticates every block by its seal (AES-GCM, keyed, and far
+    /// stronger than a CRC), so on a volume whose blocks carry seals the checksums
+    /// are not computed: a damaged block fails to open there and is read from
+    /// another replica and repaired, as a checksum error would be. Elsewhere the
+    /// same as `Checksums`.
+    Seals,
+}
+
 /// Reads whole blocks and their seals (all-zero seals for blocks never written) from
 /// the head, or as they were in `snapshot`.
 pub(super) fn read(
@@ -28,11 +41,14 @@ pub(super) fn read(
     snapshot: Option<&str>,
     block: u64,
     count: u32,
+    check: Check,
 ) -> Result<(Bytes, Bytes), StoreError> {
     v.check_range(block, u64::from(count), true)?;
     let inner = v.read_inner()?;
     let chain = chain_of(v, &inner, snapshot)?;
-    read_chain(v, &inner, &chain, block, count)
+    // Without seals there is nothing else to authenticate a block by.
+    let crc = check == Check::Checksums || v.tag == 0;
+    read_chain(v, &inner, &chain, block, count, crc)
 }
 
 /// Asks the disk to read ahead what the head's layers hold of `[block, block+count)`
@@ -105,6 +121,7 @@ fn read_chain(
     chain: &[u64],
     block: u64,
     count: u32,
+    crc: bool,
 ) -> Result<(Bytes, Bytes), StoreError> {
     let end = block + u64::from(count);
     let tag = v.tag;
@@ -138,7 +155,8 @@ fn read_chain(
                     Recent::Zero => {}
                 }
                 for (i, (c, t)) in codec::sides(&sides, usize::from(side)).enumerate() {
-                    if codec::block_crc(&buf[i * BLOCK..(i + 1) * BLOCK], t) != c || t.len() != tag
+                    if t.len() != tag
+                        || (crc && codec::block_crc(&buf[i * BLOCK..(i + 1) * BLOCK], t) != c)
                     {
                         return Err(checksum(v, p + i as u64, "the write-ahead log".into()));
                     }
@@ -178,7 +196,7 @@ fn read_chain(
                     let blk = &mut buf[i * BLOCK..(i + 1) * BLOCK];
                     match r.state {
                         State::Zero => blk.fill(0),
-                        State::Data | State::Alt if r.verifies(blk) => {
+                        State::Data | State::Alt if !crc || r.verifies(blk) => {
                             tbuf[i * tag..(i + 1) * tag].copy_from_slice(r.seal);
                         }
                         _ => {
@@ -214,7 +232,7 @@ pub(super) fn hashes(
     block: u64,
     count: u32,
 ) -> Result<Vec<u64>, StoreError> {
-    match read(v, snapshot, block, count) {
+    match read(v, snapshot, block, count, Check::Checksums) {
         // The seal is part of the block: a copy with another seal is another block.
         Ok((d, t)) => Ok(d
             .chunks_exact(BLOCK)
