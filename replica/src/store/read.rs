@@ -1,5 +1,6 @@
 //! The read path: every block comes from the log or the first layer of the chain
-//! that holds it, and is verified against its checksum before it is returned.
+//! that holds it, and is verified against its checksum before it is returned (or,
+//! for a reader that opens every block's seal, by that reader: `Check::Seals`).
 
 use bytes::{Bytes, BytesMut};
 
