@@ -159,19 +159,26 @@ fn swap(r: &Replica, a: u64, b: u64) {
     }
 }
 
-#[test]
-fn tampered_blocks_are_never_returned() {
-    let dir = tempfile::tempdir_in(test_root()).unwrap();
-    let key = key_file(dir.path(), "k", 2);
+/// Three replicas of an encrypted volume (key byte `key`) whose first 64 blocks are
+/// `block(i)` and live in layer 1 on every replica, where `flip` and `rot` reach them.
+fn in_layer_one(dir: &Path, key: u8, block: impl Fn(u64) -> Vec<u8>) -> (Cluster, NbdClient) {
+    let key = key_file(dir, "k", key);
     let c = Cluster::start_with(3, "16M", &["--encryption-key-file", key.to_str().unwrap()]);
     let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
-    let block = |i: u64| vec![i as u8 + 1; BLK as usize];
     // One write of a whole group of 64 blocks: their records get their page of `.rec`
     // (a group holding few keeps them packed in `.pack`, where `flip` cannot reach).
     let all: Vec<u8> = (0..64).flat_map(block).collect();
     assert_eq!(cl.write(0, &all).unwrap(), 0);
     // A snapshot checkpoints the log: the blocks now live in layer 1 everywhere.
     c.engine().ctl_ok(&["snapshot", "create", "vol", "base"]);
+    (c, cl)
+}
+
+#[test]
+fn tampered_blocks_are_never_returned() {
+    let dir = tempfile::tempdir_in(test_root()).unwrap();
+    let block = |i: u64| vec![i as u8 + 1; BLK as usize];
+    let (c, mut cl) = in_layer_one(dir.path(), 2, block);
     flip(&c.replicas[0], 3);
     swap(&c.replicas[1], 7, 8);
     // A new, empty replica rebuilds from replica 0, whose block 3 is tampered: it
@@ -223,13 +230,8 @@ fn rot(r: &Replica, b: u64) {
 #[test]
 fn rot_in_an_encrypted_volume_is_caught_by_the_seal_and_repaired() {
     let dir = tempfile::tempdir_in(test_root()).unwrap();
-    let key = key_file(dir.path(), "k", 4);
-    let c = Cluster::start_with(3, "16M", &["--encryption-key-file", key.to_str().unwrap()]);
-    let mut cl = NbdClient::connect(c.engine().nbd, "vol").unwrap();
     let block = |i: u64| vec![i as u8 + 9; BLK as usize];
-    let all: Vec<u8> = (0..64).flat_map(block).collect();
-    assert_eq!(cl.write(0, &all).unwrap(), 0);
-    c.engine().ctl_ok(&["snapshot", "create", "vol", "base"]);
+    let (c, mut cl) = in_layer_one(dir.path(), 4, block);
     rot(&c.replicas[0], 5);
     rot(&c.replicas[1], 6);
     // Reads rotate over the replicas: four in a row reach every copy.
