@@ -123,7 +123,7 @@ pub async fn open_volume_with(
     let mut problems = Vec::new();
     for (addr, p) in cfg.replicas.iter().zip(probes) {
         match p {
-            Ok((conn, reply)) if reply.encryption != params => {
+            Ok((conn, reply)) if reply.encryption != params && !adoptable(&reply, &params) => {
                 let e = format!(
                     "replica {addr}: its copy of volume {} is {}, but the volume is {}; it is left out and unchanged: check which copy is right before removing either",
                     cfg.volume,
@@ -185,6 +185,7 @@ pub async fn open_volume_with(
     // go on acknowledging writes on that replica alone.
     let take_timeout = cfg.timeout.max(Duration::from_secs(30));
     let taken = futures::future::join_all(reachable.into_iter().map(|(c, probed)| {
+        let adopt = probed.encryption != params;
         let req = OpenRequest {
             volume: cfg.volume.clone(),
             size,
@@ -192,7 +193,8 @@ pub async fn open_volume_with(
             epoch,
             engine_id,
             rebuild: false,
-            encryption: String::new(),
+            encryption: if adopt { params.clone() } else { String::new() },
+            adopt_encryption: adopt,
         };
         async move {
             // Taking the epoch syncs the replica's meta: a busy disk gets longer than
@@ -206,6 +208,18 @@ pub async fn open_volume_with(
     let mut raced = Vec::new();
     for (c, probed, r) in taken {
         match r {
+            // Another engine's epoch came between (it fences this one's too) and
+            // changed the copy: it is not this engine's to serve from.
+            Ok(Ok(reply)) if reply.encryption != params => {
+                let why = format!(
+                    "replica {}: its copy of volume {} changed its encryption parameters while this engine opened it",
+                    c.addr, cfg.volume
+                );
+                raced.push(why.clone());
+                problems.push(why.clone());
+                c.mark_failed(why);
+                conns.push(c);
+            }
             Ok(Ok(reply)) => {
                 tracing::info!(volume = %cfg.volume, replica = %c.addr, revision = reply.revision,
                     clean = reply.clean, created = probed.created, rebuilding = reply.rebuilding,
@@ -423,6 +437,7 @@ async fn probe(
         engine_id: 0,
         rebuild: false,
         encryption,
+        adopt_encryption: false,
     };
     let link = connector.connect(addr).await.map_err(|e| (e, false))?;
     let conn = ReplicaConn::new(addr, &req.volume.clone(), link, fence.clone());
@@ -474,10 +489,24 @@ fn encryption_for(
         };
     };
     // An encrypted copy wins over an unencrypted one: never fall back to plaintext.
-    let (src_addr, params) = existing
+    // Among encrypted copies, one that was ever served holds blocks sealed under its
+    // parameters and wins. Copies never served differ only when engines created the
+    // volume at once; the smallest parameters win, so every engine picks the same
+    // ones, and the others take them with the epoch (`adopt_encryption`).
+    let served: Vec<bool> = addrs
         .iter()
-        .find(|(_, e)| !e.is_empty())
-        .copied()
+        .zip(probes)
+        .filter_map(|(_, p)| p.as_ref().ok().map(|(_, r)| !never_served(r)))
+        .collect();
+    let encrypted = existing
+        .iter()
+        .zip(&served)
+        .filter(|((_, e), _)| !e.is_empty());
+    let (src_addr, params) = encrypted
+        .clone()
+        .find(|(_, s)| **s)
+        .or_else(|| encrypted.min_by_key(|((_, e), _)| *e))
+        .map(|(x, _)| *x)
         .unwrap_or((first_addr, first));
     if params.is_empty() {
         if cfg.encryption_key.is_some() {
@@ -498,6 +527,18 @@ fn encryption_for(
     let c = p.unlock(key, &cfg.volume).map_err(|e| err(e.to_string()))?;
     tracing::info!(volume = %cfg.volume, "encryption key checked");
     Ok((params.to_string(), Some(c)))
+}
+
+/// Whether a replica's copy was never served: no engine stored a membership
+/// generation there, so no write reached it.
+fn never_served(r: &tether_proto::replica::OpenReply) -> bool {
+    r.generation.is_none() && r.salvages.is_empty() && r.revision == 0 && !r.rebuilding
+}
+
+/// Whether a copy under other encryption parameters than `params` may take them:
+/// it was never served, and both are encrypted (the layouts differ otherwise).
+fn adoptable(r: &tether_proto::replica::OpenReply, params: &str) -> bool {
+    never_served(r) && !r.encryption.is_empty() && !params.is_empty()
 }
 
 /// An operator's salvage of `volume`: takes a new epoch on every replica in

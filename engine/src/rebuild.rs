@@ -452,6 +452,7 @@ async fn fill(
         engine_id: vol.engine_id,
         rebuild: true,
         encryption: vol.encryption().to_string(),
+        adopt_encryption: false,
     };
     let reply = step(
         "opening the volume",

@@ -361,8 +361,12 @@ impl Replica for ReplicaService {
 
                 // A rebuild or an encrypted create must not touch a copy sealed under
                 // other parameters (or none): it may be the only good one.
+                // A copy never served may take the engine's parameters instead, under
+                // the epoch this request takes (`Volume::adopt_encryption`).
+                let adopt = req.adopt_encryption && req.epoch != 0 && !req.rebuild;
                 if (req.rebuild || !req.encryption.is_empty())
                     && vol.encryption().unwrap_or_default() != req.encryption
+                    && !adopt
                 {
                     return Err(StoreError::Invalid {
                         volume: req.volume.clone(),
@@ -377,6 +381,9 @@ impl Replica for ReplicaService {
                 } else {
                     vol.take_epoch(req.epoch, req.engine_id)?
                 };
+                if adopt {
+                    vol.adopt_encryption(req.epoch, &req.encryption)?;
+                }
                 // A rebuild is how a poisoned copy returns to service: it starts again
                 // from what its disk holds (the epoch just taken included), and the
                 // rebuild fills in the rest.

@@ -132,3 +132,39 @@ fn no_record_applies_to_a_copy_whose_rebuild_did_not_finish() {
     assert_eq!(v.copy_for_records(), copy);
     assert_eq!(v.copy(), copy, "a finished rebuild keeps the copy's name");
 }
+
+#[test]
+fn only_a_copy_never_served_takes_other_encryption_parameters() {
+    let disk = SimDisk::new();
+    let vols = set(&disk);
+    let (v, _) = vols.get_or_create("v", 1 << 20, Some("params-b")).unwrap();
+    v.take_epoch(3, 33).unwrap();
+    // Another engine's epoch since: this one's change is refused.
+    let r = v.adopt_encryption(2, "params-a");
+    assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
+    // Never served: it takes the parameters of the engine that holds the epoch, and
+    // keeps them across a reopen.
+    v.adopt_encryption(3, "params-a").unwrap();
+    assert_eq!(v.encryption().as_deref(), Some("params-a"));
+    drop(v);
+    let v = set(&disk).get("v").unwrap();
+    assert_eq!(v.encryption().as_deref(), Some("params-a"));
+    // An encrypted copy never turns into an unencrypted one (the layouts differ).
+    assert!(v.adopt_encryption(3, "").is_err());
+    // Once served (a generation stored), its blocks may be sealed under its
+    // parameters: refused, and unchanged.
+    v.record_generation(3, 33, generation(1, 3, &["a", "b", "c"]))
+        .unwrap();
+    let r = v.adopt_encryption(3, "params-c");
+    assert!(matches!(r, Err(StoreError::Invalid { .. })), "{r:?}");
+    assert_eq!(v.encryption().as_deref(), Some("params-a"));
+
+    // A copy that applied a write without a generation (a volume of the format
+    // before generations) is refused too.
+    let (w, _) = vols.get_or_create("w", 1 << 20, Some("params-b")).unwrap();
+    w.take_epoch(3, 33).unwrap();
+    w.write_sealed(1, 0, &[7u8; 4096], &[1u8; 32]).unwrap();
+    let r = w.adopt_encryption(3, "params-a");
+    assert!(matches!(r, Err(StoreError::Invalid { .. })), "{r:?}");
+    assert_eq!(w.encryption().as_deref(), Some("params-b"));
+}

@@ -43,8 +43,8 @@ pub struct Failure {
     pub why: String,
     /// The steps up to it.
     pub trace: Vec<String>,
-    /// The run had bit rot left out (the replay command must say so too).
-    pub no_rot: bool,
+    /// What the run simulated (the replay command must say so too).
+    pub cfg: Config,
 }
 
 impl std::fmt::Display for Failure {
@@ -57,8 +57,9 @@ impl std::fmt::Display for Failure {
         }
         write!(
             f,
-            "replay: {}TETHER_SIM_SEED={} cargo test --release -p tether-sim --test sim replay -- --nocapture",
-            if self.no_rot { "TETHER_SIM_ROT=0 " } else { "" },
+            "replay: {}{}TETHER_SIM_SEED={} cargo test --release -p tether-sim --test sim replay -- --nocapture",
+            if self.cfg.bit_rot { "" } else { "TETHER_SIM_ROT=0 " },
+            if self.cfg.encrypted { "TETHER_SIM_ENCRYPT=1 " } else { "" },
             self.seed
         )
     }
@@ -74,7 +75,7 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Report, Failure> {
             seed,
             why: format!("cannot start the runtime: {e}"),
             trace: Vec::new(),
-            no_rot: !cfg.bit_rot,
+            cfg: cfg.clone(),
         })?;
     rt.block_on(async { world::World::new(seed, cfg.clone())?.run().await })
 }

@@ -46,6 +46,9 @@ pub struct Config {
     pub engines: usize,
     /// A byte of a replica's layer may rot (once per run at most).
     pub bit_rot: bool,
+    /// The volume is encrypted: the engine seals every block, and its reads ask the
+    /// replicas to leave checking to the seals.
+    pub encrypted: bool,
 }
 
 impl Default for Config {
@@ -57,6 +60,7 @@ impl Default for Config {
             clients: 3,
             engines: 2,
             bit_rot: true,
+            encrypted: false,
         }
     }
 }
@@ -137,7 +141,7 @@ impl World {
                 seed,
                 why: format!("no temporary directory: {e}"),
                 trace: Vec::new(),
-                no_rot: !cfg.bit_rot,
+                cfg: cfg.clone(),
             })?;
         Ok(World {
             seed,
@@ -185,7 +189,7 @@ impl World {
             seed: self.seed,
             why,
             trace: self.shared.trace.lock().clone(),
-            no_rot: !self.cfg.bit_rot,
+            cfg: self.cfg.clone(),
         }
     }
 
@@ -228,7 +232,12 @@ impl World {
             min_replicas: 1,
             desired_replicas: 0,
             metrics_listen: None,
-            encryption_key: None,
+            // A fixed key: which bytes the blocks hold never reaches the trace, only
+            // whether they open.
+            encryption_key: self
+                .cfg
+                .encrypted
+                .then_some(tether_engine::crypt::KeyMaterial::Raw([7; 32])),
             replica_tls: None,
             nbd_tls: None,
             quorum_wait: QUORUM_WAIT,

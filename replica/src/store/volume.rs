@@ -241,6 +241,45 @@ impl Volume {
         Ok(stored)
     }
 
+    /// Replaces the encryption parameters of a copy never served, for the engine that
+    /// holds `epoch`: two engines that created the volume at once may have left its
+    /// copies under different parameters, and one must win. A copy that stored a
+    /// membership generation, applied a write, or is being rebuilt may hold blocks
+    /// sealed under its parameters, and keeps them.
+    pub fn adopt_encryption(&self, epoch: u64, params: &str) -> Result<(), StoreError> {
+        let v = &*self.core;
+        let _fence = v.epoch_lock.write();
+        let mut inner = v.inner.write();
+        if epoch != self.epoch() {
+            return Err(StoreError::Fenced {
+                volume: self.name().to_string(),
+                epoch,
+                stored: self.epoch(),
+            });
+        }
+        let m = &inner.meta;
+        if m.encryption.as_deref() == Some(params) {
+            return Ok(());
+        }
+        let blank = m.generation.is_none()
+            && m.history.is_empty()
+            && m.layers.len() == 1
+            && inner.revision == 0
+            && !m.rebuilding;
+        // Unencrypted and encrypted copies differ in layout, not only in parameters.
+        if !blank || m.encryption.is_none() || params.is_empty() {
+            return Err(v.invalid(format!(
+                "this replica holds the volume {}, unlike the engine's, and it {}; it was left unchanged. If it is not needed, delete its directory on this replica and add it again",
+                if m.encryption.is_some() { "encrypted under other parameters" } else { "unencrypted" },
+                if blank { "cannot change its mode" } else { "may hold data sealed under them" }
+            )));
+        }
+        v.save_meta(&mut inner, |m| m.encryption = Some(params.to_string()))?;
+        tracing::warn!(volume = %self.name(), epoch,
+            "this copy was never served: it takes the opening engine's encryption parameters");
+        Ok(())
+    }
+
     /// The newest membership generation stored here, if any.
     pub fn generation(&self) -> Option<GenerationRecord> {
         self.core.inner.read().meta.generation.clone()
