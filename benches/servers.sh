@@ -139,7 +139,7 @@ start_tether() {
     [[ $io == grpc ]] && io_env=(TETHER_GRPC_IO=1)
     logf=$dir/engine.log
     env "${io_env[@]}" "$TETHER" engine --volume bench --size "$SIZE" "${replica_args[@]}" "${tls_engine[@]}" "${enc[@]}" \
-        --nbd-listen "127.0.0.1:${ports[0]}" --control-socket "$dir/bench.sock" >"$logf" 2>&1 &
+        --nbd-listen "127.0.0.1:${ports[0]}" --control-socket "$dir/bench.sock" ${TETHER_ENGINE_ARGS:-} >"$logf" 2>&1 &
     PIDS+=($!)
     URI=nbd://127.0.0.1:${ports[0]}/bench
     wait_nbd "$URI" "$!" "$logf" "tether engine ($n replica(s))"
