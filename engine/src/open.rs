@@ -208,8 +208,8 @@ pub async fn open_volume_with(
     let mut raced = Vec::new();
     for (c, probed, r) in taken {
         match r {
-            // Another engine's epoch came between (it fences this one's too) and
-            // changed the copy: it is not this engine's to serve from.
+            // Between the probe and the epoch another engine made this copy take
+            // other parameters: the two raced, and this one does not serve.
             Ok(Ok(reply)) if reply.encryption != params => {
                 let why = format!(
                     "replica {}: its copy of volume {} changed its encryption parameters while this engine opened it",
@@ -471,12 +471,16 @@ fn encryption_for(
         volume: cfg.volume.clone(),
         msg,
     };
-    let existing: Vec<(&String, &str)> = addrs
+    // (address, parameters, whether the copy was ever served)
+    let existing: Vec<(&String, &str, bool)> = addrs
         .iter()
         .zip(probes)
-        .filter_map(|(a, p)| p.as_ref().ok().map(|(_, r)| (a, r.encryption.as_str())))
+        .filter_map(|(a, p)| {
+            let (_, r) = p.as_ref().ok()?;
+            Some((a, r.encryption.as_str(), !never_served(r)))
+        })
         .collect();
-    let Some(&(first_addr, first)) = existing.first() else {
+    let Some(&(first_addr, first, _)) = existing.first() else {
         // New everywhere (or unreachable everywhere): created encrypted with a key.
         return match &cfg.encryption_key {
             None => Ok((String::new(), None)),
@@ -493,21 +497,12 @@ fn encryption_for(
     // parameters and wins. Copies never served differ only when engines created the
     // volume at once; the smallest parameters win, so every engine picks the same
     // ones, and the others take them with the epoch (`adopt_encryption`).
-    let served: Vec<bool> = addrs
-        .iter()
-        .zip(probes)
-        .filter_map(|(_, p)| p.as_ref().ok().map(|(_, r)| !never_served(r)))
-        .collect();
-    let encrypted = existing
-        .iter()
-        .zip(&served)
-        .filter(|((_, e), _)| !e.is_empty());
+    let encrypted = existing.iter().filter(|(_, e, _)| !e.is_empty());
     let (src_addr, params) = encrypted
         .clone()
-        .find(|(_, s)| **s)
-        .or_else(|| encrypted.min_by_key(|((_, e), _)| *e))
-        .map(|(x, _)| *x)
-        .unwrap_or((first_addr, first));
+        .find(|(_, _, served)| *served)
+        .or_else(|| encrypted.min_by_key(|(_, e, _)| *e))
+        .map_or((first_addr, first), |&(a, e, _)| (a, e));
     if params.is_empty() {
         if cfg.encryption_key.is_some() {
             return Err(err(format!(
