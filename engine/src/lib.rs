@@ -252,6 +252,7 @@ pub async fn run(cfg: EngineConfig, shutdown: impl Future<Output = ()>) -> Resul
             futures::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(l), |c| {
                 c.inspect(|s| {
                     let _ = s.set_nodelay(true);
+                    tether_proto::wire::tune_local_tcp(s);
                 })
             });
         // TLS guards the network; the local Unix socket stays plaintext.

@@ -50,6 +50,20 @@ pub fn code_of(s: &Status) -> Option<ErrorCode> {
     ErrorCode::from_str_name(v)
 }
 
+/// Tunes a TCP connection whose peer is on this host: a loss-based congestion control
+/// (cubic, else reno) instead of a paced one. With BBR, a common system default, every
+/// send over loopback goes through TCP's pacing timers for a link that never drops a
+/// packet; 1 MiB NBD reads ran 30 % faster without it. Connections to other hosts keep
+/// the system's choice. Best effort: a kernel that refuses keeps its default.
+pub fn tune_local_tcp(s: &tokio::net::TcpStream) {
+    if !s.peer_addr().is_ok_and(|a| a.ip().is_loopback()) {
+        return;
+    }
+    if rustix::net::sockopt::set_tcp_congestion(s, "cubic").is_err() {
+        let _ = rustix::net::sockopt::set_tcp_congestion(s, "reno");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,5 +84,20 @@ mod tests {
             assert_eq!(code_of(&status(c, "x")), Some(c));
         }
         assert_eq!(code_of(&Status::unavailable("transport")), None);
+    }
+
+    #[tokio::test]
+    async fn a_loopback_connection_gets_a_loss_based_congestion_control() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        for conn in [&c, &s] {
+            rustix::net::sockopt::set_tcp_congestion(conn, "bbr").ok();
+            tune_local_tcp(conn);
+            let cc = rustix::net::sockopt::tcp_congestion(conn).unwrap();
+            assert!(cc == "cubic" || cc == "reno", "{cc}");
+        }
     }
 }

@@ -190,6 +190,7 @@ enum Sorted {
 }
 
 async fn sort(conn: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<Sorted, String> {
+    tether_proto::wire::tune_local_tcp(&conn);
     match tls {
         Some(a) => {
             let c = a

@@ -54,6 +54,7 @@ impl DataTarget {
             Status::unavailable(format!("data connection to {addr}: cannot connect: {e}"))
         })?;
         let _ = tcp.set_nodelay(true);
+        tether_proto::wire::tune_local_tcp(&tcp);
         match &self.tls {
             None => open_over(tcp, outbound, &addr, self.timeout).await,
             Some(cfg) => {
