@@ -687,9 +687,9 @@ impl From<Refusal> for DeviceError {
     }
 }
 
-/// Replies gathered into one send at most (each is a header and a few data chunks,
-/// well under the kernel's 1024 slices per send).
-const MAX_REPLY_BATCH: usize = 128;
+/// Replies gathered into one send at most: a header and a data chunk each, within
+/// the 64 slices `frame::write_frame` hands the kernel per send.
+const MAX_REPLY_BATCH: usize = 32;
 
 async fn write_replies<W>(
     mut wr: W,
@@ -700,8 +700,6 @@ async fn write_replies<W>(
     W: AsyncWrite + Unpin,
 {
     let mut hdr = BytesMut::with_capacity(4096);
-    let mut batch: Vec<Reply> = Vec::new();
-    let mut ends: Vec<usize> = Vec::new();
     while let Some(first) = rx.recv().await {
         if rx.is_empty() && permits.available_permits() < MAX_IN_FLIGHT {
             // Other requests are running: the runtime runs the task it woke last
@@ -709,62 +707,37 @@ async fn write_replies<W>(
             // One turn lets requests answered by the same replica batch finish too.
             tokio::task::yield_now().await;
         }
-        batch.push(first);
-        while batch.len() < MAX_REPLY_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        for r in &batch {
-            if mode.extended {
-                encode_extended_reply(&mut hdr, r);
-            } else {
-                encode_reply(&mut hdr, r, mode.structured);
-            }
-            ends.push(hdr.len());
-        }
         // Every reply ready leaves in one vectored send, headers and data in place:
         // a send per header and per payload made 4 KiB reads cost two syscalls each,
         // and a header in a packet of its own wakes the client for nothing.
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
-        let mut at = 0;
-        for (r, &end) in batch.iter().zip(&ends) {
-            parts.push(&hdr[at..end]);
-            at = end;
-            if let Ok(ReplyData::Data(chunks, _)) = &r.result {
-                parts.extend(chunks.iter().map(|c| &c[..]));
+        let mut parts: Vec<Bytes> = Vec::new();
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(r) = next {
+            if mode.extended {
+                encode_extended_reply(&mut hdr, &r);
+            } else {
+                encode_reply(&mut hdr, &r, mode.structured);
             }
+            parts.push(hdr.split().freeze());
+            if let Ok(ReplyData::Data(chunks, _)) = r.result {
+                parts.extend(chunks);
+            }
+            n += 1;
+            next = if n < MAX_REPLY_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
-        let sent = write_all_vectored(&mut wr, parts.into_iter()).await;
-        if sent.is_err() || wr.flush().await.is_err() {
+        if tether_proto::frame::write_frame(&mut wr, parts)
+            .await
+            .is_err()
+        {
             break;
         }
-        hdr.clear();
-        ends.clear();
-        batch.clear();
     }
     let _ = wr.shutdown().await;
-}
-
-/// Writes every byte of `parts`, in one vectored send when the socket takes it all.
-async fn write_all_vectored<'a, W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    parts: impl Iterator<Item = &'a [u8]>,
-) -> std::io::Result<()> {
-    let mut slices: Vec<std::io::IoSlice<'a>> = parts
-        .filter(|p| !p.is_empty())
-        .map(std::io::IoSlice::new)
-        .collect();
-    let mut left = &mut slices[..];
-    while !left.is_empty() {
-        let n = wr.write_vectored(left).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        std::io::IoSlice::advance_slices(&mut left, n);
-    }
-    Ok(())
 }
 
 /// Every reply under extended headers is one extended chunk: data, block status,
