@@ -15,6 +15,16 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+/// The largest piece one `pwrite` of the store writes. The kernel sizes a new
+/// page-cache folio by the write that creates it, and ext4 on kernels with large
+/// folios (6.16 on) walks every buffer of a folio on each later write into it: after a
+/// 1 MiB write, random 4 KiB rewrites of those blocks ran at 37k/s against 812k/s
+/// after 4 KiB writes (a C loop on this machine's ext4; 254k/s after 64 KiB). In the
+/// engine, 4 KiB random writes to a volume filled by 1 MiB writes went from 31k to 104k
+/// IOPS. 64 KiB keeps a 1 MiB write to 16 syscalls, which sequential 1 MiB reads did
+/// not notice (16 KiB pieces cost them 14 %).
+pub const WRITE_PIECE: usize = 64 << 10;
+
 /// An open file of the store.
 #[allow(clippy::len_without_is_empty)]
 pub trait DiskFile: Send + Sync {
@@ -84,7 +94,17 @@ impl DiskFile for OsFile {
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.0.write_all_at(buf, off)
+        // In pieces that end on WRITE_PIECE boundaries of the file, so no page-cache
+        // folio grows past one piece (see WRITE_PIECE).
+        let mut at = 0;
+        while at < buf.len() {
+            let pos = off + at as u64;
+            let room = WRITE_PIECE - (pos % WRITE_PIECE as u64) as usize;
+            let n = (buf.len() - at).min(room);
+            self.0.write_all_at(&buf[at..at + n], pos)?;
+            at += n;
+        }
+        Ok(())
     }
 
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
@@ -241,5 +261,35 @@ impl Disk for OsDisk {
                 tracing::warn!(path = %path.display(), error = %e, "cannot drop cached pages");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes cut into pieces land whole: across piece boundaries, from odd offsets.
+    #[test]
+    fn a_write_in_pieces_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = OsFile(
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join("f"))
+                .unwrap(),
+        );
+        let data: Vec<u8> = (0..3 * WRITE_PIECE + 777)
+            .map(|i| (i * 31 + i / 4096) as u8)
+            .collect();
+        for off in [0u64, 5000, WRITE_PIECE as u64 - 1, 3 * WRITE_PIECE as u64] {
+            f.write_at(&data, off).unwrap();
+            let mut back = vec![0u8; data.len()];
+            f.read_at(&mut back, off).unwrap();
+            assert!(back == data, "offset {off}");
+        }
+        f.write_at(&[], 9).unwrap();
     }
 }
