@@ -20,6 +20,9 @@
 #                     and tether3-grpc, tether3-sec-grpc (I/O streams on gRPC)
 #                     (see run.sh; default qemu-nbd,tether1,tether3,tether3-sec)
 #   --tether BIN      tether binary (default target/release/tether, relative to the repo)
+#   --tether-prev BIN an older tether binary, run as the systems tether1-prev and
+#                     tether3-prev (every replica a daemon) and tether3-sec-prev (placed
+#                     as tether3-sec), to compare builds in one run
 #   --out FILE        also write the markdown report to FILE
 #   --tmpdir DIR      where the scratch dir goes (default $TMPDIR, else /var/tmp; a real
 #                     disk: qemu-nbd --cache=none needs O_DIRECT)
@@ -44,7 +47,7 @@ TETHER_PREV=
 OUT=
 TMP_PARENT=${TMPDIR:-/var/tmp}
 START_TIMEOUT=60
-ALL_SYSTEMS=(qemu-nbd tether1 tether3 tether3-sec tether1-net tether3-net tether3-sec-net tether3-grpc tether3-sec-grpc)
+ALL_SYSTEMS=(qemu-nbd tether1 tether3 tether3-sec tether1-net tether3-net tether3-sec-net tether3-grpc tether3-sec-grpc tether1-prev tether3-prev tether3-sec-prev)
 
 log()  { printf '[pgbench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 warn() { printf '[pgbench] WARNING: %s\n' "$*" >&2; }
@@ -61,6 +64,7 @@ while [[ $# -gt 0 ]]; do
         --size)    SIZE=${2:-}; shift 2 ;;
         --systems) SYSTEMS=${2:-}; shift 2 ;;
         --tether)  TETHER=${2:-}; shift 2 ;;
+        --tether-prev) TETHER_PREV=${2:-}; shift 2 ;;
         --out)     OUT=${2:-}; shift 2 ;;
         --tmpdir)  TMP_PARENT=${2:-}; shift 2 ;;
         -h|--help) usage 0 ;;
@@ -77,6 +81,13 @@ for s in "${SYSTEM_LIST[@]}"; do
 done
 [[ $TETHER == /* ]] || TETHER=$REPO/$TETHER
 [[ -x $TETHER ]] || die "tether binary $TETHER not found (cargo build --release, or --tether BIN)"
+if [[ -n $TETHER_PREV ]]; then
+    [[ $TETHER_PREV == /* ]] || TETHER_PREV=$REPO/$TETHER_PREV
+    [[ -x $TETHER_PREV ]] || die "--tether-prev binary $TETHER_PREV not found"
+fi
+for s in "${SYSTEM_LIST[@]}"; do
+    [[ $s != *-prev || -n $TETHER_PREV ]] || die "system $s needs --tether-prev BIN"
+done
 ((EUID == 0)) || die "run as root: the volume is attached with losetup and mounted"
 for t in nbdfuse losetup mkfs.ext4 qemu-nbd python3 runuser; do
     command -v "$t" >/dev/null || die "$t is required"
