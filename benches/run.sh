@@ -10,7 +10,12 @@
 #
 # Usage: benches/run.sh [options]
 #   --rounds N        rounds (default 3)
-#   --runtime S       seconds measured per run, after a 3 s ramp (default 20)
+#   --runtime S       seconds measured per run, after the ramp (default 20)
+#   --ramp S          seconds run before measuring (default 3). On a VM that hands
+#                     freed memory back to its host, a write profile's first pass
+#                     over fresh page cache runs at the host's fault rate; a ramp
+#                     longer than that pass measures the steady state (RESULTS.md,
+#                     seventh session)
 #   --size SIZE       volume / file size, e.g. 64m, 1g (default 1g)
 #   --profiles LIST   comma-separated, from P1..P6 (default all)
 #   --systems LIST    comma-separated, from tether1,tether3,qemu-nbd,nbdkit,nbd-server and
@@ -77,6 +82,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --rounds)        ROUNDS=$2; shift 2 ;;
         --runtime)       RUNTIME=$2; shift 2 ;;
+        --ramp)          RAMP=$2; shift 2 ;;
         --size)          SIZE=$2; shift 2 ;;
         --profiles)      PROFILES=$2; shift 2 ;;
         --systems)       SYSTEMS=$2; shift 2 ;;
@@ -93,6 +99,7 @@ done
 
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]]        || die "--rounds must be a positive integer"
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]]       || die "--runtime must be a positive integer (seconds)"
+[[ $RAMP =~ ^[0-9]+$ ]]               || die "--ramp must be a whole number of seconds"
 [[ $START_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--start-timeout must be a positive integer"
 IFS=, read -r -a PROFILE_LIST <<<"$PROFILES"
 IFS=, read -r -a SYSTEM_LIST  <<<"$SYSTEMS"
@@ -294,7 +301,7 @@ git_rev() {
         echo "- $s: $v"
     done
     echo "- setup: --size $SIZE ($SIZE_BYTES bytes), --runtime ${RUNTIME}s after --ramp_time ${RAMP}s, $ROUNDS round(s), fio --ioengine=nbd --direct=1, one job"
-    echo "- order: for each round, for each profile (${PROFILE_LIST[*]}), systems in the order ${RUN_SYSTEMS[*]}; every run starts its server fresh on a fresh backing store and stops it afterwards; P3/P5 first fill the whole volume (fio --rw=write --bs=1M --iodepth=8) on the same server instance"
+    echo "- order: for each round, for each profile (${PROFILE_LIST[*]}), systems in the order ${RUN_SYSTEMS[*]} (reversed in even rounds); every run starts its server fresh on a fresh backing store and stops it afterwards; P3/P5 first fill the whole volume (fio --rw=write --bs=1M --iodepth=8) on the same server instance"
     echo "- qemu-nbd: -f raw -t --cache=none --aio=$QEMU_AIO --shared=8; nbdkit: file plugin; nbd-server: config with flush = true (daemonized, see run.sh)"
     for n in "${NOTES[@]}"; do echo "- note: $n"; done
 } >"$RESULTS/meta.md"
@@ -304,9 +311,17 @@ echo >&2
 # ---------------------------------------------------------------------------------------
 # The alternation: round -> profile -> system.
 
+# Every other round runs the systems in reverse: a run inherits the memory the one
+# before it freed (page cache not yet handed back to the host starts fast), so a fixed
+# order would favour whoever always follows a big writer.
 for ((round = 1; round <= ROUNDS; round++)); do
+    order=("${RUN_SYSTEMS[@]}")
+    if ((round % 2 == 0)); then
+        order=()
+        for ((i = ${#RUN_SYSTEMS[@]} - 1; i >= 0; i--)); do order+=("${RUN_SYSTEMS[i]}"); done
+    fi
     for profile in "${PROFILE_LIST[@]}"; do
-        for system in "${RUN_SYSTEMS[@]}"; do
+        for system in "${order[@]}"; do
             run_one "$round" "$profile" "$system"
         done
     done
