@@ -349,5 +349,7 @@ if "prev" in rows:
     for i, what in ((0, "engine"), (1, "replica"), (2, "total")):
         a = statistics.median(x[i] for x in rows["new"])
         b = statistics.median(x[i] for x in rows["prev"])
+        if b == 0:
+            continue  # --local: no replica daemon
         print(f"- new/prev {what}: {a / b:.4f} ({(a / b - 1) * 100:+.2f}%)")
 EOF

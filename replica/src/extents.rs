@@ -79,6 +79,9 @@ impl<V: Shift + PartialEq> ExtentMap<V> {
         if start >= end {
             return;
         }
+        let Err(v) = self.insert_alone(start, end, v) else {
+            return;
+        };
         self.remove(start, end);
         self.mapped += end - start;
         let (mut start, mut end, mut v) = (start, end, v);
@@ -97,6 +100,46 @@ impl<V: Shift + PartialEq> ExtentMap<V> {
             }
         }
         self.map.insert(start, (end, v));
+    }
+
+    /// `insert` for the common cases of a store's small writes, in two tree walks
+    /// instead of seven or more: `[start, end)` is exactly one extent (a rewrite) or
+    /// meets none, and continues neither neighbour. Gives `v` back otherwise. In a
+    /// random 4 KiB write load the map holds one extent per block written, and its
+    /// walks were a sixth of the engine's thread (tether1 P2, `perf record`).
+    fn insert_alone(&mut self, start: u64, end: u64, v: V) -> Result<(), V> {
+        if let Some((_, rv)) = self.map.get(&end) {
+            if v.shift(end - start) == *rv {
+                return Err(v);
+            }
+        }
+        let continues =
+            |(&ls, &mut (le, ref lv)): (&u64, &mut (u64, V))| le == start && lv.shift(le - ls) == v;
+        let mut before = self.map.range_mut(..end).rev();
+        let rewrite = match before.next() {
+            Some((&s, (e, slot))) if s == start && *e == end => {
+                if before.next().is_some_and(continues) {
+                    return Err(v);
+                }
+                Some(slot)
+            }
+            Some(left) if left.1 .0 <= start => {
+                if continues(left) {
+                    return Err(v);
+                }
+                None
+            }
+            Some(_) => return Err(v),
+            None => None,
+        };
+        match rewrite {
+            Some(slot) => *slot = v,
+            None => {
+                self.map.insert(start, (end, v));
+                self.mapped += end - start;
+            }
+        }
+        Ok(())
     }
 
     /// The extents that meet `[start, end)`, cut to it, with their values unshifted.
@@ -162,52 +205,70 @@ mod tests {
         }
     }
 
+    /// Applies `ops` (insert or remove, start, length, value) to a map and to a plain
+    /// per-block array, and checks that they agree.
+    fn agrees(ops: Vec<(bool, u64, u64, u64)>) -> Result<(), TestCaseError> {
+        let mut m = ExtentMap::new();
+        let mut flat: Vec<Option<u64>> = vec![None; 80];
+        for (ins, start, len, base) in ops {
+            let end = start + len;
+            if ins {
+                m.insert(start, end, Off(base));
+                for b in start..end {
+                    flat[b as usize] = Some(base + b - start);
+                }
+            } else {
+                m.remove(start, end);
+                for b in start..end {
+                    flat[b as usize] = None;
+                }
+            }
+        }
+        for (b, want) in flat.iter().enumerate() {
+            prop_assert_eq!(m.get(b as u64).map(|(v, _)| v.0), *want);
+            // `run` ends where the flat model stops being the same kind of run.
+            let end = (b as u64 + 8).min(80);
+            let same = |x: &Option<u64>, i: u64| match (want, x) {
+                (Some(w), Some(v)) => *v == w + i,
+                (None, None) => true,
+                _ => false,
+            };
+            let flat_end = (b as u64..end)
+                .take_while(|&i| same(&flat[i as usize], i - b as u64))
+                .last()
+                .map_or(b as u64, |i| i + 1);
+            let got = match m.run(b as u64, end) {
+                Ok((_, e)) | Err(e) => e,
+            };
+            prop_assert_eq!(got, flat_end);
+        }
+        // Adjacent extents that continue each other are always merged.
+        let ext: Vec<(u64, u64, u64)> = m.iter().map(|(s, e, v)| (s, e, v.0)).collect();
+        for w in ext.windows(2) {
+            prop_assert!(!(w[0].1 == w[1].0 && w[0].2 + (w[0].1 - w[0].0) == w[1].2));
+        }
+        let mapped = flat.iter().filter(|x| x.is_some()).count() as u64;
+        prop_assert_eq!(m.blocks(), mapped);
+        let mut last_end = 0;
+        for (s, e, _) in m.iter() {
+            prop_assert!(s >= last_end && e > s);
+            last_end = e;
+        }
+        Ok(())
+    }
+
     proptest! {
         /// The extent map agrees with a plain per-block array.
         #[test]
         fn matches_a_flat_model(ops in proptest::collection::vec((any::<bool>(), 0u64..64, 1u64..16, 0u64..1000), 1..60)) {
-            let mut m = ExtentMap::new();
-            let mut flat: Vec<Option<u64>> = vec![None; 80];
-            for (ins, start, len, base) in ops {
-                let end = start + len;
-                if ins {
-                    m.insert(start, end, Off(base));
-                    for b in start..end { flat[b as usize] = Some(base + b - start); }
-                } else {
-                    m.remove(start, end);
-                    for b in start..end { flat[b as usize] = None; }
-                }
-            }
-            for (b, want) in flat.iter().enumerate() {
-                prop_assert_eq!(m.get(b as u64).map(|(v, _)| v.0), *want);
-                // `run` ends where the flat model stops being the same kind of run.
-                let end = (b as u64 + 8).min(80);
-                let same = |x: &Option<u64>, i: u64| match (want, x) {
-                    (Some(w), Some(v)) => *v == w + i,
-                    (None, None) => true,
-                    _ => false,
-                };
-                let flat_end = (b as u64..end)
-                    .take_while(|&i| same(&flat[i as usize], i - b as u64))
-                    .last()
-                    .map_or(b as u64, |i| i + 1);
-                let got = match m.run(b as u64, end) {
-                    Ok((_, e)) | Err(e) => e,
-                };
-                prop_assert_eq!(got, flat_end);
-            }
-            // Adjacent extents that continue each other are always merged.
-            let ext: Vec<(u64, u64, u64)> = m.iter().map(|(s, e, v)| (s, e, v.0)).collect();
-            for w in ext.windows(2) {
-                prop_assert!(!(w[0].1 == w[1].0 && w[0].2 + (w[0].1 - w[0].0) == w[1].2));
-            }
-            let mapped = flat.iter().filter(|x| x.is_some()).count() as u64;
-            prop_assert_eq!(m.blocks(), mapped);
-            let mut last_end = 0;
-            for (s, e, _) in m.iter() {
-                prop_assert!(s >= last_end && e > s);
-                last_end = e;
-            }
+            agrees(ops)?;
+        }
+
+        /// The same with a store's small writes: mostly one or two blocks, often rewrites
+        /// of a whole extent, with values that often continue a neighbour.
+        #[test]
+        fn small_writes_match_a_flat_model(ops in proptest::collection::vec((proptest::bool::weighted(0.9), 0u64..24, 1u64..3, 0u64..30), 1..80)) {
+            agrees(ops)?;
         }
     }
 }
